@@ -1,0 +1,126 @@
+"""The library's own LoRA layers.
+
+``LoRALinear`` computes ``base(x) + scale * x @ A.T @ B.T`` with ``A: (rank, in)`` and
+``B: (out, rank)``; its merged weight is ``W + scale * B @ A``.
+
+``LoRAEmbedding`` computes ``base(x) + scale * A[x] @ B`` with ``A: (num_embeddings,
+rank)`` and ``B: (rank, embedding_dim)``; its merged weight is ``W + scale * A @ B``.
+Both layouts put the factor whose rows line up with the base weight's rows first, so
+under FSDP2 (which shards dim 0) a rank merges its own rows without gathering it.
+
+``B`` starts at zero, so a freshly adapted model computes the same function as before.
+The base layer lives at ``.base_layer`` (the same infix PEFT uses), which
+:mod:`dcp_universal.names` removes from canonical names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora"]
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update."""
+
+    def __init__(self, base_layer: nn.Linear, *, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = float(alpha)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a trainable rank-``rank`` update."""
+
+    def __init__(self, base_layer: nn.Embedding, *, rank: int, alpha: float) -> None:
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = float(alpha)
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device))
+        nn.init.normal_(self.lora_A)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + F.embedding(x, self.lora_A) @ self.lora_B * self.scale
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str]) -> nn.Module:
+    """Replace ``nn.Linear`` / ``nn.Embedding`` modules named by ``targets`` with LoRA layers.
+
+    A module matches a target when its canonical name equals it or ends with
+    ``"." + target`` (``"q"`` matches ``blocks.0.attn.q``). Replacement is in place; the
+    replaced base layers are frozen, every other parameter keeps its ``requires_grad``.
+    Call it before wrapping the model in FSDP2 / DDP / ``torch.compile``.
+
+    Raises:
+        ValueError: a target matches no Linear or Embedding, or a matched module is
+            already adapted.
+    """
+    from dcp_universal.names import canonical_module_names
+
+    if not targets:
+        raise ValueError("apply_lora needs at least one target name, e.g. targets=['q', 'v']")
+    names = canonical_module_names(model)
+    hits = {t: 0 for t in targets}
+    replacements = []
+    for parent in list(model.modules()):
+        if isinstance(parent, (LoRALinear, LoRAEmbedding)):
+            continue
+        for attr, child in parent.named_children():
+            if type(child) not in (nn.Linear, nn.Embedding):
+                continue
+            name = names[child]
+            matched = [t for t in targets if _matches(name, t)]
+            if not matched:
+                continue
+            for t in matched:
+                hits[t] += 1
+            replacements.append((parent, attr, child))
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        candidates = sorted(n for m, n in names.items() if type(m) in (nn.Linear, nn.Embedding))
+        raise ValueError(
+            f"apply_lora targets {missing} match no nn.Linear or nn.Embedding; "
+            f"candidate names are {candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
+        )
+    for parent, attr, child in replacements:
+        child.requires_grad_(False)
+        cls = LoRALinear if isinstance(child, nn.Linear) else LoRAEmbedding
+        setattr(parent, attr, cls(child, rank=rank, alpha=alpha))
+    return model

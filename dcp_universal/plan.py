@@ -1,0 +1,157 @@
+"""Load planning: checkpoint keys x target keys -> what happens to each key.
+
+Planning reads only checkpoint metadata (names, shapes, dtypes) and the target's tensors'
+shapes; it never touches data. A strict load raises here, before the model is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dcp_universal.errors import CheckpointMismatchError
+
+__all__ = ["LoadReport", "TensorInfo", "plan_load"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load did, key by key. Model keys are canonical names.
+
+    Attributes:
+        loaded: keys loaded as they are.
+        remapped: checkpoint key -> target key, for keys loaded under another name
+            (a plain ``x.weight`` into an adapter's ``x.base_layer.weight``).
+        fresh: target keys with no checkpoint counterpart that were (re)initialised:
+            adapters start with a zero update, so the function is unchanged.
+        dropped: checkpoint keys with no place in the target, not read.
+        missing: target keys that kept their current values (``strict=False`` only).
+        mismatched: ``{key: (checkpoint shape, target shape)}`` skipped (``strict=False`` only).
+        optimizer_restored / optimizer_fresh / optimizer_dropped: optimizer state by
+            canonical parameter name (filled by optimizer loads).
+        notes: anything else worth knowing (dtype casts, param-group decisions).
+    """
+
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    remapped: dict[str, str] = dataclasses.field(default_factory=dict)
+    fresh: list[str] = dataclasses.field(default_factory=list)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=dict)
+    optimizer_restored: list[str] = dataclasses.field(default_factory=list)
+    optimizer_fresh: list[str] = dataclasses.field(default_factory=list)
+    optimizer_dropped: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self, max_keys: int = 6) -> str:
+        def show(keys) -> str:
+            keys = list(keys)
+            head = ", ".join(keys[:max_keys])
+            return head + (f", ... (+{len(keys) - max_keys})" if len(keys) > max_keys else "")
+
+        lines = [f"loaded {len(self.loaded)} keys as is, {len(self.remapped)} remapped, "
+                 f"{len(self.fresh)} fresh, {len(self.dropped)} dropped"]
+        if self.remapped:
+            lines.append("  remapped: " + show(f"{k} -> {v}" for k, v in self.remapped.items()))
+        for label, keys in (("fresh", self.fresh), ("dropped", self.dropped),
+                            ("missing (kept current values)", self.missing),
+                            ("shape mismatch (skipped)", self.mismatched)):
+            if keys:
+                lines.append(f"  {label}: {show(keys)}")
+        if self.optimizer_restored or self.optimizer_fresh or self.optimizer_dropped:
+            lines.append(f"optimizer: {len(self.optimizer_restored)} restored, "
+                         f"{len(self.optimizer_fresh)} fresh, {len(self.optimizer_dropped)} dropped")
+            for label, keys in (("fresh", self.optimizer_fresh), ("dropped", self.optimizer_dropped)):
+                if keys:
+                    lines.append(f"  optimizer {label}: {show(keys)}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class LoadPlan:
+    report: LoadReport
+    reads: dict[str, str]  # checkpoint key -> canonical target key
+
+
+def plan_load(
+    checkpoint: dict[str, TensorInfo],
+    target: dict[str, TensorInfo],
+    *,
+    adapters: dict[str, TensorInfo],
+    structural_names: dict[str, str],
+    strict: bool,
+    source: str,
+) -> LoadPlan:
+    """Decide the fate of every key.
+
+    Args:
+        checkpoint: canonical key -> info, from the checkpoint's metadata.
+        target: canonical key -> info, for every target tensor that is not an adapter's.
+        adapters: canonical key -> info of the target's adapter parameters (fresh unless
+            the checkpoint holds them with the same shape; never an error).
+        structural_names: canonical key -> the target's name for it with adapter infixes
+            kept (``x.weight`` -> ``x.base_layer.weight``); keys absent map to themselves.
+        strict: raise :class:`CheckpointMismatchError` on any non-adapter mismatch.
+        source: the checkpoint path, for messages.
+    """
+    report = LoadReport()
+    reads: dict[str, str] = {}
+    missing, mismatched = [], {}
+    for key, info in target.items():
+        ck = checkpoint.get(key)
+        if ck is None:
+            missing.append(key)
+            continue
+        if tuple(ck.shape) != tuple(info.shape):
+            mismatched[key] = (tuple(ck.shape), tuple(info.shape))
+            continue
+        reads[key] = key
+        name = structural_names.get(key, key)
+        if name != key:
+            report.remapped[key] = name
+        else:
+            report.loaded.append(key)
+        if ck.dtype != info.dtype:
+            report.notes.append(f"{key}: checkpoint {ck.dtype} cast to the model's {info.dtype}")
+    for key in sorted(adapters):
+        ck = checkpoint.get(key)
+        if ck is not None and tuple(ck.shape) == tuple(adapters[key].shape):
+            reads[key] = key
+            report.loaded.append(key)
+        else:
+            report.fresh.append(key)
+    unexpected = sorted(k for k in checkpoint if k not in target and k not in adapters)
+    if strict and (missing or mismatched or unexpected):
+        raise CheckpointMismatchError(_describe(source, missing, mismatched, unexpected))
+    report.missing = missing
+    report.mismatched = mismatched
+    # adapter state of another rank or placement is not an error: it is dropped, and the
+    # target's adapters start fresh
+    report.dropped = sorted(k for k in checkpoint if k not in reads)
+    return LoadPlan(report=report, reads=reads)
+
+
+def _describe(source, missing, mismatched, unexpected, limit: int = 8) -> str:
+    lines = [f"checkpoint {source} does not match the model (nothing was loaded):"]
+    for key, (ck, tg) in list(mismatched.items())[:limit]:
+        lines.append(f"  {key!r}: checkpoint has {ck}, model has {tg}")
+    if len(mismatched) > limit:
+        lines.append(f"  ... and {len(mismatched) - limit} more shape mismatches")
+    if missing:
+        lines.append(f"  missing from checkpoint ({len(missing)}): {missing[:limit]}")
+    if unexpected:
+        lines.append(f"  in checkpoint but not in model ({len(unexpected)}): {unexpected[:limit]}")
+    hint = ("the base architecture differs; build the model with the checkpoint's "
+            "dimensions (see `dcp-universal inspect`)" if mismatched else
+            "the checkpoint and model have different layers; check the model config, or "
+            "pass strict=False to load the keys that match")
+    lines.append(f"  -> {hint}")
+    return "\n".join(lines)

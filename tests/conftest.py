@@ -1,0 +1,3 @@
+import logging
+
+logging.getLogger("dcp_universal").setLevel(logging.WARNING)
