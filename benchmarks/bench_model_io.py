@@ -8,7 +8,8 @@ Run from the repository root::
 For each world size in ``--ranks`` it spawns that many gloo ranks on CPU (loopback only),
 builds one model (an ``nn.Embedding`` plus a stack of ``nn.Linear`` blocks, sized so its
 fp32 parameters total at least ``--size-mb`` MiB), wraps it with FSDP2 (each block, then
-the root) and times, in the same run and interleaved round by round:
+the root) and times, in the same run, round by round (each round runs every operation
+once, saves then loads, in an order rotated from round to round):
 
 * plain DCP: ``dcp.save`` / ``dcp.load`` of ``get_model_state_dict(model)``;
 * ``save_model`` / ``load_model`` of the same plain model (``merge="sharded"``);
@@ -26,8 +27,10 @@ just before the operation, as the max over ranks and repeats.
 Conditions, the same for every operation: checkpoints are read back right after being
 written, so the page cache is warm and loads measure memory copies and deserialisation
 rather than the disk; every writer fsyncs its files (DCP's ``FileSystemWriter`` does by
-default, and the ``torch.save`` baseline is fsynced to match). The machine may be shared:
-compare the ratios within one run, not absolute times across runs.
+default, and the ``torch.save`` baseline is fsynced to match), and dirty pages are synced
+before every operation so none pays for another's writes. Both DCP and dcp_universal see
+exactly these conditions. The machine may be shared: compare the ratios within one run,
+not absolute times across runs.
 
 ``--json PATH`` writes every measurement (per rank and repeat) plus the summary.
 """
@@ -219,6 +222,10 @@ class _Op:
 
 
 def _timed(fn: Callable[[], None]) -> tuple[float, float]:
+    # Flush every dirty page first, so no operation's fsync pays for an earlier one's
+    # writes (the page cache stays warm: sync writes pages back, it does not evict them).
+    if dist.get_rank() == 0:
+        os.sync()
     dist.barrier()
     with _PeakRSS() as rss:
         start = time.perf_counter()
@@ -258,7 +265,7 @@ def _torch_load(path: str) -> None:
 
 
 def _operations(plain: nn.Module, lora: nn.Module, round_seed: list[int]) -> list[_Op]:
-    """Every save first, then every load, so each load reads this round's checkpoint."""
+    """Saves, then the loads that read this round's checkpoints; plain DCP first."""
     reseed = lambda: _randomize_lora_b(lora, round_seed[0])
     return [
         _Op("DCP save (plain)", "save", lambda p: _dcp_save(plain, p)),
@@ -275,6 +282,16 @@ def _operations(plain: nn.Module, lora: nn.Module, round_seed: list[int]) -> lis
             reads="save_model sharded (LoRA)"),
         _Op("torch.load rank0 (plain)", "load", _torch_load, reads="torch.save rank0 full (plain)"),
     ]
+
+
+def _rotated(ops: list[_Op], shift: int) -> list[_Op]:
+    """Saves, then loads, each rotated by ``shift`` so no operation always runs first."""
+    out = []
+    for kind in ("save", "load"):
+        group = [op for op in ops if op.kind == kind]
+        k = shift % len(group)
+        out += group[k:] + group[:k]
+    return out
 
 
 def _run_round(ops: list[_Op], root: str, tag: str,
@@ -328,7 +345,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         record: dict[str, list[tuple[float, float]]] = {op.name: [] for op in ops}
         for r in range(cfg["repeats"]):
             round_seed[0] = r + 1
-            _remove(_run_round(ops, root, f"r{r}", record))
+            _remove(_run_round(_rotated(ops, r), root, f"r{r}", record))
 
         h = cfg["hidden"]
         param_bytes = 4 * (vocab * h + n_layers * (h * h + h))
