@@ -9,6 +9,7 @@ writes that item; only the small adapter factors are gathered beforehand.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import queue
 import time
@@ -23,13 +24,14 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from dcp_universal import adapters, storage
 from dcp_universal.errors import CheckpointError
 from dcp_universal.names import canonical_module_names, canonical_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 
-__all__ = ["save_model", "load_model", "ModelView", "MERGE_MODES"]
+__all__ = ["save_model", "load_model", "ModelView", "MERGE_MODES", "fingerprint", "save_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class ModelView:
     adapter_tensors: dict[str, torch.Tensor]
     sites: list[adapters.Site]
     structural: dict[str, str]
+    frozen: set[str]
+    param_keys: dict[int, str]  # id(parameter) -> canonical key
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
@@ -68,7 +72,21 @@ class ModelView:
         for key, value in sd.items():
             name = names[key]
             (adapter_tensors if name in adapter_keys else tensors)[name] = value
-        return cls(tensors, adapter_tensors, sites, structural)
+        params = dict(model.named_parameters())
+        pnames = canonical_names(model, params.keys())
+        param_keys = {id(p): pnames[n] for n, p in params.items()}
+        frozen = {pnames[n] for n, p in params.items()
+                  if not p.requires_grad and pnames[n] not in adapter_keys}
+        return cls(tensors, adapter_tensors, sites, structural, frozen, param_keys)
+
+    def adapter_manifest(self) -> dict:
+        """The manifest's description of the adapters: enough to merge them from disk."""
+        def term(t: adapters.Term) -> dict:
+            return {"left": self.param_keys[id(t.left)], "right": self.param_keys[id(t.right)],
+                    "scale": t.scale, "left_t": t.left_transposed, "right_t": t.right_transposed}
+
+        return {**adapters.adapter_config(self.sites),
+                "sites": {s.name: [term(t) for t in s.terms()] for s in self.sites}}
 
 
 def _is_distributed() -> bool:
@@ -186,40 +204,167 @@ def _save_rank0(view: ModelView, path: str) -> None:
         raise error
 
 
-def _checkpoint_info(model_dir: str) -> dict[str, TensorInfo]:
-    meta = FileSystemReader(model_dir).read_metadata()
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of ``tensors`` (collective under a process group).
+
+    Each rank hashes the bytes it holds; sharded tensors fold in their placement, so the
+    same weights sharded another way hash differently (a resharded resume writes its base
+    once more) while replicated and single-process weights hash alike.
+    """
+    h = hashlib.sha256()
+    sharded = False
+    for key in sorted(tensors):
+        t = tensors[key]
+        if isinstance(t, DTensor):
+            sharded = True
+            h.update(repr((t.placements, t.device_mesh.shape)).encode())
+            t = t.to_local()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+    digests = [h.hexdigest()]
+    if _is_distributed() and sharded:
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, h.hexdigest())
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Plain DCP save of canonical tensors (collective)."""
+    dcp.save(tensors, storage_writer=FileSystemWriter(path), no_dist=not _is_distributed())
+
+
+def _checkpoint_info(dcp_dir: str) -> dict[str, TensorInfo]:
+    meta = FileSystemReader(dcp_dir).read_metadata()
     return {k: TensorInfo(tuple(m.size), m.properties.dtype)
             for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
 
+def _infos(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+@dataclasses.dataclass
+class _Source:
+    """A checkpoint's model, as the loader sees it.
+
+    Attributes:
+        desc: the path, for messages.
+        keys: canonical key -> info of every tensor the checkpoint offers.
+        dir_of: canonical key -> the DCP directory holding it.
+        deltas: weight key -> adapter terms to add after reading it (a LoRA step with
+            no merged ``model/``: base plus adapters, composed on load).
+        factors: canonical key -> info of the adapter factors ``deltas`` use.
+        factor_dir: where those factors live.
+    """
+
+    desc: str
+    keys: dict[str, TensorInfo]
+    dir_of: dict[str, str]
+    deltas: dict[str, list[dict]] = dataclasses.field(default_factory=dict)
+    factors: dict[str, TensorInfo] = dataclasses.field(default_factory=dict)
+    factor_dir: str | None = None
+    note: str | None = None
+
+
+def _dir_source(model_dir: str) -> _Source:
+    keys = _checkpoint_info(model_dir)
+    return _Source(model_dir, keys, dict.fromkeys(keys, model_dir))
+
+
+def _source(path: str, view: ModelView) -> _Source:
+    """Pick what to read: a model directory, or a step's pieces.
+
+    A LoRA step (``adapters/`` plus a shared base) restores exactly into a model with the
+    same adapters; any other target gets merged weights: ``model/`` when the step has it,
+    otherwise base plus adapters composed on load.
+    """
+    if not storage.exists(storage.join(path, storage.MANIFEST)):
+        return _dir_source(storage.resolve_model_dir(path))
+    manifest = storage.read_manifest(path)
+    lora = manifest.get("adapters")
+    if not lora:
+        return _dir_source(storage.join(path, storage.MODEL_DIR))
+    root = path.rstrip("/").rsplit("/", 1)[0]
+    base_path = storage.join(root, manifest["base"])
+    adapters_path = storage.join(path, storage.ADAPTERS_DIR)
+    base_keys, step_keys = _checkpoint_info(base_path), _checkpoint_info(adapters_path)
+    sites = lora["sites"]
+    factor_keys = {t[k] for terms in sites.values() for t in terms for k in ("left", "right")}
+    same_adapters = (
+        {s.name for s in view.sites} == set(sites)
+        and set(view.adapter_tensors) == factor_keys
+        and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape for k in factor_keys))
+    if same_adapters:
+        keys = {**base_keys, **step_keys}
+        return _Source(path, keys, {**dict.fromkeys(base_keys, base_path),
+                                    **dict.fromkeys(step_keys, adapters_path)},
+                       note=f"restored base ({manifest['base']}) and adapters exactly")
+    if manifest["items"].get("model"):
+        return _dir_source(storage.join(path, storage.MODEL_DIR))
+    plain = {k: v for k, v in step_keys.items() if k not in factor_keys}
+    return _Source(
+        path, {**base_keys, **plain},
+        {**dict.fromkeys(base_keys, base_path), **dict.fromkeys(plain, adapters_path)},
+        deltas={f"{name}.weight": terms for name, terms in sites.items()},
+        factors={k: step_keys[k] for k in factor_keys}, factor_dir=adapters_path,
+        note=f"merged {len(sites)} adapters into base {manifest['base']} while loading")
+
+
+def _local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if isinstance(t, DTensor):
+        _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), tuple(offsets)
+    return t, (0,) * t.dim()
+
+
+@torch.no_grad()
+def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict[str, str]) -> None:
+    deltas = {k: terms for k, terms in source.deltas.items() if k in reads}
+    if not deltas:
+        return
+    needed = sorted({t[k] for terms in deltas.values() for t in terms for k in ("left", "right")})
+    full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
+    dcp.load(full, storage_reader=FileSystemReader(source.factor_dir), no_dist=not _is_distributed())
+    for key, terms in deltas.items():
+        factors = [adapters.Factors(
+            left=full[t["left"]].T if t["left_t"] else full[t["left"]],
+            right=full[t["right"]].T if t["right_t"] else full[t["right"]],
+            scale=t["scale"], left_is_local=False) for t in terms]
+        block, offsets = _local_block(targets[reads[key]])
+        block.copy_(adapters.merge_block(block, offsets, factors))
+
+
 def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadReport:
-    """Load a universal model directory (or a step directory's ``model/``) into ``model``.
+    """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
     adapters of any rank, and in a single process with no process group. Every key is
     planned first; with ``strict=True`` a mismatch raises
-    :class:`~dcp_universal.CheckpointMismatchError` before the model is written.
+    :class:`~dcp_universal.CheckpointMismatchError` before the model is written. Only
+    model data is read, never ``optimizer/``.
 
     Adapter parameters with no counterpart in the checkpoint are reset so the update is
     zero: the loaded model computes the checkpoint's function.
     """
     start = time.perf_counter()
-    model_dir = storage.resolve_model_dir(path)
     view = ModelView.of(model)
-    info = lambda d: {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in d.items()}
-    plan = plan_load(_checkpoint_info(model_dir), info(view.tensors),
-                     adapters=info(view.adapter_tensors), structural_names=view.structural,
-                     strict=strict, source=model_dir)
+    source = _source(path, view)
+    plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
+                     structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
-    to_read = {ck: targets[tk] for ck, tk in plan.reads.items()}
-    if to_read:
-        dcp.load(to_read, storage_reader=FileSystemReader(model_dir),
-                 no_dist=not _is_distributed())
+    by_dir: dict[str, dict[str, torch.Tensor]] = {}
+    for ck, tk in plan.reads.items():
+        by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
+    for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
+        dcp.load(by_dir[d], storage_reader=FileSystemReader(d), no_dist=not _is_distributed())
+    _apply_deltas(source, targets, plan.reads)
     fresh = set(plan.report.fresh)
     for site in view.sites:
         if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
             site.kind.reset(site.module)
+    if source.note:
+        plan.report.notes.append(source.note)
     if _rank() == 0:
-        logger.info("loaded %s in %.2f s\n%s", model_dir, time.perf_counter() - start,
+        logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
                     plan.report.summary())
     return plan.report

@@ -1,0 +1,398 @@
+"""CheckpointManager: numbered steps under one root, retention, training state.
+
+Concurrency contract: one training job (all of its ranks) writes a root at a time; any
+number of readers may load committed steps meanwhile.
+
+A step is committed when rank 0 has written its ``manifest.json``, after every rank
+finished writing every piece; ``steps()`` and ``latest_step()`` see committed steps only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import random
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader
+
+import dcp_universal
+from dcp_universal import model_io, optim_io, storage
+from dcp_universal.errors import CheckpointError
+from dcp_universal.plan import LoadReport
+
+__all__ = ["CheckpointManager", "StepAlreadyExistsError", "PerRankStateError"]
+
+logger = logging.getLogger(__name__)
+
+_EXTRA = "train/extra/"
+_RANK = "train/rank-"
+
+
+class StepAlreadyExistsError(CheckpointError, ValueError):
+    """``save(step)`` found that step already committed (pass ``overwrite=True``)."""
+
+
+class PerRankStateError(CheckpointError):
+    """Per-rank training state cannot follow a change of world size."""
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _agree(value):
+    """Rank 0's value, on every rank (so every rank takes the same branch)."""
+    if not _dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _state_of(obj) -> Any:
+    return dict(obj) if isinstance(obj, dict) else obj.state_dict()
+
+
+def _load_into(obj, state) -> None:
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    else:
+        obj.load_state_dict(state)
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Options:
+    """CheckpointManager's settings.
+
+    Attributes:
+        keep_last: keep this many newest committed steps (None: keep all). Pruning runs
+            after a commit and never removes the newest step or a base a kept step uses.
+        merge: how merged ``model/`` directories are written: "sharded" or "rank0".
+        merged_every: in LoRA runs, also write the merged ``model/`` every this many
+            steps (None: only when ``save(..., merged=True)``). Runs without adapters
+            always write ``model/``.
+        storage_options: fsspec options for remote roots (e.g. ``endpoint_url``).
+    """
+
+    keep_last: int | None = None
+    merge: str = "sharded"
+    merged_every: int | None = None
+    storage_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last={self.keep_last}: must be >= 1 (the newest step is always kept)")
+        if self.merge not in model_io.MERGE_MODES:
+            raise ValueError(f"merge={self.merge!r}: expected one of {model_io.MERGE_MODES}")
+        if self.merged_every is not None and self.merged_every < 1:
+            raise ValueError(f"merged_every={self.merged_every}: must be >= 1")
+
+
+class CheckpointManager:
+    """Numbered training checkpoints under ``root``.
+
+    >>> mgr = CheckpointManager("runs/ckpt", keep_last=3)
+    >>> mgr.save(100, model, optimizer, extra={"lr_scheduler": sched, "train": counters})
+    >>> report = mgr.load(model, optimizer, extra={"lr_scheduler": sched, "train": counters})
+
+    ``save`` and ``load`` are collective: call them on every rank.
+    """
+
+    def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
+                 storage_options: dict | None = None, merged_every: int | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
+                                storage_options=storage_options)
+        self._base_cache: tuple[tuple, str] | None = None
+
+    # ---- listing ----------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        return storage.list_steps(self.root)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        return storage.step_dir(self.root, step)
+
+    def manifest(self, step: int) -> dict[str, Any]:
+        return storage.read_manifest(self.step_path(step))
+
+    # ---- saving -----------------------------------------------------------------------
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+             extra: dict | None = None, merged: bool | None = None, overwrite: bool = False) -> str:
+        """Write and commit step ``step``; returns its directory.
+
+        Args:
+            extra: objects with ``state_dict()``/``load_state_dict()`` (or plain dicts)
+                saved with the training state. Objects that differ across ranks are
+                saved per rank.
+            merged: LoRA runs: also write the merged ``model/`` (default: the manager's
+                ``merged_every`` policy).
+            overwrite: replace an already committed ``step``.
+
+        Raises:
+            StepAlreadyExistsError: ``step`` is committed and ``overwrite`` is False.
+        """
+        start = time.perf_counter()
+        path = self.step_path(step)
+        self._prepare(step, path, overwrite)
+        view = model_io.ModelView.of(model)
+        manifest: dict[str, Any] = {
+            "format_version": storage.FORMAT_VERSION, "step": step, "world_size": _world(),
+            "torch_version": torch.__version__, "library_version": dcp_universal.__version__,
+            "created_unix": time.time(), "merge": self.options.merge,
+            "dtypes": sorted({str(t.dtype) for t in view.tensors.values()}),
+            "mesh": _mesh_of(view),
+            "items": {}, "adapters": None, "base": None,
+        }
+        if view.sites:
+            if merged is None:
+                every = self.options.merged_every
+                merged = every is not None and step % every == 0
+            manifest["adapters"] = view.adapter_manifest()
+            manifest["base"] = self._save_base(view)
+            trainable = {k: v for k, v in view.tensors.items() if k not in view.frozen}
+            model_io.save_tensors({**trainable, **view.adapter_tensors},
+                                  storage.join(path, storage.ADAPTERS_DIR))
+            manifest["items"]["adapters"] = True
+        if not view.sites or merged:
+            model_io.save_model(model, storage.join(path, storage.MODEL_DIR), merge=self.options.merge)
+            manifest["items"]["model"] = True
+        train_state, per_rank = self._training_state(optimizer, model, extra)
+        model_io.save_tensors(train_state, storage.join(path, storage.OPTIMIZER_DIR))
+        manifest["items"]["optimizer"] = optimizer is not None
+        manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
+        _barrier()
+        if _rank() == 0:
+            manifest["files"] = storage.file_sizes(path)
+            if manifest["base"]:
+                manifest["base_files"] = storage.file_sizes(storage.join(self.root, manifest["base"]))
+            storage.write_manifest(path, manifest)
+            self._prune(newest=step)
+        _barrier()
+        if _rank() == 0:
+            size = sum(manifest["files"].values())
+            logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6, time.perf_counter() - start)
+        return path
+
+    def _prepare(self, step: int, path: str, overwrite: bool) -> None:
+        error = None
+        if _rank() == 0:
+            if storage.exists(storage.join(path, storage.MANIFEST)) and not overwrite:
+                error = (f"step {step} is already committed at {path}; pass overwrite=True to "
+                         "replace it, or save under another step number")
+            else:
+                storage.remove_step(path)  # an overwritten step, or debris of a crashed save
+                for debris in storage.list_steps(self.root, committed=False):
+                    storage.remove_tree(self.step_path(debris))
+        error = _agree(error)
+        if error:
+            raise StepAlreadyExistsError(error)
+
+    def _save_base(self, view: model_io.ModelView) -> str:
+        """Write the frozen weights once per content; return the base directory's name."""
+        frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
+        signature = tuple((k, id(t), _version(t)) for k, t in frozen.items())
+        if self._base_cache and self._base_cache[0] == signature:
+            fp = self._base_cache[1]
+        else:
+            fp = model_io.fingerprint(frozen)
+        name = f"base-{fp}"
+        base = storage.join(self.root, name)
+        if not _agree(storage.exists(storage.join(base, storage.METADATA_FILE))):
+            model_io.save_tensors(frozen, base)
+        self._base_cache = (signature, fp)
+        return name
+
+    def _training_state(self, optimizer, model, extra) -> tuple[dict[str, Any], list[str]]:
+        state: dict[str, Any] = {}
+        if optimizer is not None:
+            state.update(optim_io.optimizer_state(model, optimizer))
+        rank = _rank()
+        state[f"{_RANK}{rank}/rng"] = pickle.dumps(_rng_state())
+        per_rank = ["rng"]
+        for name, obj in sorted((extra or {}).items()):
+            blob = pickle.dumps(_state_of(obj))
+            if _dist():
+                blobs = [None] * _world()
+                dist.all_gather_object(blobs, blob)
+                same = all(b == blobs[0] for b in blobs)
+            else:
+                same = True
+            if same:
+                state[f"{_EXTRA}{name}"] = blob
+            else:
+                state[f"{_RANK}{rank}/{name}"] = blob
+                per_rank.append(name)
+        return state, per_rank
+
+    def _prune(self, newest: int) -> None:
+        keep = self.options.keep_last
+        if keep is None:
+            return
+        committed = self.steps()
+        for step in committed[:-keep]:
+            if step != newest:
+                storage.remove_step(self.step_path(step))
+        used = set()
+        for step in self.steps():
+            base = self.manifest(step).get("base")
+            if base:
+                used.add(base)
+        for base in storage.list_bases(self.root):
+            if base not in used:
+                storage.remove_tree(storage.join(self.root, base))
+
+    # ---- loading ----------------------------------------------------------------------
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+             step: int | None = None, strict: bool = True, extra: dict | None = None,
+             hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = ()) -> LoadReport:
+        """Load step ``step`` (default: the latest committed) into any configuration.
+
+        Args:
+            optimizer: restored by canonical parameter name (see ``LoadReport``).
+            extra: the same names as at save; each object gets its ``load_state_dict``.
+            hyperparams: ``"checkpoint"`` or ``"current"`` (lr, betas, ... of the
+                optimizer, when its param groups match the checkpoint's).
+            skip_per_rank: per-rank state ("rng", or an ``extra`` name saved per rank)
+                to leave as it is when the world size differs from the save's. Without
+                it such a load raises :class:`PerRankStateError` before touching
+                anything. An extra object may instead define
+                ``load_resharded_state_dicts(states: list)``, called with every saved
+                rank's state.
+
+        RNG state is restored (per rank) when an optimizer or ``extra`` is given.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no committed step under {self.root}")
+        elif step not in self.steps():
+            raise CheckpointError(
+                f"step={step} is not a committed step under {self.root}; committed: {self.steps()}")
+        path = self.step_path(step)
+        manifest = storage.read_manifest(path)
+        training = optimizer is not None or bool(extra)
+        skip = set(skip_per_rank)
+        if training:
+            self._check_per_rank(manifest, extra or {}, skip)
+        report = model_io.load_model(model, path, strict=strict)
+        opt_dir = storage.join(path, storage.OPTIMIZER_DIR)
+        if optimizer is not None:
+            if not manifest["items"].get("optimizer"):
+                raise CheckpointError(f"step {step} was saved without an optimizer; load it with optimizer=None")
+            optim_io.load_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams)
+        if training:
+            self._load_training_state(manifest, opt_dir, extra or {}, skip, report)
+        base = manifest.get("base")
+        if base and any("restored base" in n for n in report.notes):
+            view = model_io.ModelView.of(model)
+            frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
+            self._base_cache = (tuple((k, id(t), _version(t)) for k, t in frozen.items()),
+                                base.removeprefix("base-"))
+        return report
+
+    def _check_per_rank(self, manifest, extra, skip) -> None:
+        saved_world = manifest["world_size"]
+        if saved_world == _world():
+            return
+        missing = [name for name in manifest["training_state"]["per_rank"]
+                   if name not in skip
+                   and not hasattr(extra.get(name), "load_resharded_state_dicts")
+                   and (name == "rng" or name in extra)]
+        if missing:
+            raise PerRankStateError(
+                f"step {manifest['step']} was saved by {saved_world} ranks and is loaded by "
+                f"{_world()}; its per-rank state {missing} has no resharding rule. Pass "
+                f"skip_per_rank={missing!r} to keep this job's current values, or give the "
+                "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
+
+    def _load_training_state(self, manifest, opt_dir, extra, skip, report) -> None:
+        saved_world = manifest["world_size"]
+        per_rank = set(manifest["training_state"]["per_rank"])
+        same_world = saved_world == _world()
+        rank = _rank()
+        wanted: dict[str, Any] = {}
+        for name in sorted(extra):
+            if name not in manifest["training_state"]["extra"]:
+                raise CheckpointError(
+                    f"extra[{name!r}] is not in step {manifest['step']}; it holds "
+                    f"{manifest['training_state']['extra']}")
+            if name not in per_rank:
+                wanted[f"{_EXTRA}{name}"] = b""
+            elif same_world:
+                wanted[f"{_RANK}{rank}/{name}"] = b""
+            elif name not in skip:  # resharding rule: every saved rank's state
+                wanted.update({f"{_RANK}{r}/{name}": b"" for r in range(saved_world)})
+        if same_world:
+            wanted[f"{_RANK}{rank}/rng"] = b""
+        dcp.load(wanted, storage_reader=FileSystemReader(opt_dir), no_dist=not _dist())
+        for name, obj in sorted(extra.items()):
+            if name not in per_rank:
+                _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))
+            elif same_world:
+                _load_into(obj, pickle.loads(wanted[f"{_RANK}{rank}/{name}"]))
+            elif name in skip:
+                report.notes.append(f"per-rank state {name!r} kept as is (world size "
+                                    f"{saved_world} -> {_world()})")
+            else:
+                obj.load_resharded_state_dicts(
+                    [pickle.loads(wanted[f"{_RANK}{r}/{name}"]) for r in range(saved_world)])
+                report.notes.append(f"per-rank state {name!r} resharded from {saved_world} ranks")
+        if same_world:
+            _set_rng_state(pickle.loads(wanted[f"{_RANK}{rank}/rng"]))
+        else:
+            report.notes.append(f"RNG state kept as is (world size {saved_world} -> {_world()})")
+
+
+def _version(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local._version
+
+
+def _mesh_of(view: model_io.ModelView) -> dict | None:
+    for t in view.tensors.values():
+        if hasattr(t, "device_mesh"):
+            return {"shape": list(t.device_mesh.shape), "placements": [str(p) for p in t.placements]}
+    return None

@@ -1,0 +1,165 @@
+"""Optimizer state by canonical parameter name, so it survives rewrapping, resharding
+and adapter changes.
+
+On disk (inside a step's ``optimizer/`` DCP directory)::
+
+    state/<canonical param>/<name>   tensors shaped like the parameter (sharded like it
+                                     under FSDP2) or 0-dim (Adam's ``step``)
+    optim/meta                       bytes: param groups with canonical names, and
+                                     non-tensor per-parameter state
+
+Loading transfers state parameter by parameter: restored where the target optimizer
+holds a trainable parameter of the same canonical name and shape, fresh otherwise
+(the optimizer initialises it on its first step); saved state with no such target is
+dropped. All three land in the :class:`~dcp_universal.LoadReport`.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from dcp_universal.errors import CheckpointError
+from dcp_universal.names import canonical_names
+from dcp_universal.plan import LoadReport
+
+__all__ = ["optimizer_state", "load_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
+
+logger = logging.getLogger(__name__)
+
+META_KEY = "optim/meta"
+_STATE = "state/"
+HYPERPARAM_SOURCES = ("checkpoint", "current")
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    params = dict(model.named_parameters())
+    names = canonical_names(model, params.keys())
+    by_id = {id(p): names[n] for n, p in params.items()}
+    unknown = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in by_id]
+    if unknown:
+        raise CheckpointError(
+            f"the optimizer holds {len(unknown)} tensors that are not parameters of the model "
+            "passed with it; build the optimizer from this model's parameters (after wrapping)")
+    return by_id
+
+
+def _warn_frozen(optimizer, names: dict[int, str]) -> None:
+    frozen = [names[id(p)] for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
+    if frozen:
+        total = sum(len(g["params"]) for g in optimizer.param_groups)
+        warnings.warn(
+            f"the optimizer was given {total} parameters of which {len(frozen)} are frozen "
+            f"(requires_grad=False), e.g. {frozen[:5]}; build it from "
+            "[p for p in model.parameters() if p.requires_grad]", stacklevel=3)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A flat DCP state dict of ``optimizer`` keyed by canonical parameter names."""
+    names = _param_names(model, optimizer)
+    _warn_frozen(optimizer, names)
+    out: dict[str, Any] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            name = names[id(p)]
+            for key, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    scalars.setdefault(name, {})[key] = value
+                elif value.dim() == 0 or tuple(value.shape) == tuple(p.shape):
+                    out[f"{_STATE}{name}/{key}"] = value
+                else:
+                    raise CheckpointError(
+                        f"optimizer state {key!r} of {name!r} has shape {tuple(value.shape)}, "
+                        f"neither 0-dim nor the parameter's {tuple(p.shape)}: it cannot be "
+                        "resharded by name; dcp_universal supports element-wise optimizers "
+                        "(SGD, Adam, AdamW, ...)")
+    out[META_KEY] = pickle.dumps({"param_groups": groups, "scalars": scalars})
+    return out
+
+
+def _read_meta(opt_dir: str) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
+    md = FileSystemReader(opt_dir).read_metadata().state_dict_metadata
+    if META_KEY not in md:
+        raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
+    box = {META_KEY: b""}
+    dcp.load(box, storage_reader=FileSystemReader(opt_dir), no_dist=not _is_distributed())
+    by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
+    for key, m in md.items():
+        if key.startswith(_STATE):
+            name, _, state_key = key[len(_STATE):].rpartition("/")
+            by_param.setdefault(name, {})[state_key] = m
+    return pickle.loads(box[META_KEY]), by_param
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
+                   report: LoadReport, hyperparams: str = "checkpoint") -> None:
+    """Transfer saved optimizer state into ``optimizer`` by canonical name.
+
+    Args:
+        hyperparams: ``"checkpoint"`` restores lr, betas, weight decay, ... from the
+            checkpoint when the param-group structure matches; ``"current"`` keeps the
+            values the optimizer was built with.
+    """
+    if hyperparams not in HYPERPARAM_SOURCES:
+        raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
+    names = _param_names(model, optimizer)
+    _warn_frozen(optimizer, names)
+    meta, saved = _read_meta(opt_dir)
+    params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+    to_read: dict[str, torch.Tensor] = {}
+    restored = {}
+    for name, p in params.items():
+        entries = saved.get(name)
+        fits = entries is not None and p.requires_grad and all(
+            len(m.size) == 0 or tuple(m.size) == tuple(p.shape) for m in entries.values())
+        if not fits:
+            report.optimizer_fresh.append(name)
+            continue
+        state = {}
+        for key, m in entries.items():
+            t = (torch.empty((), dtype=m.properties.dtype) if len(m.size) == 0
+                 else torch.empty_like(p, dtype=m.properties.dtype))
+            state[key] = to_read[f"{_STATE}{name}/{key}"] = t
+        restored[name] = state
+    report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
+    if to_read:
+        dcp.load(to_read, storage_reader=FileSystemReader(opt_dir), no_dist=not _is_distributed())
+    for name, state in restored.items():
+        state.update(meta["scalars"].get(name, {}))
+        optimizer.state[params[name]] = state
+        report.optimizer_restored.append(name)
+    _restore_groups(optimizer, names, meta["param_groups"], report, hyperparams)
+
+
+def _restore_groups(optimizer, names, saved_groups, report: LoadReport, hyperparams: str) -> None:
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved = [g["params"] for g in saved_groups]
+    if [set(g) for g in current] != [set(g) for g in saved]:
+        report.notes.append(
+            f"optimizer param groups differ (checkpoint: {len(saved)} groups of "
+            f"{[len(g) for g in saved]} params; target: {len(current)} groups of "
+            f"{[len(g) for g in current]}); the target's groups and hyperparameters stand")
+        return
+    if hyperparams == "current":
+        report.notes.append("optimizer hyperparameters kept from the current optimizer")
+        return
+    for group, saved_group in zip(optimizer.param_groups, saved_groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    report.notes.append("optimizer param groups and hyperparameters restored from the checkpoint")
