@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -31,7 +32,7 @@ from dcp_universal.errors import CheckpointError
 from dcp_universal.names import canonical_module_names, canonical_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 
-__all__ = ["save_model", "load_model", "ModelView", "MERGE_MODES", "fingerprint", "save_tensors"]
+__all__ = ["save_model", "load_model", "ModelView", "MERGE_MODES", "fingerprint", "save_tensors", "reshard"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ModelView:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
+        reshard(model)
         sd = model.state_dict()
         names = canonical_names(model, sd.keys())
         sites = adapters.find_sites(model, canonical_module_names(model))
@@ -87,6 +89,17 @@ class ModelView:
 
         return {**adapters.adapter_config(self.sites),
                 "sites": {s.name: [term(t) for t in s.terms()] for s in self.sites}}
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state.
+
+    After a forward (e.g. an eval) FSDP2's root keeps its parameters unsharded, and
+    ``named_parameters()`` then yields other objects than the ones the optimizer holds.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _is_distributed() -> bool:

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal.errors import CheckpointError
+from dcp_universal.model_io import reshard
 from dcp_universal.names import canonical_names
 from dcp_universal.plan import LoadReport
 
@@ -46,6 +47,7 @@ def _is_distributed() -> bool:
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    reshard(model)
     params = dict(model.named_parameters())
     names = canonical_names(model, params.keys())
     by_id = {id(p): names[n] for n, p in params.items()}

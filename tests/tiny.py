@@ -18,6 +18,7 @@ VARIANTS = {
     "plain": None,
     "lora4": dict(rank=4, alpha=8.0, targets=["q", "v", "fc1", "wte"]),
     "lora2": dict(rank=2, alpha=3.0, targets=["q", "fc2"]),
+    "lora8": dict(rank=8, alpha=8.0, targets=["q", "v", "fc1", "wte"]),
 }
 
 
@@ -70,7 +71,7 @@ def randomize_adapters(model: nn.Module, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if "lora_" in name and p.requires_grad:
             local = p.to_local() if isinstance(p, DTensor) else p
             local.copy_(torch.randn(local.shape, generator=g) * 0.3)
 
