@@ -9,7 +9,6 @@ import argparse
 import math
 import sys
 
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import storage
@@ -28,7 +27,7 @@ def _human(n: int) -> str:
 
 def _inspect(args) -> int:
     model_dir = storage.resolve_model_dir(args.path)
-    meta = FileSystemReader(model_dir).read_metadata()
+    meta = storage.read_metadata(model_dir)
     rows, total, count = [], 0, 0
     for key in sorted(meta.state_dict_metadata):
         m = meta.state_dict_metadata[key]

@@ -18,9 +18,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemReader
 
 import dcp_universal
 from dcp_universal import model_io, optim_io, storage
@@ -367,7 +365,7 @@ class CheckpointManager:
                 wanted.update({f"{_RANK}{r}/{name}": b"" for r in range(saved_world)})
         if same_world:
             wanted[f"{_RANK}{rank}/rng"] = b""
-        dcp.load(wanted, storage_reader=FileSystemReader(opt_dir), no_dist=not _dist())
+        storage.load_state(wanted, opt_dir)
         for name, obj in sorted(extra.items()):
             if name not in per_rank:
                 _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))

@@ -16,9 +16,8 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -183,8 +182,8 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded") -> None:
 def _save_sharded(view: ModelView, path: str) -> None:
     factors = {s.weight_key: adapters.gather_factors(s, view.tensors[s.weight_key])
                for s in view.sites}
-    dcp.save(view.tensors, storage_writer=_Writer(path, set(factors)),
-             planner=_MergingSavePlanner(factors), no_dist=not _is_distributed())
+    storage.save_state(view.tensors, path, writer=_Writer(path, set(factors)),
+                       planner=_MergingSavePlanner(factors))
 
 
 @torch.no_grad()
@@ -205,7 +204,7 @@ def _save_rank0(view: ModelView, path: str) -> None:
     if rank == 0:
         full.update(merged)
         try:
-            dcp.save(full, storage_writer=FileSystemWriter(path), no_dist=True)
+            storage.save_state(full, path, single_process=True)
         except Exception as e:  # re-raised on every rank below, so no rank hangs
             error = e
     if _is_distributed():
@@ -243,11 +242,11 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
     """Plain DCP save of canonical tensors (collective)."""
-    dcp.save(tensors, storage_writer=FileSystemWriter(path), no_dist=not _is_distributed())
+    storage.save_state(tensors, path)
 
 
 def _checkpoint_info(dcp_dir: str) -> dict[str, TensorInfo]:
-    meta = FileSystemReader(dcp_dir).read_metadata()
+    meta = storage.read_metadata(dcp_dir)
     return {k: TensorInfo(tuple(m.size), m.properties.dtype)
             for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
@@ -337,7 +336,7 @@ def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict
         return
     needed = sorted({t[k] for terms in deltas.values() for t in terms for k in ("left", "right")})
     full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
-    dcp.load(full, storage_reader=FileSystemReader(source.factor_dir), no_dist=not _is_distributed())
+    storage.load_state(full, source.factor_dir)
     for key, terms in deltas.items():
         factors = [adapters.Factors(
             left=full[t["left"]].T if t["left_t"] else full[t["left"]],
@@ -369,7 +368,7 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadRepor
     for ck, tk in plan.reads.items():
         by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
     for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
-        dcp.load(by_dir[d], storage_reader=FileSystemReader(d), no_dist=not _is_distributed())
+        storage.load_state(by_dir[d], d)
     _apply_deltas(source, targets, plan.reads)
     fresh = set(plan.report.fresh)
     for site in view.sites:

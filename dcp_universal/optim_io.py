@@ -22,12 +22,10 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dcp_universal import storage
 from dcp_universal.errors import CheckpointError
 from dcp_universal.model_io import reshard
 from dcp_universal.names import canonical_names
@@ -40,10 +38,6 @@ logger = logging.getLogger(__name__)
 META_KEY = "optim/meta"
 _STATE = "state/"
 HYPERPARAM_SOURCES = ("checkpoint", "current")
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
@@ -97,11 +91,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def _read_meta(opt_dir: str) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
-    md = FileSystemReader(opt_dir).read_metadata().state_dict_metadata
+    md = storage.read_metadata(opt_dir).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
-    dcp.load(box, storage_reader=FileSystemReader(opt_dir), no_dist=not _is_distributed())
+    storage.load_state(box, opt_dir)
     by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -142,7 +136,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: 
         restored[name] = state
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
     if to_read:
-        dcp.load(to_read, storage_reader=FileSystemReader(opt_dir), no_dist=not _is_distributed())
+        storage.load_state(to_read, opt_dir)
     for name, state in restored.items():
         state.update(meta["scalars"].get(name, {}))
         optimizer.state[params[name]] = state

@@ -15,12 +15,18 @@ import json
 import os
 import re
 import shutil
+import warnings
 from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_universal.errors import CheckpointError
 
 __all__ = [
-    "join", "exists", "resolve_model_dir", "step_dir", "list_steps", "read_manifest",
+    "save_state", "load_state", "read_metadata", "join", "exists", "resolve_model_dir", "step_dir", "list_steps", "read_manifest",
     "write_manifest", "remove_step", "remove_tree", "file_sizes", "list_bases",
     "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "METADATA_FILE",
     "FORMAT_VERSION",
@@ -34,6 +40,32 @@ METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is com
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _BASE_RE = re.compile(r"^base-[0-9a-f]+$")
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def save_state(state: dict, path: str, *, planner=None, writer=None, single_process: bool = False) -> None:
+    """``dcp.save`` of ``state`` to the DCP directory ``path``; collective unless no
+    process group exists or ``single_process`` (rank 0 writing alone)."""
+    no_dist = single_process or _single_process()
+    with warnings.catch_warnings():
+        # DCP warns on every save without a process group; ours are deliberate
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, storage_writer=writer or FileSystemWriter(path), planner=planner,
+                 no_dist=no_dist)
+
+
+def load_state(state: dict, path: str) -> None:
+    """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``; collective."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=_single_process())
+
+
+def read_metadata(path: str) -> Metadata:
+    return FileSystemReader(path).read_metadata()
 
 
 def join(*parts: str) -> str:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import math
-
 import tiny
 from dcp_universal import save_model
 from dcp_universal.cli import main
