@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from dcp_universal import adapters, storage
+from dcp_universal import adapters, legacy, storage
 from dcp_universal.errors import CheckpointError
 from dcp_universal.names import canonical_module_names, canonical_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
@@ -276,6 +276,7 @@ class _Source:
     factors: dict[str, TensorInfo] = dataclasses.field(default_factory=dict)
     factor_dir: str | None = None
     note: str | None = None
+    memory: dict[str, torch.Tensor] | None = None  # a legacy file's tensors, already read
 
 
 def _dir_source(model_dir: str) -> _Source:
@@ -290,6 +291,12 @@ def _source(path: str, view: ModelView) -> _Source:
     same adapters; any other target gets merged weights: ``model/`` when the step has it,
     otherwise base plus adapters composed on load.
     """
+    if legacy.is_legacy_file(path):
+        ck = legacy.read_legacy(path)
+        keys = _infos(ck.model)
+        note = f"read legacy file {ck.path}" + (
+            f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
+        return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, note=note)
     if not storage.exists(storage.join(path, storage.MANIFEST)):
         return _dir_source(storage.resolve_model_dir(path))
     manifest = storage.read_manifest(path)
@@ -330,6 +337,14 @@ def _local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 
 
 @torch.no_grad()
+def _copy_from_memory(memory, targets, reads) -> None:
+    """Each rank copies the block of every full tensor that its shard holds."""
+    for ck, tk in reads.items():
+        block, offsets = _local_block(targets[tk])
+        block.copy_(memory[ck][tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))])
+
+
+@torch.no_grad()
 def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict[str, str]) -> None:
     deltas = {k: terms for k, terms in source.deltas.items() if k in reads}
     if not deltas:
@@ -364,9 +379,12 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadRepor
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
+    if source.memory is not None:
+        _copy_from_memory(source.memory, targets, plan.reads)
     by_dir: dict[str, dict[str, torch.Tensor]] = {}
     for ck, tk in plan.reads.items():
-        by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
+        if source.memory is None:
+            by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
     for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
         storage.load_state(by_dir[d], d)
     _apply_deltas(source, targets, plan.reads)
