@@ -67,6 +67,15 @@ def _agree(value):
     return box[0]
 
 
+def _all(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on every rank."""
+    if not _dist():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -230,8 +239,8 @@ class CheckpointManager:
     def _save_base(self, view: model_io.ModelView) -> str:
         """Write the frozen weights once per content; return the base directory's name."""
         frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
-        signature = tuple((k, id(t), _version(t)) for k, t in frozen.items())
-        if self._base_cache and self._base_cache[0] == signature:
+        signature = _signature(frozen)
+        if _all(self._base_cache is not None and self._base_cache[0] == signature):
             fp = self._base_cache[1]
         else:
             fp = model_io.fingerprint(frozen)
@@ -327,8 +336,7 @@ class CheckpointManager:
         if base and any("restored base" in n for n in report.notes):
             view = model_io.ModelView.of(model)
             frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
-            self._base_cache = (tuple((k, id(t), _version(t)) for k, t in frozen.items()),
-                                base.removeprefix("base-"))
+            self._base_cache = (_signature(frozen), base.removeprefix("base-"))
         return report
 
     def _check_per_rank(self, manifest, extra, skip) -> None:
@@ -384,9 +392,15 @@ class CheckpointManager:
             report.notes.append(f"RNG state kept as is (world size {saved_world} -> {_world()})")
 
 
-def _version(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local._version
+def _signature(tensors: dict[str, torch.Tensor]) -> tuple:
+    """Identifies the frozen tensors' current contents without reading them: the same
+    storage with an unchanged version counter (bumped by every in-place write, and shared
+    by the detached views state_dict() returns) holds the same bytes."""
+    out = []
+    for key, t in tensors.items():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        out.append((key, local.untyped_storage().data_ptr(), local.storage_offset(), local._version))
+    return tuple(out)
 
 
 def _mesh_of(view: model_io.ModelView) -> dict | None:

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# End-to-end demo: one model through four configurations, each loading the last one's
+# End-to-end demo: one model through five configurations, each loading the last one's
 # checkpoint with dcp_universal, with no conversion step in between.
 #
-#   1) pre-train, FSDP2 on 4 processes                        -> runs/demo/pretrain
-#   2) LoRA fine-tune (rank 8), FSDP2 on 2 processes, merged  -> runs/demo/lora
-#   3) load (2) into LoRA rank 4 on 3 processes: same EVAL_LOSS as (2)
-#   4) load (2) in one process, no process group: same EVAL_LOSS, and a sample
+#   1) pre-train, FSDP2 on 4 processes                    -> runs/demo/pretrain/step-00000150
+#   2) LoRA fine-tune (rank 8), FSDP2 on 2 processes, saving every 20 steps under
+#      runs/demo/lora; killed right after step 40 (a simulated pre-emption)
+#   3) resume it on 3 processes (--resume auto --reshard-per-rank skip; without that flag
+#      it refuses) and train on to step 100, saved merged -> runs/demo/lora/step-00000100
+#   4) load (3) into LoRA rank 4 on 3 processes: same EVAL_LOSS as (3)
+#   5) load (3) in one process, no process group: same EVAL_LOSS, and a sample
 #
 # Usage: bash launch/demo.sh (from any directory). Runs on CPU (gloo), about 2 minutes on
 # 2 cores. Logs go to runs/demo/*.log.
@@ -23,42 +26,78 @@ export OMP_NUM_THREADS=1
 
 # Every stage builds the same base architecture; only wrapping and adapters change.
 MODEL=(--n-layer 2 --n-head 4 --n-embd 64 --block-size 64)
+# The fine-tune's flags, identical for the first launch and the relaunch after the kill.
+LORA=(--parallel fsdp "${MODEL[@]}" --init-from "$WORK/pretrain/step-00000150"
+      --lora-rank 8 --lora-alpha 16 --lora-targets q,v,fc1,wte --steps 100 --lr 3e-3 --seed 1
+      --ckpt-dir "$WORK/lora" --save-every 20 --keep-last 2 --resume auto)
+FINAL="$WORK/lora/step-00000100"
 TOL=1e-4
 
 stage() { printf '\n==== %s ====\n' "$*"; }
+die() { echo "DEMO FAILED: $*" >&2; exit 1; }
 eval_loss() { sed -n 's/^EVAL_LOSS //p' "$1" | tail -n 1; }
+show_root() { echo "\$ ls -F $1"; ls -F "$1"; }
 # same_loss NAME WANT GOT: exit 1 unless |WANT - GOT| <= TOL.
 same_loss() {
-  "$PY" - "$1" "$2" "$3" "$TOL" <<'EOF'
+  "$PY" - "$1" "$2" "$3" "$TOL" <<'PYEOF'
 import sys
 name, want, got, tol = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 ok = abs(want - got) <= tol
-print(f"{name}: EVAL_LOSS {got:.6f} vs stage 2's {want:.6f} (|diff| {abs(want - got):.1e}, "
+print(f"{name}: EVAL_LOSS {got:.6f} vs the fine-tune's {want:.6f} (|diff| {abs(want - got):.1e}, "
       f"tolerance {tol:g}): {'OK' if ok else 'MISMATCH'}")
 sys.exit(0 if ok else 1)
-EOF
+PYEOF
 }
 
-stage "1/4 pre-train a plain GPT with FSDP2 on 4 processes, save to $WORK/pretrain"
+stage "1/5 pre-train a plain GPT with FSDP2 on 4 processes, save the last step under $WORK/pretrain"
 "$TORCHRUN" --standalone --nproc_per_node=4 launch/train.py --parallel fsdp "${MODEL[@]}" \
   --steps 150 --lr 2e-3 --ckpt-dir "$WORK/pretrain" 2>&1 | tee "$WORK/stage1.log"
 
-stage "2/4 LoRA fine-tune (rank 8 on q,v,fc1,wte) with FSDP2 on 2 processes, save merged to $WORK/lora"
-"$TORCHRUN" --standalone --nproc_per_node=2 launch/train.py --parallel fsdp "${MODEL[@]}" \
-  --init-from "$WORK/pretrain" --lora-rank 8 --lora-alpha 16 --lora-targets q,v,fc1,wte \
-  --steps 100 --lr 3e-3 --seed 1 --ckpt-dir "$WORK/lora" 2>&1 | tee "$WORK/stage2.log"
-WANT=$(eval_loss "$WORK/stage2.log")
-[ -n "$WANT" ] || { echo "stage 2 printed no EVAL_LOSS line" >&2; exit 1; }
+stage "2/5 LoRA fine-tune (rank 8 on q,v,fc1,wte) with FSDP2 on 2 processes, saving every 20 steps; killed after step 40"
+# Run to a log and show the trainer's lines only: torchrun's failure report that follows a
+# killed job is expected here (it stays in the log).
+status=0
+"$TORCHRUN" --standalone --nproc_per_node=2 launch/train.py "${LORA[@]}" --kill-after 40 \
+  > "$WORK/stage2.log" 2>&1 || status=$?
+sed '/simulating pre-emption/q' "$WORK/stage2.log"
+[ "$status" -ne 0 ] && grep -q "simulating pre-emption (step saved)" "$WORK/stage2.log" \
+  || { cat "$WORK/stage2.log"; die "stage 2 should have been killed right after saving step 40"; }
+echo "(torchrun exited with status $status, as a pre-empted job does; its report is in $WORK/stage2.log)"
+show_root "$WORK/lora"
 
-stage "3/4 load stage 2's merged model into LoRA rank 4 with FSDP2 on 3 processes, evaluate only"
-"$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py --parallel fsdp "${MODEL[@]}" \
-  --init-from "$WORK/lora" --lora-rank 4 --lora-targets q,v,fc1,wte --eval-only \
+stage "3/5 relaunch the fine-tune on 3 processes: refused without --reshard-per-rank skip, then resumed from step 40 to 100"
+status=0
+"$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py "${LORA[@]}" \
+  > "$WORK/stage3-refused.log" 2>&1 || status=$?
+grep -A1 "^train.py: error" "$WORK/stage3-refused.log" || true
+[ "$status" -ne 0 ] && grep -q -- "--reshard-per-rank skip" "$WORK/stage3-refused.log" \
+  || { cat "$WORK/stage3-refused.log"; die "a resume on another world size must be refused by default"; }
+echo "(refused, as it should be; now with the flag)"
+"$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py "${LORA[@]}" --reshard-per-rank skip \
   2>&1 | tee "$WORK/stage3.log"
-same_loss "stage 3 (FSDP2 x3, LoRA rank 4)" "$WANT" "$(eval_loss "$WORK/stage3.log")"
+grep -q "^resumed $WORK/lora/step-00000040 .* at step 40," "$WORK/stage3.log" \
+  || die "stage 3 did not resume from step 40"
+WANT=$(eval_loss "$WORK/stage3.log")
+[ -n "$WANT" ] || die "stage 3 printed no EVAL_LOSS line"
+# keep-last 2 leaves the two newest steps; only the last holds the merged model/. The base
+# is the frozen weights, written once (and once more after the move to 3 processes, as the
+# base's fingerprint includes its sharding; the old one goes with the last step using it).
+show_root "$WORK/lora"
+show_root "$FINAL"
+if [ -d "$FINAL/model" ]; then
+  echo "\$ .venv/bin/dcp-universal inspect $FINAL"
+  .venv/bin/dcp-universal inspect "$FINAL"
+fi
 
-stage "4/4 inference: load stage 2's model in one process with no process group, sample 200 bytes"
-"$PY" launch/train.py --parallel none "${MODEL[@]}" --init-from "$WORK/lora" --eval-only \
-  --sample 200 2>&1 | tee "$WORK/stage4.log"
-same_loss "stage 4 (one process, plain model)" "$WANT" "$(eval_loss "$WORK/stage4.log")"
+stage "4/5 load the final step into LoRA rank 4 with FSDP2 on 3 processes, evaluate only"
+"$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py --parallel fsdp "${MODEL[@]}" \
+  --init-from "$FINAL" --lora-rank 4 --lora-targets q,v,fc1,wte --eval-only \
+  2>&1 | tee "$WORK/stage4.log"
+same_loss "stage 4 (FSDP2 x3, LoRA rank 4)" "$WANT" "$(eval_loss "$WORK/stage4.log")"
+
+stage "5/5 inference: load the final step in one process with no process group, sample 200 bytes"
+"$PY" launch/train.py --parallel none "${MODEL[@]}" --init-from "$FINAL" --eval-only \
+  --sample 200 2>&1 | tee "$WORK/stage5.log"
+same_loss "stage 5 (one process, plain model)" "$WANT" "$(eval_loss "$WORK/stage5.log")"
 
 printf '\nDEMO OK (%d s)\n' "$SECONDS"

@@ -1,23 +1,42 @@
 """Reference trainer: a tiny GPT on Python's own source, checkpointed with dcp_universal.
 
 The text is the bytes of a fixed list of standard-library modules, so every machine has
-it and nothing is downloaded; the vocabulary is the 256 byte values. Each run can start
-from any model directory (``--init-from``), whatever configuration wrote it, and ends by
-printing one line ``EVAL_LOSS <loss>`` (the loss on a fixed evaluation batch, identical
-in every configuration) and, with ``--ckpt-dir D``, saving the model to ``D/model``
-(canonical names, LoRA merged), a layout ``--init-from`` accepts as ``D`` or ``D/model``.
+it and nothing is downloaded; the vocabulary is the 256 byte values. A run can start from
+any model or step directory (``--init-from``, model weights only), whatever configuration
+wrote it, and ends by printing one line ``EVAL_LOSS <loss>`` (the loss on a fixed
+evaluation batch, identical in every configuration).
+
+With ``--ckpt-dir ROOT`` the run is checkpointed by a ``CheckpointManager`` at ROOT: every
+``--save-every`` steps and at the last step, which also gets the merged ``model/`` that
+``--init-from ROOT/step-<8 digits>`` and ``dcp-universal inspect`` read. A step holds the
+model (in LoRA runs: adapters and trainable tensors, the frozen base being written once
+as ``ROOT/base-<fingerprint>/``), the optimizer, the LR schedule, the step counter, the
+RNG and each rank's data position, so ``--resume auto`` continues a run exactly where
+its last committed step left it: same world size, same losses, bit for bit.
+
+Resuming on another number of processes (GPUs) also needs ``--reshard-per-rank skip``:
+the RNG and the data positions are per rank and have no meaning for another world size,
+so by default such a resume stops with an error; with the flag each new rank draws a
+fresh data stream (seeded by seed, rank and step) instead. Model, optimizer, LR schedule
+and step counter reshard either way.
 
 Run from the repository root:
 
-    # pre-train with FSDP2 on 4 processes
+    # pre-train with FSDP2 on 4 processes; the last step is ROOT/step-00000150
     torchrun --standalone --nproc_per_node=4 launch/train.py --parallel fsdp \\
         --steps 150 --ckpt-dir runs/pre
-    # LoRA fine-tune on 2 processes (DDP works the same way: --parallel ddp)
+    # LoRA fine-tune on 2 processes (DDP works the same way: --parallel ddp), saving every
+    # 20 steps; rerun the same line after a crash or pre-emption to continue
     torchrun --standalone --nproc_per_node=2 launch/train.py --parallel fsdp \\
-        --init-from runs/pre --lora-rank 8 --lora-targets q,v,fc1,wte --lr 3e-3 \\
-        --steps 100 --ckpt-dir runs/lora
+        --init-from runs/pre/step-00000150 --lora-rank 8 --lora-targets q,v,fc1,wte \\
+        --lr 3e-3 --steps 100 --ckpt-dir runs/lora --save-every 20 --resume auto
+    # ... or continue it on 3 processes
+    torchrun --standalone --nproc_per_node=3 launch/train.py --parallel fsdp \\
+        --lora-rank 8 --lora-targets q,v,fc1,wte --lr 3e-3 --steps 100 \\
+        --ckpt-dir runs/lora --save-every 20 --resume auto --reshard-per-rank skip
     # one process, no process group: evaluate and sample (an inference node)
-    python launch/train.py --parallel none --init-from runs/lora --eval-only --sample 200
+    python launch/train.py --parallel none --init-from runs/lora/step-00000100 \\
+        --eval-only --sample 200
 
 The model flags (--n-layer, --n-head, --n-embd, --block-size) must match the checkpoint's;
 a mismatch fails with the keys and both shapes. See launch/demo.sh for the whole tour.
@@ -26,8 +45,11 @@ a mismatch fails with the keys and both shapes. See launch/demo.sh for the whole
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 import time
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -35,8 +57,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcp_universal import load_model, save_model
+from dcp_universal import CheckpointManager, load_model
 from dcp_universal.lora import apply_lora
+from dcp_universal.manager import PerRankStateError
 from model import GPT, GPTConfig
 
 # Modules present in every CPython >= 3.10, read in this order.
@@ -44,6 +67,7 @@ SOURCES = ["argparse.py", "dataclasses.py", "functools.py", "heapq.py", "os.py",
            "random.py", "textwrap.py"]
 EVAL_SEED = 1234  # depends on neither rank nor world size: one eval batch for all runs
 EVAL_BATCH = 32
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at 10% of --lr
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,9 +76,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="0: train the full model")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q,v", help="comma-separated module names")
-    p.add_argument("--init-from", help="model directory (or step directory) to start from")
-    p.add_argument("--ckpt-dir", help="save the final model to <ckpt-dir>/model")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--init-from", help="model directory or step directory to start from "
+                   "(weights only; ignored when --resume auto finds a step)")
+    p.add_argument("--ckpt-dir", metavar="ROOT", help="checkpoint root (CheckpointManager)")
+    p.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="save every N steps (0: only the last step, which is always saved)")
+    p.add_argument("--keep-last", type=int, metavar="K", help="keep the K newest steps")
+    p.add_argument("--resume", choices=["auto", "none"], default="none",
+                   help="auto: continue from ROOT's latest committed step if there is one")
+    p.add_argument("--reshard-per-rank", choices=["error", "skip"], default="error",
+                   help="on resume with another world size: skip restoring the per-rank RNG "
+                   "and data positions (needed to resume on another GPU count)")
+    p.add_argument("--kill-after", type=int, metavar="M",
+                   help="simulate pre-emption: every rank exits with status 1 right after "
+                   "step M (and its save, when M is a save step)")
+    p.add_argument("--steps", type=int, default=150, help="total steps of the run")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up, then cosine")
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
@@ -62,9 +99,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25, metavar="N", help="print the loss every N steps")
     p.add_argument("--eval-only", action="store_true", help="skip training")
     p.add_argument("--sample", type=int, default=0, metavar="N", help="print N generated bytes")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.eval_only and args.ckpt_dir:
+        p.error("--eval-only trains and saves nothing: drop --ckpt-dir "
+                "(to evaluate a step, pass its directory to --init-from)")
+    for flag in ("save_every", "log_every", "warmup_steps"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0")
+    if args.kill_after is not None and not 1 <= args.kill_after < args.steps:
+        p.error(f"--kill-after={args.kill_after}: must be a step before the last, 1..{args.steps - 1}")
+    return args
 
 
 def load_corpus() -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +128,49 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.G
     x = torch.stack([data[i:i + block_size] for i in ix])
     y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])
     return x, y
+
+
+class DataPosition:
+    """One rank's place in its stream of training batches: a generator and a count.
+
+    Ranks draw different batches, so this state differs across ranks and the manager
+    saves it per rank; a resume on the same world size restores it exactly.
+    """
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+        self.gen = torch.Generator()
+        self.batches = 0
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        """Start a fresh stream, a function of (seed, rank, step).
+
+        Used when the saved positions cannot be restored (another world size): seeding
+        with the step keeps the new ranks from replaying the run's first batches.
+        """
+        self.gen.manual_seed((self.seed * 1024 + self.rank) * 1_000_003 + step)
+
+    def next_batch(self, data: torch.Tensor, batch_size: int, block_size: int):
+        self.batches += 1
+        return get_batch(data, batch_size, block_size, self.gen)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+        self.batches = state["batches"]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to MIN_LR_RATIO at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 @torch.no_grad()
@@ -110,6 +200,14 @@ def main() -> None:
         if rank == 0:
             print(*a, flush=True)
 
+    def fail(message: str) -> NoReturn:
+        """Stop every rank with one message (rank 0's) instead of a traceback per rank."""
+        if rank == 0:
+            print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(2)
+
     # Same seed on every rank: FSDP2 keeps each rank's slice of its own initial weights,
     # so the ranks must agree on them (LoRA's random A factors included).
     torch.manual_seed(args.seed)
@@ -133,29 +231,80 @@ def main() -> None:
         model = DDP(model)
     core = model.module if isinstance(model, DDP) else model  # for generate()
 
-    # Loading after wrapping is the point: the checkpoint does not care how it was written.
-    if args.init_from:
-        report = load_model(model, args.init_from)
-        log(f"loaded {args.init_from}:\n{report.summary()}")
-
     train, val = load_corpus()
+    mgr = None
     if not args.eval_only:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(args.warmup_steps, args.steps))
+        data = DataPosition(args.seed, rank)
+        counters = {"step": 0}
+        extra = {"lr_scheduler": scheduler, "train": counters, "data": data}
+        if args.ckpt_dir:
+            mgr = CheckpointManager(args.ckpt_dir, keep_last=args.keep_last)
+
+    # Loading after wrapping is the point: the checkpoint does not care how it was written.
+    latest = mgr.latest_step() if mgr else None
+    if latest is not None and args.resume == "none":
+        fail(f"--ckpt-dir {args.ckpt_dir} already holds committed steps {mgr.steps()}; pass "
+             f"--resume auto to continue from step {latest}, or give an empty --ckpt-dir")
+    if mgr and args.resume == "auto" and latest is None:
+        log(f"--resume auto: no committed step under {args.ckpt_dir} yet, starting at step 0")
+    if latest is not None:
+        saved_world = mgr.manifest(latest)["world_size"]
+        skip = ["rng", "data"] if args.reshard_per_rank == "skip" else []
         t0 = time.perf_counter()
-        for step in range(args.steps):
-            # A batch is a function of (seed, rank, step): ranks see different data, and a
-            # run is reproducible without saving generator state.
-            gen = torch.Generator().manual_seed((args.seed * 1024 + rank) * 1_000_003 + step)
-            x, y = get_batch(train, args.batch_size, args.block_size, gen)
+        try:
+            report = mgr.load(model, optimizer, extra=extra, skip_per_rank=skip)
+        except PerRankStateError as e:
+            fail(f"{e}\nIn this trainer: add --reshard-per-rank skip to resume step {latest} "
+                 f"(saved by {saved_world} processes) on {world}.")
+        if saved_world != world and skip:
+            data.restart(counters["step"])
+        log(f"resumed {mgr.step_path(latest)} (saved by {saved_world} processes) in "
+            f"{time.perf_counter() - t0:.2f} s: at step {counters['step']}, "
+            f"lr {scheduler.get_last_lr()[0]:.3g}\n{report.summary()}")
+        if args.init_from:
+            log(f"--init-from {args.init_from} ignored: the run resumes from its own checkpoint")
+    elif args.init_from:
+        report = load_model(model, args.init_from)
+        log(f"loaded {args.init_from}:\n{report.summary()}")
+
+    if not args.eval_only:
+        if counters["step"] >= args.steps:
+            log(f"already at step {counters['step']} of --steps {args.steps}: nothing to train")
+        first = counters["step"] + 1
+        t0 = time.perf_counter()
+        while counters["step"] < args.steps:
+            x, y = data.next_batch(train, args.batch_size, args.block_size)
             _, loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            if step % 25 == 0 or step == args.steps - 1:
-                log(f"step {step:4d}  loss {loss.item():.4f} (rank 0's batch)  "
+            scheduler.step()
+            counters["step"] += 1
+            step = counters["step"]
+            if (step in (first, args.steps, args.kill_after)
+                    or (args.log_every and step % args.log_every == 0)):
+                # repr: the exact float, so runs can be compared bit for bit
+                log(f"step {step:4d}  loss {loss.item()!r}  (rank 0's batch)  "
                     f"{time.perf_counter() - t0:.1f} s")
+            save_now = mgr is not None and (
+                step == args.steps or (args.save_every > 0 and step % args.save_every == 0))
+            if save_now:
+                t1 = time.perf_counter()
+                path = mgr.save(step, model, optimizer, extra=extra, merged=step == args.steps)
+                log(f"saved {path} in {time.perf_counter() - t1:.2f} s")
+            if step == args.kill_after:
+                log(f"--kill-after {step}: simulating pre-emption "
+                    f"({'step saved' if save_now else 'no save at this step'}); "
+                    "every rank exits with status 1")
+                if distributed:
+                    dist.barrier()  # no rank may still be inside a collective
+                sys.stdout.flush()
+                os._exit(1)  # no clean-up, as after a SIGKILL
 
     log(f"EVAL_LOSS {evaluate(model, val, args.block_size):.6f}")
     if args.sample:
@@ -164,11 +313,6 @@ def main() -> None:
         out = core.generate(start, args.sample, generator=torch.Generator().manual_seed(args.seed))
         log("--- sample ---\n" + bytes(out[0, 1:].tolist()).decode("utf-8", errors="replace")
             + "\n--------------")
-    if args.ckpt_dir:
-        t0 = time.perf_counter()
-        path = os.path.join(args.ckpt_dir, "model")
-        save_model(model, path)
-        log(f"saved {path} in {time.perf_counter() - t0:.2f} s")
     if distributed:
         dist.destroy_process_group()
 

@@ -198,3 +198,27 @@ def test_extra_state_and_rng_restore_in_one_process(tmp_path):
 def test_load_without_steps_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="no committed step"):
         CheckpointManager(str(tmp_path)).load(tiny.make())
+
+
+def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkeypatch):
+    from dcp_universal import model_io
+
+    calls = []
+    real = model_io.fingerprint
+    monkeypatch.setattr(model_io, "fingerprint", lambda t: calls.append(1) or real(t))
+    model, opt, _ = _trained()
+    mgr = CheckpointManager(str(tmp_path))
+    for step in (1, 2, 3):
+        mgr.save(step, model, opt)
+    assert len(calls) == 1
+    # a resumed job starts from the restored base: no hash, no second base directory
+    target, topt, _ = build("lora4", "none", 1, seed=4)
+    resumed = CheckpointManager(str(tmp_path))
+    resumed.load(target, topt)
+    resumed.save(4, target, topt)
+    assert len(calls) == 1
+    assert len([n for n in os.listdir(tmp_path) if n.startswith("base-")]) == 1
+    with torch.no_grad():
+        target.blocks[0].q.base_layer.weight.mul_(2)  # an in-place change is noticed
+    resumed.save(5, target, topt)
+    assert len(calls) == 2 and resumed.manifest(5)["base"] != resumed.manifest(4)["base"]
