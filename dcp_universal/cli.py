@@ -26,8 +26,9 @@ def _human(n: int) -> str:
 
 
 def _inspect(args) -> int:
-    model_dir = storage.resolve_model_dir(args.path)
-    meta = storage.read_metadata(model_dir)
+    store = storage.Storage()
+    model_dir = store.resolve_model_dir(args.path)
+    meta = store.read_metadata(model_dir)
     rows, total, count = [], 0, 0
     for key in sorted(meta.state_dict_metadata):
         m = meta.state_dict_metadata[key]

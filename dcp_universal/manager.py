@@ -146,12 +146,13 @@ class CheckpointManager:
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
                                 storage_options=storage_options)
         self._base_cache: tuple[tuple, str] | None = None
+        self._store = storage.Storage(storage_options)
 
     # ---- listing ----------------------------------------------------------------------
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        return storage.list_steps(self.root)
+        return self._store.list_steps(self.root)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -161,7 +162,7 @@ class CheckpointManager:
         return storage.step_dir(self.root, step)
 
     def manifest(self, step: int) -> dict[str, Any]:
-        return storage.read_manifest(self.step_path(step))
+        return self._store.read_manifest(self.step_path(step))
 
     # ---- saving -----------------------------------------------------------------------
 
@@ -200,21 +201,22 @@ class CheckpointManager:
             manifest["base"] = self._save_base(view)
             trainable = {k: v for k, v in view.tensors.items() if k not in view.frozen}
             model_io.save_tensors({**trainable, **view.adapter_tensors},
-                                  storage.join(path, storage.ADAPTERS_DIR))
+                                  storage.join(path, storage.ADAPTERS_DIR), self._store)
             manifest["items"]["adapters"] = True
         if not view.sites or merged:
-            model_io.save_model(model, storage.join(path, storage.MODEL_DIR), merge=self.options.merge)
+            model_io.save_model(model, storage.join(path, storage.MODEL_DIR), merge=self.options.merge,
+                                storage_options=self.options.storage_options)
             manifest["items"]["model"] = True
         train_state, per_rank = self._training_state(optimizer, model, extra)
-        model_io.save_tensors(train_state, storage.join(path, storage.OPTIMIZER_DIR))
+        model_io.save_tensors(train_state, storage.join(path, storage.OPTIMIZER_DIR), self._store)
         manifest["items"]["optimizer"] = optimizer is not None
         manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
         _barrier()
         if _rank() == 0:
-            manifest["files"] = storage.file_sizes(path)
+            manifest["files"] = self._store.file_sizes(path)
             if manifest["base"]:
-                manifest["base_files"] = storage.file_sizes(storage.join(self.root, manifest["base"]))
-            storage.write_manifest(path, manifest)
+                manifest["base_files"] = self._store.file_sizes(storage.join(self.root, manifest["base"]))
+            self._store.write_manifest(path, manifest)
             self._prune(newest=step)
         _barrier()
         if _rank() == 0:
@@ -225,13 +227,13 @@ class CheckpointManager:
     def _prepare(self, step: int, path: str, overwrite: bool) -> None:
         error = None
         if _rank() == 0:
-            if storage.exists(storage.join(path, storage.MANIFEST)) and not overwrite:
+            if self._store.exists(storage.join(path, storage.MANIFEST)) and not overwrite:
                 error = (f"step {step} is already committed at {path}; pass overwrite=True to "
                          "replace it, or save under another step number")
             else:
-                storage.remove_step(path)  # an overwritten step, or debris of a crashed save
-                for debris in storage.list_steps(self.root, committed=False):
-                    storage.remove_tree(self.step_path(debris))
+                self._store.remove_step(path)  # an overwritten step, or debris of a crashed save
+                for debris in self._store.list_steps(self.root, committed=False):
+                    self._store.remove_tree(self.step_path(debris))
         error = _agree(error)
         if error:
             raise StepAlreadyExistsError(error)
@@ -246,8 +248,8 @@ class CheckpointManager:
             fp = model_io.fingerprint(frozen)
         name = f"base-{fp}"
         base = storage.join(self.root, name)
-        if not _agree(storage.exists(storage.join(base, storage.METADATA_FILE))):
-            model_io.save_tensors(frozen, base)
+        if not _agree(self._store.exists(storage.join(base, storage.METADATA_FILE))):
+            model_io.save_tensors(frozen, base, self._store)
         self._base_cache = (signature, fp)
         return name
 
@@ -280,15 +282,15 @@ class CheckpointManager:
         committed = self.steps()
         for step in committed[:-keep]:
             if step != newest:
-                storage.remove_step(self.step_path(step))
+                self._store.remove_step(self.step_path(step))
         used = set()
         for step in self.steps():
             base = self.manifest(step).get("base")
             if base:
                 used.add(base)
-        for base in storage.list_bases(self.root):
+        for base in self._store.list_bases(self.root):
             if base not in used:
-                storage.remove_tree(storage.join(self.root, base))
+                self._store.remove_tree(storage.join(self.root, base))
 
     # ---- loading ----------------------------------------------------------------------
 
@@ -319,17 +321,19 @@ class CheckpointManager:
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {self.steps()}")
         path = self.step_path(step)
-        manifest = storage.read_manifest(path)
+        manifest = self._store.read_manifest(path)
         training = optimizer is not None or bool(extra)
         skip = set(skip_per_rank)
         if training:
             self._check_per_rank(manifest, extra or {}, skip)
-        report = model_io.load_model(model, path, strict=strict)
+        report = model_io.load_model(model, path, strict=strict,
+                                     storage_options=self.options.storage_options)
         opt_dir = storage.join(path, storage.OPTIMIZER_DIR)
         if optimizer is not None:
             if not manifest["items"].get("optimizer"):
                 raise CheckpointError(f"step {step} was saved without an optimizer; load it with optimizer=None")
-            optim_io.load_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams)
+            optim_io.load_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams,
+                                    store=self._store)
         if training:
             self._load_training_state(manifest, opt_dir, extra or {}, skip, report)
         base = manifest.get("base")
@@ -373,7 +377,7 @@ class CheckpointManager:
                 wanted.update({f"{_RANK}{r}/{name}": b"" for r in range(saved_world)})
         if same_world:
             wanted[f"{_RANK}{rank}/rng"] = b""
-        storage.load_state(wanted, opt_dir)
+        self._store.load_state(wanted, opt_dir)
         for name, obj in sorted(extra.items()):
             if name not in per_rank:
                 _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))

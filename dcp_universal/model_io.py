@@ -11,15 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import queue
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.fsdp import FSDPModule
@@ -129,32 +126,8 @@ class _MergingSavePlanner(DefaultSavePlanner):
         return adapters.merge_block(block, write_item.tensor_data.chunk.offsets, factors)
 
 
-class _Writer(FileSystemWriter):
-    """FileSystemWriter that gives every merged item its own file.
-
-    DCP keeps every tensor of a file alive until the file is closed; plain tensors are
-    views of the model's parameters and cost nothing, but merged tensors are new, so one
-    file per merged item bounds the extra memory to about one local shard.
-    """
-
-    def __init__(self, path: str, merged_keys: set[str], **kwargs) -> None:
-        super().__init__(path, **kwargs)
-        self._merged_keys = merged_keys
-
-    def write_data(self, plan, planner):
-        merged = [i for i in plan.items if i.index.fqn in self._merged_keys]
-        rest = [i for i in plan.items if i.index.fqn not in self._merged_keys]
-        buckets = [[i] for i in merged]
-        if rest:
-            buckets.insert(0, rest)
-        files: queue.Queue = queue.Queue()
-        for n, bucket in enumerate(buckets):
-            name = f"{plan.storage_data.prefix}{n}{DEFAULT_SUFFIX}"
-            files.put((self.fs.concat_path(self.path, name), name, bucket))
-        return self._write_data(planner, files)
-
-
-def save_model(model: nn.Module, path: str, *, merge: str = "sharded") -> None:
+def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
+               storage_options: dict | None = None) -> None:
     """Write ``model`` as one universal model DCP directory at ``path``.
 
     Collective: call on every rank of the process group (or in a single process with no
@@ -165,29 +138,31 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded") -> None:
         path: the directory to write.
         merge: ``"sharded"`` merges on each rank's own shards (default);
             ``"rank0"`` gathers the full state to rank 0's CPU, merges and writes there.
+        storage_options: fsspec options when ``path`` is a URL (``s3://...``).
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}: expected one of {MERGE_MODES}")
     start = time.perf_counter()
     view = ModelView.of(model)
+    store = storage.Storage(storage_options)
     if merge == "sharded":
-        _save_sharded(view, path)
+        _save_sharded(view, path, store)
     else:
-        _save_rank0(view, path)
+        _save_rank0(view, path, store)
     if _rank() == 0:
         logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
                     len(view.tensors), len(view.sites), merge, path, time.perf_counter() - start)
 
 
-def _save_sharded(view: ModelView, path: str) -> None:
+def _save_sharded(view: ModelView, path: str, store: storage.Storage) -> None:
     factors = {s.weight_key: adapters.gather_factors(s, view.tensors[s.weight_key])
                for s in view.sites}
-    storage.save_state(view.tensors, path, writer=_Writer(path, set(factors)),
-                       planner=_MergingSavePlanner(factors))
+    store.save_state(view.tensors, path, planner=_MergingSavePlanner(factors),
+                     own_file_keys=set(factors))
 
 
 @torch.no_grad()
-def _save_rank0(view: ModelView, path: str) -> None:
+def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> None:
     rank = _rank()
     full = {}
     for key, t in view.tensors.items():
@@ -204,7 +179,7 @@ def _save_rank0(view: ModelView, path: str) -> None:
     if rank == 0:
         full.update(merged)
         try:
-            storage.save_state(full, path, single_process=True)
+            store.save_state(full, path, single_process=True)
         except Exception as e:  # re-raised on every rank below, so no rank hangs
             error = e
     if _is_distributed():
@@ -240,13 +215,13 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, store: storage.Storage) -> None:
     """Plain DCP save of canonical tensors (collective)."""
-    storage.save_state(tensors, path)
+    store.save_state(tensors, path)
 
 
-def _checkpoint_info(dcp_dir: str) -> dict[str, TensorInfo]:
-    meta = storage.read_metadata(dcp_dir)
+def _checkpoint_info(dcp_dir: str, store: storage.Storage) -> dict[str, TensorInfo]:
+    meta = store.read_metadata(dcp_dir)
     return {k: TensorInfo(tuple(m.size), m.properties.dtype)
             for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
@@ -279,12 +254,12 @@ class _Source:
     memory: dict[str, torch.Tensor] | None = None  # a legacy file's tensors, already read
 
 
-def _dir_source(model_dir: str) -> _Source:
-    keys = _checkpoint_info(model_dir)
+def _dir_source(model_dir: str, store: storage.Storage) -> _Source:
+    keys = _checkpoint_info(model_dir, store)
     return _Source(model_dir, keys, dict.fromkeys(keys, model_dir))
 
 
-def _source(path: str, view: ModelView) -> _Source:
+def _source(path: str, view: ModelView, store: storage.Storage) -> _Source:
     """Pick what to read: a model directory, or a step's pieces.
 
     A LoRA step (``adapters/`` plus a shared base) restores exactly into a model with the
@@ -297,16 +272,16 @@ def _source(path: str, view: ModelView) -> _Source:
         note = f"read legacy file {ck.path}" + (
             f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
         return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, note=note)
-    if not storage.exists(storage.join(path, storage.MANIFEST)):
-        return _dir_source(storage.resolve_model_dir(path))
-    manifest = storage.read_manifest(path)
+    if not store.exists(storage.join(path, storage.MANIFEST)):
+        return _dir_source(store.resolve_model_dir(path), store)
+    manifest = store.read_manifest(path)
     lora = manifest.get("adapters")
     if not lora:
-        return _dir_source(storage.join(path, storage.MODEL_DIR))
+        return _dir_source(storage.join(path, storage.MODEL_DIR), store)
     root = path.rstrip("/").rsplit("/", 1)[0]
     base_path = storage.join(root, manifest["base"])
     adapters_path = storage.join(path, storage.ADAPTERS_DIR)
-    base_keys, step_keys = _checkpoint_info(base_path), _checkpoint_info(adapters_path)
+    base_keys, step_keys = _checkpoint_info(base_path, store), _checkpoint_info(adapters_path, store)
     sites = lora["sites"]
     factor_keys = {t[k] for terms in sites.values() for t in terms for k in ("left", "right")}
     same_adapters = (
@@ -319,7 +294,7 @@ def _source(path: str, view: ModelView) -> _Source:
                                     **dict.fromkeys(step_keys, adapters_path)},
                        note=f"restored base ({manifest['base']}) and adapters exactly")
     if manifest["items"].get("model"):
-        return _dir_source(storage.join(path, storage.MODEL_DIR))
+        return _dir_source(storage.join(path, storage.MODEL_DIR), store)
     plain = {k: v for k, v in step_keys.items() if k not in factor_keys}
     return _Source(
         path, {**base_keys, **plain},
@@ -345,13 +320,14 @@ def _copy_from_memory(memory, targets, reads) -> None:
 
 
 @torch.no_grad()
-def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict[str, str]) -> None:
+def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict[str, str],
+                  store: storage.Storage) -> None:
     deltas = {k: terms for k, terms in source.deltas.items() if k in reads}
     if not deltas:
         return
     needed = sorted({t[k] for terms in deltas.values() for t in terms for k in ("left", "right")})
     full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
-    storage.load_state(full, source.factor_dir)
+    store.load_state(full, source.factor_dir)
     for key, terms in deltas.items():
         factors = [adapters.Factors(
             left=full[t["left"]].T if t["left_t"] else full[t["left"]],
@@ -361,7 +337,8 @@ def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict
         block.copy_(adapters.merge_block(block, offsets, factors))
 
 
-def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadReport:
+def load_model(model: nn.Module, path: str, *, strict: bool = True,
+               storage_options: dict | None = None) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
@@ -372,10 +349,14 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadRepor
 
     Adapter parameters with no counterpart in the checkpoint are reset so the update is
     zero: the loaded model computes the checkpoint's function.
+
+    ``path`` may also be a legacy ``torch.save`` file (see :mod:`dcp_universal.legacy`)
+    or a URL (``s3://...``, with ``storage_options``).
     """
     start = time.perf_counter()
+    store = storage.Storage(storage_options)
     view = ModelView.of(model)
-    source = _source(path, view)
+    source = _source(path, view, store)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
@@ -386,8 +367,8 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True) -> LoadRepor
         if source.memory is None:
             by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
     for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
-        storage.load_state(by_dir[d], d)
-    _apply_deltas(source, targets, plan.reads)
+        store.load_state(by_dir[d], d)
+    _apply_deltas(source, targets, plan.reads, store)
     fresh = set(plan.report.fresh)
     for site in view.sites:
         if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):

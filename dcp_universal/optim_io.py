@@ -90,12 +90,12 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return out
 
 
-def _read_meta(opt_dir: str) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
-    md = storage.read_metadata(opt_dir).state_dict_metadata
+def _read_meta(opt_dir: str, store: storage.Storage) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
+    md = store.read_metadata(opt_dir).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
-    storage.load_state(box, opt_dir)
+    store.load_state(box, opt_dir)
     by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -105,7 +105,8 @@ def _read_meta(opt_dir: str) -> tuple[dict, dict[str, dict[str, TensorStorageMet
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                   report: LoadReport, hyperparams: str = "checkpoint") -> None:
+                   report: LoadReport, hyperparams: str = "checkpoint",
+                   store: storage.Storage | None = None) -> None:
     """Transfer saved optimizer state into ``optimizer`` by canonical name.
 
     Args:
@@ -117,7 +118,8 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: 
         raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
     names = _param_names(model, optimizer)
     _warn_frozen(optimizer, names)
-    meta, saved = _read_meta(opt_dir)
+    store = store or storage.Storage()
+    meta, saved = _read_meta(opt_dir, store)
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
     restored = {}
@@ -136,7 +138,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: 
         restored[name] = state
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
     if to_read:
-        storage.load_state(to_read, opt_dir)
+        store.load_state(to_read, opt_dir)
     for name, state in restored.items():
         state.update(meta["scalars"].get(name, {}))
         optimizer.state[params[name]] = state
