@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
+           "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError"]
 
 
 class CheckpointError(Exception):
@@ -22,3 +23,19 @@ class UnsupportedAdapterError(CheckpointError, TypeError):
     It is raised rather than skipped: skipping would write base weights that silently
     lack the adapter's update.
     """
+
+
+class NotACheckpointError(CheckpointError, FileNotFoundError):
+    """The path holds no checkpoint (missing, empty, or something else)."""
+
+
+class ManifestError(CheckpointError):
+    """A step's ``manifest.json`` is unreadable: truncated, garbage, or not an object."""
+
+
+class FormatVersionError(ManifestError):
+    """The checkpoint was written by a newer dcp_universal format than this one reads."""
+
+
+class IntegrityError(CheckpointError):
+    """A data file is missing, truncated, or fails its checksum."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import dcp_universal
 from dcp_universal import model_io, optim_io, storage
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.plan import LoadReport
 
 __all__ = ["CheckpointManager", "StepAlreadyExistsError", "PerRankStateError"]
@@ -193,34 +193,42 @@ class CheckpointManager:
             "mesh": _mesh_of(view),
             "items": {}, "adapters": None, "base": None,
         }
+        files: dict[str, tuple[int, int]] = {}  # this rank's files: (size, crc32)
+
+        def wrote(item: str, written: dict) -> None:
+            files.update({f"{item}/{name}": v for name, v in written.items()})
+            manifest["items"][item] = True
+
+        base_files = {}
         if view.sites:
             if merged is None:
                 every = self.options.merged_every
                 merged = every is not None and step % every == 0
             manifest["adapters"] = view.adapter_manifest()
-            manifest["base"] = self._save_base(view)
+            manifest["base"], base_files = self._save_base(view)
             trainable = {k: v for k, v in view.tensors.items() if k not in view.frozen}
-            model_io.save_tensors({**trainable, **view.adapter_tensors},
-                                  storage.join(path, storage.ADAPTERS_DIR), self._store)
-            manifest["items"]["adapters"] = True
+            wrote(storage.ADAPTERS_DIR, model_io.save_tensors(
+                {**trainable, **view.adapter_tensors}, storage.join(path, storage.ADAPTERS_DIR),
+                self._store))
         if not view.sites or merged:
-            model_io.save_model(model, storage.join(path, storage.MODEL_DIR), merge=self.options.merge,
-                                storage_options=self.options.storage_options)
-            manifest["items"]["model"] = True
+            wrote(storage.MODEL_DIR, model_io._save_model(
+                model, storage.join(path, storage.MODEL_DIR), self.options.merge, self._store))
         train_state, per_rank = self._training_state(optimizer, model, extra)
-        model_io.save_tensors(train_state, storage.join(path, storage.OPTIMIZER_DIR), self._store)
+        wrote(storage.OPTIMIZER_DIR, model_io.save_tensors(
+            train_state, storage.join(path, storage.OPTIMIZER_DIR), self._store))
         manifest["items"]["optimizer"] = optimizer is not None
         manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
+        files, base_files = _gather_files(files), _gather_files(base_files)
         _barrier()
         if _rank() == 0:
-            manifest["files"] = self._store.file_sizes(path)
+            manifest["files"] = files
             if manifest["base"]:
-                manifest["base_files"] = self._store.file_sizes(storage.join(self.root, manifest["base"]))
+                manifest["base_files"] = base_files or self._base_files(manifest["base"])
             self._store.write_manifest(path, manifest)
             self._prune(newest=step)
         _barrier()
         if _rank() == 0:
-            size = sum(manifest["files"].values())
+            size = sum(f["size"] for f in manifest["files"].values())
             logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6, time.perf_counter() - start)
         return path
 
@@ -238,8 +246,9 @@ class CheckpointManager:
         if error:
             raise StepAlreadyExistsError(error)
 
-    def _save_base(self, view: model_io.ModelView) -> str:
-        """Write the frozen weights once per content; return the base directory's name."""
+    def _save_base(self, view: model_io.ModelView) -> tuple[str, dict]:
+        """Write the frozen weights once per content; return the base directory's name and
+        this rank's files written now (empty when the base already existed)."""
         frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
         signature = _signature(frozen)
         if _all(self._base_cache is not None and self._base_cache[0] == signature):
@@ -248,10 +257,19 @@ class CheckpointManager:
             fp = model_io.fingerprint(frozen)
         name = f"base-{fp}"
         base = storage.join(self.root, name)
+        written = {}
         if not _agree(self._store.exists(storage.join(base, storage.METADATA_FILE))):
-            model_io.save_tensors(frozen, base, self._store)
+            written = model_io.save_tensors(frozen, base, self._store)
         self._base_cache = (signature, fp)
-        return name
+        return name, written
+
+    def _base_files(self, base: str) -> dict:
+        """The base's file records, from the newest committed step that uses it."""
+        for step in reversed(self.steps()):
+            manifest = self.manifest(step)
+            if manifest.get("base") == base and manifest.get("base_files"):
+                return manifest["base_files"]
+        return {}
 
     def _training_state(self, optimizer, model, extra) -> tuple[dict[str, Any], list[str]]:
         state: dict[str, Any] = {}
@@ -296,7 +314,8 @@ class CheckpointManager:
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              step: int | None = None, strict: bool = True, extra: dict | None = None,
-             hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = ()) -> LoadReport:
+             hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = (),
+             verify: bool = False) -> LoadReport:
         """Load step ``step`` (default: the latest committed) into any configuration.
 
         Args:
@@ -311,12 +330,14 @@ class CheckpointManager:
                 ``load_resharded_state_dicts(states: list)``, called with every saved
                 rank's state.
 
+            verify: also check every file's CRC-32 (sizes are always checked).
+
         RNG state is restored (per rank) when an optimizer or ``extra`` is given.
         """
         if step is None:
             step = self.latest_step()
             if step is None:
-                raise CheckpointError(f"no committed step under {self.root}")
+                raise NotACheckpointError(f"no committed step under {self.root}")
         elif step not in self.steps():
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {self.steps()}")
@@ -326,7 +347,9 @@ class CheckpointManager:
         skip = set(skip_per_rank)
         if training:
             self._check_per_rank(manifest, extra or {}, skip)
-        report = model_io.load_model(model, path, strict=strict,
+            self._store.check_files(path, manifest["files"], checksums=verify,
+                                    prefixes=(f"{storage.OPTIMIZER_DIR}/",))
+        report = model_io.load_model(model, path, strict=strict, verify=verify,
                                      storage_options=self.options.storage_options)
         opt_dir = storage.join(path, storage.OPTIMIZER_DIR)
         if optimizer is not None:
@@ -342,6 +365,25 @@ class CheckpointManager:
             frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
             self._base_cache = (_signature(frozen), base.removeprefix("base-"))
         return report
+
+    def verify(self, step: int | None = None) -> dict[str, int]:
+        """Check every file of ``step`` (default: latest) and of its base: size and CRC-32.
+
+        Returns ``{"files": n, "bytes": total}``; raises :class:`IntegrityError` naming
+        the first bad file.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise NotACheckpointError(f"no committed step under {self.root}")
+        path = self.step_path(step)
+        manifest = self._store.read_manifest(path)
+        self._store.check_files(path, manifest["files"], checksums=True)
+        records = list(manifest["files"].values())
+        if manifest.get("base"):
+            self._store.check_files(storage.join(self.root, manifest["base"]),
+                                    manifest.get("base_files", {}), checksums=True)
+            records += list(manifest.get("base_files", {}).values())
+        return {"files": len(records), "bytes": sum(r["size"] for r in records)}
 
     def _check_per_rank(self, manifest, extra, skip) -> None:
         saved_world = manifest["world_size"]
@@ -394,6 +436,16 @@ class CheckpointManager:
             _set_rng_state(pickle.loads(wanted[f"{_RANK}{rank}/rng"]))
         else:
             report.notes.append(f"RNG state kept as is (world size {saved_world} -> {_world()})")
+
+
+def _gather_files(files: dict[str, tuple[int, int]]) -> dict[str, dict]:
+    """Every rank's ``{file: (size, crc32)}``, merged, as manifest records (collective)."""
+    parts = [files]
+    if _dist():
+        parts = [None] * _world()
+        dist.all_gather_object(parts, files)
+    return {name: {"size": size, "crc32": crc}
+            for part in parts for name, (size, crc) in sorted(part.items())}
 
 
 def _signature(tensors: dict[str, torch.Tensor]) -> tuple:

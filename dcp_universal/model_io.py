@@ -140,29 +140,32 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
             ``"rank0"`` gathers the full state to rank 0's CPU, merges and writes there.
         storage_options: fsspec options when ``path`` is a URL (``s3://...``).
     """
+    _save_model(model, path, merge, storage.Storage(storage_options))
+
+
+def _save_model(model: nn.Module, path: str, merge: str, store: storage.Storage) -> dict:
+    """save_model; returns ``{file: (size, crc32)}`` of the files this rank wrote."""
     if merge not in MERGE_MODES:
         raise ValueError(f"merge={merge!r}: expected one of {MERGE_MODES}")
     start = time.perf_counter()
     view = ModelView.of(model)
-    store = storage.Storage(storage_options)
-    if merge == "sharded":
-        _save_sharded(view, path, store)
-    else:
-        _save_rank0(view, path, store)
+    save = _save_sharded if merge == "sharded" else _save_rank0
+    files = save(view, path, store)
     if _rank() == 0:
         logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
                     len(view.tensors), len(view.sites), merge, path, time.perf_counter() - start)
+    return files
 
 
-def _save_sharded(view: ModelView, path: str, store: storage.Storage) -> None:
+def _save_sharded(view: ModelView, path: str, store: storage.Storage) -> dict:
     factors = {s.weight_key: adapters.gather_factors(s, view.tensors[s.weight_key])
                for s in view.sites}
-    store.save_state(view.tensors, path, planner=_MergingSavePlanner(factors),
-                     own_file_keys=set(factors))
+    return store.save_state(view.tensors, path, planner=_MergingSavePlanner(factors),
+                            own_file_keys=set(factors))
 
 
 @torch.no_grad()
-def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> None:
+def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> dict:
     rank = _rank()
     full = {}
     for key, t in view.tensors.items():
@@ -175,11 +178,11 @@ def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> None:
         if rank == 0:
             w = full[site.weight_key]
             merged[site.weight_key] = adapters.merge_block(w, (0, 0), factors)
-    error = None
+    error, files = None, {}
     if rank == 0:
         full.update(merged)
         try:
-            store.save_state(full, path, single_process=True)
+            files = store.save_state(full, path, single_process=True)
         except Exception as e:  # re-raised on every rank below, so no rank hangs
             error = e
     if _is_distributed():
@@ -189,6 +192,7 @@ def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> None:
             raise CheckpointError(f"rank 0 failed to write {path}: {box[0]}")
     if error is not None:
         raise error
+    return files
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -215,9 +219,9 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str, store: storage.Storage) -> None:
-    """Plain DCP save of canonical tensors (collective)."""
-    store.save_state(tensors, path)
+def save_tensors(tensors: dict[str, torch.Tensor], path: str, store: storage.Storage) -> dict:
+    """Plain DCP save of canonical tensors (collective); this rank's ``{file: (size, crc32)}``."""
+    return store.save_state(tensors, path)
 
 
 def _checkpoint_info(dcp_dir: str, store: storage.Storage) -> dict[str, TensorInfo]:
@@ -259,7 +263,7 @@ def _dir_source(model_dir: str, store: storage.Storage) -> _Source:
     return _Source(model_dir, keys, dict.fromkeys(keys, model_dir))
 
 
-def _source(path: str, view: ModelView, store: storage.Storage) -> _Source:
+def _source(path: str, view: ModelView, store: storage.Storage, verify: bool) -> _Source:
     """Pick what to read: a model directory, or a step's pieces.
 
     A LoRA step (``adapters/`` plus a shared base) restores exactly into a model with the
@@ -275,8 +279,14 @@ def _source(path: str, view: ModelView, store: storage.Storage) -> _Source:
     if not store.exists(storage.join(path, storage.MANIFEST)):
         return _dir_source(store.resolve_model_dir(path), store)
     manifest = store.read_manifest(path)
+
+    def checked(*items: str) -> None:  # sizes always, checksums when asked
+        store.check_files(path, manifest.get("files", {}), checksums=verify,
+                          prefixes=tuple(f"{i}/" for i in items))
+
     lora = manifest.get("adapters")
     if not lora:
+        checked(storage.MODEL_DIR)
         return _dir_source(storage.join(path, storage.MODEL_DIR), store)
     root = path.rstrip("/").rsplit("/", 1)[0]
     base_path = storage.join(root, manifest["base"])
@@ -288,13 +298,17 @@ def _source(path: str, view: ModelView, store: storage.Storage) -> _Source:
         {s.name for s in view.sites} == set(sites)
         and set(view.adapter_tensors) == factor_keys
         and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape for k in factor_keys))
+    store.check_files(base_path, manifest.get("base_files", {}), checksums=verify)
     if same_adapters:
+        checked(storage.ADAPTERS_DIR)
         keys = {**base_keys, **step_keys}
         return _Source(path, keys, {**dict.fromkeys(base_keys, base_path),
                                     **dict.fromkeys(step_keys, adapters_path)},
                        note=f"restored base ({manifest['base']}) and adapters exactly")
     if manifest["items"].get("model"):
+        checked(storage.MODEL_DIR)
         return _dir_source(storage.join(path, storage.MODEL_DIR), store)
+    checked(storage.ADAPTERS_DIR)
     plain = {k: v for k, v in step_keys.items() if k not in factor_keys}
     return _Source(
         path, {**base_keys, **plain},
@@ -338,7 +352,8 @@ def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict
 
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
-               storage_options: dict | None = None) -> LoadReport:
+               storage_options: dict | None = None, verify: bool = False,
+               stage: bool = True) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
@@ -351,31 +366,54 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     zero: the loaded model computes the checkpoint's function.
 
     ``path`` may also be a legacy ``torch.save`` file (see :mod:`dcp_universal.legacy`)
-    or a URL (``s3://...``, with ``storage_options``).
+    or a URL (``s3://...``, with ``storage_options``). For a step directory the sizes of
+    the files read are checked against the manifest, and with ``verify=True`` their
+    CRC-32 too.
+
+    With ``stage=True`` (default) data is read into staging buffers and copied into the
+    model only once every read succeeded, so an I/O failure halfway leaves the model
+    untouched; ``stage=False`` reads in place and needs no extra memory.
     """
+    report, commit = stage_model(model, path, strict=strict, verify=verify, stage=stage,
+                                 store=storage.Storage(storage_options))
+    commit()
+    return report
+
+
+def stage_model(model: nn.Module, path: str, *, strict: bool, verify: bool, stage: bool,
+                store: storage.Storage):
+    """Plan and read a model load; returns ``(report, commit)``. ``commit()`` writes the
+    staged data into the model (nothing before it does, when ``stage``)."""
     start = time.perf_counter()
-    store = storage.Storage(storage_options)
     view = ModelView.of(model)
-    source = _source(path, view, store)
+    source = _source(path, view, store, verify)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
+    buffers = {tk: torch.empty_like(targets[tk]) for tk in plan.reads.values()} if stage else targets
     if source.memory is not None:
-        _copy_from_memory(source.memory, targets, plan.reads)
+        _copy_from_memory(source.memory, buffers, plan.reads)
     by_dir: dict[str, dict[str, torch.Tensor]] = {}
     for ck, tk in plan.reads.items():
         if source.memory is None:
-            by_dir.setdefault(source.dir_of[ck], {})[ck] = targets[tk]
+            by_dir.setdefault(source.dir_of[ck], {})[ck] = buffers[tk]
     for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
         store.load_state(by_dir[d], d)
-    _apply_deltas(source, targets, plan.reads, store)
-    fresh = set(plan.report.fresh)
-    for site in view.sites:
-        if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
-            site.kind.reset(site.module)
+    _apply_deltas(source, buffers, plan.reads, store)
     if source.note:
         plan.report.notes.append(source.note)
-    if _rank() == 0:
-        logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
-                    plan.report.summary())
-    return plan.report
+
+    @torch.no_grad()
+    def commit() -> None:
+        if stage:
+            for tk in plan.reads.values():
+                _local_block(targets[tk])[0].copy_(_local_block(buffers[tk])[0])
+        fresh = set(plan.report.fresh)
+        for site in view.sites:
+            if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
+                site.kind.reset(site.module)
+        if _rank() == 0:
+            logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
+                        plan.report.summary())
+
+    return plan.report, commit

@@ -14,12 +14,14 @@ On-disk layout: see docs/format.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import shutil
 import warnings
+import zlib
 from typing import Any
 
 import torch.distributed as dist
@@ -28,7 +30,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import (FormatVersionError, IntegrityError,
+                                  ManifestError, NotACheckpointError)
 
 __all__ = [
     "Storage", "join", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST",
@@ -83,6 +86,49 @@ class _OwnFiles:
 
 class _LocalWriter(_OwnFiles, FileSystemWriter):
     pass
+
+
+class _CrcStream:
+    """Passes writes through, keeping the CRC-32 and size of everything written."""
+
+    def __init__(self, inner) -> None:
+        self._inner, self.crc, self.size = inner, 0, 0
+
+    def write(self, data) -> int:
+        n = self._inner.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += memoryview(data).nbytes
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _Checksummed:
+    """Wraps a DCP writer's file system so every file's size and CRC-32 are computed
+    while it is written, never by reading it back. ``files``: name -> (size, crc32)."""
+
+    def __init__(self, inner) -> None:
+        self._inner, self.files = inner, {}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with self._inner.create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            crc = _CrcStream(stream)
+            yield crc
+        self.files[os.path.basename(os.fspath(path))] = (crc.size, crc.crc)
+
+    def rename(self, path, new_path) -> None:
+        self._inner.rename(path, new_path)
+        old = os.path.basename(os.fspath(path))
+        if old in self.files:
+            self.files[os.path.basename(os.fspath(new_path))] = self.files.pop(old)
 
 
 def _fsspec_classes():
@@ -201,6 +247,7 @@ class Storage:
         else:
             w = _LocalWriter(path)
         w.own_file_keys = frozenset(own_file_keys)
+        w.fs = _Checksummed(w.fs)
         return w
 
     def reader(self, path: str):
@@ -209,14 +256,20 @@ class Storage:
         return FileSystemReader(path)
 
     def save_state(self, state: dict, path: str, *, planner=None, own_file_keys=frozenset(),
-                   single_process: bool = False) -> None:
+                   single_process: bool = False) -> dict[str, tuple[int, int]]:
         """``dcp.save`` of ``state`` to the DCP directory ``path``; collective unless no
-        process group exists or ``single_process`` (rank 0 writing alone)."""
+        process group exists or ``single_process`` (rank 0 writing alone).
+
+        Returns:
+            ``{file name: (size, crc32)}`` of the files this rank wrote.
+        """
+        writer = self.writer(path, own_file_keys=own_file_keys)
         with warnings.catch_warnings():
             # DCP warns on every save without a process group; ours are deliberate
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, storage_writer=self.writer(path, own_file_keys=own_file_keys),
-                     planner=planner, no_dist=single_process or _single_process())
+            dcp.save(state, storage_writer=writer, planner=planner,
+                     no_dist=single_process or _single_process())
+        return dict(writer.fs.files)
 
     def load_state(self, state: dict, path: str) -> None:
         """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``; collective."""
@@ -246,14 +299,19 @@ class Storage:
         try:
             manifest = json.loads(self.read_bytes(path))
         except FileNotFoundError:
-            raise CheckpointError(f"{step_path} has no {MANIFEST}: it is not a committed step") from None
+            raise NotACheckpointError(
+                f"{step_path} has no {MANIFEST}: it is not a committed step (a save that "
+                "did not finish leaves such a directory; the next save removes it)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); the step is damaged") from None
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} has format_version {version!r}; this dcp_universal reads versions up "
-                f"to {FORMAT_VERSION}: upgrade dcp_universal to read it")
+            raise ManifestError(f"{path} is not valid JSON ({e}): the step is damaged; load "
+                                "an earlier step (CheckpointManager.steps())") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("format_version"), int):
+            raise ManifestError(f"{path} is not a dcp_universal manifest (no integer "
+                                "format_version): the step is damaged; load an earlier step")
+        if manifest["format_version"] > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{path} has format_version {manifest['format_version']}; this dcp_universal "
+                f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it")
         return manifest
 
     def write_manifest(self, step_path: str, manifest: dict[str, Any]) -> None:
@@ -278,11 +336,47 @@ class Storage:
         if self.exists(join(inner, METADATA_FILE)):
             return inner
         if not self.exists(path):
-            raise CheckpointError(f"checkpoint path {path} does not exist")
-        raise CheckpointError(
+            raise NotACheckpointError(f"checkpoint path {path} does not exist")
+        raise NotACheckpointError(
             f"{path} is not a model checkpoint: expected a DCP directory (with {METADATA_FILE}) "
             f"or a step directory with {MODEL_DIR}/{METADATA_FILE}; pass the directory that "
             "save_model() or CheckpointManager.save() wrote")
+
+
+    # ---- integrity --------------------------------------------------------------------
+
+    def _crc32(self, path: str, chunk: int = 16 << 20) -> int:
+        crc = 0
+        opener = open if not is_remote(path) else (lambda p, m: self._fs(p)[0].open(self._fs(p)[1], m))
+        with opener(path, "rb") as f:
+            while block := f.read(chunk):
+                crc = zlib.crc32(block, crc)
+        return crc
+
+    def check_files(self, path: str, files: dict[str, dict], *, checksums: bool = False,
+                    prefixes: tuple[str, ...] = ("",)) -> None:
+        """Compare the files under ``path`` whose names start with one of ``prefixes``
+        with the manifest's record: sizes always (one listing), CRC-32 when asked (a full
+        read). Raises :class:`IntegrityError` naming the first bad file."""
+        wanted = {rel: rec for rel, rec in files.items() if rel.startswith(prefixes)}
+        if not wanted:
+            return
+        found = self.file_sizes(path)
+        for rel, rec in sorted(wanted.items()):
+            full = join(path, rel)
+            if rel not in found:
+                raise IntegrityError(f"{full} is missing (the manifest lists {rec['size']} bytes); "
+                                     "the checkpoint is damaged: load an earlier step")
+            if found[rel] != rec["size"]:
+                raise IntegrityError(
+                    f"{full} has {found[rel]} bytes, the manifest says {rec['size']}: the file "
+                    "is truncated or was rewritten; load an earlier step")
+            if checksums and "crc32" in rec:
+                crc = self._crc32(full)
+                if crc != rec["crc32"]:
+                    raise IntegrityError(
+                        f"{full} fails its checksum (crc32 {crc:08x}, manifest {rec['crc32']:08x}): "
+                        "its bytes changed after the save; load an earlier step")
 
 
 def step_dir(root: str, step: int) -> str:
