@@ -1,6 +1,7 @@
 """The ``dcp-universal`` command.
 
     dcp-universal inspect PATH     per key: canonical name, shape, dtype, bytes; totals
+    dcp-universal verify STEP      every file of a step and its base: size and CRC-32
 """
 
 from __future__ import annotations
@@ -51,12 +52,27 @@ def _inspect(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from dcp_universal.manager import CheckpointManager
+
+    path = args.path.rstrip("/")
+    root, _, name = path.rpartition("/")
+    if not name.startswith("step-") or not name[5:].isdigit():
+        raise CheckpointError(f"{path} is not a step directory (expected <root>/step-<number>)")
+    result = CheckpointManager(root or ".").verify(int(name[5:]))
+    print(f"{path}: OK ({result['files']} files, {result['bytes']:,} bytes, sizes and CRC-32)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-universal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list a model checkpoint's keys, shapes, dtypes and sizes")
     p.add_argument("path", help="a model directory, or a step directory holding model/")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("verify", help="check every file of a step (and its base): size and CRC-32")
+    p.add_argument("path", help="a step directory, <root>/step-<number>")
+    p.set_defaults(func=_verify)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

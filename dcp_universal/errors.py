@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
-           "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError"]
+           "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
+           "CheckpointIOError"]
 
 
 class CheckpointError(Exception):
@@ -39,3 +40,8 @@ class FormatVersionError(ManifestError):
 
 class IntegrityError(CheckpointError):
     """A data file is missing, truncated, or fails its checksum."""
+
+
+class CheckpointIOError(CheckpointError, OSError):
+    """Reading or writing a checkpoint's data failed on at least one rank (every rank
+    raises it). Nothing was committed (save) or installed into the model (load)."""

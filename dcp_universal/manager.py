@@ -219,12 +219,20 @@ class CheckpointManager:
         manifest["items"]["optimizer"] = optimizer is not None
         manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
         files, base_files = _gather_files(files), _gather_files(base_files)
-        _barrier()
-        if _rank() == 0:
+        error = None
+        if _rank() == 0:  # every rank's data is written: commit
             manifest["files"] = files
             if manifest["base"]:
                 manifest["base_files"] = base_files or self._base_files(manifest["base"])
-            self._store.write_manifest(path, manifest)
+            try:
+                self._store.write_manifest(path, manifest)
+            except Exception as e:  # told to every rank below, so none reports success
+                error = f"{type(e).__name__}: {e}"
+        error = _agree(error)
+        if error:
+            raise CheckpointError(f"step {step} was written but its commit failed ({error}); "
+                                  f"it is not committed and the next save removes it")
+        if _rank() == 0:
             self._prune(newest=step)
         _barrier()
         if _rank() == 0:
@@ -349,16 +357,20 @@ class CheckpointManager:
             self._check_per_rank(manifest, extra or {}, skip)
             self._store.check_files(path, manifest["files"], checksums=verify,
                                     prefixes=(f"{storage.OPTIMIZER_DIR}/",))
-        report = model_io.load_model(model, path, strict=strict, verify=verify,
-                                     storage_options=self.options.storage_options)
+        if optimizer is not None and not manifest["items"].get("optimizer"):
+            raise CheckpointError(f"step {step} was saved without an optimizer; load it with optimizer=None")
+        # Read everything first, install after: a failure halfway leaves the job untouched.
+        report, commit_model = model_io.stage_model(model, path, strict=strict, verify=verify,
+                                                    stage=True, store=self._store)
         opt_dir = storage.join(path, storage.OPTIMIZER_DIR)
+        commits = [commit_model]
         if optimizer is not None:
-            if not manifest["items"].get("optimizer"):
-                raise CheckpointError(f"step {step} was saved without an optimizer; load it with optimizer=None")
-            optim_io.load_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams,
-                                    store=self._store)
+            commits.append(optim_io.stage_optimizer(model, optimizer, opt_dir, report=report,
+                                                    hyperparams=hyperparams, store=self._store))
         if training:
-            self._load_training_state(manifest, opt_dir, extra or {}, skip, report)
+            commits.append(self._stage_training_state(manifest, opt_dir, extra or {}, skip, report))
+        for commit in commits:
+            commit()
         base = manifest.get("base")
         if base and any("restored base" in n for n in report.notes):
             view = model_io.ModelView.of(model)
@@ -400,7 +412,7 @@ class CheckpointManager:
                 f"skip_per_rank={missing!r} to keep this job's current values, or give the "
                 "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
 
-    def _load_training_state(self, manifest, opt_dir, extra, skip, report) -> None:
+    def _stage_training_state(self, manifest, opt_dir, extra, skip, report):
         saved_world = manifest["world_size"]
         per_rank = set(manifest["training_state"]["per_rank"])
         same_world = saved_world == _world()
@@ -420,6 +432,13 @@ class CheckpointManager:
         if same_world:
             wanted[f"{_RANK}{rank}/rng"] = b""
         self._store.load_state(wanted, opt_dir)
+        return lambda: self._install_training_state(manifest, wanted, extra, skip, report)
+
+    def _install_training_state(self, manifest, wanted, extra, skip, report) -> None:
+        saved_world = manifest["world_size"]
+        per_rank = set(manifest["training_state"]["per_rank"])
+        same_world = saved_world == _world()
+        rank = _rank()
         for name, obj in sorted(extra.items()):
             if name not in per_rank:
                 _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))

@@ -31,7 +31,7 @@ from dcp_universal.model_io import reshard
 from dcp_universal.names import canonical_names
 from dcp_universal.plan import LoadReport
 
-__all__ = ["optimizer_state", "load_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
+__all__ = ["optimizer_state", "load_optimizer", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,17 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: 
             checkpoint when the param-group structure matches; ``"current"`` keeps the
             values the optimizer was built with.
     """
+    stage_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams,
+                    store=store or storage.Storage())()
+
+
+def stage_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
+                    report: LoadReport, hyperparams: str, store: storage.Storage):
+    """Read the saved state into new tensors; returns ``commit()``, which installs it."""
     if hyperparams not in HYPERPARAM_SOURCES:
         raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
     names = _param_names(model, optimizer)
     _warn_frozen(optimizer, names)
-    store = store or storage.Storage()
     meta, saved = _read_meta(opt_dir, store)
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
@@ -139,11 +145,15 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: 
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
     if to_read:
         store.load_state(to_read, opt_dir)
-    for name, state in restored.items():
-        state.update(meta["scalars"].get(name, {}))
-        optimizer.state[params[name]] = state
-        report.optimizer_restored.append(name)
-    _restore_groups(optimizer, names, meta["param_groups"], report, hyperparams)
+
+    def commit() -> None:
+        for name, state in restored.items():
+            state.update(meta["scalars"].get(name, {}))
+            optimizer.state[params[name]] = state
+            report.optimizer_restored.append(name)
+        _restore_groups(optimizer, names, meta["param_groups"], report, hyperparams)
+
+    return commit
 
 
 def _restore_groups(optimizer, names, saved_groups, report: LoadReport, hyperparams: str) -> None:

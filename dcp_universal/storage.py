@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_universal.errors import (FormatVersionError, IntegrityError,
+from dcp_universal.errors import (CheckpointIOError, FormatVersionError, IntegrityError,
                                   ManifestError, NotACheckpointError)
 
 __all__ = [
@@ -61,6 +62,21 @@ def is_remote(path: str) -> bool:
 
 def _single_process() -> bool:
     return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _io_errors(doing: str, path: str):
+    """DCP reports a failure on any rank to every rank as one CheckpointException; turn
+    it into a CheckpointIOError that names the path and the first failing rank's cause."""
+    try:
+        yield
+    except CheckpointException as e:
+        failures = getattr(e, "failures", {}) or {}
+        rank, cause = next(iter(sorted(failures.items(), key=lambda kv: kv[0])), (None, e))
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+        raise CheckpointIOError(
+            f"{doing} {path} failed on rank(s) {sorted(failures) or '?'}: rank {rank}: "
+            f"{type(cause).__name__}: {cause}") from e
 
 
 class _OwnFiles:
@@ -264,7 +280,7 @@ class Storage:
             ``{file name: (size, crc32)}`` of the files this rank wrote.
         """
         writer = self.writer(path, own_file_keys=own_file_keys)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _io_errors("writing", path):
             # DCP warns on every save without a process group; ours are deliberate
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, storage_writer=writer, planner=planner,
@@ -273,7 +289,7 @@ class Storage:
 
     def load_state(self, state: dict, path: str) -> None:
         """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``; collective."""
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _io_errors("reading", path):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=self.reader(path), no_dist=_single_process())
 

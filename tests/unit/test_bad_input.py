@@ -1,0 +1,149 @@
+"""Bad input gets a specific CheckpointError naming the path, and nothing is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import pytest
+import torch
+
+import faulty
+from dcp_universal import CheckpointManager, CheckpointMismatchError, load_model
+from dcp_universal.cli import main as cli
+from dcp_universal.errors import (CheckpointIOError, FormatVersionError, IntegrityError, ManifestError,
+                                  NotACheckpointError)
+from train_loop import Data, build, moments, train
+
+
+def _job(variant="plain", seed=0):
+    torch.manual_seed(seed)
+    model, opt, sched = build(variant, "none", 1, seed=seed)
+    train(model, opt, sched, Data(0), {"step": 0}, 2)
+    return model, opt
+
+
+def _snapshot(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: {n: t.clone() for n, t in v.items()} for k, v in moments(model, opt).items()})
+
+
+def _assert_untouched(model, opt, before):
+    params, states = before
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    now = moments(model, opt)
+    assert now.keys() == states.keys()
+    assert all(torch.equal(now[k][n], states[k][n]) for k in states for n in states[k])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, opt = _job()
+    mgr = CheckpointManager(str(tmp_path / "root"))
+    mgr.save(1, model, opt)
+    target, topt = _job(seed=1)
+    return mgr, target, topt, _snapshot(target, topt)
+
+
+def _data_file(step_dir, item="model"):
+    return next(os.path.join(step_dir, item, f) for f in sorted(os.listdir(os.path.join(step_dir, item)))
+                if f.endswith(".distcp"))
+
+
+def test_not_a_checkpoint(tmp_path, saved):
+    _, target, topt, before = saved
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(NotACheckpointError, match=str(path)):
+            load_model(target, str(path))
+        with pytest.raises(NotACheckpointError, match="no committed step"):
+            CheckpointManager(str(path)).load(target, topt)
+    _assert_untouched(target, topt, before)
+
+
+@pytest.mark.parametrize("content,error,match", [
+    (b"\x00\xffgarbage", ManifestError, "not valid JSON"),
+    (b'{"format_version": 1, "step"', ManifestError, "not valid JSON"),  # truncated
+    (b"[1, 2]", ManifestError, "not a dcp_universal manifest"),
+    (None, FormatVersionError, "format_version 99.*upgrade dcp_universal"),
+])
+def test_bad_manifests(saved, content, error, match):
+    mgr, target, topt, before = saved
+    path = os.path.join(mgr.step_path(1), "manifest.json")
+    if content is None:
+        manifest = json.loads(open(path).read())
+        manifest["format_version"] = 99
+        content = json.dumps(manifest).encode()
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(error, match=match):
+        mgr.load(target, topt)
+    with pytest.raises(error, match=match):
+        load_model(target, mgr.step_path(1))
+    _assert_untouched(target, topt, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_truncated_or_missing_shard_file(saved, damage):
+    mgr, target, topt, before = saved
+    victim = _data_file(mgr.step_path(1), "optimizer")
+    if damage == "truncate":
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+        match = "is truncated"
+    else:
+        os.remove(victim)
+        match = "is missing"
+    with pytest.raises(IntegrityError, match=f"{os.path.basename(victim)}.*{match}"):
+        mgr.load(target, topt)  # the optimizer file is checked before the model is read
+    _assert_untouched(target, topt, before)
+
+
+def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
+    mgr, target, topt, before = saved
+    manifest = mgr.manifest(1)
+    victim = _data_file(mgr.step_path(1))
+    rel = os.path.relpath(victim, mgr.step_path(1))
+    with open(victim, "rb") as f:
+        assert zlib.crc32(f.read()) == manifest["files"][rel]["crc32"]  # computed while writing
+    assert mgr.verify(1)["files"] == len(manifest["files"])
+    with open(victim, "r+b") as f:  # same size, other bytes
+        f.seek(os.path.getsize(victim) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match=f"{os.path.basename(victim)} fails its checksum"):
+        mgr.verify(1)
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        mgr.load(target, topt, verify=True)
+    _assert_untouched(target, topt, before)
+    assert cli(["verify", mgr.step_path(1)]) == 2
+    assert "fails its checksum" in capsys.readouterr().err
+
+
+def test_other_architecture_leaves_model_and_optimizer_untouched(saved):
+    mgr, *_ = saved
+    small, _, _ = build("lora4", "none", 1, seed=2)
+    small.blocks = small.blocks[:1]  # one block fewer than the checkpoint
+    sopt = torch.optim.AdamW([p for p in small.parameters() if p.requires_grad])
+    train(small, sopt, torch.optim.lr_scheduler.StepLR(sopt, 1), Data(0), {"step": 0}, 1)
+    before = _snapshot(small, sopt)
+    with pytest.raises(CheckpointMismatchError, match=r"in checkpoint but not in model \(9\)"):
+        mgr.load(small, sopt)
+    _assert_untouched(small, sopt, before)
+
+
+def test_io_failure_in_the_middle_of_a_load_leaves_everything_untouched(saved, monkeypatch):
+    mgr, target, topt, before = saved
+    faulty.register()
+    root = "faulty://" + mgr.root
+    # the model reads fine; the optimizer's data file fails after the model was staged
+    monkeypatch.setenv("FAULTY_MODE", "read")
+    monkeypatch.setenv("FAULTY_PATTERN", "*/optimizer/__*.distcp")
+    with pytest.raises(CheckpointIOError, match="reading .*optimizer failed on rank.*injected read failure"):
+        CheckpointManager(root).load(target, topt)
+    _assert_untouched(target, topt, before)
+    monkeypatch.delenv("FAULTY_PATTERN")
+    report = CheckpointManager(root).load(target, topt)  # the same load, storage healthy
+    assert report.optimizer_restored
