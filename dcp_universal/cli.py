@@ -2,6 +2,8 @@
 
     dcp-universal inspect PATH     per key: canonical name, shape, dtype, bytes; totals
     dcp-universal verify STEP      every file of a step and its base: size and CRC-32
+    dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
+    dcp-universal convert SRC ROOT a legacy torch.save checkpoint -> a committed step
 """
 
 from __future__ import annotations
@@ -64,6 +66,28 @@ def _verify(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    from dcp_universal.manager import CheckpointManager
+
+    if args.keep_last is None and args.keep_every is None and args.keep_best is None:
+        raise CheckpointError("prune needs a policy: --keep-last, --keep-every and/or --keep-best")
+    mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_every=args.keep_every,
+                            keep_best=args.keep_best, best_metric=args.metric, best_mode=args.mode)
+    d = mgr.prune(dry_run=args.dry_run)
+    verb = "would " if args.dry_run else ""
+    print(f"{args.root}: {verb}keep steps {d.keep}, {verb}archive (drop optimizer/) {d.archive}, "
+          f"{verb}delete steps {d.delete} and bases {d.delete_bases}")
+    return 0
+
+
+def _convert(args) -> int:
+    from dcp_universal.legacy import convert
+
+    path = convert(args.src, args.root, step=args.step)
+    print(f"wrote {path} from {args.src}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-universal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,10 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every file of a step (and its base): size and CRC-32")
     p.add_argument("path", help="a step directory, <root>/step-<number>")
     p.set_defaults(func=_verify)
+    p = sub.add_parser("prune", help="apply a retention policy to a checkpoint root")
+    p.add_argument("root")
+    p.add_argument("--keep-last", type=int, help="keep the N newest steps whole")
+    p.add_argument("--keep-every", type=int, help="archive steps divisible by K (model only)")
+    p.add_argument("--keep-best", type=int, help="keep the N best steps by --metric whole")
+    p.add_argument("--metric", help="metric recorded by save(metrics=...), e.g. val_loss")
+    p.add_argument("--mode", choices=["min", "max"], default="min")
+    p.add_argument("--dry-run", action="store_true", help="print what would happen")
+    p.set_defaults(func=_prune)
+    p = sub.add_parser("convert", help="turn a legacy torch.save checkpoint into a step directory")
+    p.add_argument("src", help="ckpt.pt, a {model_state_dict|state_dict} file, or NAME-model.pt")
+    p.add_argument("root", help="checkpoint root to write <root>/step-<N> into")
+    p.add_argument("--step", type=int, help="step number (default: the file's iter_num/global_step)")
+    p.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"dcp-universal: error: {e}", file=sys.stderr)
         return 2
 

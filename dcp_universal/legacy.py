@@ -25,7 +25,7 @@ import torch
 
 from dcp_universal.errors import CheckpointError
 
-__all__ = ["LegacyCheckpoint", "is_legacy_file", "read_legacy"]
+__all__ = ["LegacyCheckpoint", "is_legacy_file", "read_legacy", "convert"]
 
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict")
@@ -153,3 +153,50 @@ def read_legacy(path: str) -> LegacyCheckpoint:
         canonical[name] = v
     model, merged = _merge_seed_lora(canonical, _find_alpha(meta), model_path)
     return LegacyCheckpoint(model_path, model, optimizer, meta, merged)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def convert(src: str, root: str, *, step: int | None = None,
+            storage_options: dict | None = None) -> str:
+    """Write a legacy file's model as a committed step under ``root``; returns its path.
+
+    The step number defaults to the file's ``iter_num`` / ``global_step`` (else 0). The
+    optimizer state is not converted: the seeds saved it by position, which cannot be
+    matched to parameter names safely; the step records ``optimizer: false``.
+    """
+    import time
+
+    import dcp_universal
+    from dcp_universal import storage
+
+    ck = read_legacy(src)
+    if step is None:
+        step = int(next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta), 0))
+    store = storage.Storage(storage_options)
+    path = storage.step_dir(root, step)
+    if store.exists(storage.join(path, storage.MANIFEST)):
+        raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
+    written = store.save_state(ck.model, storage.join(path, storage.MODEL_DIR))
+    manifest = {
+        "format_version": storage.FORMAT_VERSION, "step": step, "world_size": 1, "mesh": None,
+        "torch_version": torch.__version__, "library_version": dcp_universal.__version__,
+        "created_unix": time.time(), "merge": "rank0", "adapters": None, "base": None,
+        "dtypes": sorted({str(t.dtype) for t in ck.model.values()}),
+        "items": {storage.MODEL_DIR: True, "optimizer": False},
+        "training_state": {"extra": [], "per_rank": []}, "metrics": {},
+        "files": {f"{storage.MODEL_DIR}/{n}": {"size": size, "crc32": crc}
+                  for n, (size, crc) in sorted(written.items())},
+        "legacy": {"source": ck.path, "merged_lora": ck.merged,
+                   "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})},
+    }
+    store.write_manifest(path, manifest)
+    return path

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dcp_universal
-from dcp_universal import model_io, optim_io, storage
+from dcp_universal import model_io, optim_io, retention, storage
 from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.plan import LoadReport
 
@@ -107,8 +107,14 @@ class _Options:
     """CheckpointManager's settings.
 
     Attributes:
-        keep_last: keep this many newest committed steps (None: keep all). Pruning runs
-            after a commit and never removes the newest step or a base a kept step uses.
+        keep_last: keep this many newest committed steps whole.
+        keep_every: archive steps divisible by this: they keep their model and lose
+            their optimizer state (steps no policy keeps are deleted).
+        keep_best: keep this many steps with the best ``best_metric`` whole.
+        best_metric / best_mode: the ``save(metrics=...)`` key ranking ``keep_best``, and
+            whether lower ("min") or higher ("max") is better.
+        With no policy every step is kept. Retention runs after a commit and never
+        removes the newest step or a base a remaining step uses.
         merge: how merged ``model/`` directories are written: "sharded" or "rank0".
         merged_every: in LoRA runs, also write the merged ``model/`` every this many
             steps (None: only when ``save(..., merged=True)``). Runs without adapters
@@ -117,17 +123,32 @@ class _Options:
     """
 
     keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "min"
     merge: str = "sharded"
     merged_every: int | None = None
     storage_options: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError(f"keep_last={self.keep_last}: must be >= 1 (the newest step is always kept)")
+        if self.keep_best is not None and not self.best_metric:
+            raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
+        self.policies()  # validates the numbers
         if self.merge not in model_io.MERGE_MODES:
             raise ValueError(f"merge={self.merge!r}: expected one of {model_io.MERGE_MODES}")
         if self.merged_every is not None and self.merged_every < 1:
             raise ValueError(f"merged_every={self.merged_every}: must be >= 1")
+
+    def policies(self) -> list:
+        out: list = []
+        if self.keep_last is not None:
+            out.append(retention.KeepLast(self.keep_last))
+        if self.keep_every is not None:
+            out.append(retention.KeepEvery(self.keep_every))
+        if self.keep_best is not None:
+            out.append(retention.KeepBest(self.keep_best, self.best_metric, self.best_mode))
+        return out
 
 
 class CheckpointManager:
@@ -141,10 +162,13 @@ class CheckpointManager:
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
-                 storage_options: dict | None = None, merged_every: int | None = None) -> None:
+                 storage_options: dict | None = None, merged_every: int | None = None,
+                 keep_every: int | None = None, keep_best: int | None = None,
+                 best_metric: str | None = None, best_mode: str = "min") -> None:
         self.root = root.rstrip("/")
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
-                                storage_options=storage_options)
+                                storage_options=storage_options, keep_every=keep_every,
+                                keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
         self._base_cache: tuple[tuple, str] | None = None
         self._store = storage.Storage(storage_options)
 
@@ -167,7 +191,8 @@ class CheckpointManager:
     # ---- saving -----------------------------------------------------------------------
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-             extra: dict | None = None, merged: bool | None = None, overwrite: bool = False) -> str:
+             extra: dict | None = None, merged: bool | None = None, overwrite: bool = False,
+             metrics: dict[str, float] | None = None) -> str:
         """Write and commit step ``step``; returns its directory.
 
         Args:
@@ -177,6 +202,7 @@ class CheckpointManager:
             merged: LoRA runs: also write the merged ``model/`` (default: the manager's
                 ``merged_every`` policy).
             overwrite: replace an already committed ``step``.
+            metrics: numbers recorded in the manifest (``keep_best`` ranks by one).
 
         Raises:
             StepAlreadyExistsError: ``step`` is committed and ``overwrite`` is False.
@@ -192,6 +218,7 @@ class CheckpointManager:
             "dtypes": sorted({str(t.dtype) for t in view.tensors.values()}),
             "mesh": _mesh_of(view),
             "items": {}, "adapters": None, "base": None,
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         }
         files: dict[str, tuple[int, int]] = {}  # this rank's files: (size, crc32)
 
@@ -233,7 +260,7 @@ class CheckpointManager:
             raise CheckpointError(f"step {step} was written but its commit failed ({error}); "
                                   f"it is not committed and the next save removes it")
         if _rank() == 0:
-            self._prune(newest=step)
+            self.prune()
         _barrier()
         if _rank() == 0:
             size = sum(f["size"] for f in manifest["files"].values())
@@ -301,22 +328,15 @@ class CheckpointManager:
                 per_rank.append(name)
         return state, per_rank
 
-    def _prune(self, newest: int) -> None:
-        keep = self.options.keep_last
-        if keep is None:
-            return
-        committed = self.steps()
-        for step in committed[:-keep]:
-            if step != newest:
-                self._store.remove_step(self.step_path(step))
-        used = set()
-        for step in self.steps():
-            base = self.manifest(step).get("base")
-            if base:
-                used.add(base)
-        for base in self._store.list_bases(self.root):
-            if base not in used:
-                self._store.remove_tree(storage.join(self.root, base))
+    def prune(self, *, dry_run: bool = False) -> retention.Decision:
+        """Apply the retention policies now (``save`` does after every commit; call on
+        one process only). Returns what was (or, with ``dry_run``, would be) done."""
+        manifests = {s: self.manifest(s) for s in self.steps()}
+        decision = retention.decide(self.options.policies(), manifests,
+                                    self._store.list_bases(self.root))
+        if not dry_run:
+            retention.apply(decision, self.root, self._store, manifests)
+        return decision
 
     # ---- loading ----------------------------------------------------------------------
 

@@ -80,3 +80,24 @@ def test_bad_legacy_files_raise_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no lora_alpha"):
         load_model(target, str(tmp_path / "noalpha.pt"))
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_convert_writes_a_committed_step_every_loader_reads(tmp_path, capsys):
+    from dcp_universal import CheckpointManager
+    from dcp_universal.cli import main
+
+    src = tiny.make("plain", seed=3)
+    torch.save({"model": _seed_lora_state(src, alpha=2.0), "model_args": {"lora_alpha": 2.0},
+                "iter_num": 250, "best_val_loss": torch.tensor(1.5), "config": {"lr": 1e-3}},
+               tmp_path / "ckpt.pt")
+    assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root")]) == 0
+    mgr = CheckpointManager(str(tmp_path / "root"))
+    assert mgr.steps() == [250]
+    manifest = mgr.manifest(250)
+    assert manifest["legacy"]["meta"]["iter_num"] == 250 and not manifest["items"]["optimizer"]
+    mgr.verify(250)
+    model = tiny.make("lora2", seed=9)
+    mgr.load(model)
+    torch.testing.assert_close(_out(model), _out(src), atol=1e-5, rtol=0)
+    assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root")]) == 2
+    assert "already exists" in capsys.readouterr().err

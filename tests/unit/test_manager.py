@@ -222,3 +222,54 @@ def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkey
         target.blocks[0].q.base_layer.weight.mul_(2)  # an in-place change is noticed
     resumed.save(5, target, topt)
     assert len(calls) == 2 and resumed.manifest(5)["base"] != resumed.manifest(4)["base"]
+
+
+def test_keep_every_archives_model_only_and_keep_best_keeps_by_metric(tmp_path):
+    model, opt, _ = _trained()
+    mgr = CheckpointManager(str(tmp_path), keep_last=1, keep_every=4, keep_best=1,
+                            best_metric="val_loss")
+    losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: 2.0, 5: 2.2, 6: 2.4}
+    for step, loss in losses.items():
+        mgr.save(step, model, opt, metrics={"val_loss": loss})
+    # 6: newest; 2: best val_loss; 4: archived (divisible by 4); the rest deleted
+    assert mgr.steps() == [2, 4, 6]
+    assert mgr.manifest(2)["items"]["optimizer"] and mgr.manifest(6)["items"]["optimizer"]
+    archived = mgr.manifest(4)
+    assert archived["archived"] and not archived["items"]["optimizer"]
+    assert not (tmp_path / "step-00000004" / "optimizer").exists()
+    assert not any(f.startswith("optimizer/") for f in archived["files"])
+    mgr.verify(4)
+    target = tiny.make("plain", seed=3)  # an archived LoRA step still loads: base + adapters
+    load_model(target, mgr.step_path(4))
+    torch.testing.assert_close(_out(target), _out(model), atol=1e-5, rtol=0)
+    with pytest.raises(CheckpointError, match="without an optimizer"):
+        mgr.load(tiny.make("lora4"), torch.optim.AdamW(tiny.make("lora4").parameters()), step=4)
+
+
+def test_prune_killed_halfway_leaves_only_debris(tmp_path):
+    model, opt, _ = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path))
+    for step in (1, 2, 3):
+        mgr.save(step, model, opt)
+    # a prune killed after removing step 1's manifest but before its files
+    os.remove(tmp_path / "step-00000001" / "manifest.json")
+    assert mgr.steps() == [2, 3]
+    decision = CheckpointManager(str(tmp_path), keep_last=1).prune(dry_run=True)
+    assert decision.delete == [2] and mgr.steps() == [2, 3]
+    CheckpointManager(str(tmp_path), keep_last=1).save(4, model, opt)
+    assert mgr.steps() == [4]
+    assert sorted(os.listdir(tmp_path)) == ["step-00000004"]
+
+
+def test_prune_cli(tmp_path, capsys):
+    from dcp_universal.cli import main
+
+    model, opt, _ = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path))
+    for step in (1, 2, 3, 4):
+        mgr.save(step, model, opt)
+    assert main(["prune", str(tmp_path), "--keep-last", "1", "--keep-every", "2", "--dry-run"]) == 0
+    assert mgr.steps() == [1, 2, 3, 4]
+    assert "would delete steps [1, 3]" in capsys.readouterr().out
+    assert main(["prune", str(tmp_path), "--keep-last", "1", "--keep-every", "2"]) == 0
+    assert mgr.steps() == [2, 4] and not mgr.manifest(2)["items"]["optimizer"]

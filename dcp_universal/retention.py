@@ -1,0 +1,124 @@
+"""Retention: which committed steps to keep, archive or delete.
+
+A policy is a small object; the manager combines the ones it was given. A step that any
+policy keeps whole is kept whole; one that is only archived keeps its model (``model/``,
+or ``adapters/`` plus its base) and loses ``optimizer/``; every other step is deleted.
+The newest committed step is always kept whole.
+
+Deletion is ordered so that a kill at any point leaves only debris, never a step that
+claims files it no longer has: a step loses its manifest before its files, an archived
+step gets its rewritten manifest before ``optimizer/`` goes, and a base loses its DCP
+``.metadata`` (which marks it complete) before its data. Bases are removed only when no
+remaining committed step names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from dcp_universal import storage
+
+__all__ = ["KeepLast", "KeepEvery", "KeepBest", "Decision", "decide", "apply"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepLast:
+    """Keep the ``n`` newest committed steps whole."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"keep_last={self.n}: must be >= 1 (the newest step is always kept)")
+
+    def keep(self, manifests: dict[int, dict]) -> set[int]:
+        return set(sorted(manifests)[-self.n:])
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEvery:
+    """Archive every step divisible by ``k``: its model stays, its optimizer goes
+    (seed 004's archival policy)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"keep_every={self.k}: must be >= 1")
+
+    def archive(self, manifests: dict[int, dict]) -> set[int]:
+        return {s for s in manifests if s % self.k == 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``n`` steps with the best ``metric`` (recorded by ``save(metrics=...)``)
+    whole; steps without the metric never count as best."""
+
+    n: int
+    metric: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"keep_best={self.n}: must be >= 1")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"best_mode={self.mode!r}: expected 'min' or 'max'")
+
+    def keep(self, manifests: dict[int, dict]) -> set[int]:
+        scored = [(m["metrics"][self.metric], s) for s, m in manifests.items()
+                  if self.metric in (m.get("metrics") or {})]
+        scored.sort(reverse=self.mode == "max")
+        return {s for _, s in scored[: self.n]}
+
+
+@dataclasses.dataclass
+class Decision:
+    keep: list[int]
+    archive: list[int]
+    delete: list[int]
+    delete_bases: list[str]
+
+
+def decide(policies: list[Any], manifests: dict[int, dict], bases: list[str]) -> Decision:
+    """What ``policies`` do to committed steps ``manifests`` (step -> manifest)."""
+    steps = sorted(manifests)
+    if not policies or not steps:
+        return Decision(steps, [], [], [])
+    keep, archived = {steps[-1]}, set()
+    for p in policies:
+        keep |= p.keep(manifests) if hasattr(p, "keep") else set()
+        archived |= p.archive(manifests) if hasattr(p, "archive") else set()
+    archived -= keep
+    remaining = keep | archived
+    delete = [s for s in steps if s not in remaining]
+    to_archive = sorted(s for s in archived if manifests[s]["items"].get("optimizer"))
+    used = {manifests[s].get("base") for s in remaining}
+    return Decision(sorted(keep), to_archive, delete, [b for b in bases if b not in used])
+
+
+def apply(decision: Decision, root: str, store: storage.Storage,
+          manifests: dict[int, dict]) -> None:
+    """Carry out ``decision``; safe to kill at any point (see the module docstring)."""
+    for step in decision.delete:
+        store.remove_step(storage.step_dir(root, step))
+    for step in decision.archive:
+        path = storage.step_dir(root, step)
+        manifest = dict(manifests[step])
+        prefix = f"{storage.OPTIMIZER_DIR}/"
+        manifest["items"] = {**manifest["items"], "optimizer": False}
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
+        manifest["archived"] = True
+        store.write_manifest(path, manifest)
+        store.remove_tree(storage.join(path, storage.OPTIMIZER_DIR))
+    for base in decision.delete_bases:
+        path = storage.join(root, base)
+        store.remove_file(storage.join(path, storage.METADATA_FILE))
+        store.remove_tree(path)
+    if decision.delete or decision.archive or decision.delete_bases:
+        logger.info("retention: deleted steps %s, archived %s, deleted bases %s",
+                    decision.delete, decision.archive, decision.delete_bases)
