@@ -45,6 +45,7 @@ a mismatch fails with the keys and both shapes. See launch/demo.sh for the whole
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -82,6 +83,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save every N steps (0: only the last step, which is always saved)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the K newest steps")
+    p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                   help='fsspec options for s3:// roots, e.g. \'{"endpoint_url": "http://127.0.0.1:5000"}\'')
     p.add_argument("--resume", choices=["auto", "none"], default="none",
                    help="auto: continue from ROOT's latest committed step if there is one")
     p.add_argument("--reshard-per-rank", choices=["error", "skip"], default="error",
@@ -242,7 +245,8 @@ def main() -> None:
         counters = {"step": 0}
         extra = {"lr_scheduler": scheduler, "train": counters, "data": data}
         if args.ckpt_dir:
-            mgr = CheckpointManager(args.ckpt_dir, keep_last=args.keep_last)
+            mgr = CheckpointManager(args.ckpt_dir, keep_last=args.keep_last,
+                                    storage_options=args.storage_options)
 
     # Loading after wrapping is the point: the checkpoint does not care how it was written.
     latest = mgr.latest_step() if mgr else None
@@ -268,7 +272,7 @@ def main() -> None:
         if args.init_from:
             log(f"--init-from {args.init_from} ignored: the run resumes from its own checkpoint")
     elif args.init_from:
-        report = load_model(model, args.init_from)
+        report = load_model(model, args.init_from, storage_options=args.storage_options)
         log(f"loaded {args.init_from}:\n{report.summary()}")
 
     if not args.eval_only:
