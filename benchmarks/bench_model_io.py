@@ -41,9 +41,7 @@ not absolute times across runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -51,7 +49,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from typing import Callable
 
@@ -67,7 +64,8 @@ from torch.distributed.fsdp import fully_shard
 from dcp_universal import load_model, save_model
 from dcp_universal.lora import LoRALinear, apply_lora
 
-MiB = 2**20
+from _common import MiB, Model, exit_rank, init_gloo, model_shape, timed, torch_save_fsynced
+
 LORA_RANK, LORA_ALPHA = 16, 32
 TARGET = "proj"  # every Linear block is adapted
 SEED = 0
@@ -107,40 +105,9 @@ class Config:
 
 # ---- the model -----------------------------------------------------------------------
 
-class _Block(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.proj(x))
-
-
-class _Model(nn.Module):
-    def __init__(self, vocab: int, hidden: int, n_layers: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.layers = nn.ModuleList(_Block(hidden) for _ in range(n_layers))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def _shape(size_mb: float, hidden: int) -> tuple[int, int]:
-    """(vocab, n_layers) so the fp32 parameters total >= size_mb MiB, a quarter embedding."""
-    target = size_mb * MiB
-    vocab = max(1, round(target / 4 / (4 * hidden)))
-    layer_bytes = 4 * (hidden * hidden + hidden)
-    n_layers = max(1, math.ceil((target - 4 * vocab * hidden) / layer_bytes))
-    return vocab, n_layers
-
-
 def _build(vocab: int, hidden: int, n_layers: int, *, lora: bool) -> nn.Module:
     torch.manual_seed(SEED)  # every rank builds the same weights before sharding
-    model = _Model(vocab, hidden, n_layers)
+    model = Model(vocab, hidden, n_layers)
     if lora:
         apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=[TARGET])
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -162,63 +129,6 @@ def _randomize_lora_b(model: nn.Module, seed: int) -> None:
 
 # ---- measuring -----------------------------------------------------------------------
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: no malloc_trim, baselines may then include freed heap
-    _LIBC = None
-
-
-def _release_free_heap() -> None:
-    """Give memory freed by earlier operations back to the OS.
-
-    glibc keeps freed heap pages resident; without trimming, one operation's garbage
-    raises the next one's baseline and hides that operation's own allocations.
-    """
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-class _PeakRSS:
-    """Peak resident set during a ``with`` block, sampled by a thread every ~5 ms.
-
-    ru_maxrss is a process-lifetime high-water mark, so it cannot attribute a peak to one
-    operation; sampling can, at the cost of missing spikes shorter than the interval.
-    """
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.base = self.peak = 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.peak = max(self.peak, _rss())
-
-    def __enter__(self) -> "_PeakRSS":
-        _release_free_heap()
-        self.base = self.peak = _rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / MiB
-
-
 @dataclasses.dataclass
 class _Op:
     name: str
@@ -226,20 +136,6 @@ class _Op:
     run: Callable[[str], None]  # save: path to write; load: path to read
     reads: str | None = None  # load: the save op whose latest output it reads
     setup: Callable[[], None] | None = None  # untimed, before every repeat
-
-
-def _timed(fn: Callable[[], None]) -> tuple[float, float]:
-    # Flush every dirty page first, so no operation's fsync pays for an earlier one's
-    # writes (the page cache stays warm: sync writes pages back, it does not evict them).
-    if dist.get_rank() == 0:
-        os.sync()
-    dist.barrier()
-    with _PeakRSS() as rss:
-        start = time.perf_counter()
-        fn()
-        dist.barrier()
-        seconds = time.perf_counter() - start
-    return seconds, rss.extra_mb
 
 
 # ---- the operations ------------------------------------------------------------------
@@ -258,11 +154,7 @@ def _torch_save(model: nn.Module, path: str) -> None:
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "model.pt"), "wb") as f:
-            torch.save(full, f)
-            f.flush()
-            os.fsync(f.fileno())  # DCP fsyncs too; without this torch.save would not be comparable
+        torch_save_fsynced(full, os.path.join(path, "model.pt"))
 
 
 def _torch_load(path: str) -> None:
@@ -311,7 +203,7 @@ def _run_round(ops: list[_Op], root: str, tag: str,
             written[op.name] = path
         else:
             path = written[op.reads]
-        result = _timed(lambda: op.run(path))
+        result = timed(lambda: op.run(path))
         if record is not None:
             record[op.name].append(result)
     return list(written.values())
@@ -327,18 +219,12 @@ def _remove(paths: list[str]) -> None:
 
 
 def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) -> None:
-    # Stay on loopback: gloo would otherwise pick an interface from the hostname.
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # Ranks share the machine's cores; oversubscribing threads only adds noise.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         root = os.path.join(cfg["out"], f"world{world}")
         round_seed = [0]
 
-        vocab, n_layers = _shape(cfg["size_mb"], cfg["hidden"])
+        vocab, n_layers = model_shape(cfg["size_mb"], cfg["hidden"])
         plain = _build(vocab, cfg["hidden"], n_layers, lora=False)
         lora = _build(vocab, cfg["hidden"], n_layers, lora=True)
         ops = _operations(plain, lora, round_seed)
@@ -362,13 +248,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
                            "per_rank": per_rank}, f)
     finally:
         dist.destroy_process_group()
-    # With torch 2.13, a gloo rank that has run FSDP2 + DCP sometimes aborts during
-    # interpreter teardown ("terminate called without an active exception", ~1 run in 4
-    # with 2 ranks, library not involved). The results are written by now, so skip the
-    # teardown; an exception above still propagates to mp.spawn as usual.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()  # the results are written: skip the teardown that sometimes aborts
 
 
 # ---- summary -------------------------------------------------------------------------
