@@ -10,6 +10,7 @@ finished writing every piece; ``steps()`` and ``latest_step()`` see committed st
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 import random
@@ -245,12 +246,12 @@ class CheckpointManager:
             train_state, storage.join(path, storage.OPTIMIZER_DIR), self._store))
         manifest["items"]["optimizer"] = optimizer is not None
         manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
-        files, base_files = _gather_files(files), _gather_files(base_files)
+        files = _gather_files(files)
         error = None
         if _rank() == 0:  # every rank's data is written: commit
             manifest["files"] = files
             if manifest["base"]:
-                manifest["base_files"] = base_files or self._base_files(manifest["base"])
+                manifest["base_files"] = base_files
             try:
                 self._store.write_manifest(path, manifest)
             except Exception as e:  # told to every rank below, so none reports success
@@ -277,13 +278,17 @@ class CheckpointManager:
                 self._store.remove_step(path)  # an overwritten step, or debris of a crashed save
                 for debris in self._store.list_steps(self.root, committed=False):
                     self._store.remove_tree(self.step_path(debris))
+                for base in self._store.list_bases(self.root):  # bases a crash left unfinished
+                    if not self._store.exists(storage.join(self.root, base, storage.BASE_FILES)):
+                        self._store.remove_tree(storage.join(self.root, base))
         error = _agree(error)
         if error:
             raise StepAlreadyExistsError(error)
 
     def _save_base(self, view: model_io.ModelView) -> tuple[str, dict]:
         """Write the frozen weights once per content; return the base directory's name and
-        this rank's files written now (empty when the base already existed)."""
+        its file records. A base is complete once its ``files.json`` exists (written
+        last, with every rank's file sizes and CRC-32); an incomplete one is rewritten."""
         frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
         signature = _signature(frozen)
         if _all(self._base_cache is not None and self._base_cache[0] == signature):
@@ -292,19 +297,23 @@ class CheckpointManager:
             fp = model_io.fingerprint(frozen)
         name = f"base-{fp}"
         base = storage.join(self.root, name)
-        written = {}
-        if not _agree(self._store.exists(storage.join(base, storage.METADATA_FILE))):
-            written = model_io.save_tensors(frozen, base, self._store)
+        marker = storage.join(base, storage.BASE_FILES)
+        records = None
+        if _rank() == 0 and self._store.exists(marker):
+            records = json.loads(self._store.read_bytes(marker))
+        records = _agree(records)
+        if records is None:
+            records = _gather_files(model_io.save_tensors(frozen, base, self._store))
+            error = None
+            if _rank() == 0:
+                try:
+                    self._store.write_atomic(marker, json.dumps(records, sort_keys=True).encode())
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+            if _agree(error):
+                raise CheckpointError(f"writing {marker} failed: {error}; nothing was committed")
         self._base_cache = (signature, fp)
-        return name, written
-
-    def _base_files(self, base: str) -> dict:
-        """The base's file records, from the newest committed step that uses it."""
-        for step in reversed(self.steps()):
-            manifest = self.manifest(step)
-            if manifest.get("base") == base and manifest.get("base_files"):
-                return manifest["base_files"]
-        return {}
+        return name, records
 
     def _training_state(self, optimizer, model, extra) -> tuple[dict[str, Any], list[str]]:
         state: dict[str, Any] = {}

@@ -7,9 +7,10 @@ The newest committed step is always kept whole.
 
 Deletion is ordered so that a kill at any point leaves only debris, never a step that
 claims files it no longer has: a step loses its manifest before its files, an archived
-step gets its rewritten manifest before ``optimizer/`` goes, and a base loses its DCP
-``.metadata`` (which marks it complete) before its data. Bases are removed only when no
-remaining committed step names them.
+step gets its rewritten manifest before ``optimizer/`` goes (and a later prune removes an
+``optimizer/`` such a kill left behind), and a base loses its ``files.json`` (which marks
+it complete) before its data. Bases are removed when no remaining committed step names
+them, with or without a policy.
 """
 
 from __future__ import annotations
@@ -78,18 +79,19 @@ class KeepBest:
 
 @dataclasses.dataclass
 class Decision:
-    keep: list[int]
-    archive: list[int]
+    keep: list[int]  # kept whole
+    archive: list[int]  # to archive now (lose optimizer/)
     delete: list[int]
     delete_bases: list[str]
+    archived: list[int] = dataclasses.field(default_factory=list)  # archived before
 
 
 def decide(policies: list[Any], manifests: dict[int, dict], bases: list[str]) -> Decision:
     """What ``policies`` do to committed steps ``manifests`` (step -> manifest)."""
     steps = sorted(manifests)
-    if not policies or not steps:
-        return Decision(steps, [], [], [])
-    keep, archived = {steps[-1]}, set()
+    if not steps:
+        return Decision([], [], [], [])
+    keep, archived = ({steps[-1]}, set()) if policies else (set(steps), set())
     for p in policies:
         keep |= p.keep(manifests) if hasattr(p, "keep") else set()
         archived |= p.archive(manifests) if hasattr(p, "archive") else set()
@@ -97,8 +99,10 @@ def decide(policies: list[Any], manifests: dict[int, dict], bases: list[str]) ->
     remaining = keep | archived
     delete = [s for s in steps if s not in remaining]
     to_archive = sorted(s for s in archived if manifests[s]["items"].get("optimizer"))
+    before = sorted(s for s in remaining if manifests[s].get("archived"))
     used = {manifests[s].get("base") for s in remaining}
-    return Decision(sorted(keep), to_archive, delete, [b for b in bases if b not in used])
+    return Decision(sorted(keep - set(before)), to_archive, delete,
+                    [b for b in bases if b not in used], before)
 
 
 def apply(decision: Decision, root: str, store: storage.Storage,
@@ -115,9 +119,14 @@ def apply(decision: Decision, root: str, store: storage.Storage,
         manifest["archived"] = True
         store.write_manifest(path, manifest)
         store.remove_tree(storage.join(path, storage.OPTIMIZER_DIR))
+    for step in decision.archived:
+        # an archive killed between its manifest and its optimizer/ left the directory
+        opt = storage.join(storage.step_dir(root, step), storage.OPTIMIZER_DIR)
+        if store.exists(opt):
+            store.remove_tree(opt)
     for base in decision.delete_bases:
         path = storage.join(root, base)
-        store.remove_file(storage.join(path, storage.METADATA_FILE))
+        store.remove_file(storage.join(path, storage.BASE_FILES))
         store.remove_tree(path)
     if decision.delete or decision.archive or decision.delete_bases:
         logger.info("retention: deleted steps %s, archived %s, deleted bases %s",

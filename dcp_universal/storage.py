@@ -36,13 +36,14 @@ from dcp_universal.errors import (CheckpointIOError, FormatVersionError, Integri
 
 __all__ = [
     "Storage", "join", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST",
-    "METADATA_FILE", "FORMAT_VERSION",
+    "METADATA_FILE", "FORMAT_VERSION", "BASE_FILES",
 ]
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 ADAPTERS_DIR = "adapters"
 MANIFEST = "manifest.json"
+BASE_FILES = "files.json"  # a base's file records, written last: its presence completes the base
 METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is complete
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d{8,})$")

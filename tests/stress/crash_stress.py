@@ -1,37 +1,44 @@
 """Crash stress: SIGKILL one rank at a random moment of a save, then check the root.
 
-Each trial, in a fresh root, runs a gloo job on ``--world`` spawned CPU ranks (FSDP2,
-the tiny model of ``tests/tiny.py``) that trains, commits step 1, trains one more step
-and starts saving step 2. The parent kills one rank during that save, kills the rest
-after a short grace (as a launcher would), and then, in this process with no process
-group, checks the issue's three claims:
+Each trial, in a fresh root, runs a gloo job on ``--world`` CPU ranks (FSDP2, the tiny
+model of ``tests/tiny.py``, plain or LoRA) that trains, commits step 1, trains one more
+step and saves step 2. The parent SIGKILLs one rank during that save and the others
+after a random grace (as a launcher would), then checks, in this process with no
+process group:
 
-* the half-written step is never taken for latest: ``latest_step()`` is 2 only when
-  step 2's ``manifest.json`` exists, 1 otherwise;
-* the last committed step loads bit-identically: model tensors, optimizer moments,
-  scheduler and counters equal (``torch.equal``) the state the job held when it saved
-  that step, and so does the forward output; ``verify()`` passes;
-* the next save cleans up the debris: a save of step 3 leaves no uncommitted
-  ``step-*`` directory, no manifest temp file and no base that no step uses, and
-  step 3 loads equal as well.
+1. the half-written step is never taken for latest: ``latest_step()`` is 2 exactly
+   when step 2's ``manifest.json`` exists, else 1;
+2. the last committed step loads bit-identically: every committed step passes
+   ``verify()`` (sizes and CRC-32) and loads into a fresh model, optimizer, scheduler
+   and counters equal (``torch.equal``) to the job's state when it saved that step, and
+   so does the forward output (per-rank RNG and data state are not compared: one
+   process cannot load them);
+3. the next save cleans up its debris: a new job resumes from the latest step and
+   saves step 3, after which no uncommitted ``step-*`` directory, ``.tmp`` file, unused
+   base, or file a committed step's manifest does not list remains, and every step
+   still loads equal.
 
-Two kinds of kill, half the trials each:
+Trials vary the model (plain / LoRA, LoRA with the merged ``model/`` too), the retention
+(keep all; ``keep_last=1``, so save 2 deletes step 1; ``keep_last=1, keep_every=1``, so
+save 2 archives step 1) and the kill, half the trials each way:
 
-* ``timed``: the parent waits a random delay in [0, T] after the job announces the save
-  (T: 1.3x a measured save), then kills a random rank;
-* ``hook``: the job patches a few storage and collective functions, counts how often
-  each runs during the save (a calibration trial per variant), and the chosen rank
-  sends SIGKILL at the n-th call of a chosen one: inside a DCP data file (after writing
-  half of a chunk), before/after DCP's ``.metadata`` rename, at the barriers, right
-  before and right after the manifest rename, during pruning. This forces coverage of
-  the commit window, which a timer hits rarely.
+* timed: the parent kills a random rank a random delay after the job announces save 2,
+  within 1.15x an undisturbed save (measured per configuration);
+* hook: the ranks patch a few storage and collective functions in their own process
+  (never the library's files) and one rank sends SIGKILL (mostly to itself) at the n-th
+  call of one of them: halfway through writing a chunk of a DCP data file, around each
+  DCP save and its ``.metadata`` rename, at each collective, right before and right
+  after the manifest rename, at each file or tree removal (debris sweep, retention).
+  Two calibration runs per configuration count the calls; a timer alone rarely
+  lands in the commit window.
 
 Run::
 
-    python tests/stress/crash_stress.py --trials 50 --seed 0 --variant both
+    python tests/stress/crash_stress.py --trials 100 --seed 0 --variant both
 
-It prints one line per trial and ``CRASH TRIALS: K/N ...``; the exit status is 1 unless
-K == N. ``tests/dist/test_crash.py`` runs a few fixed trials in CI.
+It prints one line per trial, then ``NEXT SAVE: M/N ...`` (claim 3) and ``CRASH TRIALS:
+K/N left the last committed step loadable and equal`` (claims 1 and 2); the exit status
+is 1 unless K == M == N. ``tests/dist/test_crash.py`` runs fixed trials in CI.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 
 _TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _TESTS not in sys.path:
@@ -64,9 +72,12 @@ from dcp_universal.model_io import reshard  # noqa: E402
 from dcp_universal.names import canonical_names  # noqa: E402
 from train_loop import Data, build, full, moments, train  # noqa: E402
 
-__all__ = ["Trial", "Calibration", "calibrate", "run_trial", "plan_trials", "main"]
+__all__ = ["Trial", "Calibration", "Result", "DebrisError", "calibrate", "run_trial",
+           "plan_trials", "main"]
 
 VARIANTS = ("plain", "lora4")
+# retention settings a trial runs under; save 2 prunes (last1) or archives (archive) step 1
+RETENTION = {"all": {}, "last1": {"keep_last": 1}, "archive": {"keep_last": 1, "keep_every": 1}}
 SAVED_AT = (2, 3)  # training steps at which steps 1 and 2 are saved
 _POLL_S = 0.002
 
@@ -79,7 +90,7 @@ class Trial:
         variant: ``tests/tiny.py`` variant ("plain" or "lora4").
         world: number of ranks.
         victim: the rank that gets SIGKILL.
-        keep_last: the manager's retention (1 makes save 2 prune step 1).
+        retention: a key of ``RETENTION``: the manager's retention settings.
         merged: LoRA: also write the merged ``model/`` in save 2.
         delay: timed kill: seconds after the job announces save 2 (None: hook kill).
         point: hook kill: the patched call (see ``_Hooks``) whose ``n``-th run on rank
@@ -91,7 +102,7 @@ class Trial:
     variant: str = "plain"
     world: int = 2
     victim: int = 0
-    keep_last: int | None = None
+    retention: str = "all"
     merged: bool = False
     delay: float | None = None
     point: str | None = None
@@ -103,7 +114,7 @@ class Trial:
     def describe(self) -> str:
         how = (f"timed {self.delay * 1e3:6.1f} ms" if self.delay is not None else
                f"hook {self.point}#{self.n}@r{self.trigger}" if self.point else "no kill")
-        return (f"{self.variant:5s} victim=r{self.victim} {how} keep_last={self.keep_last}"
+        return (f"{self.variant:5s} victim=r{self.victim} {how} retention={self.retention}"
                 f"{' merged' if self.merged else ''}")
 
 
@@ -233,12 +244,14 @@ def _reference(model, opt, sched, counters) -> dict:
 
 
 def _job(rank: int, world: int, trial: Trial, root: str, workdir: str) -> None:
+    # the references' forward under FSDP2 returns a view; nothing here writes to it
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     torch.manual_seed(1000 + rank)
     model, opt, sched = build(trial.variant, "fsdp", world)
     tiny.randomize_adapters(model, seed=50 + rank)
     data, counters = Data(rank), {"step": 0}
     extra = {"lr_scheduler": sched, "train": counters, "data": data}
-    mgr = CheckpointManager(root, keep_last=trial.keep_last)
+    mgr = CheckpointManager(root, **RETENTION[trial.retention])
     hooks = _Hooks(trial, rank, workdir)
     hooks.install()
 
@@ -256,19 +269,26 @@ def _job(rank: int, world: int, trial: Trial, root: str, workdir: str) -> None:
         if rank == 0:
             _write_json(os.path.join(workdir, "saving.json"), {"t": time.time()})
         hooks.armed = True
-        start = time.time()
         mgr.save(step, model, opt, extra=extra, merged=trial.merged or None)
         hooks.armed = False
-        _write_json(os.path.join(workdir, f"saved-{rank}.json"),
-                    {"counts": dict(hooks.counts), "start": start, "end": time.time()})
+        _write_json(os.path.join(workdir, f"saved-{rank}.json"), {"counts": dict(hooks.counts)})
 
 
 # ---- the parent -----------------------------------------------------------------------
 
 
-def _launch(trial: Trial, root: str, workdir: str) -> tuple[list, dict]:
-    """Run the job and the kill; returns the processes (all ended) and what happened."""
-    ctx = mp.get_context("spawn")
+def _context():
+    """Like the harness's spawn, but forked from a server that imported torch once: a
+    trial's ranks then start in a fraction of a second instead of seconds each."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint",
+                                "dcp_universal", "harness", "tiny", "train_loop", __name__])
+    return ctx
+
+
+def _launch(trial: Trial, root: str, workdir: str) -> dict:
+    """Run the job and the kill; returns what happened, once every rank has ended."""
+    ctx = _context()
     procs = [ctx.Process(target=harness._entry,
                          args=(r, trial.world, workdir, _job, (trial, root, workdir)), daemon=True)
              for r in range(trial.world)]
@@ -276,6 +296,7 @@ def _launch(trial: Trial, root: str, workdir: str) -> tuple[list, dict]:
         p.start()
     _write_json(os.path.join(workdir, "pids.json"), [p.pid for p in procs])
     events: dict = {}
+    started = time.monotonic()
     try:
         deadline = time.monotonic() + 120
         saving = os.path.join(workdir, "saving.json")
@@ -285,15 +306,16 @@ def _launch(trial: Trial, root: str, workdir: str) -> tuple[list, dict]:
                 raise RuntimeError(f"the job failed before save 2: {_errors(workdir) or 'timeout'}")
             time.sleep(_POLL_S)
         t0 = time.monotonic()
+        events["startup_s"] = t0 - started
         victim = procs[trial.victim]
+        saved = lambda: all(os.path.exists(os.path.join(workdir, f"saved-{r}.json"))
+                            for r in range(trial.world))
         if trial.delay is not None:
             time.sleep(trial.delay)
-            events["victim_alive_at_kill"] = victim.is_alive()
+            events["after_save"] = saved()  # too late: every rank had finished the save
             victim.kill()
         # a hook kill, or no kill: wait for the victim to die or for the save to end
         deadline = time.monotonic() + 60
-        saved = lambda: all(os.path.exists(os.path.join(workdir, f"saved-{r}.json"))
-                            for r in range(trial.world))
         while victim.is_alive() and not saved() and time.monotonic() < deadline:
             time.sleep(_POLL_S)
         events["save_s"] = time.monotonic() - t0
@@ -308,11 +330,12 @@ def _launch(trial: Trial, root: str, workdir: str) -> tuple[list, dict]:
                 p.kill()
         for p in procs:
             p.join()
+    events["ended_s"] = time.monotonic() - started
     events["exitcodes"] = [p.exitcode for p in procs]
     events["fired"] = os.path.exists(os.path.join(workdir, "fired.json"))
     events["saved"] = [os.path.exists(os.path.join(workdir, f"saved-{r}.json"))
                        for r in range(trial.world)]
-    return procs, events
+    return events
 
 
 def _errors(workdir: str) -> str:
@@ -337,118 +360,196 @@ def _equal(got, want, what: str) -> None:
         assert got == want, f"{what}: {got!r} != {want!r}"
 
 
-def _load_and_compare(mgr: CheckpointManager, step: int, variant: str, ref: dict) -> None:
-    """Load ``step`` into a fresh single-process model and compare with ``ref`` bit for bit."""
+def _load_and_compare(mgr: CheckpointManager, step: int, variant: str, ref: dict):
+    """Load ``step`` into a fresh single-process model (and optimizer, scheduler and
+    counters when the step has them: archived steps do not) and compare with ``ref``
+    bit for bit. Returns what was loaded."""
     model, opt, sched = build(variant, "none", 1, seed=9)  # other weights: the load must win
     counters: dict = {}
-    report = mgr.load(model, opt, step=step, extra={"lr_scheduler": sched, "train": counters},
-                      skip_per_rank=["rng", "data"], verify=True)
-    assert not report.fresh and not report.optimizer_fresh and not report.optimizer_dropped, (
-        f"step {step} did not restore everything: {report.summary()}")
+    training = mgr.manifest(step)["items"].get("optimizer")
+    if training:
+        report = mgr.load(model, opt, step=step, extra={"lr_scheduler": sched, "train": counters},
+                          skip_per_rank=["rng", "data"], verify=True)
+        assert not report.optimizer_fresh and not report.optimizer_dropped, (
+            f"step {step} did not restore the optimizer: {report.summary()}")
+    else:
+        report = mgr.load(model, step=step, verify=True)
+    assert not report.fresh, f"step {step} did not restore the model: {report.summary()}"
     _equal(_state(model), ref["model"], f"step {step} model")
-    _equal(moments(model, opt), ref["moments"], f"step {step} optimizer")
-    _equal(sched.state_dict(), ref["sched"], f"step {step} lr_scheduler")
-    _equal(counters, ref["counters"], f"step {step} counters")
     with torch.no_grad():
         _equal(model(tiny.fixed_input()), ref["y"], f"step {step} forward output")
+    if training:
+        _equal(moments(model, opt), ref["moments"], f"step {step} optimizer")
+        _equal(sched.state_dict(), ref["sched"], f"step {step} lr_scheduler")
+        _equal(counters, ref["counters"], f"step {step} counters")
     return model, opt, sched, counters
 
 
-def _check_root(trial: Trial, root: str, workdir: str) -> str:
-    """The issue's claims on what the crash left; returns a one-line summary."""
-    mgr = CheckpointManager(root, keep_last=trial.keep_last)
+def _files_under(path: str) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
+
+
+def _check_every_step(mgr: CheckpointManager, variant: str, refs: dict[int, dict]) -> None:
+    """Every committed step verifies (sizes and CRC-32 of every file it lists) and loads
+    equal to the state it saved."""
+    for step in mgr.steps():
+        mgr.verify(step)
+        _load_and_compare(mgr, step, variant, refs[step])
+
+
+class DebrisError(AssertionError):
+    """The save after the crash left something behind."""
+
+
+def _check_crash(trial: Trial, root: str, workdir: str) -> tuple[int, str, dict]:
+    """What the crash left: the last committed step is latest, never the half-written
+    one, and every committed step verifies and loads equal. Returns the latest step,
+    step 2's state in words, and the references by step."""
+    mgr = CheckpointManager(root, **RETENTION[trial.retention])
     step2 = mgr.step_path(2)
     committed2 = os.path.exists(os.path.join(step2, storage.MANIFEST))
-    debris2 = os.path.isdir(step2) and not committed2
     latest = mgr.latest_step()
     want = 2 if committed2 else 1
     assert latest == want, (f"latest_step() is {latest}, expected {want} "
                             f"(step 2 manifest {'present' if committed2 else 'absent'})")
-    allowed = [[1, 2], [2]] if committed2 and trial.keep_last == 1 else [[1, 2]] if committed2 else [[1]]
+    # step 1 goes only when step 2 committed and keep_last drops it (a kill in that
+    # prune may leave it either way); archiving keeps it
+    allowed = ([[1, 2], [2]] if committed2 and trial.retention == "last1" else
+               [[1, 2]] if committed2 else [[1]])
     assert mgr.steps() in allowed, f"steps() is {mgr.steps()}, expected one of {allowed}"
-    mgr.verify(latest)
-    ref = torch.load(os.path.join(workdir, f"ref-{latest}.pt"), weights_only=False)
-    model, opt, sched, counters = _load_and_compare(mgr, latest, trial.variant, ref)
+    assert mgr.manifest(latest)["items"]["optimizer"], f"latest step {latest} lost its optimizer"
+    refs = {s: torch.load(os.path.join(workdir, f"ref-{s}.pt"), weights_only=False) for s in (1, 2)}
+    _check_every_step(mgr, trial.variant, refs)
+    state = "committed" if committed2 else "debris" if os.path.isdir(step2) else "not started"
+    return latest, state, refs
 
-    # the next save, by a new job (no process group), removes the debris
-    mgr3 = CheckpointManager(root, keep_last=trial.keep_last)
-    mgr3.save(3, model, opt, extra={"lr_scheduler": sched, "train": counters})
-    steps = mgr3.steps()
+
+def _check_next_save(trial: Trial, root: str, latest: int, refs: dict) -> list[int]:
+    """A new job (one process, no group) resumes from ``latest`` and saves step 3: no
+    uncommitted step, temp file, unused base or unlisted file remains, and every
+    committed step still verifies and loads equal. Returns the steps after it."""
+    mgr = CheckpointManager(root, **RETENTION[trial.retention])
+    model, opt, sched, counters = _load_and_compare(mgr, latest, trial.variant, refs[latest])
+    mgr.save(3, model, opt, extra={"lr_scheduler": sched, "train": counters})
+    steps = mgr.steps()
     assert steps[-1] == 3, f"steps() after save 3 is {steps}"
     names = os.listdir(root)
     stray = [n for n in names if n.startswith("step-")
              and not os.path.exists(os.path.join(root, n, storage.MANIFEST))]
-    assert not stray, f"save 3 left uncommitted step directories {stray}"
+    if stray:
+        raise DebrisError(f"save 3 left uncommitted step directories {stray}")
     tmp = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".tmp")]
-    assert not tmp, f"temp files left after save 3: {tmp}"
-    used = {mgr3.manifest(s).get("base") for s in steps}
-    orphans = [n for n in names if n.startswith("base-") and n not in used]
-    assert not orphans, f"bases no committed step uses: {orphans}"
-    mgr3.verify(3)
-    _load_and_compare(mgr3, 3, trial.variant, ref)  # step 3 saved the loaded state
-    return (f"step 2 {'committed' if committed2 else 'debris' if debris2 else 'not started'}; "
-            f"latest {latest} loads equal; save 3 clean, steps {steps}")
+    if tmp:
+        raise DebrisError(f"save 3 left temp files {tmp}")
+    manifests = {s: mgr.manifest(s) for s in steps}
+    orphans = [n for n in names if n.startswith("base-")
+               and n not in {m.get("base") for m in manifests.values()}]
+    if orphans:
+        raise DebrisError(f"save 3 left bases no committed step uses: {orphans}")
+    for s, m in manifests.items():  # a committed step holds exactly what its manifest lists
+        unlisted = _files_under(mgr.step_path(s)) - set(m["files"]) - {storage.MANIFEST}
+        if unlisted:
+            raise DebrisError(f"after save 3, committed step {s} holds files its manifest does "
+                              f"not list: {sorted(unlisted)}")
+    _check_every_step(mgr, trial.variant, {**refs, 3: refs[latest]})
+    return steps
 
 
-def run_trial(trial: Trial, *, keep: bool = False) -> tuple[bool, str, dict]:
-    """Run one trial in a fresh temp root; returns (passed, summary, events)."""
-    workdir = tempfile.mkdtemp(prefix="dcpu-crash-")
+@dataclasses.dataclass
+class Result:
+    """A trial's verdict.
+
+    Attributes:
+        loadable: the last committed step is latest (never the half-written one) and
+            every committed step verifies and loads equal to what was saved.
+        clean: the next save left no debris and every step still loads equal.
+        summary: one line; the failure's message when one failed.
+        events: what the parent saw (exit codes, whether the hook fired, timings).
+    """
+
+    loadable: bool
+    clean: bool
+    summary: str
+    events: dict
+
+
+def run_trial(trial: Trial, *, workdir: str | None = None, keep: bool = False) -> Result:
+    """Run one trial in ``workdir`` (an empty directory the caller owns), or else in a
+    fresh temp directory, removed unless ``keep`` or the trial failed."""
+    own = workdir is None
+    workdir = tempfile.mkdtemp(prefix="dcpu-crash-") if own else workdir
+    keep = keep or not own
     root = os.path.join(workdir, "ckpt")
     events: dict = {}
+    loadable = False
     try:
-        _, events = _launch(trial, root, workdir)
-        if trial.calibrate:
-            errors = _errors(workdir)
-            assert not errors and all(events["saved"]), f"calibration run failed:\n{errors}"
-        summary = _check_root(trial, root, workdir)
-        return True, summary, events
+        events = _launch(trial, root, workdir)
+        if trial.calibrate and (_errors(workdir) or not all(events["saved"])):
+            raise RuntimeError(f"the undisturbed run failed:\n{_errors(workdir)}")
+        latest, events["step2"], refs = _check_crash(trial, root, workdir)
+        loadable = True
+        steps = _check_next_save(trial, root, latest, refs)
+        summary = (f"step 2 {events['step2']}; latest {latest} loads equal; "
+                   f"save 3 clean, steps {steps}")
+        return Result(True, True, summary, events)
     except Exception as e:
-        detail = traceback.format_exc() if not isinstance(e, AssertionError) else str(e)
         keep = True
-        return False, f"FAILED: {detail} (kept {workdir})", events
+        detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc()
+        stage = "next save" if loadable else "crash"
+        return Result(loadable, False, f"FAILED ({stage}): {detail} (in {workdir})", events)
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def calibrate(variant: str, world: int = 2, merged: bool = False, keep_last=None) -> Calibration:
-    """An undisturbed run: how long save 2 takes and how often each hook point runs."""
-    trial = Trial(variant=variant, world=world, calibrate=True, merged=merged, keep_last=keep_last)
-    workdir = tempfile.mkdtemp(prefix="dcpu-crash-cal-")
-    try:
-        _, events = _launch(trial, os.path.join(workdir, "ckpt"), workdir)
-        counts, spans = {}, []
-        for r in range(world):
-            saved = _wait_json(os.path.join(workdir, f"saved-{r}.json"), timeout=1)
-            counts[r] = saved["counts"]
-            spans.append((saved["start"], saved["end"]))
-        save_s = max(e for _, e in spans) - min(s for s, _ in spans)
-        return Calibration(save_s=save_s, counts=counts)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+def calibrate(variant: str, world: int = 2, merged: bool = False, retention: str = "all",
+              runs: int = 2) -> Calibration:
+    """Undisturbed runs (each must pass every check): how long save 2 takes, the
+    fastest run on the parent's clock (announced -> every rank done, as timed kills
+    count), and how often each hook point runs (the fewest, so every n is reached)."""
+    trial = Trial(variant=variant, world=world, calibrate=True, merged=merged, retention=retention)
+    times, counts = [], {}
+    for _ in range(runs):
+        workdir = tempfile.mkdtemp(prefix="dcpu-crash-cal-")
+        try:
+            root = os.path.join(workdir, "ckpt")
+            times.append(_launch(trial, root, workdir)["save_s"])
+            latest, _, refs = _check_crash(trial, root, workdir)
+            _check_next_save(trial, root, latest, refs)
+            for r in range(world):
+                seen = _wait_json(os.path.join(workdir, f"saved-{r}.json"), timeout=1)["counts"]
+                mine = counts.setdefault(r, seen)
+                for point in set(mine) | set(seen):
+                    mine[point] = min(mine.get(point, 0), seen.get(point, 0))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    counts = {r: {p: c for p, c in cs.items() if c} for r, cs in counts.items()}
+    return Calibration(save_s=min(times), counts=counts)
 
 
 def plan_trials(n: int, seed: int, variants: list[str], world: int,
                 calibrations: dict) -> list[Trial]:
-    """``n`` random trials, half timed and half hook kills, alternating the variants.
+    """``n`` random trials: the variants alternate, and timed and hook kills alternate
+    in turns of one trial per variant.
 
-    ``calibrations``: ``(variant, merged, keep_last) -> Calibration``.
+    ``calibrations``: ``(variant, merged, retention) -> Calibration``.
     """
     rng = random.Random(seed)
     trials = []
     for i in range(n):
         variant = variants[i % len(variants)]
         merged = variant != "plain" and rng.random() < 0.5
-        keep_last = rng.choice([None, 1])
-        cal = calibrations[(variant, merged, keep_last)]
-        t = Trial(variant=variant, world=world, victim=rng.randrange(world), keep_last=keep_last,
+        retention = rng.choice(sorted(RETENTION))
+        cal = calibrations[(variant, merged, retention)]
+        t = Trial(variant=variant, world=world, victim=rng.randrange(world), retention=retention,
                   merged=merged, grace=rng.uniform(0.0, 1.0))
-        if i % 2 == 0:
-            t.delay = rng.uniform(0.0, 1.3 * cal.save_s)
+        if (i // len(variants)) % 2 == 0:
+            t.delay = rng.uniform(0.0, 1.15 * cal.save_s)
         else:
-            choices = [(r, p, c) for r, counts in cal.counts.items() for p, c in counts.items()]
-            t.trigger, t.point, count = rng.choice(sorted(choices))
-            t.n = rng.randint(1, count)
+            # a point first (each as likely, however often it runs), then a rank that runs it
+            t.point = rng.choice(sorted({p for counts in cal.counts.values() for p in counts}))
+            t.trigger = rng.choice(sorted(r for r, counts in cal.counts.items() if t.point in counts))
+            t.n = rng.randint(1, cal.counts[t.trigger][t.point])
             # mostly the rank at the point dies; sometimes a peer, wherever it is then
             t.victim = t.trigger if rng.random() < 0.7 else rng.randrange(world)
         trials.append(t)
@@ -469,26 +570,31 @@ def main(argv=None) -> int:
     calibrations = {}
     for variant in variants:
         for merged in ([False, True] if variant != "plain" else [False]):
-            for keep_last in (None, 1):
-                cal = calibrate(variant, args.world, merged, keep_last)
-                calibrations[(variant, merged, keep_last)] = cal
+            for retention in sorted(RETENTION):
+                cal = calibrate(variant, args.world, merged, retention)
+                calibrations[(variant, merged, retention)] = cal
                 points = sorted({p for c in cal.counts.values() for p in c})
-                print(f"calibration {variant} merged={merged} keep_last={keep_last}: save 2 "
+                print(f"calibration {variant} merged={merged} retention={retention}: save 2 "
                       f"takes {cal.save_s * 1e3:.0f} ms; hook points {points}", flush=True)
     trials = plan_trials(args.trials, args.seed, variants, args.world, calibrations)
-    passed = 0
-    outcomes = collections.Counter()
+    loadable = clean = 0
+    outcomes: collections.Counter = collections.Counter()
     for i, trial in enumerate(trials):
         t0 = time.monotonic()
-        ok, summary, events = run_trial(trial, keep=args.keep)
-        passed += ok
-        outcomes[summary.split(";")[0] if ok else "FAILED"] += 1
-        fired = " fired" if events.get("fired") else ""
-        print(f"trial {i:3d} {trial.describe()}{fired} exit={events.get('exitcodes')} "
-              f"({time.monotonic() - t0:.1f} s): {summary}", flush=True)
-    print(f"outcomes: {dict(outcomes)}; {time.monotonic() - start:.0f} s in all")
-    print(f"CRASH TRIALS: {passed}/{len(trials)} left the last committed step loadable and equal")
-    return 0 if passed == len(trials) else 1
+        result = run_trial(trial, keep=args.keep)
+        loadable += result.loadable
+        clean += result.clean
+        outcomes[result.events.get("step2", "?")] += 1
+        fired = (" (fired)" if result.events.get("fired") else " (never fired)" if trial.point
+                 else " (after the save)" if result.events.get("after_save")
+                 else "")
+        print(f"trial {i:3d} {trial.describe()}{fired} exit={result.events.get('exitcodes')} "
+              f"{time.monotonic() - t0:.1f} s: {result.summary}", flush=True)
+    n = len(trials)
+    print(f"step 2 after the kill: {dict(outcomes)}; {time.monotonic() - start:.0f} s in all")
+    print(f"NEXT SAVE: {clean}/{n} trials' next save left no debris")
+    print(f"CRASH TRIALS: {loadable}/{n} left the last committed step loadable and equal")
+    return 0 if loadable == clean == n else 1
 
 
 if __name__ == "__main__":

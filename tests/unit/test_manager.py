@@ -273,3 +273,34 @@ def test_prune_cli(tmp_path, capsys):
     assert "would delete steps [1, 3]" in capsys.readouterr().out
     assert main(["prune", str(tmp_path), "--keep-last", "1", "--keep-every", "2"]) == 0
     assert mgr.steps() == [2, 4] and not mgr.manifest(2)["items"]["optimizer"]
+
+
+def test_bases_left_by_crashed_saves_are_checked_or_cleaned(tmp_path):
+    model, opt, _ = _trained()
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, model, opt)
+    base = mgr.manifest(1)["base"]
+    # a crash after the base was complete but before step 1 committed
+    os.remove(tmp_path / "step-00000001" / "manifest.json")
+    # ... and another one that left an unfinished base (no files.json)
+    os.makedirs(tmp_path / "base-00000000deadbeef")
+    (tmp_path / "base-00000000deadbeef" / "__0_0.distcp").write_bytes(b"partial")
+    # and a complete base no step uses any more
+    other, oopt, _ = _trained(steps=1)
+    with torch.no_grad():
+        other.blocks[0].q.base_layer.weight.add_(1)
+    CheckpointManager(str(tmp_path / "elsewhere")).save(1, other, oopt)
+    orphan = CheckpointManager(str(tmp_path / "elsewhere")).manifest(1)["base"]
+    os.rename(tmp_path / "elsewhere" / orphan, tmp_path / orphan)
+
+    fresh = CheckpointManager(str(tmp_path))
+    fresh.save(1, model, opt)
+    manifest = fresh.manifest(1)
+    assert manifest["base"] == base and manifest["base_files"]  # reused, with its records
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("base-")) == [base]
+    victim = tmp_path / base / "__0_0.distcp"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        fresh.verify(1)
