@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -238,16 +239,56 @@ class Factors:
 
 
 @torch.no_grad()
-def gather_factors(site: Site, base: torch.Tensor) -> list[Factors]:
-    """Collective: call on every rank, for the same sites in the same order."""
+def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Factors]]:
+    """The factors of every site's terms, ready for :func:`merge_block`.
+
+    Collective: call on every rank with the same sites in the same order. All factors that
+    need gathering are gathered in one exchange, not one collective per factor.
+    """
+    plans = []  # per site, per term: (term, left is local)
+    wanted: list[torch.Tensor] = []
+    for site, base in zip(sites, bases):
+        terms = []
+        for term in site.terms():
+            local = not term.left_transposed and _rows_line_up(term.left, base)
+            terms.append((term, local))
+            if not local:
+                wanted.append(term.left)
+            wanted.append(term.right)
+        plans.append(terms)
+    full = iter(_gather_all(wanted))
     out = []
-    for term in site.terms():
-        local = not term.left_transposed and _rows_line_up(term.left, base)
-        left = term.left.to_local() if local else _full(term.left)
-        left = left.T if term.left_transposed else left
-        right = _full(term.right)
-        right = right.T if term.right_transposed else right
-        out.append(Factors(left.detach(), right.detach(), term.scale, local))
+    for terms in plans:
+        factors = []
+        for term, local in terms:
+            left = term.left.to_local() if local else next(full)
+            right = next(full)
+            factors.append(Factors(left.T if term.left_transposed else left,
+                                   right.T if term.right_transposed else right,
+                                   term.scale, local))
+        out.append(factors)
+    return out
+
+
+def _gather_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Full copies of ``tensors``. Dim-0 sharded DTensors on a 1-D mesh travel in one
+    all_gather_object per mesh; any other placement falls back to ``full_tensor()``."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_mesh: dict = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, DTensor):
+            out[i] = t.detach()
+        elif t.device_mesh.ndim == 1 and t.placements == (Shard(0),):
+            by_mesh.setdefault(t.device_mesh, []).append(i)
+        else:
+            out[i] = t.full_tensor()
+    for mesh, idx in by_mesh.items():
+        group = mesh.get_group()
+        pieces = [None] * dist.get_world_size(group)
+        dist.all_gather_object(pieces, [tensors[i].to_local().detach().cpu() for i in idx], group=group)
+        for n, i in enumerate(idx):
+            full = torch.cat([p[n] for p in pieces], dim=0)
+            out[i] = full.to(tensors[i].to_local().device)
     return out
 
 

@@ -140,7 +140,7 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
             ``"rank0"`` gathers the full state to rank 0's CPU, merges and writes there.
         storage_options: fsspec options when ``path`` is a URL (``s3://...``).
     """
-    _save_model(model, path, merge, storage.Storage(storage_options))
+    _save_model(model, path, merge, storage.Storage(storage_options, checksums=False))
 
 
 def _save_model(model: nn.Module, path: str, merge: str, store: storage.Storage) -> dict:
@@ -158,8 +158,8 @@ def _save_model(model: nn.Module, path: str, merge: str, store: storage.Storage)
 
 
 def _save_sharded(view: ModelView, path: str, store: storage.Storage) -> dict:
-    factors = {s.weight_key: adapters.gather_factors(s, view.tensors[s.weight_key])
-               for s in view.sites}
+    gathered = adapters.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
+    factors = {s.weight_key: f for s, f in zip(view.sites, gathered)}
     return store.save_state(view.tensors, path, planner=_MergingSavePlanner(factors),
                             own_file_keys=set(factors))
 
@@ -173,8 +173,8 @@ def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> dict:
         if rank == 0:
             full[key] = f.detach().cpu()
     merged = {}
-    for site in view.sites:
-        factors = adapters.gather_factors(site, torch.empty(0))
+    gathered = adapters.gather_factors(view.sites, [torch.empty(0)] * len(view.sites))
+    for site, factors in zip(view.sites, gathered):
         if rank == 0:
             w = full[site.weight_key]
             merged[site.weight_key] = adapters.merge_block(w, (0, 0), factors)

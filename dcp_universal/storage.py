@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"
 BASE_FILES = "files.json"  # a base's file records, written last: its presence completes the base
 METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is complete
 FORMAT_VERSION = 1
+COMPUTED_FILE_BYTES = 32 << 20  # see _OwnFiles
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _BASE_RE = re.compile(r"^base-[0-9a-f]+$")
 
@@ -81,11 +82,13 @@ def _io_errors(doing: str, path: str):
 
 
 class _OwnFiles:
-    """Writer mixin: items named in ``own_file_keys`` each get a file of their own.
+    """Writer mixin: items named in ``own_file_keys`` go to files of their own, packed up
+    to ``COMPUTED_FILE_BYTES`` per file (an item larger than that gets a file alone).
 
     DCP keeps every tensor of a file alive until the file is closed. Tensors that are
     views of the model cost nothing, but computed ones (merged LoRA weights) are new, so
-    one file per computed item bounds the extra memory to about one local shard.
+    bounded files bound the extra memory to about one local shard or this budget,
+    whichever is larger, while keeping the file (and fsync) count low.
     """
 
     own_file_keys: frozenset = frozenset()
@@ -93,12 +96,28 @@ class _OwnFiles:
     def write_data(self, plan, planner):
         own = [i for i in plan.items if i.index.fqn in self.own_file_keys]
         rest = [i for i in plan.items if i.index.fqn not in self.own_file_keys]
-        buckets = ([rest] if rest else []) + [[i] for i in own]
+        buckets = [rest] if rest else []
+        size = COMPUTED_FILE_BYTES
+        for item in own:
+            nbytes = _item_bytes(item)
+            if not buckets or buckets[-1] is rest or size + nbytes > COMPUTED_FILE_BYTES:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(item)
+            size += nbytes
         files: queue.Queue = queue.Queue()
         for n, bucket in enumerate(buckets):
             name = f"{plan.storage_data.prefix}{n}{DEFAULT_SUFFIX}"
             files.put((self.fs.concat_path(self.path, name), name, bucket))
         return self._write_data(planner, files)
+
+
+def _item_bytes(item) -> int:
+    props = item.tensor_data.properties
+    n = 1
+    for d in item.tensor_data.chunk.sizes:
+        n *= d
+    return n * props.dtype.itemsize
 
 
 class _LocalWriter(_OwnFiles, FileSystemWriter):
@@ -162,10 +181,13 @@ class Storage:
 
     Args:
         options: fsspec ``storage_options`` for URLs (ignored for local paths).
+        checksums: compute every written file's CRC-32 while writing it (for manifests;
+            a bare model directory has nowhere to record them, so ``save_model`` skips it).
     """
 
-    def __init__(self, options: dict | None = None) -> None:
+    def __init__(self, options: dict | None = None, *, checksums: bool = True) -> None:
         self.options = dict(options or {})
+        self.checksums = checksums
 
     # ---- filesystem primitives --------------------------------------------------------
 
@@ -264,7 +286,8 @@ class Storage:
         else:
             w = _LocalWriter(path)
         w.own_file_keys = frozenset(own_file_keys)
-        w.fs = _Checksummed(w.fs)
+        if self.checksums:
+            w.fs = _Checksummed(w.fs)
         return w
 
     def reader(self, path: str):
@@ -278,7 +301,8 @@ class Storage:
         process group exists or ``single_process`` (rank 0 writing alone).
 
         Returns:
-            ``{file name: (size, crc32)}`` of the files this rank wrote.
+            ``{file name: (size, crc32)}`` of the files this rank wrote (empty without
+            ``checksums``).
         """
         writer = self.writer(path, own_file_keys=own_file_keys)
         with warnings.catch_warnings(), _io_errors("writing", path):
@@ -286,7 +310,7 @@ class Storage:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, storage_writer=writer, planner=planner,
                      no_dist=single_process or _single_process())
-        return dict(writer.fs.files)
+        return dict(getattr(writer.fs, "files", {}))
 
     def load_state(self, state: dict, path: str) -> None:
         """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``; collective."""
