@@ -300,12 +300,15 @@ def merge_block(block: torch.Tensor, offsets, factors: list[Factors]) -> torch.T
     """
     r0, c0 = offsets
     nr, nc = block.shape
-    out = block.to(torch.float32, copy=True)
-    for f in factors:
-        left = f.left if f.left_is_local else f.left[r0:r0 + nr]
-        right = f.right[:, c0:c0 + nc]
-        out.addmm_(left.to(torch.float32), right.to(torch.float32), alpha=f.scale)
-    return out.to(block.dtype)
+    out = block.to(torch.float32)  # no copy for float32 blocks: the first addmm makes one
+    for n, f in enumerate(factors):
+        left = (f.left if f.left_is_local else f.left[r0:r0 + nr]).to(torch.float32)
+        right = f.right[:, c0:c0 + nc].to(torch.float32)
+        if n == 0 and out.data_ptr() == block.data_ptr():
+            out = torch.addmm(out, left, right, alpha=f.scale)
+        else:
+            out.addmm_(left, right, alpha=f.scale)
+    return out.to(block.dtype) if factors else block.clone()
 
 
 def adapter_config(sites: list[Site]) -> dict[str, Any]:
