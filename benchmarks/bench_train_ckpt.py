@@ -307,6 +307,8 @@ def _run(cfg: Config) -> dict:
                     manifest = mgr.manifest(step)
                     files = sum(f["size"] for f in manifest["files"].values())
                     base = sum(f["size"] for f in manifest.get("base_files", {}).values())
+                    if step == 1:  # the base's own files.json completes it
+                        base += os.path.getsize(os.path.join(roots[name], manifest["base"], "files.json"))
                     record["manifest_bytes"] = files + (base if step == 1 else 0)
                     record["manifest_json_bytes"] = os.path.getsize(
                         os.path.join(mgr.step_path(step), "manifest.json"))
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     ours0 = raw["per_rank"][0]["saves"][OURS]
     mismatch = [r["step"] for r in ours0
                 if abs(r["bytes"] - r["manifest_bytes"] - r["manifest_json_bytes"]) > 0]
-    print("ours: bytes on disk = manifest 'files' (+ 'base_files' at step 1) + manifest.json: "
+    print("ours: bytes on disk = manifest 'files' (+ 'base_files' and the base's files.json at step 1) + manifest.json: "
           + ("yes, every step" if not mismatch else f"NO at steps {mismatch}"))
     parts = []
     for name in (n for n in APPROACHES if n in raw["checks"]):
