@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import dcp_universal
-from dcp_universal import model_io, optim_io, retention, storage
+from dcp_universal import _comm, model_io, optim_io, retention, storage
 from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.plan import LoadReport
 
@@ -40,41 +40,6 @@ class StepAlreadyExistsError(CheckpointError, ValueError):
 
 class PerRankStateError(CheckpointError):
     """Per-rank training state cannot follow a change of world size."""
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist() else 1
-
-
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
-def _agree(value):
-    """Rank 0's value, on every rank (so every rank takes the same branch)."""
-    if not _dist():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all(flag: bool) -> bool:
-    """True on every rank iff ``flag`` is true on every rank."""
-    if not _dist():
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def _rng_state() -> dict[str, Any]:
@@ -213,7 +178,7 @@ class CheckpointManager:
         self._prepare(step, path, overwrite)
         view = model_io.ModelView.of(model)
         manifest: dict[str, Any] = {
-            "format_version": storage.FORMAT_VERSION, "step": step, "world_size": _world(),
+            "format_version": storage.FORMAT_VERSION, "step": step, "world_size": _comm.world_size(),
             "torch_version": torch.__version__, "library_version": dcp_universal.__version__,
             "created_unix": time.time(), "merge": self.options.merge,
             "dtypes": sorted({str(t.dtype) for t in view.tensors.values()}),
@@ -248,7 +213,7 @@ class CheckpointManager:
         manifest["training_state"] = {"extra": sorted(extra or {}), "per_rank": per_rank}
         files = _gather_files(files)
         error = None
-        if _rank() == 0:  # every rank's data is written: commit
+        if _comm.rank() == 0:  # every rank's data is written: commit
             manifest["files"] = files
             if manifest["base"]:
                 manifest["base_files"] = base_files
@@ -256,21 +221,21 @@ class CheckpointManager:
                 self._store.write_manifest(path, manifest)
             except Exception as e:  # told to every rank below, so none reports success
                 error = f"{type(e).__name__}: {e}"
-        error = _agree(error)
+        error = _comm.agree(error)
         if error:
             raise CheckpointError(f"step {step} was written but its commit failed ({error}); "
                                   f"it is not committed and the next save removes it")
-        if _rank() == 0:
+        if _comm.rank() == 0:
             self.prune()
-        _barrier()
-        if _rank() == 0:
+        _comm.barrier()
+        if _comm.rank() == 0:
             size = sum(f["size"] for f in manifest["files"].values())
             logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6, time.perf_counter() - start)
         return path
 
     def _prepare(self, step: int, path: str, overwrite: bool) -> None:
         error = None
-        if _rank() == 0:
+        if _comm.rank() == 0:
             if self._store.exists(storage.join(path, storage.MANIFEST)) and not overwrite:
                 error = (f"step {step} is already committed at {path}; pass overwrite=True to "
                          "replace it, or save under another step number")
@@ -281,7 +246,7 @@ class CheckpointManager:
                 for base in self._store.list_bases(self.root):  # bases a crash left unfinished
                     if not self._store.exists(storage.join(self.root, base, storage.BASE_FILES)):
                         self._store.remove_tree(storage.join(self.root, base))
-        error = _agree(error)
+        error = _comm.agree(error)
         if error:
             raise StepAlreadyExistsError(error)
 
@@ -291,7 +256,7 @@ class CheckpointManager:
         last, with every rank's file sizes and CRC-32); an incomplete one is rewritten."""
         frozen = {k: view.tensors[k] for k in sorted(view.frozen)}
         signature = _signature(frozen)
-        if _all(self._base_cache is not None and self._base_cache[0] == signature):
+        if _comm.all_true(self._base_cache is not None and self._base_cache[0] == signature):
             fp = self._base_cache[1]
         else:
             fp = model_io.fingerprint(frozen)
@@ -299,18 +264,18 @@ class CheckpointManager:
         base = storage.join(self.root, name)
         marker = storage.join(base, storage.BASE_FILES)
         records = None
-        if _rank() == 0 and self._store.exists(marker):
+        if _comm.rank() == 0 and self._store.exists(marker):
             records = json.loads(self._store.read_bytes(marker))
-        records = _agree(records)
+        records = _comm.agree(records)
         if records is None:
             records = _gather_files(model_io.save_tensors(frozen, base, self._store))
             error = None
-            if _rank() == 0:
+            if _comm.rank() == 0:
                 try:
                     self._store.write_atomic(marker, json.dumps(records, sort_keys=True).encode())
                 except Exception as e:
                     error = f"{type(e).__name__}: {e}"
-            if _agree(error):
+            if _comm.agree(error):
                 raise CheckpointError(f"writing {marker} failed: {error}; nothing was committed")
         self._base_cache = (signature, fp)
         return name, records
@@ -319,13 +284,13 @@ class CheckpointManager:
         state: dict[str, Any] = {}
         if optimizer is not None:
             state.update(optim_io.optimizer_state(model, optimizer))
-        rank = _rank()
+        rank = _comm.rank()
         state[f"{_RANK}{rank}/rng"] = pickle.dumps(_rng_state())
         per_rank = ["rng"]
         for name, obj in sorted((extra or {}).items()):
             blob = pickle.dumps(_state_of(obj))
-            if _dist():
-                blobs = [None] * _world()
+            if _comm.is_distributed():
+                blobs = [None] * _comm.world_size()
                 dist.all_gather_object(blobs, blob)
                 same = all(b == blobs[0] for b in blobs)
             else:
@@ -428,7 +393,7 @@ class CheckpointManager:
 
     def _check_per_rank(self, manifest, extra, skip) -> None:
         saved_world = manifest["world_size"]
-        if saved_world == _world():
+        if saved_world == _comm.world_size():
             return
         missing = [name for name in manifest["training_state"]["per_rank"]
                    if name not in skip
@@ -437,15 +402,15 @@ class CheckpointManager:
         if missing:
             raise PerRankStateError(
                 f"step {manifest['step']} was saved by {saved_world} ranks and is loaded by "
-                f"{_world()}; its per-rank state {missing} has no resharding rule. Pass "
+                f"{_comm.world_size()}; its per-rank state {missing} has no resharding rule. Pass "
                 f"skip_per_rank={missing!r} to keep this job's current values, or give the "
                 "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
 
     def _stage_training_state(self, manifest, opt_dir, extra, skip, report):
         saved_world = manifest["world_size"]
         per_rank = set(manifest["training_state"]["per_rank"])
-        same_world = saved_world == _world()
-        rank = _rank()
+        same_world = saved_world == _comm.world_size()
+        rank = _comm.rank()
         wanted: dict[str, Any] = {}
         for name in sorted(extra):
             if name not in manifest["training_state"]["extra"]:
@@ -466,8 +431,8 @@ class CheckpointManager:
     def _install_training_state(self, manifest, wanted, extra, skip, report) -> None:
         saved_world = manifest["world_size"]
         per_rank = set(manifest["training_state"]["per_rank"])
-        same_world = saved_world == _world()
-        rank = _rank()
+        same_world = saved_world == _comm.world_size()
+        rank = _comm.rank()
         for name, obj in sorted(extra.items()):
             if name not in per_rank:
                 _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))
@@ -475,7 +440,7 @@ class CheckpointManager:
                 _load_into(obj, pickle.loads(wanted[f"{_RANK}{rank}/{name}"]))
             elif name in skip:
                 report.notes.append(f"per-rank state {name!r} kept as is (world size "
-                                    f"{saved_world} -> {_world()})")
+                                    f"{saved_world} -> {_comm.world_size()})")
             else:
                 obj.load_resharded_state_dicts(
                     [pickle.loads(wanted[f"{_RANK}{r}/{name}"]) for r in range(saved_world)])
@@ -483,14 +448,14 @@ class CheckpointManager:
         if same_world:
             _set_rng_state(pickle.loads(wanted[f"{_RANK}{rank}/rng"]))
         else:
-            report.notes.append(f"RNG state kept as is (world size {saved_world} -> {_world()})")
+            report.notes.append(f"RNG state kept as is (world size {saved_world} -> {_comm.world_size()})")
 
 
 def _gather_files(files: dict[str, tuple[int, int]]) -> dict[str, dict]:
     """Every rank's ``{file: (size, crc32)}``, merged, as manifest records (collective)."""
     parts = [files]
-    if _dist():
-        parts = [None] * _world()
+    if _comm.is_distributed():
+        parts = [None] * _comm.world_size()
         dist.all_gather_object(parts, files)
     return {name: {"size": size, "crc32": crc}
             for part in parts for name, (size, crc) in sorted(part.items())}

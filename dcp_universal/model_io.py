@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from dcp_universal import adapters, legacy, storage
+from dcp_universal import _comm, adapters, legacy, storage
 from dcp_universal.errors import CheckpointError
 from dcp_universal.names import canonical_module_names, canonical_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
@@ -98,14 +98,6 @@ def reshard(model: nn.Module) -> None:
             m.reshard()
 
 
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _is_distributed() else 0
-
-
 class _MergingSavePlanner(DefaultSavePlanner):
     """Writes ``W + updates`` for adapted weights, computed per write item.
 
@@ -151,7 +143,7 @@ def _save_model(model: nn.Module, path: str, merge: str, store: storage.Storage)
     view = ModelView.of(model)
     save = _save_sharded if merge == "sharded" else _save_rank0
     files = save(view, path, store)
-    if _rank() == 0:
+    if _comm.rank() == 0:
         logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
                     len(view.tensors), len(view.sites), merge, path, time.perf_counter() - start)
     return files
@@ -166,7 +158,7 @@ def _save_sharded(view: ModelView, path: str, store: storage.Storage) -> dict:
 
 @torch.no_grad()
 def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> dict:
-    rank = _rank()
+    rank = _comm.rank()
     full = {}
     for key, t in view.tensors.items():
         f = t.full_tensor() if isinstance(t, DTensor) else t
@@ -185,13 +177,11 @@ def _save_rank0(view: ModelView, path: str, store: storage.Storage) -> dict:
             files = store.save_state(full, path, single_process=True)
         except Exception as e:  # re-raised on every rank below, so no rank hangs
             error = e
-    if _is_distributed():
-        box = [repr(error) if error is not None else None]
-        dist.broadcast_object_list(box, src=0)
-        if error is None and box[0] is not None:
-            raise CheckpointError(f"rank 0 failed to write {path}: {box[0]}")
+    told = _comm.agree(repr(error) if error is not None else None)
     if error is not None:
         raise error
+    if told is not None:
+        raise CheckpointError(f"rank 0 failed to write {path}: {told}")
     return files
 
 
@@ -213,7 +203,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
     digests = [h.hexdigest()]
-    if _is_distributed() and sharded:
+    if _comm.is_distributed() and sharded:
         digests = [None] * dist.get_world_size()
         dist.all_gather_object(digests, h.hexdigest())
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
@@ -412,7 +402,7 @@ def stage_model(model: nn.Module, path: str, *, strict: bool, verify: bool, stag
         for site in view.sites:
             if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
                 site.kind.reset(site.module)
-        if _rank() == 0:
+        if _comm.rank() == 0:
             logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
                         plan.report.summary())
 

@@ -24,13 +24,13 @@ import warnings
 import zlib
 from typing import Any
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
+from dcp_universal import _comm
 from dcp_universal.errors import (CheckpointIOError, FormatVersionError, IntegrityError,
                                   ManifestError, NotACheckpointError)
 
@@ -60,10 +60,6 @@ def join(*parts: str) -> str:
 
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
-
-
-def _single_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
 
 
 @contextlib.contextmanager
@@ -309,14 +305,14 @@ class Storage:
             # DCP warns on every save without a process group; ours are deliberate
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save(state, storage_writer=writer, planner=planner,
-                     no_dist=single_process or _single_process())
+                     no_dist=single_process or not _comm.is_distributed())
         return dict(getattr(writer.fs, "files", {}))
 
     def load_state(self, state: dict, path: str) -> None:
         """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``; collective."""
         with warnings.catch_warnings(), _io_errors("reading", path):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=self.reader(path), no_dist=_single_process())
+            dcp.load(state, storage_reader=self.reader(path), no_dist=not _comm.is_distributed())
 
     def read_metadata(self, path: str) -> Metadata:
         return self.reader(path).read_metadata()

@@ -67,7 +67,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import harness  # noqa: E402
 import tiny  # noqa: E402
-from dcp_universal import CheckpointManager, manager, storage  # noqa: E402
+from dcp_universal import CheckpointManager, _comm, storage  # noqa: E402
 from dcp_universal.model_io import reshard  # noqa: E402
 from dcp_universal.names import canonical_names  # noqa: E402
 from train_loop import Data, build, full, moments, train  # noqa: E402
@@ -180,7 +180,7 @@ class _Hooks:
         around(storage._Checksummed, "rename", "dcp_rename", "dcp_renamed")
         around(storage.Storage, "remove_file", "remove_file")
         around(storage.Storage, "remove_tree", "remove_tree")
-        around(manager, "_barrier", "barrier")
+        around(_comm, "barrier", "barrier")
         for name in ("all_gather_object", "broadcast_object_list", "all_reduce",
                      "scatter_object_list", "gather_object", "barrier"):
             around(dist, name, f"dist.{name}")
