@@ -25,7 +25,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from dcp_universal import _comm, adapters, legacy, storage
 from dcp_universal.errors import CheckpointError
-from dcp_universal.names import canonical_module_names, canonical_names
+from dcp_universal.names import canonical_module_names, canonical_names, canonical_parameters
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 
 __all__ = ["save_model", "load_model", "ModelView", "MERGE_MODES", "fingerprint", "save_tensors", "reshard"]
@@ -70,11 +70,9 @@ class ModelView:
         for key, value in sd.items():
             name = names[key]
             (adapter_tensors if name in adapter_keys else tensors)[name] = value
-        params = dict(model.named_parameters())
-        pnames = canonical_names(model, params.keys())
-        param_keys = {id(p): pnames[n] for n, p in params.items()}
-        frozen = {pnames[n] for n, p in params.items()
-                  if not p.requires_grad and pnames[n] not in adapter_keys}
+        params = canonical_parameters(model)
+        param_keys = {id(p): n for n, p in params.items()}
+        frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
         return cls(tensors, adapter_tensors, sites, structural, frozen, param_keys)
 
     def adapter_manifest(self) -> dict:

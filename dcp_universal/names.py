@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from dcp_universal import adapters
 
-__all__ = ["canonical_names", "canonical_module_names"]
+__all__ = ["canonical_names", "canonical_module_names", "canonical_parameters"]
 
 
 def _type_named(*qualnames: str) -> Callable[[nn.Module], bool]:
@@ -99,3 +99,11 @@ def canonical_module_names(model: nn.Module) -> dict[nn.Module, str]:
     for fqn, module in model.named_modules(remove_duplicate=False):
         out.setdefault(module, _canonical(model, fqn))
     return out
+
+
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of ``model`` under its canonical name (FSDP2 models: call after
+    ``model_io.reshard`` so these are the objects an optimizer holds)."""
+    params = dict(model.named_parameters())
+    names = canonical_names(model, params.keys())
+    return {names[n]: p for n, p in params.items()}

@@ -28,10 +28,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from dcp_universal import storage
 from dcp_universal.errors import CheckpointError
 from dcp_universal.model_io import reshard
-from dcp_universal.names import canonical_names
+from dcp_universal.names import canonical_parameters
 from dcp_universal.plan import LoadReport
 
-__all__ = ["optimizer_state", "load_optimizer", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
+__all__ = ["optimizer_state", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,7 @@ HYPERPARAM_SOURCES = ("checkpoint", "current")
 
 def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
     reshard(model)
-    params = dict(model.named_parameters())
-    names = canonical_names(model, params.keys())
-    by_id = {id(p): names[n] for n, p in params.items()}
+    by_id = {id(p): n for n, p in canonical_parameters(model).items()}
     unknown = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in by_id]
     if unknown:
         raise CheckpointError(
@@ -104,23 +102,15 @@ def _read_meta(opt_dir: str, store: storage.Storage) -> tuple[dict, dict[str, di
     return pickle.loads(box[META_KEY]), by_param
 
 
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                   report: LoadReport, hyperparams: str = "checkpoint",
-                   store: storage.Storage | None = None) -> None:
-    """Transfer saved optimizer state into ``optimizer`` by canonical name.
+def stage_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
+                    report: LoadReport, hyperparams: str, store: storage.Storage):
+    """Read the saved state into new tensors; returns ``commit()``, which installs it.
 
     Args:
         hyperparams: ``"checkpoint"`` restores lr, betas, weight decay, ... from the
             checkpoint when the param-group structure matches; ``"current"`` keeps the
             values the optimizer was built with.
     """
-    stage_optimizer(model, optimizer, opt_dir, report=report, hyperparams=hyperparams,
-                    store=store or storage.Storage())()
-
-
-def stage_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    report: LoadReport, hyperparams: str, store: storage.Storage):
-    """Read the saved state into new tensors; returns ``commit()``, which installs it."""
     if hyperparams not in HYPERPARAM_SOURCES:
         raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
     names = _param_names(model, optimizer)

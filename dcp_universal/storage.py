@@ -418,7 +418,3 @@ class Storage:
 
 def step_dir(root: str, step: int) -> str:
     return join(root, f"step-{step:08d}")
-
-
-def base_dir(root: str, fingerprint: str) -> str:
-    return join(root, f"base-{fingerprint}")

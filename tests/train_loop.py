@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tiny
 from dcp_universal.model_io import reshard
-from dcp_universal.names import canonical_names
+from dcp_universal.names import canonical_parameters
 
 
 class Data:
@@ -69,9 +69,7 @@ def full(t):
 def moments(model, opt) -> dict[str, dict[str, torch.Tensor]]:
     """Optimizer state by canonical parameter name, gathered (collective under FSDP2)."""
     reshard(model)
-    params = dict(model.named_parameters())
-    names = canonical_names(model, params.keys())
-    by_id = {id(p): names[n] for n, p in params.items()}
+    by_id = {id(p): n for n, p in canonical_parameters(model).items()}
     out = {}
     for group in opt.param_groups:
         for p in group["params"]:
