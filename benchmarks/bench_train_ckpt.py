@@ -305,8 +305,8 @@ def _run(cfg: Config) -> dict:
                 record["bytes"], on_disk[name] = total - on_disk[name], total
                 if name == OURS:
                     manifest = mgr.manifest(step)
-                    files = sum(f["size"] for f in manifest["files"].values())
-                    base = sum(f["size"] for f in manifest.get("base_files", {}).values())
+                    files = sum(f.size for f in manifest.files.values())
+                    base = sum(f.size for f in (manifest.base_files or {}).values())
                     if step == 1:  # the base's own files.json completes it
                         base += os.path.getsize(os.path.join(roots[name], manifest["base"], "files.json"))
                     record["manifest_bytes"] = files + (base if step == 1 else 0)

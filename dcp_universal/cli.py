@@ -14,8 +14,10 @@ import sys
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dcp_universal import storage
+from dcp_universal import dcp_io, manifest
 from dcp_universal.errors import CheckpointError
+from dcp_universal.model_io import resolve_model_dir
+from dcp_universal.storage import Storage, normalize
 
 __all__ = ["main"]
 
@@ -29,9 +31,9 @@ def _human(n: int) -> str:
 
 
 def _inspect(args) -> int:
-    store = storage.Storage()
-    model_dir = store.resolve_model_dir(args.path)
-    meta = store.read_metadata(model_dir)
+    store = Storage()
+    model_dir = resolve_model_dir(store, normalize(args.path))
+    meta = dcp_io.read_metadata(store, model_dir)
     rows, total, count = [], 0, 0
     for key in sorted(meta.state_dict_metadata):
         m = meta.state_dict_metadata[key]
@@ -57,11 +59,12 @@ def _inspect(args) -> int:
 def _verify(args) -> int:
     from dcp_universal.manager import CheckpointManager
 
-    path = args.path.rstrip("/")
-    root, _, name = path.rpartition("/")
-    if not name.startswith("step-") or not name[5:].isdigit():
+    path = normalize(args.path)
+    parts = manifest.split_step_path(path)
+    if parts is None:
         raise CheckpointError(f"{path} is not a step directory (expected <root>/step-<number>)")
-    result = CheckpointManager(root or ".").verify(int(name[5:]))
+    root, step = parts
+    result = CheckpointManager(root).verify(step)
     print(f"{path}: OK ({result['files']} files, {result['bytes']:,} bytes, sizes and CRC-32)")
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
-           "CheckpointIOError"]
+           "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError"]
 
 
 class CheckpointError(Exception):
@@ -45,3 +45,12 @@ class IntegrityError(CheckpointError):
 class CheckpointIOError(CheckpointError, OSError):
     """Reading or writing a checkpoint's data failed on at least one rank (every rank
     raises it). Nothing was committed (save) or installed into the model (load)."""
+
+
+class StepAlreadyExistsError(CheckpointError, ValueError):
+    """``save(step)`` found that step already committed (pass ``overwrite=True``)."""
+
+
+class PerRankStateError(CheckpointError):
+    """Per-rank training state cannot follow a change of world size (see
+    ``CheckpointManager.load``'s ``skip_per_rank``). Raised before anything is read."""

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from dcp_universal import dcp_io, manifest
 from dcp_universal.errors import CheckpointError
+from dcp_universal.storage import Storage, join, normalize
 
 __all__ = ["LegacyCheckpoint", "is_legacy_file", "read_legacy", "convert"]
 
@@ -169,34 +171,26 @@ def convert(src: str, root: str, *, step: int | None = None,
             storage_options: dict | None = None) -> str:
     """Write a legacy file's model as a committed step under ``root``; returns its path.
 
-    The step number defaults to the file's ``iter_num`` / ``global_step`` (else 0). The
-    optimizer state is not converted: the seeds saved it by position, which cannot be
-    matched to parameter names safely; the step records ``optimizer: false``.
+    Not collective (one process). The step number defaults to the file's ``iter_num`` /
+    ``global_step`` (else 0). The optimizer state is not converted: the seeds saved it by
+    position, which cannot be matched to parameter names safely; the step records
+    ``optimizer: false``.
     """
-    import time
-
-    import dcp_universal
-    from dcp_universal import storage
-
+    src, root = normalize(src), normalize(root)
     ck = read_legacy(src)
     if step is None:
         step = int(next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta), 0))
-    store = storage.Storage(storage_options)
-    path = storage.step_dir(root, step)
-    if store.exists(storage.join(path, storage.MANIFEST)):
+    store = Storage(storage_options)
+    path = manifest.step_path(root, step)
+    if store.exists(join(path, manifest.MANIFEST)):
         raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
-    written = store.save_state(ck.model, storage.join(path, storage.MODEL_DIR))
-    manifest = {
-        "format_version": storage.FORMAT_VERSION, "step": step, "world_size": 1, "mesh": None,
-        "torch_version": torch.__version__, "library_version": dcp_universal.__version__,
-        "created_unix": time.time(), "merge": "rank0", "adapters": None, "base": None,
-        "dtypes": sorted({str(t.dtype) for t in ck.model.values()}),
-        "items": {storage.MODEL_DIR: True, "optimizer": False},
-        "training_state": {"extra": [], "per_rank": []}, "metrics": {},
-        "files": {f"{storage.MODEL_DIR}/{n}": {"size": size, "crc32": crc}
-                  for n, (size, crc) in sorted(written.items())},
-        "legacy": {"source": ck.path, "merged_lora": ck.merged,
-                   "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})},
-    }
-    store.write_manifest(path, manifest)
+    written = dcp_io.save_state(store, ck.model, join(path, manifest.MODEL_DIR))
+    m = manifest.Manifest(
+        step=step, world_size=1, merge="rank0",
+        dtypes=sorted({str(t.dtype) for t in ck.model.values()}),
+        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
+        files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
+        legacy={"source": ck.path, "merged_lora": ck.merged,
+                "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})})
+    manifest.write_manifest(store, path, m)
     return path

@@ -21,7 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora"]
+from dcp_universal import adapters
+from dcp_universal.names import canonical_module_names
+
+__all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora", "LoRAKind"]
 
 
 class LoRALinear(nn.Module):
@@ -92,8 +95,6 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str])
         ValueError: a target matches no Linear or Embedding, or a matched module is
             already adapted.
     """
-    from dcp_universal.names import canonical_module_names
-
     if not targets:
         raise ValueError("apply_lora needs at least one target name, e.g. targets=['q', 'v']")
     names = canonical_module_names(model)
@@ -124,3 +125,32 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str])
         cls = LoRALinear if isinstance(child, nn.Linear) else LoRAEmbedding
         setattr(parent, attr, cls(child, rank=rank, alpha=alpha))
     return model
+
+
+class LoRAKind(adapters.AdapterKind):
+    """The adapter kind of :class:`LoRALinear` and :class:`LoRAEmbedding`.
+
+    Both put the factor whose rows line up with the base rows on the left (Linear:
+    ``B @ A``; Embedding: ``A @ B``), so under FSDP2 each rank merges its own rows
+    without gathering that factor.
+    """
+
+    name = "dcp_universal.lora"
+
+    def matches(self, module):
+        return isinstance(module, (LoRALinear, LoRAEmbedding))
+
+    def terms(self, module):
+        if isinstance(module, LoRALinear):
+            return [adapters.Term(left=module.lora_B, right=module.lora_A, scale=module.scale)]
+        return [adapters.Term(left=module.lora_A, right=module.lora_B, scale=module.scale)]
+
+    def reset(self, module):
+        with torch.no_grad():
+            module.lora_B.zero_()
+
+    def config(self, module):
+        return {"rank": module.rank, "alpha": module.alpha}
+
+
+adapters.register(LoRAKind())

@@ -22,16 +22,16 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dcp_universal import storage
+from dcp_universal import dcp_io
 from dcp_universal.errors import CheckpointError
-from dcp_universal.model_io import reshard
-from dcp_universal.names import canonical_parameters
 from dcp_universal.plan import LoadReport
+from dcp_universal.storage import Storage
+from dcp_universal.view import ModelView
 
-__all__ = ["optimizer_state", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES"]
+__all__ = ["optimizer_state", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES",
+           "check_hyperparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,13 @@ _STATE = "state/"
 HYPERPARAM_SOURCES = ("checkpoint", "current")
 
 
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    reshard(model)
-    by_id = {id(p): n for n, p in canonical_parameters(model).items()}
+def check_hyperparams(hyperparams: str) -> None:
+    if hyperparams not in HYPERPARAM_SOURCES:
+        raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
+
+
+def _param_names(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    by_id = view.param_keys
     unknown = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in by_id]
     if unknown:
         raise CheckpointError(
@@ -61,9 +65,9 @@ def _warn_frozen(optimizer, names: dict[int, str]) -> None:
             "[p for p in model.parameters() if p.requires_grad]", stacklevel=3)
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A flat DCP state dict of ``optimizer`` keyed by canonical parameter names."""
-    names = _param_names(model, optimizer)
+    names = _param_names(view, optimizer)
     _warn_frozen(optimizer, names)
     out: dict[str, Any] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -88,12 +92,12 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return out
 
 
-def _read_meta(opt_dir: str, store: storage.Storage) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
-    md = store.read_metadata(opt_dir).state_dict_metadata
+def _read_meta(opt_dir: str, store: Storage) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
+    md = dcp_io.read_metadata(store, opt_dir).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
-    store.load_state(box, opt_dir)
+    dcp_io.load_state(store, box, opt_dir)
     by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -102,18 +106,19 @@ def _read_meta(opt_dir: str, store: storage.Storage) -> tuple[dict, dict[str, di
     return pickle.loads(box[META_KEY]), by_param
 
 
-def stage_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    report: LoadReport, hyperparams: str, store: storage.Storage):
+def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
+                    report: LoadReport, hyperparams: str, store: Storage):
     """Read the saved state into new tensors; returns ``commit()``, which installs it.
+
+    Collective: two ``dcp.load`` calls of ``opt_dir`` (meta, then state), every rank.
 
     Args:
         hyperparams: ``"checkpoint"`` restores lr, betas, weight decay, ... from the
             checkpoint when the param-group structure matches; ``"current"`` keeps the
             values the optimizer was built with.
     """
-    if hyperparams not in HYPERPARAM_SOURCES:
-        raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
-    names = _param_names(model, optimizer)
+    check_hyperparams(hyperparams)
+    names = _param_names(view, optimizer)
     _warn_frozen(optimizer, names)
     meta, saved = _read_meta(opt_dir, store)
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
@@ -134,7 +139,7 @@ def stage_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, opt_dir:
         restored[name] = state
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
     if to_read:
-        store.load_state(to_read, opt_dir)
+        dcp_io.load_state(store, to_read, opt_dir)
 
     def commit() -> None:
         for name, state in restored.items():

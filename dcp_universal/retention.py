@@ -19,7 +19,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from dcp_universal import storage
+from dcp_universal import manifest
+from dcp_universal.manifest import Manifest
+from dcp_universal.storage import Storage, join
 
 __all__ = ["KeepLast", "KeepEvery", "KeepBest", "Decision", "decide", "apply"]
 
@@ -36,7 +38,7 @@ class KeepLast:
         if self.n < 1:
             raise ValueError(f"keep_last={self.n}: must be >= 1 (the newest step is always kept)")
 
-    def keep(self, manifests: dict[int, dict]) -> set[int]:
+    def keep(self, manifests: dict[int, Manifest]) -> set[int]:
         return set(sorted(manifests)[-self.n:])
 
 
@@ -51,7 +53,7 @@ class KeepEvery:
         if self.k < 1:
             raise ValueError(f"keep_every={self.k}: must be >= 1")
 
-    def archive(self, manifests: dict[int, dict]) -> set[int]:
+    def archive(self, manifests: dict[int, Manifest]) -> set[int]:
         return {s for s in manifests if s % self.k == 0}
 
 
@@ -70,9 +72,9 @@ class KeepBest:
         if self.mode not in ("min", "max"):
             raise ValueError(f"best_mode={self.mode!r}: expected 'min' or 'max'")
 
-    def keep(self, manifests: dict[int, dict]) -> set[int]:
-        scored = [(m["metrics"][self.metric], s) for s, m in manifests.items()
-                  if self.metric in (m.get("metrics") or {})]
+    def keep(self, manifests: dict[int, Manifest]) -> set[int]:
+        scored = [(m.metrics[self.metric], s) for s, m in manifests.items()
+                  if self.metric in m.metrics]
         scored.sort(reverse=self.mode == "max")
         return {s for _, s in scored[: self.n]}
 
@@ -86,7 +88,7 @@ class Decision:
     archived: list[int] = dataclasses.field(default_factory=list)  # archived before
 
 
-def decide(policies: list[Any], manifests: dict[int, dict], bases: list[str]) -> Decision:
+def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str]) -> Decision:
     """What ``policies`` do to committed steps ``manifests`` (step -> manifest)."""
     steps = sorted(manifests)
     if not steps:
@@ -98,36 +100,37 @@ def decide(policies: list[Any], manifests: dict[int, dict], bases: list[str]) ->
     archived -= keep
     remaining = keep | archived
     delete = [s for s in steps if s not in remaining]
-    to_archive = sorted(s for s in archived if manifests[s]["items"].get("optimizer"))
-    before = sorted(s for s in remaining if manifests[s].get("archived"))
-    used = {manifests[s].get("base") for s in remaining}
+    to_archive = sorted(s for s in archived if manifests[s].has(manifest.OPTIMIZER_DIR))
+    before = sorted(s for s in remaining if manifests[s].archived)
+    used = {manifests[s].base for s in remaining}
     return Decision(sorted(keep - set(before)), to_archive, delete,
                     [b for b in bases if b not in used], before)
 
 
-def apply(decision: Decision, root: str, store: storage.Storage,
-          manifests: dict[int, dict]) -> None:
+def _archived(m: Manifest) -> Manifest:
+    """``m`` as an archived step's manifest: no optimizer state, no ``optimizer/`` files."""
+    opt = manifest.OPTIMIZER_DIR
+    return dataclasses.replace(
+        m, items={**m.items, opt: False}, archived=True,
+        files={k: v for k, v in m.files.items() if k not in m.files_under(opt)})
+
+
+def apply(decision: Decision, root: str, store: Storage,
+          manifests: dict[int, Manifest]) -> None:
     """Carry out ``decision``; safe to kill at any point (see the module docstring)."""
     for step in decision.delete:
-        store.remove_step(storage.step_dir(root, step))
+        manifest.remove_step(store, manifest.step_path(root, step))
     for step in decision.archive:
-        path = storage.step_dir(root, step)
-        manifest = dict(manifests[step])
-        prefix = f"{storage.OPTIMIZER_DIR}/"
-        manifest["items"] = {**manifest["items"], "optimizer": False}
-        manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(prefix)}
-        manifest["archived"] = True
-        store.write_manifest(path, manifest)
-        store.remove_tree(storage.join(path, storage.OPTIMIZER_DIR))
+        path = manifest.step_path(root, step)
+        manifest.write_manifest(store, path, _archived(manifests[step]))
+        store.remove_tree(join(path, manifest.OPTIMIZER_DIR))
     for step in decision.archived:
         # an archive killed between its manifest and its optimizer/ left the directory
-        opt = storage.join(storage.step_dir(root, step), storage.OPTIMIZER_DIR)
+        opt = join(manifest.step_path(root, step), manifest.OPTIMIZER_DIR)
         if store.exists(opt):
             store.remove_tree(opt)
     for base in decision.delete_bases:
-        path = storage.join(root, base)
-        store.remove_file(storage.join(path, storage.BASE_FILES))
-        store.remove_tree(path)
+        manifest.remove_base(store, join(root, base))
     if decision.delete or decision.archive or decision.delete_bases:
         logger.info("retention: deleted steps %s, archived %s, deleted bases %s",
                     decision.delete, decision.archive, decision.delete_bases)

@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcp_universal import CheckpointManager, load_model
 from dcp_universal.lora import apply_lora
-from dcp_universal.manager import PerRankStateError
+from dcp_universal import PerRankStateError
 from model import GPT, GPTConfig
 
 # Modules present in every CPython >= 3.10, read in this order.
@@ -256,7 +256,7 @@ def main() -> None:
     if mgr and args.resume == "auto" and latest is None:
         log(f"--resume auto: no committed step under {args.ckpt_dir} yet, starting at step 0")
     if latest is not None:
-        saved_world = mgr.manifest(latest)["world_size"]
+        saved_world = mgr.manifest(latest).world_size
         skip = ["rng", "data"] if args.reshard_per_rank == "skip" else []
         t0 = time.perf_counter()
         try:

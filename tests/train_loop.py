@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tiny
-from dcp_universal.model_io import reshard
+from dcp_universal.view import reshard
 from dcp_universal.names import canonical_parameters
 
 

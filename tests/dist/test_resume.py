@@ -9,7 +9,7 @@ import torch
 import harness
 import tiny
 from dcp_universal import CheckpointManager
-from dcp_universal.manager import PerRankStateError
+from dcp_universal import PerRankStateError
 from train_loop import Data, build, moments, train
 
 TOTAL, SAVE_AT = 6, 3
@@ -48,8 +48,8 @@ def test_resume_is_bit_identical(tmp_path, mode, variant):
         assert not report.optimizer_fresh and not report.optimizer_dropped and not report.fresh
     if variant == "lora4":
         manifest = CheckpointManager(root).manifest(SAVE_AT)
-        assert manifest["items"] == {"adapters": True, "optimizer": True}
-        assert manifest["base"].startswith("base-")
+        assert manifest.items == {"adapters": True, "optimizer": True}
+        assert manifest.base.startswith("base-")
 
 
 # ---- across configurations ------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_two_node_job_on_s3_resumes_on_three_processes(s3):
         assert a.returncode == 0, out[-3000:]
     mgr = CheckpointManager(root, storage_options=options)
     assert mgr.steps() == [5, 10]
-    assert mgr.manifest(10)["world_size"] == 4
+    assert mgr.manifest(10).world_size == 4
 
     resumed = subprocess.run(
         [*TORCHRUN, "--standalone", "--nnodes=1", "--nproc_per_node=3",
@@ -61,7 +61,7 @@ def test_two_node_job_on_s3_resumes_on_three_processes(s3):
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert re.search(r"resumed \S+step-00000010 \(saved by 4 processes\).*at step 10", resumed.stdout)
-    assert mgr.steps()[-1] == 15 and mgr.manifest(15)["world_size"] == 3
+    assert mgr.steps()[-1] == 15 and mgr.manifest(15).world_size == 3
     want = float(re.findall(r"EVAL_LOSS (\S+)", resumed.stdout)[-1])
 
     inference = subprocess.run(

@@ -67,8 +67,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import harness  # noqa: E402
 import tiny  # noqa: E402
-from dcp_universal import CheckpointManager, _comm, storage  # noqa: E402
-from dcp_universal.model_io import reshard  # noqa: E402
+from dcp_universal import CheckpointManager, _comm, dcp_io, integrity, manifest, storage  # noqa: E402
+from dcp_universal.view import reshard  # noqa: E402
 from dcp_universal.names import canonical_names  # noqa: E402
 from train_loop import Data, build, full, moments, train  # noqa: E402
 
@@ -176,8 +176,8 @@ class _Hooks:
 
             setattr(owner, name, wrapper)
 
-        around(storage.Storage, "save_state", "dcp_begin", "dcp_end")
-        around(storage._Checksummed, "rename", "dcp_rename", "dcp_renamed")
+        around(dcp_io, "save_state", "dcp_begin", "dcp_end")
+        around(integrity.Checksummed, "rename", "dcp_rename", "dcp_renamed")
         around(storage.Storage, "remove_file", "remove_file")
         around(storage.Storage, "remove_tree", "remove_tree")
         around(_comm, "barrier", "barrier")
@@ -185,7 +185,7 @@ class _Hooks:
                      "scatter_object_list", "gather_object", "barrier"):
             around(dist, name, f"dist.{name}")
 
-        write = storage._CrcStream.write
+        write = integrity._CrcStream.write
 
         def torn_write(stream, data):
             if hooks.fires("file_write"):
@@ -195,12 +195,12 @@ class _Hooks:
                 hooks.kill()
             return write(stream, data)
 
-        storage._CrcStream.write = torn_write
+        integrity._CrcStream.write = torn_write
 
         replace = os.replace
 
         def manifest_replace(src, dst, *args, **kwargs):
-            is_manifest = os.fspath(dst).endswith("/" + storage.MANIFEST)
+            is_manifest = os.fspath(dst).endswith("/" + manifest.MANIFEST)
             if is_manifest:
                 hooks.at("manifest_rename")
             out = replace(src, dst, *args, **kwargs)
@@ -366,7 +366,7 @@ def _load_and_compare(mgr: CheckpointManager, step: int, variant: str, ref: dict
     bit for bit. Returns what was loaded."""
     model, opt, sched = build(variant, "none", 1, seed=9)  # other weights: the load must win
     counters: dict = {}
-    training = mgr.manifest(step)["items"].get("optimizer")
+    training = mgr.manifest(step).items.get("optimizer")
     if training:
         report = mgr.load(model, opt, step=step, extra={"lr_scheduler": sched, "train": counters},
                           skip_per_rank=["rng", "data"], verify=True)
@@ -407,7 +407,7 @@ def _check_crash(trial: Trial, root: str, workdir: str) -> tuple[int, str, dict]
     step 2's state in words, and the references by step."""
     mgr = CheckpointManager(root, **RETENTION[trial.retention])
     step2 = mgr.step_path(2)
-    committed2 = os.path.exists(os.path.join(step2, storage.MANIFEST))
+    committed2 = os.path.exists(os.path.join(step2, manifest.MANIFEST))
     latest = mgr.latest_step()
     want = 2 if committed2 else 1
     assert latest == want, (f"latest_step() is {latest}, expected {want} "
@@ -417,7 +417,7 @@ def _check_crash(trial: Trial, root: str, workdir: str) -> tuple[int, str, dict]
     allowed = ([[1, 2], [2]] if committed2 and trial.retention == "last1" else
                [[1, 2]] if committed2 else [[1]])
     assert mgr.steps() in allowed, f"steps() is {mgr.steps()}, expected one of {allowed}"
-    assert mgr.manifest(latest)["items"]["optimizer"], f"latest step {latest} lost its optimizer"
+    assert mgr.manifest(latest).items["optimizer"], f"latest step {latest} lost its optimizer"
     refs = {s: torch.load(os.path.join(workdir, f"ref-{s}.pt"), weights_only=False) for s in (1, 2)}
     _check_every_step(mgr, trial.variant, refs)
     state = "committed" if committed2 else "debris" if os.path.isdir(step2) else "not started"
@@ -435,7 +435,7 @@ def _check_next_save(trial: Trial, root: str, latest: int, refs: dict) -> list[i
     assert steps[-1] == 3, f"steps() after save 3 is {steps}"
     names = os.listdir(root)
     stray = [n for n in names if n.startswith("step-")
-             and not os.path.exists(os.path.join(root, n, storage.MANIFEST))]
+             and not os.path.exists(os.path.join(root, n, manifest.MANIFEST))]
     if stray:
         raise DebrisError(f"save 3 left uncommitted step directories {stray}")
     tmp = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".tmp")]
@@ -443,11 +443,11 @@ def _check_next_save(trial: Trial, root: str, latest: int, refs: dict) -> list[i
         raise DebrisError(f"save 3 left temp files {tmp}")
     manifests = {s: mgr.manifest(s) for s in steps}
     orphans = [n for n in names if n.startswith("base-")
-               and n not in {m.get("base") for m in manifests.values()}]
+               and n not in {m.base for m in manifests.values()}]
     if orphans:
         raise DebrisError(f"save 3 left bases no committed step uses: {orphans}")
     for s, m in manifests.items():  # a committed step holds exactly what its manifest lists
-        unlisted = _files_under(mgr.step_path(s)) - set(m["files"]) - {storage.MANIFEST}
+        unlisted = _files_under(mgr.step_path(s)) - set(m.files) - {manifest.MANIFEST}
         if unlisted:
             raise DebrisError(f"after save 3, committed step {s} holds files its manifest does "
                               f"not list: {sorted(unlisted)}")

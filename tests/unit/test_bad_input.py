@@ -106,8 +106,8 @@ def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
     victim = _data_file(mgr.step_path(1))
     rel = os.path.relpath(victim, mgr.step_path(1))
     with open(victim, "rb") as f:
-        assert zlib.crc32(f.read()) == manifest["files"][rel]["crc32"]  # computed while writing
-    assert mgr.verify(1)["files"] == len(manifest["files"])
+        assert zlib.crc32(f.read()) == manifest.files[rel].crc32  # computed while writing
+    assert mgr.verify(1)["files"] == len(manifest.files)
     with open(victim, "r+b") as f:  # same size, other bytes
         f.seek(os.path.getsize(victim) // 2)
         byte = f.read(1)

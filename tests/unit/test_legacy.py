@@ -94,7 +94,7 @@ def test_convert_writes_a_committed_step_every_loader_reads(tmp_path, capsys):
     mgr = CheckpointManager(str(tmp_path / "root"))
     assert mgr.steps() == [250]
     manifest = mgr.manifest(250)
-    assert manifest["legacy"]["meta"]["iter_num"] == 250 and not manifest["items"]["optimizer"]
+    assert manifest.legacy["meta"]["iter_num"] == 250 and not manifest.items["optimizer"]
     mgr.verify(250)
     model = tiny.make("lora2", seed=9)
     mgr.load(model)

@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from dcp_universal import CheckpointError, CheckpointManager, load_model
-from dcp_universal.manager import StepAlreadyExistsError
+from dcp_universal import StepAlreadyExistsError
 from train_loop import Data, build, moments, train
 
 
@@ -40,13 +40,13 @@ def test_lora_steps_share_one_base_and_write_only_trainable_state(tmp_path):
     bases = [n for n in os.listdir(tmp_path) if n.startswith("base-")]
     assert len(bases) == 1  # the frozen base did not change: written once
     m1, m2 = mgr.manifest(1), mgr.manifest(2)
-    assert m1["base"] == m2["base"] == bases[0]
-    assert m1["items"] == {"adapters": True, "optimizer": True}
-    assert m2["items"] == {"adapters": True, "model": True, "optimizer": True}
-    assert m1["adapters"]["modules"]["blocks.0.q"] == {"rank": 4, "alpha": 8.0}
-    assert m1["world_size"] == 1 and m1["format_version"] == 1 and m1["files"]
-    assert all(rec["size"] == os.path.getsize(tmp_path / "step-00000001" / f)
-               for f, rec in m1["files"].items())
+    assert m1.base == m2.base == bases[0]
+    assert m1.items == {"adapters": True, "optimizer": True}
+    assert m2.items == {"adapters": True, "model": True, "optimizer": True}
+    assert m1.adapters.modules["blocks.0.q"] == {"rank": 4, "alpha": 8.0}
+    assert m1.world_size == 1 and m1.format_version == 1 and m1.files
+    assert all(rec.size == os.path.getsize(tmp_path / "step-00000001" / f)
+               for f, rec in m1.files.items())
     adapters = tiny.read_dir(str(tmp_path / "step-00000001" / "adapters"))
     assert "blocks.0.q.lora_A" in adapters and "blocks.0.ln.weight" in adapters
     assert "blocks.0.q.weight" not in adapters  # frozen: lives in the base
@@ -82,7 +82,7 @@ def test_retention_keeps_newest_and_the_bases_kept_steps_use(tmp_path):
     mgr = CheckpointManager(str(tmp_path), keep_last=2)
     model, opt, _ = _trained()
     mgr.save(1, model, opt)
-    first_base = mgr.manifest(1)["base"]
+    first_base = mgr.manifest(1).base
     mgr.save(2, model, opt)
     with torch.no_grad():  # a new base (e.g. after a merge-and-rebase)
         model.blocks[0].q.base_layer.weight.add_(1.0)
@@ -92,7 +92,7 @@ def test_retention_keeps_newest_and_the_bases_kept_steps_use(tmp_path):
     mgr.save(4, model, opt)
     assert mgr.steps() == [3, 4]
     assert not os.path.exists(tmp_path / first_base)
-    assert mgr.manifest(3)["base"] != first_base and os.path.isdir(tmp_path / mgr.manifest(3)["base"])
+    assert mgr.manifest(3).base != first_base and os.path.isdir(tmp_path / mgr.manifest(3).base)
 
 
 def test_manifestless_step_is_ignored_and_cleaned_by_next_save(tmp_path):
@@ -201,11 +201,11 @@ def test_load_without_steps_says_so(tmp_path):
 
 
 def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkeypatch):
-    from dcp_universal import model_io
+    from dcp_universal import base_store
 
     calls = []
-    real = model_io.fingerprint
-    monkeypatch.setattr(model_io, "fingerprint", lambda t: calls.append(1) or real(t))
+    real = base_store.fingerprint
+    monkeypatch.setattr(base_store, "fingerprint", lambda t: calls.append(1) or real(t))
     model, opt, _ = _trained()
     mgr = CheckpointManager(str(tmp_path))
     for step in (1, 2, 3):
@@ -221,7 +221,7 @@ def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkey
     with torch.no_grad():
         target.blocks[0].q.base_layer.weight.mul_(2)  # an in-place change is noticed
     resumed.save(5, target, topt)
-    assert len(calls) == 2 and resumed.manifest(5)["base"] != resumed.manifest(4)["base"]
+    assert len(calls) == 2 and resumed.manifest(5).base != resumed.manifest(4).base
 
 
 def test_keep_every_archives_model_only_and_keep_best_keeps_by_metric(tmp_path):
@@ -233,11 +233,11 @@ def test_keep_every_archives_model_only_and_keep_best_keeps_by_metric(tmp_path):
         mgr.save(step, model, opt, metrics={"val_loss": loss})
     # 6: newest; 2: best val_loss; 4: archived (divisible by 4); the rest deleted
     assert mgr.steps() == [2, 4, 6]
-    assert mgr.manifest(2)["items"]["optimizer"] and mgr.manifest(6)["items"]["optimizer"]
+    assert mgr.manifest(2).items["optimizer"] and mgr.manifest(6).items["optimizer"]
     archived = mgr.manifest(4)
-    assert archived["archived"] and not archived["items"]["optimizer"]
+    assert archived.archived and not archived.items["optimizer"]
     assert not (tmp_path / "step-00000004" / "optimizer").exists()
-    assert not any(f.startswith("optimizer/") for f in archived["files"])
+    assert not any(f.startswith("optimizer/") for f in archived.files)
     mgr.verify(4)
     target = tiny.make("plain", seed=3)  # an archived LoRA step still loads: base + adapters
     load_model(target, mgr.step_path(4))
@@ -272,14 +272,14 @@ def test_prune_cli(tmp_path, capsys):
     assert mgr.steps() == [1, 2, 3, 4]
     assert "would delete steps [1, 3]" in capsys.readouterr().out
     assert main(["prune", str(tmp_path), "--keep-last", "1", "--keep-every", "2"]) == 0
-    assert mgr.steps() == [2, 4] and not mgr.manifest(2)["items"]["optimizer"]
+    assert mgr.steps() == [2, 4] and not mgr.manifest(2).items["optimizer"]
 
 
 def test_bases_left_by_crashed_saves_are_checked_or_cleaned(tmp_path):
     model, opt, _ = _trained()
     mgr = CheckpointManager(str(tmp_path))
     mgr.save(1, model, opt)
-    base = mgr.manifest(1)["base"]
+    base = mgr.manifest(1).base
     # a crash after the base was complete but before step 1 committed
     os.remove(tmp_path / "step-00000001" / "manifest.json")
     # ... and another one that left an unfinished base (no files.json)
@@ -290,13 +290,13 @@ def test_bases_left_by_crashed_saves_are_checked_or_cleaned(tmp_path):
     with torch.no_grad():
         other.blocks[0].q.base_layer.weight.add_(1)
     CheckpointManager(str(tmp_path / "elsewhere")).save(1, other, oopt)
-    orphan = CheckpointManager(str(tmp_path / "elsewhere")).manifest(1)["base"]
+    orphan = CheckpointManager(str(tmp_path / "elsewhere")).manifest(1).base
     os.rename(tmp_path / "elsewhere" / orphan, tmp_path / orphan)
 
     fresh = CheckpointManager(str(tmp_path))
     fresh.save(1, model, opt)
     manifest = fresh.manifest(1)
-    assert manifest["base"] == base and manifest["base_files"]  # reused, with its records
+    assert manifest.base == base and manifest.base_files  # reused, with its records
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("base-")) == [base]
     victim = tmp_path / base / "__0_0.distcp"
     data = bytearray(victim.read_bytes())

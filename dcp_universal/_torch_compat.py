@@ -1,0 +1,117 @@
+"""Every use of a private torch API, in one place.
+
+Each of these can change in any torch release. Keeping them here means a torch upgrade
+is checked against one file, and each use says what the public alternative is, or why
+there is none. No other module of the package imports a ``torch`` name that starts
+with ``_`` or reads a private attribute of a torch object; they call this module.
+
+The installed torch is the one CI tests (see ``pyproject.toml``); the uses below were
+read against its source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = ["fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
+           "version_counter", "checkpoint_failures", "quiet_single_process_warning",
+           "WRAPPER_CLASSES"]
+
+# DCP's data files end in ``filesystem.DEFAULT_SUFFIX``. Readers find files through the
+# metadata, never by suffix, so our own constant (equal today) is enough; we keep the
+# same suffix so the directory looks like any other DCP checkpoint.
+DATA_SUFFIX = ".distcp"
+
+
+def fsspec_reader_writer() -> tuple[type, type]:
+    """DCP's ``(FsspecReader, FsspecWriter)``.
+
+    Private: they live in ``torch.distributed.checkpoint._fsspec_filesystem`` and are not
+    re-exported by ``torch.distributed.checkpoint``. There is no public fsspec writer;
+    writing one of our own would copy DCP's file-writing loop.
+    """
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    return FsspecReader, FsspecWriter
+
+
+def write_files(writer, plan, planner, buckets: list[list]) -> Any:
+    """Write ``plan``'s items in the given buckets, one file per bucket, with DCP's own
+    file-writing loop (``_FileSystemWriter._write_data``); returns its future.
+
+    Private: ``_write_data`` and the ``_StoragePrefix`` in ``plan.storage_data``. The
+    public knob, ``single_file_per_rank``, offers one file per rank or one per tensor;
+    we need bounded files (see ``dcp_io._OwnFiles``), and DCP has no public hook for
+    choosing the grouping.
+    """
+    files: queue.Queue = queue.Queue()
+    for n, bucket in enumerate(buckets):
+        name = f"{plan.storage_data.prefix}{n}{DATA_SUFFIX}"
+        files.put((writer.fs.concat_path(writer.path, name), name, bucket))
+    return writer._write_data(planner, files)
+
+
+def wrap_writer_fs(writer, wrap: Callable[[Any], Any]) -> None:
+    """Replace a DCP writer's file-system object by ``wrap(fs)``.
+
+    Private: ``writer.fs`` is an implementation attribute of DCP's file-system writers.
+    The public-looking alternative, ``_extensions`` (stream transforms), is itself
+    private and experimental, and cannot see file names or renames.
+    """
+    writer.fs = wrap(writer.fs)
+
+
+def version_counter(t: torch.Tensor) -> int | None:
+    """The autograd version counter of ``t`` (bumped by every in-place write), or None
+    if this torch no longer exposes it (callers then treat the contents as unknown).
+
+    Private: ``Tensor._version`` has no public equivalent. A content signature would be
+    public but means reading every byte: for the frozen-base cache that is a full hash
+    of the base on every save, which is the cost the cache exists to avoid.
+    """
+    return getattr(t, "_version", None)
+
+
+def checkpoint_failures(exc: BaseException) -> list[tuple[int, BaseException]]:
+    """``(rank, exception)`` of every failure a DCP ``CheckpointException`` carries, by rank.
+
+    ``CheckpointException.failures`` is public; the value's ``(exception, traceback)``
+    pairing is DCP's private ``_wrap_exception`` format, hence this helper.
+    """
+    failures = getattr(exc, "failures", None) or {}
+    out = []
+    for rank, cause in sorted(failures.items(), key=lambda kv: kv[0]):
+        out.append((rank, cause[0] if isinstance(cause, tuple) else cause))
+    return out
+
+
+@contextlib.contextmanager
+def quiet_single_process_warning() -> Iterator[None]:
+    """Silence DCP's "torch.distributed is disabled" warning for a deliberate
+    single-process save or load (an inference node, rank 0 writing alone).
+
+    Private in effect: the warning is a plain ``UserWarning`` with no category of its
+    own, so the only way to filter it is by its message text, which may change.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+# Wrapper modules torch itself puts around a model, by qualified class name, and the
+# private attribute holding the wrapped module. Private: none of these classes is
+# public API under this name, and the attributes are implementation details, but they
+# appear in every state-dict key the wrappers produce; there is no public way to ask a
+# module "what do you wrap?". Matched by name so that importing this module never
+# imports dynamo or FSDP1.
+WRAPPER_CLASSES: list[tuple[tuple[str, ...], str]] = [
+    (("torch._dynamo.eval_frame.OptimizedModule",), "_orig_mod"),  # torch.compile
+    (("CheckpointWrapper", "ActivationWrapper"), "_checkpoint_wrapped_module"),
+    (("torch.distributed.fsdp.fully_sharded_data_parallel.FullyShardedDataParallel",),
+     "_fsdp_wrapped_module"),
+]

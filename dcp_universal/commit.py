@@ -1,0 +1,86 @@
+"""Writing one step and committing it.
+
+Atomicity policy: a step is committed by its ``manifest.json``, written by rank 0 after
+every rank finished writing every item; until then the directory is debris, which
+``steps()`` never lists and the next save removes. The manifest is written whole or not
+at all (:meth:`dcp_universal.storage.Storage.write_atomic`).
+
+A :class:`StepWriter` is used by every rank, in this order::
+
+    writer = StepWriter(store, root, step)
+    writer.prepare(overwrite=..., bases=...)   # collective (rank 0 acts, all agree)
+    writer.write(item, fn)                     # collective as fn is; once per item
+    writer.commit(manifest)                    # collective (gather, rank 0 commits)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dcp_universal import _comm, manifest
+from dcp_universal.base_store import BaseStore, gather_records
+from dcp_universal.errors import CheckpointIOError, StepAlreadyExistsError
+from dcp_universal.manifest import FileRecord, Manifest
+from dcp_universal.storage import Storage, join
+
+__all__ = ["StepWriter"]
+
+
+class StepWriter:
+    """Writes the items of step ``step`` under ``root`` and commits it.
+
+    Attributes:
+        path: the step directory.
+        files: this rank's file records so far, relative to the step directory.
+        items: the item directories written.
+    """
+
+    def __init__(self, store: Storage, root: str, step: int) -> None:
+        self.store = store
+        self.root = root
+        self.step = step
+        self.path = manifest.step_path(root, step)
+        self.files: dict[str, FileRecord] = {}
+        self.items: dict[str, bool] = {}
+
+    def prepare(self, *, overwrite: bool, bases: BaseStore) -> None:
+        """Collective (``on_rank0``): refuse a committed step unless ``overwrite``;
+        remove the step's old directory, debris of crashed saves and unfinished bases.
+
+        Raises:
+            StepAlreadyExistsError: on every rank.
+        """
+        _comm.on_rank0(self._prepare, overwrite, bases)
+
+    def _prepare(self, overwrite: bool, bases: BaseStore) -> None:
+        if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
+            raise StepAlreadyExistsError(
+                f"step {self.step} is already committed at {self.path}; pass overwrite=True "
+                "to replace it, or save under another step number")
+        manifest.remove_step(self.store, self.path)  # an overwritten step, or debris
+        for debris in manifest.list_steps(self.store, self.root, committed=False):
+            self.store.remove_tree(manifest.step_path(self.root, debris))
+        bases.remove_unfinished()
+
+    def write(self, item: str, fn: Callable[[str], dict[str, FileRecord]]) -> None:
+        """Write ``item`` (e.g. ``model``) with ``fn(item_dir)``, which returns the records
+        of the files this rank wrote. Collective exactly as ``fn`` is."""
+        written = fn(join(self.path, item))
+        self.files.update({f"{item}/{name}": rec for name, rec in written.items()})
+        self.items[item] = True
+
+    def commit(self, m: Manifest) -> None:
+        """Collective: gather every rank's file records (one ``all_gather_object``), then
+        rank 0 writes the manifest (``on_rank0``). Every rank returns once the step is
+        committed, or raises :class:`CheckpointIOError` if the commit failed."""
+        m.files = gather_records(self.files)
+        m.items = {**self.items, **m.items}
+        _comm.on_rank0(self._commit, m)
+
+    def _commit(self, m: Manifest) -> None:
+        try:
+            manifest.write_manifest(self.store, self.path, m)
+        except OSError as e:
+            raise CheckpointIOError(
+                f"step {self.step} was written but its commit failed ({type(e).__name__}: "
+                f"{e}); it is not committed and the next save removes it") from e

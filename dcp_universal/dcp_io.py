@@ -1,0 +1,141 @@
+"""DCP reads and writes: every ``dcp.save`` / ``dcp.load`` of the package goes through
+:func:`save_state` / :func:`load_state`, with DCP's file-system writer for local paths
+and its fsspec writer for URLs.
+
+Failures: DCP gathers a failure on any rank and raises one ``CheckpointException`` on
+every rank; here it becomes a :class:`~dcp_universal.errors.CheckpointIOError` naming the
+path and the first failing rank's cause, so every rank raises and none waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+
+from dcp_universal import _comm, _torch_compat
+from dcp_universal.errors import CheckpointIOError
+from dcp_universal.integrity import Checksummed
+from dcp_universal.manifest import FileRecord
+from dcp_universal.storage import Storage, is_remote
+
+__all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
+
+COMPUTED_FILE_BYTES = 32 << 20  # see _OwnFiles
+
+
+@contextlib.contextmanager
+def _io_errors(doing: str, path: str):
+    try:
+        yield
+    except CheckpointException as e:
+        failures = _torch_compat.checkpoint_failures(e)
+        rank, cause = failures[0] if failures else (None, e)
+        raise CheckpointIOError(
+            f"{doing} {path} failed on rank(s) {[r for r, _ in failures] or '?'}: rank {rank}: "
+            f"{type(cause).__name__}: {cause}") from e
+
+
+class _OwnFiles:
+    """Writer mixin: items named in ``own_file_keys`` go to files of their own, packed up
+    to ``COMPUTED_FILE_BYTES`` per file (an item larger than that gets a file alone).
+
+    DCP keeps every tensor of a file alive until the file is closed. Tensors that are
+    views of the model cost nothing, but computed ones (merged LoRA weights) are new, so
+    bounded files bound the extra memory to about one local shard or this budget,
+    whichever is larger, while keeping the file (and fsync) count low.
+    """
+
+    own_file_keys: frozenset = frozenset()
+
+    def write_data(self, plan, planner):
+        own = [i for i in plan.items if i.index.fqn in self.own_file_keys]
+        rest = [i for i in plan.items if i.index.fqn not in self.own_file_keys]
+        buckets = [rest] if rest else []
+        size = COMPUTED_FILE_BYTES
+        for item in own:
+            nbytes = _item_bytes(item)
+            if not buckets or buckets[-1] is rest or size + nbytes > COMPUTED_FILE_BYTES:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(item)
+            size += nbytes
+        return _torch_compat.write_files(self, plan, planner, buckets)
+
+
+def _item_bytes(item) -> int:
+    n = 1
+    for d in item.tensor_data.chunk.sizes:
+        n *= d
+    return n * item.tensor_data.properties.dtype.itemsize
+
+
+class _LocalWriter(_OwnFiles, FileSystemWriter):
+    pass
+
+
+def _remote_classes():
+    reader, writer = _torch_compat.fsspec_reader_writer()
+
+    class _RemoteWriter(_OwnFiles, writer):
+        pass
+
+    return _RemoteWriter, reader
+
+
+def _writer(store: Storage, path: str, own_file_keys, checksums: bool):
+    if is_remote(path):
+        w = _remote_classes()[0](path, **store.options)
+    else:
+        w = _LocalWriter(path)
+    w.own_file_keys = frozenset(own_file_keys)
+    if checksums:
+        _torch_compat.wrap_writer_fs(w, Checksummed)
+    return w
+
+
+def _reader(store: Storage, path: str):
+    if is_remote(path):
+        return _remote_classes()[1](path, **store.options)
+    return FileSystemReader(path)
+
+
+def save_state(store: Storage, state: dict, path: str, *, planner=None,
+               own_file_keys=frozenset(), checksums: bool = True,
+               single_process: bool = False) -> dict[str, FileRecord]:
+    """``dcp.save`` of ``state`` to the DCP directory ``path``.
+
+    Collective (every rank, same ``path``) unless there is no process group or
+    ``single_process`` is set (rank 0 writing alone; the other ranks do not call it).
+
+    Args:
+        own_file_keys: keys whose (computed) tensors go to bounded files of their own.
+        checksums: compute each written file's size and CRC-32 while writing it.
+
+    Returns:
+        ``{file name: FileRecord}`` of the files this rank wrote (empty without
+        ``checksums``).
+    """
+    writer = _writer(store, path, own_file_keys, checksums)
+    with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
+        dcp.save(state, storage_writer=writer, planner=planner,
+                 no_dist=single_process or not _comm.is_distributed())
+    return dict(getattr(writer.fs, "files", {}))
+
+
+def load_state(store: Storage, state: dict, path: str) -> None:
+    """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``.
+
+    Collective: every rank calls it with the same ``path``, in the same order as its
+    other loads (each rank may ask for different keys).
+    """
+    with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
+        dcp.load(state, storage_reader=_reader(store, path), no_dist=not _comm.is_distributed())
+
+
+def read_metadata(store: Storage, path: str) -> Metadata:
+    """DCP's metadata of ``path`` (not collective: every caller reads it)."""
+    return _reader(store, path).read_metadata()
+

@@ -1,0 +1,112 @@
+"""A model seen through canonical names: built once per save or load and passed to
+every part that needs it (model, adapters, optimizer, frozen base)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from dcp_universal import adapters
+from dcp_universal.manifest import AdapterTerm, Adapters, Mesh
+from dcp_universal.names import canonical_module_names, canonical_names, canonical_parameters
+
+__all__ = ["ModelView", "reshard", "local_block"]
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state.
+
+    After a forward (e.g. an eval) FSDP2's root keeps its parameters unsharded, and
+    ``named_parameters()`` then yields other objects than the ones the optimizer holds.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of ``t`` this rank holds, and its offsets in the global tensor."""
+    if isinstance(t, DTensor):
+        # __create_chunk_list__ is DTensor's public protocol for DCP: this rank's chunk
+        chunks = t.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"a DTensor with {len(chunks)} local chunks")
+        return t.to_local(), tuple(chunks[0].offsets)
+    return t, (0,) * t.dim()
+
+
+@dataclasses.dataclass
+class ModelView:
+    """A model seen through canonical names.
+
+    Attributes:
+        model: the model itself.
+        tensors: canonical key -> tensor (DTensor under FSDP2) for everything that is
+            not an adapter's own parameter; adapted base weights appear under their
+            plain name (``x.weight``).
+        adapter_tensors: canonical key -> tensor for adapter parameters (``x.lora_A``).
+        sites: adapted modules, sorted by name.
+        structural: canonical key -> name with the adapter infix (``x.base_layer.weight``).
+        frozen: canonical keys of frozen (``requires_grad=False``) non-adapter parameters.
+        params: canonical key -> parameter (the objects an optimizer holds).
+        param_keys: ``id(parameter)`` -> canonical key.
+    """
+
+    model: nn.Module
+    tensors: dict[str, torch.Tensor]
+    adapter_tensors: dict[str, torch.Tensor]
+    sites: list[adapters.Site]
+    structural: dict[str, str]
+    frozen: set[str]
+    params: dict[str, nn.Parameter]
+    param_keys: dict[int, str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelView":
+        reshard(model)
+        sd = model.state_dict()
+        names = canonical_names(model, sd.keys())
+        sites = adapters.find_sites(model, canonical_module_names(model))
+        adapter_keys, structural = set(), {}
+        for site in sites:
+            adapter_keys.update(f"{site.name}.{n}" for n in site.adapter_params())
+            structural.update(site.structural_names())
+        tensors, adapter_tensors = {}, {}
+        for key, value in sd.items():
+            name = names[key]
+            (adapter_tensors if name in adapter_keys else tensors)[name] = value
+        params = canonical_parameters(model)
+        frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
+        return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
+                   {id(p): n for n, p in params.items()})
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensors[k] for k in sorted(self.frozen)}
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a LoRA step's ``adapters/`` holds: all but the frozen base."""
+        return {**{k: v for k, v in self.tensors.items() if k not in self.frozen},
+                **self.adapter_tensors}
+
+    def adapters_record(self) -> Adapters:
+        """The manifest's description of the adapters: enough to merge them from disk."""
+        def term(t: adapters.Term) -> AdapterTerm:
+            return AdapterTerm(left=self.param_keys[id(t.left)], right=self.param_keys[id(t.right)],
+                               scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed)
+
+        config = adapters.adapter_config(self.sites)
+        return Adapters(kinds=config["kinds"], modules=config["modules"],
+                        sites={s.name: [term(t) for t in s.terms()] for s in self.sites})
+
+    def mesh(self) -> Mesh | None:
+        for t in self.tensors.values():
+            if isinstance(t, DTensor):
+                return Mesh(shape=list(t.device_mesh.shape), placements=[str(p) for p in t.placements])
+        return None
+
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype) for t in self.tensors.values()})
