@@ -1,15 +1,15 @@
 """dcp_universal: universal checkpoints for multi-GPU PyTorch training on top of DCP."""
 
-from dcp_universal import peft_lora  # noqa: F401  (registers the PEFT LoRA adapter kind)
 from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
                                   FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError, PerRankStateError,
                                   StepAlreadyExistsError, UnsupportedAdapterError)
-from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora
+from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
 from dcp_universal.manager import CheckpointManager
 from dcp_universal.model_io import load_model, save_model
 from dcp_universal.plan import LoadReport
+from dcp_universal import peft_lora  # noqa: E402,F401  (registers the PEFT LoRA kind)
 
 __all__ = [
     "CheckpointManager",

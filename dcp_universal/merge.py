@@ -49,10 +49,10 @@ class Factors:
 def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Factors]]:
     """The factors of every site's terms, ready for :func:`merge_block`.
 
-    Collective: every rank calls it with the same sites in the same order (one
-    ``all_gather_object`` per device mesh, plus ``full_tensor()`` for placements other
-    than ``Shard(0)``). All factors that
-    need gathering are gathered in one exchange, not one collective per factor.
+    Collective: every rank calls it with the same sites in the same order. All factors
+    that need gathering travel in one ``all_gather_object`` per device mesh (plus a
+    ``full_tensor()`` for placements other than ``Shard(0)``), not one collective per
+    factor.
     """
     plans = []  # per site, per term: (term, left is local)
     wanted: list[torch.Tensor] = []
