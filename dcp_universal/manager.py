@@ -284,7 +284,7 @@ class CheckpointManager:
         # Read everything first, install after: a failure halfway leaves the job untouched.
         view = ModelView.of(model)
         staged = model_io.stage_model(view, path, strict=strict, verify=verify, stage=True,
-                                      store=self._store)
+                                      store=self._store, step_manifest=m)
         opt_dir = join(path, manifest.OPTIMIZER_DIR)
         commits = [staged.commit]
         if optimizer is not None:

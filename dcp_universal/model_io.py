@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from dcp_universal import _comm, dcp_io, legacy, manifest, merge
 from dcp_universal.errors import NotACheckpointError
 from dcp_universal.integrity import check_files
-from dcp_universal.manifest import FileRecord
+from dcp_universal.manifest import FileRecord, Manifest
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 from dcp_universal.storage import Storage, join, normalize
 from dcp_universal.view import ModelView, local_block
@@ -179,8 +179,10 @@ def resolve_model_dir(store: Storage, path: str) -> str:
         "CheckpointManager.save() wrote")
 
 
-def _source(path: str, view: ModelView, store: Storage, verify: bool) -> _Source:
-    """Pick what to read: a model directory, or a step's pieces.
+def _source(path: str, view: ModelView, store: Storage, verify: bool,
+            m: Manifest | None) -> _Source:
+    """Pick what to read: a model directory, or a step's pieces (``m``: the step's
+    manifest when the caller has already read it).
 
     A LoRA step (``adapters/`` plus a shared base) restores exactly into a model with the
     same adapters; any other target gets merged weights: ``model/`` when the step has it,
@@ -192,9 +194,10 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool) -> _Source
         note = f"read legacy file {ck.path}" + (
             f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
         return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, note=note)
-    if not store.exists(join(path, manifest.MANIFEST)):
-        return _dir_source(store, resolve_model_dir(store, path))
-    m = manifest.read_manifest(store, path)
+    if m is None:
+        if not store.exists(join(path, manifest.MANIFEST)):
+            return _dir_source(store, resolve_model_dir(store, path))
+        m = manifest.read_manifest(store, path)
 
     def checked(*items: str) -> None:  # sizes always, checksums when asked
         check_files(store, path, m.files, checksums=verify,
@@ -308,11 +311,12 @@ class StagedLoad:
 
 
 def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage: bool,
-                store: Storage) -> StagedLoad:
+                store: Storage, step_manifest: Manifest | None = None) -> StagedLoad:
     """Plan and read a model load (collective: one ``dcp.load`` per directory read, in
-    sorted order on every rank)."""
+    sorted order on every rank). ``step_manifest``: ``path`` is a committed step whose
+    manifest the caller has read (so it is not read twice)."""
     start = time.perf_counter()
-    source = _source(path, view, store, verify)
+    source = _source(path, view, store, verify, step_manifest)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
