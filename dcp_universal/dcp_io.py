@@ -10,6 +10,8 @@ path and the first failing rank's cause, so every rank raises and none waits.
 from __future__ import annotations
 
 import contextlib
+import functools
+
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
@@ -76,6 +78,7 @@ class _LocalWriter(_OwnFiles, FileSystemWriter):
     pass
 
 
+@functools.cache
 def _remote_classes():
     reader, writer = _torch_compat.fsspec_reader_writer()
 
