@@ -174,7 +174,8 @@ class CheckpointManager:
         writer = StepWriter(self._store, self.root, step)
         writer.prepare(overwrite=overwrite, bases=self._bases)
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
-                     merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics)
+                     merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
+                     ties=[list(g) for g in view.ties])
         store = self._store
         if view.sites:
             m.adapters = view.adapters_record()

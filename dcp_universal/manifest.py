@@ -231,7 +231,7 @@ class TrainingState:
 
 # Fields written only when they carry something (so manifests without them are
 # byte-for-byte what earlier versions of this library wrote).
-_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy")
+_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -259,6 +259,8 @@ class Manifest:
         base_files: the base's file records, relative to the base (LoRA runs only).
         archived: retention archived the step (its ``optimizer/`` was removed).
         legacy: where a converted legacy ``torch.save`` file came from (``convert``).
+        ties: groups of canonical names that named one shared tensor in the saved model
+            (a token embedding tied to the output head).
     """
 
     format_version: int = FORMAT_VERSION
@@ -279,6 +281,7 @@ class Manifest:
     base_files: dict[str, FileRecord] | None = None
     archived: bool = False
     legacy: dict | None = None
+    ties: list[list[str]] = dataclasses.field(default_factory=list)
 
     def has(self, item: str) -> bool:
         """True if the step holds ``item`` (one of :data:`ITEMS`)."""
@@ -348,7 +351,15 @@ class Manifest:
                         if d.get("base_files") is not None else None),
             archived=_get(d, "archived", bool, where, "a boolean", optional=True, default=False),
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
+            ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
         )
+
+
+def _ties_from_json(d: Any, where: str) -> list[list[str]]:
+    if not isinstance(d, list) or not all(
+            isinstance(g, list) and all(isinstance(k, str) for k in g) for g in d):
+        raise _fail(where, "a list of lists of names", d)
+    return [list(g) for g in d]
 
 
 # ---- layout ---------------------------------------------------------------------------

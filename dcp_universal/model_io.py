@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.tensor import DTensor
 
-from dcp_universal import _comm, dcp_io, legacy, manifest, merge
-from dcp_universal.errors import NotACheckpointError
+from dcp_universal import _comm, dcp_io, foreign, legacy, manifest, merge
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError, NotACheckpointError
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import FileRecord, Manifest
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
@@ -123,9 +123,19 @@ def _save_rank0(view: ModelView, path: str, store: Storage, checksums: bool) -> 
 
 
 def _checkpoint_info(store: Storage, dcp_dir: str) -> dict[str, TensorInfo]:
+    return _checkpoint_entries(store, dcp_dir)[0]
+
+
+def _checkpoint_entries(store: Storage, dcp_dir: str) -> tuple[dict[str, TensorInfo], list[str]]:
+    """(tensor key -> info, non-tensor keys) of a DCP directory, from its metadata."""
     meta = dcp_io.read_metadata(store, dcp_dir)
-    return {k: TensorInfo(tuple(m.size), m.properties.dtype)
-            for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    tensors, other = {}, []
+    for k, m in meta.state_dict_metadata.items():
+        if isinstance(m, TensorStorageMetadata):
+            tensors[k] = TensorInfo(tuple(m.size), m.properties.dtype)
+        else:
+            other.append(k)
+    return tensors, other
 
 
 def _infos(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
@@ -145,6 +155,9 @@ class _Source:
         factors: canonical key -> info of the adapter factors ``deltas`` use.
         factor_dir: where those factors live.
         restored_base: the base a LoRA step was restored from exactly (same adapters).
+        raw_of: canonical key -> its key in the DCP directory, where they differ (a
+            checkpoint written by another tool).
+        notes: what the report should say about the source.
     """
 
     desc: str
@@ -153,14 +166,61 @@ class _Source:
     deltas: dict[str, list[manifest.AdapterTerm]] = dataclasses.field(default_factory=dict)
     factors: dict[str, TensorInfo] = dataclasses.field(default_factory=dict)
     factor_dir: str | None = None
-    note: str | None = None
     memory: dict[str, torch.Tensor] | None = None  # a legacy file's tensors, already read
     restored_base: str | None = None
+    raw_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def raw(self, key: str) -> str:
+        return self.raw_of.get(key, key)
 
 
-def _dir_source(store: Storage, model_dir: str) -> _Source:
-    keys = _checkpoint_info(store, model_dir)
-    return _Source(model_dir, keys, dict.fromkeys(keys, model_dir))
+def _dir_source(store: Storage, model_dir: str, view: ModelView, prefix: str | None) -> _Source:
+    """A model DCP directory: this library's (canonical keys) or another tool's."""
+    infos, other = _checkpoint_entries(store, model_dir)
+    res = foreign.resolve(infos, other, set(view.tensors), prefix=prefix, desc=model_dir)
+    keys = {name: infos[raw] for name, raw in res.raw_of.items()}
+    source = _Source(model_dir, keys, dict.fromkeys(keys, model_dir),
+                     raw_of={k: r for k, r in res.raw_of.items() if k != r}, notes=res.notes)
+    _foreign_factors(store, source, view)
+    return source
+
+
+def _foreign_factors(store: Storage, source: _Source, view: ModelView) -> None:
+    """PEFT LoRA factors in a plain DCP save of a PEFT model: left as keys where the
+    target has the same adapter (read exactly), otherwise turned into deltas merged into
+    the base weight on load, with the scale from PEFT's ``adapter_config.json``."""
+    found = foreign.peft_factors(source.keys)
+    to_merge = [f for f in found if not all(
+        k in view.adapter_tensors and tuple(view.adapter_tensors[k].shape) == source.keys[k].shape
+        for k in f.keys)]
+    if not to_merge:
+        return
+    names = sorted({f.adapter for f in to_merge})
+    config = foreign.read_peft_config(store, source.desc)
+    if config is None or len(names) > 1:
+        why = (f"adapters {names} (which one was active is not recorded)" if len(names) > 1 else
+               f"no {foreign.ADAPTER_CONFIG} beside it to give their scale (lora_alpha / r)")
+        raise CheckpointMismatchError(
+            f"checkpoint {source.desc} holds PEFT LoRA factors for {len(to_merge)} modules "
+            f"(e.g. {to_merge[0].a!r}) that the model has no identical adapter for, and "
+            f"{why}; nothing was loaded -> load it into a PEFT model with the same LoraConfig, "
+            f"or put the adapter's {foreign.ADAPTER_CONFIG} (as PEFT's save_pretrained "
+            "writes it) into the checkpoint directory")
+    config, where = config
+    for f in to_merge:
+        weight = f"{f.site}.weight"
+        if weight not in source.keys:
+            raise CheckpointMismatchError(
+                f"checkpoint {source.desc} holds PEFT LoRA factors of {f.site!r} but no base "
+                f"weight {weight!r}: it is incomplete")
+        a, b = source.keys.pop(f.a), source.keys.pop(f.b)
+        source.factors.update({f.a: a, f.b: b})
+        source.deltas.setdefault(weight, []).append(
+            foreign.merge_terms(f, source.keys[weight].shape, a.shape, b.shape, config, where))
+    source.factor_dir = source.desc
+    source.notes.append(f"merged {len(to_merge)} PEFT LoRA adapters ({names[0]!r}, scale from "
+                        f"{where}) into their base weights while loading")
 
 
 def resolve_model_dir(store: Storage, path: str) -> str:
@@ -180,7 +240,7 @@ def resolve_model_dir(store: Storage, path: str) -> str:
 
 
 def _source(path: str, view: ModelView, store: Storage, verify: bool,
-            m: Manifest | None) -> _Source:
+            m: Manifest | None, prefix: str | None = None) -> _Source:
     """Pick what to read: a model directory, or a step's pieces (``m``: the step's
     manifest when the caller has already read it).
 
@@ -193,11 +253,13 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
         keys = _infos(ck.model)
         note = f"read legacy file {ck.path}" + (
             f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
-        return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, note=note)
+        _no_prefix(prefix, path, "a legacy torch.save file")
+        return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
     if m is None:
         if not store.exists(join(path, manifest.MANIFEST)):
-            return _dir_source(store, resolve_model_dir(store, path))
+            return _dir_source(store, resolve_model_dir(store, path), view, prefix)
         m = manifest.read_manifest(store, path)
+    _no_prefix(prefix, path, "a dcp_universal step, whose keys are canonical")
 
     def checked(*items: str) -> None:  # sizes always, checksums when asked
         check_files(store, path, m.files, checksums=verify,
@@ -205,7 +267,7 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
 
     if m.adapters is None:
         checked(manifest.MODEL_DIR)
-        return _dir_source(store, join(path, manifest.MODEL_DIR))
+        return _dir_source(store, join(path, manifest.MODEL_DIR), view, None)
     base_path = manifest.base_path(path, m)
     adapters_path = join(path, manifest.ADAPTERS_DIR)
     base_keys = _checkpoint_info(store, base_path)
@@ -222,11 +284,11 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
         keys = {**base_keys, **step_keys}
         return _Source(path, keys, {**dict.fromkeys(base_keys, base_path),
                                     **dict.fromkeys(step_keys, adapters_path)},
-                       note=f"restored base ({m.base}) and adapters exactly",
+                       notes=[f"restored base ({m.base}) and adapters exactly"],
                        restored_base=m.base)
     if m.has(manifest.MODEL_DIR):
         checked(manifest.MODEL_DIR)
-        return _dir_source(store, join(path, manifest.MODEL_DIR))
+        return _dir_source(store, join(path, manifest.MODEL_DIR), view, None)
     checked(manifest.ADAPTERS_DIR)
     plain = {k: v for k, v in step_keys.items() if k not in factor_keys}
     return _Source(
@@ -234,7 +296,13 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
         {**dict.fromkeys(base_keys, base_path), **dict.fromkeys(plain, adapters_path)},
         deltas={f"{name}.weight": terms for name, terms in sites.items()},
         factors={k: step_keys[k] for k in factor_keys}, factor_dir=adapters_path,
-        note=f"merged {len(sites)} adapters into base {m.base} while loading")
+        notes=[f"merged {len(sites)} adapters into base {m.base} while loading"])
+
+
+def _no_prefix(prefix: str | None, path: str, what: str) -> None:
+    if prefix:
+        raise ValueError(f"prefix={prefix!r}: {path} is {what}; prefix= picks the model's "
+                         "subtree in a DCP checkpoint written by another tool")
 
 
 @torch.no_grad()
@@ -253,7 +321,7 @@ def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict
         return
     needed = sorted({k for terms in deltas.values() for t in terms for k in (t.left, t.right)})
     full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
-    dcp_io.load_state(store, full, source.factor_dir)
+    dcp_io.load_state(store, {source.raw(k): t for k, t in full.items()}, source.factor_dir)
     for key, terms in deltas.items():
         factors = [merge.Factors(
             left=full[t.left].T if t.left_t else full[t.left],
@@ -263,9 +331,49 @@ def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict
         block.copy_(merge.merge_block(block, offsets, factors))
 
 
+def _check_materialized(view: ModelView) -> None:
+    meta = [k for k, t in {**view.tensors, **view.adapter_tensors}.items()
+            if local_block(t)[0].is_meta]
+    if meta:
+        raise CheckpointError(
+            f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}): there is "
+            "no memory to load into -> materialise it first, e.g. model.to_empty(device=...), "
+            "then load; buffers that no checkpoint holds (non-persistent ones such as rotary "
+            "inv_freq) must then be initialised by the model's own code")
+
+
+@torch.no_grad()
+def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], desc: str) -> None:
+    """Raise unless the checkpoint's values for every tie group are equal (collective when
+    ``ties`` is not empty: one ``all_gather_object``; ``ties`` are the same on every rank).
+
+    They differ when an adapter was merged into one of the tied names: a tied target
+    holds one tensor and cannot compute that model.
+    """
+    if not ties:
+        return
+    diffs = []
+    for group in ties:
+        first = local_block(buffers[group[0]])[0].float()
+        d = max((float((local_block(buffers[k])[0].float() - first).abs().max())
+                 if first.numel() else 0.0) for k in group[1:])
+        diffs.append(d)
+    everywhere = [max(ds) for ds in zip(*_comm.all_gather_object(diffs))]
+    bad = [(g, d) for g, d in zip(ties, everywhere) if d != 0.0]
+    if bad:
+        pairs = "; ".join(f"{' and '.join(repr(k) for k in g)} differ by up to {d:.4g}"
+                          for g, d in bad)
+        raise CheckpointMismatchError(
+            f"checkpoint {desc} does not match the model (nothing was loaded): the model ties "
+            f"{' and '.join(repr(k) for k in bad[0][0])} into one tensor, but the checkpoint "
+            f"holds different values for them ({pairs}), as when an adapter was merged into "
+            "one of them -> untie them in the target (e.g. transformers' "
+            "tie_word_embeddings=False) and load again")
+
+
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
-               storage_options: dict | None = None, verify: bool = False,
-               stage: bool = True) -> LoadReport:
+               prefix: str | None = None, storage_options: dict | None = None,
+               verify: bool = False, stage: bool = True) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
@@ -287,9 +395,20 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     With ``stage=True`` (default) data is read into staging buffers and copied into the
     model only once every read succeeded, so an I/O failure halfway leaves the model
     untouched; ``stage=False`` reads in place and needs no extra memory.
+
+    A DCP checkpoint written by another tool loads too (see :mod:`dcp_universal.foreign`):
+    its keys are made canonical, the model's subtree of a nested layout is found (or
+    given as ``prefix``, e.g. ``"app.model."``), other state saved beside the model
+    (optimizer, LR scheduler, data loader, ...) is listed in the report's notes and not
+    read, and a PEFT model's LoRA factors are merged unless the target has the same
+    adapters.
+
+    Tied weights: a target that ties two names (``lm_head.weight`` and the token
+    embedding) takes them only when the checkpoint's values are equal, and keeps the tie;
+    otherwise :class:`~dcp_universal.CheckpointMismatchError`, model untouched.
     """
     staged = stage_model(ModelView.of(model), normalize(path), strict=strict, verify=verify,
-                         stage=stage, store=Storage(storage_options))
+                         stage=stage, store=Storage(storage_options), prefix=prefix)
     staged.commit()
     return staged.report
 
@@ -311,33 +430,47 @@ class StagedLoad:
 
 
 def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage: bool,
-                store: Storage, step_manifest: Manifest | None = None) -> StagedLoad:
+                store: Storage, step_manifest: Manifest | None = None,
+                prefix: str | None = None) -> StagedLoad:
     """Plan and read a model load (collective: one ``dcp.load`` per directory read, in
     sorted order on every rank). ``step_manifest``: ``path`` is a committed step whose
     manifest the caller has read (so it is not read twice)."""
     start = time.perf_counter()
-    source = _source(path, view, store, verify, step_manifest)
+    _check_materialized(view)
+    source = _source(path, view, store, verify, step_manifest, prefix)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
-    buffers = {tk: torch.empty_like(targets[tk]) for tk in plan.reads.values()} if stage else targets
+    read = set(plan.reads.values())
+    ties = [tuple(k for k in g if k in read) for g in view.ties]
+    ties = [g for g in ties if len(g) > 1]
+    # tied keys are always staged: they are compared before one of them is installed
+    staged = read if stage else {k for g in ties for k in g}
+    buffers = {tk: torch.empty_like(targets[tk]) if tk in staged else targets[tk] for tk in read}
     if source.memory is not None:
         _copy_from_memory(source.memory, buffers, plan.reads)
     by_dir: dict[str, dict[str, torch.Tensor]] = {}
     for ck, tk in plan.reads.items():
         if source.memory is None:
-            by_dir.setdefault(source.dir_of[ck], {})[ck] = buffers[tk]
+            by_dir.setdefault(source.dir_of[ck], {})[source.raw(ck)] = buffers[tk]
     for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
         dcp_io.load_state(store, by_dir[d], d)
     _apply_deltas(source, buffers, plan.reads, store)
-    if source.note:
-        plan.report.notes.append(source.note)
+    _check_ties(ties, buffers, source.desc)
+    plan.report.notes.extend(source.notes)
+    if view.non_persistent:
+        plan.report.notes.append(
+            f"non-persistent buffers, in no checkpoint, kept as the model set them: "
+            f"{', '.join(view.non_persistent[:6])}"
+            + (f", ... (+{len(view.non_persistent) - 6})" if len(view.non_persistent) > 6 else ""))
+    plan.report.notes.extend(f"tied: {' = '.join(g)} (equal in the checkpoint; loaded once, "
+                             "tie kept)" for g in ties)
+    installed = staged - {k for g in ties for k in g[1:]}  # one copy per shared tensor
 
     @torch.no_grad()
     def commit() -> None:
-        if stage:
-            for tk in plan.reads.values():
-                local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
+        for tk in sorted(installed):
+            local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
         fresh = set(plan.report.fresh)
         for site in view.sites:
             if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from dcp_universal import _torch_compat, adapters
 
-__all__ = ["canonical_names", "canonical_module_names", "canonical_parameters"]
+__all__ = ["canonical_name", "canonical_names", "canonical_module_names", "canonical_parameters"]
 
 
 def _type_named(*qualnames: str) -> Callable[[nn.Module], bool]:
@@ -60,11 +60,28 @@ def _is_wrapper_edge(parent: nn.Module, attr: str) -> bool:
     return any(attr == a and is_wrapper(parent) for is_wrapper, a in _WRAPPER_EDGES)
 
 
-def _canonical(model: nn.Module, fqn: str) -> str:
+_is_modules_to_save = _type_named("peft.utils.other.ModulesToSaveWrapper")
+
+
+def _visible_branch(wrapper: nn.Module) -> tuple[str, ...]:
+    """The path below a PEFT ``ModulesToSaveWrapper`` that the model computes with: the
+    active adapter's trainable copy, or the frozen original when adapters are off."""
+    active = [] if wrapper.disable_adapters else list(wrapper.active_adapters)
+    if active and active[0] in wrapper.modules_to_save:
+        return ("modules_to_save", active[0])
+    return ("original_module",)
+
+
+def canonical_name(model: nn.Module, fqn: str) -> str | None:
+    """The canonical name of one state-dict key, parameter or module name of ``model``;
+    ``None`` for a key the model does not compute with (a PEFT ``modules_to_save``
+    module's frozen original, or an inactive adapter's copy)."""
     parts = fqn.split(".") if fqn else []
     module: nn.Module | None = model
     kept: list[str] = []
-    for i, part in enumerate(parts):
+    i = 0
+    while i < len(parts):
+        part = parts[i]
         # Some wrappers (activation checkpointing, FSDP1) already drop their own infix
         # from state-dict keys: step through them without consuming a part.
         while module is not None and _child(module, part) is None and _wrapped(module) is not None:
@@ -74,17 +91,28 @@ def _canonical(model: nn.Module, fqn: str) -> str:
             rest = kind.canonical_key(module, ".".join(parts[i:]))
             kept.extend(rest.split(".") if rest else [])
             break
+        if module is not None and _is_modules_to_save(module) and \
+                part in ("modules_to_save", "original_module"):
+            branch = _visible_branch(module)
+            if tuple(parts[i:i + len(branch)]) != branch:
+                return None
+            module = module.get_submodule(".".join(branch))
+            i += len(branch)
+            continue
         child = _child(module, part) if module is not None else None
         if child is not None and _is_wrapper_edge(module, part):
             module = child
+            i += 1
             continue
         kept.append(part)
         module = child
+        i += 1
     return ".".join(kept)
 
 
 def canonical_names(model: nn.Module, keys) -> dict[str, str]:
-    """Map each state-dict key of ``model`` to its canonical name.
+    """Map each state-dict key of ``model`` to its canonical name (keys the model does
+    not compute with, see :func:`canonical_name`, are left out).
 
     Raises:
         ValueError: two keys map to one canonical name (a model whose wrapper layout
@@ -93,7 +121,9 @@ def canonical_names(model: nn.Module, keys) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for key in keys:
-        name = _canonical(model, key)
+        name = canonical_name(model, key)
+        if name is None:
+            continue
         if name in seen:
             raise ValueError(
                 f"state-dict keys {seen[name]!r} and {key!r} both map to canonical name "
@@ -105,10 +135,12 @@ def canonical_names(model: nn.Module, keys) -> dict[str, str]:
 
 
 def canonical_module_names(model: nn.Module) -> dict[nn.Module, str]:
-    """Canonical name of every (non-wrapper) module, by identity."""
+    """Canonical name of every module the model computes with, by identity."""
     out: dict[nn.Module, str] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
-        out.setdefault(module, _canonical(model, fqn))
+        name = canonical_name(model, fqn)
+        if name is not None:
+            out.setdefault(module, name)
     return out
 
 
@@ -117,4 +149,4 @@ def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     ``view.reshard`` so these are the objects an optimizer holds)."""
     params = dict(model.named_parameters())
     names = canonical_names(model, params.keys())
-    return {names[n]: p for n, p in params.items()}
+    return {names[n]: p for n, p in params.items() if n in names}

@@ -88,7 +88,8 @@ def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[s
                         f"neither 0-dim nor the parameter's {tuple(p.shape)}: it cannot be "
                         "resharded by name; dcp_universal supports element-wise optimizers "
                         "(SGD, Adam, AdamW, ...)")
-    out[META_KEY] = pickle.dumps({"param_groups": groups, "scalars": scalars})
+    out[META_KEY] = pickle.dumps({"param_groups": groups, "scalars": scalars,
+                                  "ties": [list(g) for g in view.ties]})
     return out
 
 
@@ -123,9 +124,19 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
     meta, saved = _read_meta(opt_dir, store)
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
-    restored = {}
-    for name, p in params.items():
-        entries = saved.get(name)
+    restored, source_of = {}, {}
+    saved_ties = [set(g) for g in meta.get("ties", [])]
+    # exact names first, so a saved entry goes to the parameter of its own name when the
+    # target has one; otherwise to a parameter tied to it (in the target or at save): a
+    # tied parameter's state is one entry, under whichever name the saver listed first
+    by_exact = sorted(params, key=lambda n: n not in saved)
+    for name in by_exact:
+        p = params[name]
+        aliases = set(view.tie_of(name))
+        aliases.update(*[g for g in saved_ties if g & aliases])
+        found = [n for n in [name, *sorted(aliases - {name})]
+                 if n in saved and n not in source_of]
+        entries = saved.get(found[0]) if found else None
         fits = entries is not None and p.requires_grad and all(
             len(m.size) == 0 or tuple(m.size) == tuple(p.shape) for m in entries.values())
         if not fits:
@@ -135,9 +146,10 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
         for key, m in entries.items():
             t = (torch.empty((), dtype=m.properties.dtype) if len(m.size) == 0
                  else torch.empty_like(p, dtype=m.properties.dtype))
-            state[key] = to_read[f"{_STATE}{name}/{key}"] = t
+            state[key] = to_read[f"{_STATE}{found[0]}/{key}"] = t
         restored[name] = state
-    report.optimizer_dropped.extend(sorted(n for n in saved if n not in restored))
+        source_of[found[0]] = name
+    report.optimizer_dropped.extend(sorted(n for n in saved if n not in source_of))
     if to_read:
         dcp_io.load_state(store, to_read, opt_dir)
 

@@ -53,10 +53,12 @@ class PeftLoRAKind(adapters.AdapterKind):
                     "similar) whose update is not W + scale * B @ A; merge it with PEFT's "
                     "merge_and_unload() before saving"
                 )
-            if kind == "Linear":
-                if module.fan_in_fan_out:
-                    raise UnsupportedAdapterError(
-                        "PEFT LoRA with fan_in_fan_out=True (Conv1D bases) is not supported")
+            if kind == "Linear" and module.fan_in_fan_out:
+                # a Conv1D base (GPT-2) stores W as (in, out): delta = (B @ A).T = A.T @ B.T
+                out.append(Term(left=module.lora_A[a].weight, right=module.lora_B[a].weight,
+                                scale=float(module.scaling[a]), left_transposed=True,
+                                right_transposed=True))
+            elif kind == "Linear":
                 out.append(Term(left=module.lora_B[a].weight, right=module.lora_A[a].weight,
                                 scale=float(module.scaling[a])))
             else:
@@ -76,8 +78,11 @@ class PeftLoRAKind(adapters.AdapterKind):
                     module.lora_embedding_A[a].zero_()
 
     def config(self, module):
-        return {"rank": dict(module.r), "alpha": dict(module.lora_alpha),
-                "scaling": {k: float(v) for k, v in module.scaling.items()}}
+        out = {"rank": dict(module.r), "alpha": dict(module.lora_alpha),
+               "scaling": {k: float(v) for k, v in module.scaling.items()}}
+        if getattr(module, "fan_in_fan_out", False):
+            out["fan_in_fan_out"] = True
+        return out
 
 
 

@@ -131,6 +131,12 @@ def plan_load(
     unexpected = sorted(k for k in checkpoint if k not in target and k not in adapters)
     if strict and (missing or mismatched or unexpected):
         raise CheckpointMismatchError(_describe(source, missing, mismatched, unexpected))
+    if target and not any(k in target for k in reads):
+        # strict=False: a load that changes nothing in the model is never what was meant
+        raise CheckpointMismatchError(_describe(
+            source, missing, mismatched, unexpected,
+            hint="no model key matches, so strict=False would load nothing: check the path, "
+                 "or pass prefix= naming the model's subtree of a nested checkpoint"))
     report.missing = missing
     report.mismatched = mismatched
     # adapter state of another rank or placement is not an error: it is dropped, and the
@@ -139,7 +145,7 @@ def plan_load(
     return LoadPlan(report=report, reads=reads)
 
 
-def _describe(source, missing, mismatched, unexpected, limit: int = 8) -> str:
+def _describe(source, missing, mismatched, unexpected, limit: int = 8, hint: str = "") -> str:
     lines = [f"checkpoint {source} does not match the model (nothing was loaded):"]
     for key, (ck, tg) in list(mismatched.items())[:limit]:
         lines.append(f"  {key!r}: checkpoint has {ck}, model has {tg}")
@@ -149,9 +155,10 @@ def _describe(source, missing, mismatched, unexpected, limit: int = 8) -> str:
         lines.append(f"  missing from checkpoint ({len(missing)}): {missing[:limit]}")
     if unexpected:
         lines.append(f"  in checkpoint but not in model ({len(unexpected)}): {unexpected[:limit]}")
-    hint = ("the base architecture differs; build the model with the checkpoint's "
-            "dimensions (see `dcp-universal inspect`)" if mismatched else
-            "the checkpoint and model have different layers; check the model config, or "
-            "pass strict=False to load the keys that match")
+    hint = hint or (
+        "the base architecture differs; build the model with the checkpoint's "
+        "dimensions (see `dcp-universal inspect`)" if mismatched else
+        "the checkpoint and model have different layers; check the model config, or "
+        "pass strict=False to load the keys that match")
     lines.append(f"  -> {hint}")
     return "\n".join(lines)

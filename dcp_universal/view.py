@@ -12,7 +12,8 @@ from torch.distributed.tensor import DTensor
 
 from dcp_universal import adapters
 from dcp_universal.manifest import AdapterTerm, Adapters, Mesh
-from dcp_universal.names import canonical_module_names, canonical_names, canonical_parameters
+from dcp_universal.names import (canonical_module_names, canonical_name, canonical_names,
+                                 canonical_parameters)
 
 __all__ = ["ModelView", "reshard", "local_block"]
 
@@ -39,6 +40,25 @@ def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return t, (0,) * t.dim()
 
 
+def _ties(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """Canonical keys sharing one parameter or buffer, found by identity of the module
+    attributes (``state_dict()`` returns a fresh tensor object per key, and under FSDP2
+    the local shards of unrelated empty tensors may share an address)."""
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    by_id: dict[int, set[str]] = {}
+    for fqn, t in named:
+        name = canonical_name(model, fqn)
+        if name is not None and name in tensors:
+            by_id.setdefault(id(t), set()).add(name)
+    return sorted(tuple(sorted(g)) for g in by_id.values() if len(g) > 1)
+
+
+def _non_persistent(model: nn.Module, sd: dict) -> list[str]:
+    names = {canonical_name(model, n) for n, _ in model.named_buffers() if n not in sd}
+    return sorted(n for n in names if n is not None)
+
+
 @dataclasses.dataclass
 class ModelView:
     """A model seen through canonical names.
@@ -54,6 +74,10 @@ class ModelView:
         frozen: canonical keys of frozen (``requires_grad=False``) non-adapter parameters.
         params: canonical key -> parameter (the objects an optimizer holds).
         param_keys: ``id(parameter)`` -> canonical key.
+        ties: groups of canonical keys in ``tensors`` that name one shared tensor (a
+            token embedding tied to the output head), each group sorted; groups sorted.
+        non_persistent: canonical names of buffers outside the state dict (rotary
+            ``inv_freq``): no checkpoint holds them, the model's own code sets them.
     """
 
     model: nn.Module
@@ -64,6 +88,8 @@ class ModelView:
     frozen: set[str]
     params: dict[str, nn.Parameter]
     param_keys: dict[int, str]
+    ties: list[tuple[str, ...]]
+    non_persistent: list[str]
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
@@ -77,12 +103,22 @@ class ModelView:
             structural.update(site.structural_names())
         tensors, adapter_tensors = {}, {}
         for key, value in sd.items():
-            name = names[key]
+            name = names.get(key)
+            if name is None:  # a modules_to_save original: not part of the model's function
+                continue
             (adapter_tensors if name in adapter_keys else tensors)[name] = value
         params = canonical_parameters(model)
         frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
-                   {id(p): n for n, p in params.items()})
+                   {id(p): n for n, p in params.items()}, _ties(model, tensors),
+                   _non_persistent(model, sd))
+
+    def tie_of(self, key: str) -> tuple[str, ...]:
+        """The tie group holding ``key``, or ``(key,)``."""
+        for group in self.ties:
+            if key in group:
+                return group
+        return (key,)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
         return {k: self.tensors[k] for k in sorted(self.frozen)}

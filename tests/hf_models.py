@@ -1,0 +1,55 @@
+"""Tiny configurations of the models people fine-tune, built in-process with random
+weights (nothing is downloaded): Llama (tied and untied) and GPT-2 (Conv1D, tied)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the dev extra installs it
+peft = pytest.importorskip("peft")
+
+VOCAB = 61
+
+
+def llama(*, tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def gpt2(*, tied: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4,
+                                  n_positions=32, tie_word_embeddings=tied,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def with_lora(model, *, seed: int = 1, **config):
+    """PEFT LoRA on ``model`` with every adapter factor random (so merges are not no-ops)."""
+    config.setdefault("r", 4)
+    config.setdefault("lora_alpha", 8)
+    model = peft.get_peft_model(model, peft.LoraConfig(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def tokens(batch: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(tokens()).logits.float()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
