@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dcp_universal import dcp_io, manifest
+from dcp_universal import dcp_io, foreign, manifest
 from dcp_universal.errors import CheckpointError
 from dcp_universal.storage import Storage, join, normalize
 
@@ -31,9 +31,6 @@ __all__ = ["LegacyCheckpoint", "is_legacy_file", "read_legacy", "convert"]
 
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict")
-_WRAPPER_PARTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
-
-
 @dataclasses.dataclass
 class LegacyCheckpoint:
     path: str
@@ -70,13 +67,6 @@ def _pair(path: str) -> tuple[str, str | None]:
                 opt = f"{stem}-optimizer{suffix}"
                 return f"{stem}-model{suffix}", opt if os.path.exists(opt) else None
     return path, None
-
-
-def _canonical(key: str) -> str:
-    parts = [p for p in key.split(".") if p not in _WRAPPER_PARTS]
-    if parts and parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(parts)
 
 
 def _find_alpha(meta: dict[str, Any]) -> float | None:
@@ -149,7 +139,9 @@ def read_legacy(path: str) -> LegacyCheckpoint:
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             continue
-        name = _canonical(k)
+        name = foreign.canonical_key(k)  # the same string rules as other tools' DCP keys
+        if name is None:  # a PEFT modules_to_save original: not the trained model's
+            continue
         if name in canonical:
             raise CheckpointError(f"{model_path}: keys {k!r} and another both mean {name!r}")
         canonical[name] = v

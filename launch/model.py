@@ -79,9 +79,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        # Not tied to wte (nanoGPT ties them): with LoRA on wte, a shared weight would have
-        # to hold the merged value for the embedding and the unmerged one for the head at
-        # once, and a checkpoint with one tensor for both names cannot say which it is.
+        # Not tied to wte (nanoGPT ties them): the demo puts LoRA on wte, and merging it
+        # makes the embedding differ from the head, which a tied model cannot hold
+        # (dcp_universal keeps both names and refuses such a checkpoint for a tied target).
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
 
