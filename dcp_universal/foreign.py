@@ -195,7 +195,7 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
 
 _LINEAR = re.compile(r"^(?P<site>.+)\.lora_(?P<f>A|B)\.(?P<adapter>[^.]+)\.weight$")
 _EMBEDDING = re.compile(r"^(?P<site>.+)\.lora_embedding_(?P<f>A|B)\.(?P<adapter>[^.]+)$")
-_VARIANT = re.compile(r"\.lora_magnitude_vector\.|\.lora_(?!A\.|B\.|embedding_)[A-Za-z_]+\.")
+_VARIANT = re.compile(r"\.lora_magnitude_vector\.")  # DoRA
 
 
 @dataclasses.dataclass
@@ -217,8 +217,8 @@ def peft_factors(keys: Iterable[str]) -> list[PeftFactors]:
     """The PEFT LoRA factor pairs among canonical ``keys``.
 
     Raises:
-        UnsupportedAdapterError: factors of a LoRA variant (DoRA's magnitude vector, ...)
-            whose update is not ``scale * B @ A``.
+        UnsupportedAdapterError: DoRA's magnitude vector: its update is not
+            ``scale * B @ A``.
     """
     found: dict[tuple[str, str, bool], dict[str, str]] = {}
     for k in keys:

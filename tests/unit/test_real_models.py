@@ -367,3 +367,16 @@ def test_tied_optimizer_state_follows_whichever_name_the_target_lists(tmp_path):
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(topt.state[target.head.weight][key], opt.state[src.wte.weight][key])
     assert target.head.weight is target.wte.weight
+
+
+def test_plain_dcp_of_a_dora_model_is_refused(tmp_path):
+    from dcp_universal import UnsupportedAdapterError
+
+    src = with_lora(llama(tied=False, seed=1), target_modules=["q_proj"], use_dora=True)
+    _plain_dcp(src.state_dict(), tmp_path / "dora")
+    src.save_pretrained(str(tmp_path / "dora"))
+    plain = llama(tied=False, seed=2)
+    before = _snapshot(plain)
+    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
+        load_model(plain, str(tmp_path / "dora"))
+    _assert_untouched(plain, before)
