@@ -27,15 +27,16 @@ import math
 import re
 from typing import Iterable
 
-from dcp_universal import manifest
+from dcp_universal import _torch_compat, manifest
 from dcp_universal.errors import CheckpointMismatchError, UnsupportedAdapterError
 from dcp_universal.storage import Storage, join, parent
 
 __all__ = ["canonical_key", "Resolution", "resolve", "peft_factors", "PeftFactors",
            "read_peft_config", "OTHER_STATE_NAMES"]
 
-# infixes of wrappers that are never a user's module name
-_WRAPPER_PARTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+# infixes of wrappers that are never a user's module name (compile, activation
+# checkpointing, FSDP1): the attributes names.py walks through
+_WRAPPER_PARTS = {attr for _, attr in _torch_compat.WRAPPER_CLASSES}
 
 #: top-level names under which training tools save state other than the model
 #: (torchtitan, the DCP tutorial, common hand-written loops)
@@ -162,16 +163,20 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
         if not target <= raw_of.keys():
             best = (len(target & raw_of.keys()), raw_of, hidden, "")
             for p in sorted(_candidate_prefixes(keys, target) | {""}, key=lambda p: (len(p), p)):
-                m, h = _mapped(keys, p, canonical=True)
+                try:
+                    m, h = _mapped(keys, p, canonical=True)
+                except CheckpointMismatchError:  # ambiguous under p: not a candidate
+                    continue
                 covered = len(target & m.keys())
                 if covered > best[0]:
                     best = (covered, m, h, p)
                 if covered == len(target):
                     break
-            _, raw_of, hidden, prefix = best
+            covered, raw_of, hidden, prefix = best
             if prefix:
-                notes.append(f"model keys read under prefix {prefix!r} (found: every model "
-                             "key is present under it)")
+                found = ("every model key is present under it" if covered == len(target) else
+                         f"{covered} of {len(target)} model keys are present under it")
+                notes.append(f"model keys read under prefix {prefix!r} (found: {found})")
     tops = {t.split(".")[0] for t in target}
     other = sorted(k for k in keys if not k.startswith(prefix))
     for name, k in list(raw_of.items()):
