@@ -6,6 +6,7 @@ from dcp_universal.errors import (CheckpointError, CheckpointIOError, Checkpoint
                                   NotACheckpointError, PerRankStateError,
                                   StepAlreadyExistsError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
+from dcp_universal.hf import export_hf
 from dcp_universal.manager import CheckpointManager
 from dcp_universal.model_io import load_model, save_model
 from dcp_universal.plan import LoadReport
@@ -16,6 +17,7 @@ __all__ = [
     "save_model",
     "load_model",
     "LoadReport",
+    "export_hf",
     "apply_lora",
     "LoRALinear",
     "LoRAEmbedding",

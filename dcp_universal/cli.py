@@ -4,6 +4,7 @@
     dcp-universal verify STEP      every file of a step and its base: size and CRC-32
     dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
     dcp-universal convert SRC ROOT a legacy torch.save checkpoint -> a committed step
+    dcp-universal export SRC OUT --format hf   merged weights as Hugging Face safetensors
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def _convert(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from dcp_universal.hf import export_hf
+
+    if args.format != "hf":
+        raise CheckpointError(f"--format {args.format} is not available yet; use --format hf")
+    out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    config=args.config)
+    print(f"exported {args.src} to {out} (Hugging Face safetensors)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-universal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", help="checkpoint root to write <root>/step-<N> into")
     p.add_argument("--step", type=int, help="step number (default: the file's iter_num/global_step)")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("export", help="write the merged model as Hugging Face safetensors")
+    p.add_argument("src", help="a model directory or a step directory (a LoRA step is merged)")
+    p.add_argument("out", help="the output directory")
+    p.add_argument("--format", choices=["hf", "peft"], default="hf")
+    p.add_argument("--dtype", help="cast floating-point weights, e.g. bfloat16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
+    p.add_argument("--config", help="the model's config.json, copied beside the weights")
+    p.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -128,14 +128,16 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
     return dict(getattr(writer.fs, "files", {}))
 
 
-def load_state(store: Storage, state: dict, path: str) -> None:
+def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False) -> None:
     """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``.
 
     Collective: every rank calls it with the same ``path``, in the same order as its
-    other loads (each rank may ask for different keys).
+    other loads (each rank may ask for different keys); unless there is no process group
+    or ``single_process`` is set (this rank reads alone).
     """
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=_reader(store, path), no_dist=not _comm.is_distributed())
+        dcp.load(state, storage_reader=_reader(store, path),
+                 no_dist=single_process or not _comm.is_distributed())
 
 
 def read_metadata(store: Storage, path: str) -> Metadata:

@@ -29,7 +29,8 @@ from dcp_universal.storage import Storage, join, normalize
 from dcp_universal.view import ModelView, local_block
 
 __all__ = ["save_model", "load_model", "write_model", "stage_model", "StagedLoad",
-           "MERGE_MODES", "check_merge", "resolve_model_dir"]
+           "MERGE_MODES", "check_merge", "resolve_model_dir", "Source", "merged_source",
+           "read_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _infos(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
 
 
 @dataclasses.dataclass
-class _Source:
+class Source:
     """A checkpoint's model, as the loader sees it.
 
     Attributes:
@@ -158,6 +159,7 @@ class _Source:
         raw_of: canonical key -> its key in the DCP directory, where they differ (a
             checkpoint written by another tool).
         notes: what the report should say about the source.
+        ties: a step's tie groups at save (``merged_source`` only).
     """
 
     desc: str
@@ -170,23 +172,28 @@ class _Source:
     restored_base: str | None = None
     raw_of: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    ties: list[list[str]] = dataclasses.field(default_factory=list)
 
     def raw(self, key: str) -> str:
         return self.raw_of.get(key, key)
 
 
-def _dir_source(store: Storage, model_dir: str, view: ModelView, prefix: str | None) -> _Source:
-    """A model DCP directory: this library's (canonical keys) or another tool's."""
+def _dir_source(store: Storage, model_dir: str, view: ModelView | None,
+                prefix: str | None) -> Source:
+    """A model DCP directory: this library's (canonical keys) or another tool's. With no
+    target (``view`` None: an export) the keys are taken as they are."""
     infos, other = _checkpoint_entries(store, model_dir)
+    if view is None:
+        return Source(model_dir, infos, dict.fromkeys(infos, model_dir))
     res = foreign.resolve(infos, other, set(view.tensors), prefix=prefix, desc=model_dir)
     keys = {name: infos[raw] for name, raw in res.raw_of.items()}
-    source = _Source(model_dir, keys, dict.fromkeys(keys, model_dir),
+    source = Source(model_dir, keys, dict.fromkeys(keys, model_dir),
                      raw_of={k: r for k, r in res.raw_of.items() if k != r}, notes=res.notes)
     _foreign_factors(store, source, view)
     return source
 
 
-def _foreign_factors(store: Storage, source: _Source, view: ModelView) -> None:
+def _foreign_factors(store: Storage, source: Source, view: ModelView) -> None:
     """PEFT LoRA factors in a plain DCP save of a PEFT model: left as keys where the
     target has the same adapter (read exactly), otherwise turned into deltas merged into
     the base weight on load, with the scale from PEFT's ``adapter_config.json``."""
@@ -239,8 +246,20 @@ def resolve_model_dir(store: Storage, path: str) -> str:
         "CheckpointManager.save() wrote")
 
 
-def _source(path: str, view: ModelView, store: Storage, verify: bool,
-            m: Manifest | None, prefix: str | None = None) -> _Source:
+def merged_source(store: Storage, path: str, *, verify: bool = False) -> Source:
+    """The merged model that a model directory, a step or a legacy file holds, for
+    readers with no target model (exports): a LoRA step without ``model/`` is composed
+    from its base and adapters."""
+    m = None
+    if not legacy.is_legacy_file(path) and store.exists(join(path, manifest.MANIFEST)):
+        m = manifest.read_manifest(store, path)
+    source = _source(path, None, store, verify, m)
+    source.ties = [list(g) for g in m.ties] if m is not None else []
+    return source
+
+
+def _source(path: str, view: ModelView | None, store: Storage, verify: bool,
+            m: Manifest | None, prefix: str | None = None) -> Source:
     """Pick what to read: a model directory, or a step's pieces (``m``: the step's
     manifest when the caller has already read it).
 
@@ -254,7 +273,7 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
         note = f"read legacy file {ck.path}" + (
             f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
         _no_prefix(prefix, path, "a legacy torch.save file")
-        return _Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
+        return Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
     if m is None:
         if not store.exists(join(path, manifest.MANIFEST)):
             return _dir_source(store, resolve_model_dir(store, path), view, prefix)
@@ -274,7 +293,7 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
     step_keys = _checkpoint_info(store, adapters_path)
     sites = m.adapters.sites
     factor_keys = m.adapters.factor_keys()
-    same_adapters = (
+    same_adapters = view is not None and (
         {s.name for s in view.sites} == set(sites)
         and set(view.adapter_tensors) == factor_keys
         and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape for k in factor_keys))
@@ -282,7 +301,7 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
     if same_adapters:
         checked(manifest.ADAPTERS_DIR)
         keys = {**base_keys, **step_keys}
-        return _Source(path, keys, {**dict.fromkeys(base_keys, base_path),
+        return Source(path, keys, {**dict.fromkeys(base_keys, base_path),
                                     **dict.fromkeys(step_keys, adapters_path)},
                        notes=[f"restored base ({m.base}) and adapters exactly"],
                        restored_base=m.base)
@@ -291,7 +310,7 @@ def _source(path: str, view: ModelView, store: Storage, verify: bool,
         return _dir_source(store, join(path, manifest.MODEL_DIR), view, None)
     checked(manifest.ADAPTERS_DIR)
     plain = {k: v for k, v in step_keys.items() if k not in factor_keys}
-    return _Source(
+    return Source(
         path, {**base_keys, **plain},
         {**dict.fromkeys(base_keys, base_path), **dict.fromkeys(plain, adapters_path)},
         deltas={f"{name}.weight": terms for name, terms in sites.items()},
@@ -305,29 +324,50 @@ def _no_prefix(prefix: str | None, path: str, what: str) -> None:
                          "subtree in a DCP checkpoint written by another tool")
 
 
+def read_source(source: Source, into: dict[str, torch.Tensor], store: Storage, *,
+                single_process: bool = False) -> None:
+    """Read checkpoint keys into ``into`` (checkpoint key -> tensor, DTensor or plain;
+    each rank fills the block it holds) and add the adapter deltas a composed source has.
+
+    Collective under a process group (unless ``single_process``: this rank reads alone):
+    one ``dcp.load`` per directory, in sorted order on every rank, then one for the
+    factors when there are deltas.
+    """
+    if source.memory is not None:
+        _copy_from_memory(source.memory, into)
+    else:
+        by_dir: dict[str, dict[str, torch.Tensor]] = {}
+        for ck, t in into.items():
+            by_dir.setdefault(source.dir_of[ck], {})[source.raw(ck)] = t
+        for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
+            dcp_io.load_state(store, by_dir[d], d, single_process=single_process)
+    _apply_deltas(source, into, store, single_process)
+
+
 @torch.no_grad()
-def _copy_from_memory(memory, targets, reads) -> None:
+def _copy_from_memory(memory, into) -> None:
     """Each rank copies the block of every full tensor that its shard holds."""
-    for ck, tk in reads.items():
-        block, offsets = local_block(targets[tk])
+    for ck, t in into.items():
+        block, offsets = local_block(t)
         block.copy_(memory[ck][tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))])
 
 
 @torch.no_grad()
-def _apply_deltas(source: _Source, targets: dict[str, torch.Tensor], reads: dict[str, str],
-                  store: Storage) -> None:
-    deltas = {k: terms for k, terms in source.deltas.items() if k in reads}
+def _apply_deltas(source: Source, into: dict[str, torch.Tensor], store: Storage,
+                  single_process: bool) -> None:
+    deltas = {k: terms for k, terms in source.deltas.items() if k in into}
     if not deltas:
         return
     needed = sorted({k for terms in deltas.values() for t in terms for k in (t.left, t.right)})
     full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
-    dcp_io.load_state(store, {source.raw(k): t for k, t in full.items()}, source.factor_dir)
+    dcp_io.load_state(store, {source.raw(k): t for k, t in full.items()}, source.factor_dir,
+                      single_process=single_process)
     for key, terms in deltas.items():
         factors = [merge.Factors(
             left=full[t.left].T if t.left_t else full[t.left],
             right=full[t.right].T if t.right_t else full[t.right],
             scale=t.scale, left_is_local=False) for t in terms]
-        block, offsets = local_block(targets[reads[key]])
+        block, offsets = local_block(into[key])
         block.copy_(merge.merge_block(block, offsets, factors))
 
 
@@ -447,15 +487,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
     # tied keys are always staged: they are compared before one of them is installed
     staged = read if stage else {k for g in ties for k in g}
     buffers = {tk: torch.empty_like(targets[tk]) if tk in staged else targets[tk] for tk in read}
-    if source.memory is not None:
-        _copy_from_memory(source.memory, buffers, plan.reads)
-    by_dir: dict[str, dict[str, torch.Tensor]] = {}
-    for ck, tk in plan.reads.items():
-        if source.memory is None:
-            by_dir.setdefault(source.dir_of[ck], {})[source.raw(ck)] = buffers[tk]
-    for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
-        dcp_io.load_state(store, by_dir[d], d)
-    _apply_deltas(source, buffers, plan.reads, store)
+    read_source(source, {ck: buffers[tk] for ck, tk in plan.reads.items()}, store)
     _check_ties(ties, buffers, source.desc)
     plan.report.notes.extend(source.notes)
     if view.non_persistent:

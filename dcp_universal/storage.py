@@ -100,6 +100,11 @@ class Storage:
         fs, p = self.fs(path)
         return fs.cat_file(p)
 
+    def makedirs(self, path: str) -> None:
+        """Create the directory ``path`` locally (object stores have no directories)."""
+        if not is_remote(path):
+            os.makedirs(path, exist_ok=True)
+
     def write_atomic(self, path: str, data: bytes) -> None:
         """Whole or not at all: temp + fsync + rename locally, one PUT remotely."""
         if is_remote(path):

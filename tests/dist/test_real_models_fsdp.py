@@ -5,6 +5,8 @@ layout written by sharded plain DCP loads into one process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -126,3 +128,26 @@ def test_gpt2_conv1d_and_tied_targets_and_titan_layout_under_fsdp2(tmp_path):
     report = load_model(target, f"{root}/titan")
     assert max_diff(logits(target), titan_ref) == 0.0
     assert any(n.startswith("other state") and "optimizer" in n for n in report.notes)
+
+
+def _export_job(rank, world_size, root):
+    from dcp_universal import export_hf
+
+    model = with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"])
+    _shard(model, model.base_model.model.model.layers, world_size)
+    step = CheckpointManager(root).save(1, model)
+    # every rank writes its own shards (i % world_size); rank 0 the index and config
+    export_hf(step, f"{root}/hf", max_shard_size=4000,
+              config=model.get_base_model().config.to_dict())
+    return sorted(os.listdir(f"{root}/hf"))
+
+
+def test_two_ranks_export_a_sharded_lora_step_in_parallel(tmp_path):
+    from hf_models import transformers
+
+    listing = harness.run(_export_job, 2, str(tmp_path))
+    assert listing[0] == listing[1] and "model.safetensors.index.json" in listing[0]
+    assert len([f for f in listing[0] if f.endswith(".safetensors")]) > 2
+    ref = logits(with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"]))
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert max_diff(logits(loaded), ref) < 1e-4

@@ -1,0 +1,184 @@
+"""The Hugging Face hand-off: export a model directory or a step as HF safetensors.
+
+The output is what ``transformers``' ``save_pretrained`` writes and ``from_pretrained``
+reads: ``model.safetensors``, or shards named ``model-00001-of-0000N.safetensors`` with
+``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), plus the
+user's ``config.json`` when given. Keys are the canonical names, which are the model's
+own (``model.layers.0.self_attn.q_proj.weight``). A LoRA step without a merged
+``model/`` is merged from its base and adapters while exporting.
+
+Memory is bounded by one output shard: each shard's tensors are read (and merged), cast,
+serialised and written before the next shard is read. Under a process group every rank
+writes its own shards (shard ``i`` on rank ``i % world_size``), and rank 0 writes the
+index and the config after all shards are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+
+import torch
+
+from dcp_universal import _comm, model_io
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.storage import Storage, join, normalize
+
+__all__ = ["export_hf", "parse_size", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE"]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10^9, as transformers
+    reads it) or ``"512MiB"`` (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if m is None or m[2] not in _UNITS:
+            raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a size "
+                             "such as '5GB' or '512MiB'")
+        value = int(float(m[1]) * _UNITS[m[2]])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected a positive size")
+    return value
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: expected a torch dtype or its name, e.g. 'bfloat16'")
+    return found
+
+
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Keys in order, cut greedily so no shard exceeds ``max_bytes`` unless one tensor
+    alone does (it then gets a shard of its own, as transformers does)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return SAFETENSORS_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _read_config(store: Storage, config) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    try:
+        return json.loads(store.read_bytes(normalize(str(config))))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config={config!r} is not a readable JSON file ({e})") from None
+
+
+def _check_ties(source: model_io.Source, config: dict | None, store: Storage) -> None:
+    """A config that ties the embeddings makes transformers share one tensor for the
+    tied names: refuse when the checkpoint's values for them differ."""
+    if not source.ties or not (config or {}).get("tie_word_embeddings", False):
+        return
+    for group in source.ties:
+        present = [k for k in group if k in source.keys]
+        if len(present) < 2:
+            continue
+        values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in present}
+        model_io.read_source(source, values, store, single_process=True)
+        first = values[present[0]]
+        for k in present[1:]:
+            if not torch.equal(values[k], first):
+                raise CheckpointMismatchError(
+                    f"{source.desc}: {present[0]!r} and {k!r} differ (an adapter was merged into "
+                    "one of them), but the config has tie_word_embeddings=true, so transformers "
+                    "would load one tensor for both -> set \"tie_word_embeddings\": false in "
+                    "the config.json you export with")
+
+
+def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
+              storage_options: dict | None = None, config: str | dict | None = None) -> str:
+    """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
+
+    Args:
+        src: a model directory, a committed step directory (a LoRA step without
+            ``model/`` is merged from base plus adapters) or a legacy ``torch.save`` file.
+        out: the output directory (local or an fsspec URL); existing files of the same
+            names are replaced.
+        dtype: cast floating-point tensors (``torch.bfloat16`` or ``"bfloat16"``);
+            ``None`` keeps the saved dtypes.
+        max_shard_size: the largest output file, e.g. ``"5GB"`` (transformers' default).
+        storage_options: fsspec options for ``src`` and ``out``.
+        config: the model's ``config.json`` (a path or a dict), written beside the
+            weights so that ``from_pretrained(out)`` works.
+
+    Collective when called under a process group (every rank, same arguments): each
+    rank writes its own shards. Returns ``out``.
+    """
+    start = time.perf_counter()
+    store = Storage(storage_options)
+    src, out = normalize(src), normalize(out)
+    cast = _dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    source = model_io.merged_source(store, src)
+    cfg = _read_config(store, config)
+    _check_ties(source, cfg, store)
+
+    def out_dtype(key: str) -> torch.dtype:
+        d = source.keys[key].dtype
+        return cast if cast is not None and d.is_floating_point else d
+
+    sizes = {k: math.prod(source.keys[k].shape) * out_dtype(k).itemsize
+             for k in sorted(source.keys)}
+    shards = _shards(sizes, max_bytes)
+    names = [_shard_name(i, len(shards)) for i in range(len(shards))]
+    rank, world = _comm.rank(), _comm.world_size()
+    store.makedirs(out)
+    for i, keys in enumerate(shards):
+        if i % world == rank:
+            _write_shard(store, source, keys, join(out, names[i]), out_dtype)
+    _comm.barrier()
+    if rank == 0:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
+            store.write_atomic(join(out, SAFETENSORS_INDEX),
+                               json.dumps(index, indent=2, sort_keys=True).encode())
+        if cfg is not None:
+            store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
+        logger.info("exported %s to %s: %d tensors, %d files, %.1f MB in %.2f s", src, out,
+                    len(sizes), len(shards), sum(sizes.values()) / 1e6,
+                    time.perf_counter() - start)
+    _comm.barrier()
+    return out
+
+
+@torch.no_grad()
+def _write_shard(store: Storage, source: model_io.Source, keys: list[str], path: str,
+                 out_dtype) -> None:
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise CheckpointError("export_hf writes safetensors, which is not installed: "
+                              "pip install 'dcp-universal[hf]'") from None
+
+    tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
+    model_io.read_source(source, tensors, store, single_process=True)
+    for k in keys:
+        tensors[k] = tensors[k].to(out_dtype(k)).contiguous()
+    store.write_atomic(path, save(tensors, metadata={"format": "pt"}))

@@ -1,0 +1,95 @@
+"""export_hf and `dcp-universal export --format hf`, with transformers' from_pretrained
+and safetensors as the real readers (tiny configs, no hub)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_models import llama, logits, max_diff, transformers, with_lora
+from dcp_universal import CheckpointManager, CheckpointMismatchError, export_hf, save_model
+from dcp_universal.cli import main as cli
+
+safetensors = pytest.importorskip("safetensors.torch")
+
+
+def _load(out, **kw):
+    return transformers.LlamaForCausalLM.from_pretrained(str(out), **kw).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_model_dir_exports_sharded_and_loads_with_transformers(tmp_path, tied):
+    src = llama(tied=tied, seed=1)
+    ref = logits(src)
+    save_model(src, str(tmp_path / "m"))
+    export_hf(str(tmp_path / "m"), str(tmp_path / "hf"), config=src.config.to_dict(),
+              max_shard_size=4000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert set(index["weight_map"]) == set(src.state_dict())
+    on_disk = {}
+    for f in files:
+        part = safetensors.load_file(str(tmp_path / "hf" / f))
+        assert os.path.getsize(tmp_path / "hf" / f) <= 4000 + 1024 or len(part) == 1
+        on_disk.update(part)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
+    for k, v in src.state_dict().items():
+        assert torch.equal(on_disk[k], v), k
+    loaded = _load(tmp_path / "hf")
+    assert max_diff(logits(loaded), ref) == 0.0
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+
+
+def test_bf16_export_is_the_rounded_weights(tmp_path):
+    src = llama(tied=False, seed=1)
+    ref = logits(src)
+    save_model(src, str(tmp_path / "m"))
+    export_hf(str(tmp_path / "m"), str(tmp_path / "bf"), dtype="bfloat16",
+              config=src.config.to_dict())
+    on_disk = safetensors.load_file(str(tmp_path / "bf" / "model.safetensors"))
+    assert not (tmp_path / "bf" / "model.safetensors.index.json").exists()  # one file
+    for k, v in src.state_dict().items():
+        assert torch.equal(on_disk[k], v.to(torch.bfloat16)), k
+    rounded = logits(_load(tmp_path / "bf", dtype=torch.bfloat16))
+    assert max_diff(rounded, logits(src.to(torch.bfloat16))) == 0.0
+    assert max_diff(rounded, ref) < 0.05
+
+
+def test_lora_step_without_model_is_merged_on_export(tmp_path):
+    src = with_lora(llama(tied=False, seed=1), target_modules=["q_proj", "v_proj", "embed_tokens"])
+    ref = logits(src)
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    step = mgr.save(3, src)
+    assert not mgr.manifest(3).has("model")
+    (tmp_path / "config.json").write_text(src.get_base_model().config.to_json_string())
+    rc = cli(["export", step, str(tmp_path / "hf"), "--format", "hf",
+              "--config", str(tmp_path / "config.json")])
+    assert rc == 0
+    assert max_diff(logits(_load(tmp_path / "hf")), ref) < 1e-4
+
+
+def test_tied_config_refuses_a_merge_that_untied_the_pair(tmp_path):
+    src = with_lora(llama(tied=True, seed=1), target_modules=["q_proj", "lm_head"])
+    ref = logits(src)
+    step = CheckpointManager(str(tmp_path / "ck")).save(1, src)
+    cfg = src.get_base_model().config.to_dict()
+    with pytest.raises(CheckpointMismatchError, match="tie_word_embeddings"):
+        export_hf(step, str(tmp_path / "hf"), config=cfg)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    export_hf(step, str(tmp_path / "hf"), config={**cfg, "tie_word_embeddings": False})
+    loaded = _load(tmp_path / "hf")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert max_diff(logits(loaded), ref) < 1e-4
+
+
+def test_export_bad_arguments(tmp_path):
+    save_model(llama(tied=False), str(tmp_path / "m"))
+    with pytest.raises(ValueError, match="max_shard_size"):
+        export_hf(str(tmp_path / "m"), str(tmp_path / "o"), max_shard_size="lots")
+    with pytest.raises(ValueError, match="dtype"):
+        export_hf(str(tmp_path / "m"), str(tmp_path / "o"), dtype="float7")
+    assert cli(["export", str(tmp_path / "m"), str(tmp_path / "o"), "--format", "peft"]) == 2
