@@ -13,7 +13,7 @@ import contextlib
 import functools
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, HuggingFaceStorageReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
@@ -99,7 +99,13 @@ def _writer(store: Storage, path: str, own_file_keys, checksums: bool):
     return w
 
 
-def _reader(store: Storage, path: str):
+def _reader(store: Storage, path: str, hf: bool = False):
+    if hf:
+        if is_remote(path):
+            raise CheckpointIOError(
+                f"{path}: reading Hugging Face safetensors from a URL is not supported yet; "
+                "copy the directory to local disk and load it from there")
+        return HuggingFaceStorageReader(path)
     if is_remote(path):
         return _remote_classes()[1](path, **store.options)
     return FileSystemReader(path)
@@ -128,19 +134,24 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
     return dict(getattr(writer.fs, "files", {}))
 
 
-def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False) -> None:
+def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False,
+               hf: bool = False) -> None:
     """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``.
 
     Collective: every rank calls it with the same ``path``, in the same order as its
     other loads (each rank may ask for different keys); unless there is no process group
-    or ``single_process`` is set (this rank reads alone).
+    or ``single_process`` is set (this rank reads alone). ``hf``: ``path`` is a Hugging
+    Face safetensors directory (DCP's ``HuggingFaceStorageReader``: each rank reads only
+    the slices it asks for).
     """
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=_reader(store, path),
+        dcp.load(state, storage_reader=_reader(store, path, hf),
                  no_dist=single_process or not _comm.is_distributed())
 
 
-def read_metadata(store: Storage, path: str) -> Metadata:
-    """DCP's metadata of ``path`` (not collective: every caller reads it)."""
-    return _reader(store, path).read_metadata()
+def read_metadata(store: Storage, path: str, *, hf: bool = False) -> Metadata:
+    """DCP's metadata of ``path`` (not collective: every caller reads it); for a Hugging
+    Face directory (``hf``), built from the safetensors headers."""
+    with _io_errors("reading", path):
+        return _reader(store, path, hf).read_metadata()
 

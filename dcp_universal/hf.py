@@ -23,16 +23,14 @@ import time
 
 import torch
 
-from dcp_universal import _comm, model_io
+from dcp_universal import _comm, manifest, model_io
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError
 from dcp_universal.storage import Storage, join, normalize
 
-__all__ = ["export_hf", "parse_size", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE"]
+__all__ = ["export_hf", "parse_size"]
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_SINGLE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -78,7 +76,7 @@ def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def _shard_name(i: int, n: int) -> str:
-    return SAFETENSORS_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    return manifest.HF_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def _read_config(store: Storage, config) -> dict | None:
@@ -157,7 +155,7 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
-            store.write_atomic(join(out, SAFETENSORS_INDEX),
+            store.write_atomic(join(out, manifest.HF_INDEX),
                                json.dumps(index, indent=2, sort_keys=True).encode())
         if cfg is not None:
             store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())

@@ -44,6 +44,9 @@ ITEMS = (MODEL_DIR, ADAPTERS_DIR, OPTIMIZER_DIR)
 MANIFEST = "manifest.json"
 BASE_FILES = "files.json"  # a base's file records, written last: its presence completes it
 METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is complete
+# Hugging Face safetensors, as transformers' save_pretrained names them
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _BASE_RE = re.compile(r"^base-[0-9a-f]+$")

@@ -127,9 +127,11 @@ def _checkpoint_info(store: Storage, dcp_dir: str) -> dict[str, TensorInfo]:
     return _checkpoint_entries(store, dcp_dir)[0]
 
 
-def _checkpoint_entries(store: Storage, dcp_dir: str) -> tuple[dict[str, TensorInfo], list[str]]:
-    """(tensor key -> info, non-tensor keys) of a DCP directory, from its metadata."""
-    meta = dcp_io.read_metadata(store, dcp_dir)
+def _checkpoint_entries(store: Storage, dcp_dir: str, *,
+                        hf: bool = False) -> tuple[dict[str, TensorInfo], list[str]]:
+    """(tensor key -> info, non-tensor keys) of a DCP directory (or, ``hf``, a Hugging
+    Face safetensors directory), from its metadata."""
+    meta = dcp_io.read_metadata(store, dcp_dir, hf=hf)
     tensors, other = {}, []
     for k, m in meta.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
@@ -160,6 +162,7 @@ class Source:
             checkpoint written by another tool).
         notes: what the report should say about the source.
         ties: a step's tie groups at save (``merged_source`` only).
+        hf: the directory is Hugging Face safetensors, not DCP.
     """
 
     desc: str
@@ -173,22 +176,27 @@ class Source:
     raw_of: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     ties: list[list[str]] = dataclasses.field(default_factory=list)
+    hf: bool = False
 
     def raw(self, key: str) -> str:
         return self.raw_of.get(key, key)
 
 
 def _dir_source(store: Storage, model_dir: str, view: ModelView | None,
-                prefix: str | None) -> Source:
-    """A model DCP directory: this library's (canonical keys) or another tool's. With no
-    target (``view`` None: an export) the keys are taken as they are."""
-    infos, other = _checkpoint_entries(store, model_dir)
+                prefix: str | None, *, hf: bool = False) -> Source:
+    """A model DCP directory: this library's (canonical keys) or another tool's, or a
+    Hugging Face safetensors directory (``hf``). With no target (``view`` None: an
+    export) the keys are taken as they are."""
+    infos, other = _checkpoint_entries(store, model_dir, hf=hf)
     if view is None:
-        return Source(model_dir, infos, dict.fromkeys(infos, model_dir))
+        return Source(model_dir, infos, dict.fromkeys(infos, model_dir), hf=hf)
     res = foreign.resolve(infos, other, set(view.tensors), prefix=prefix, desc=model_dir)
     keys = {name: infos[raw] for name, raw in res.raw_of.items()}
     source = Source(model_dir, keys, dict.fromkeys(keys, model_dir),
-                     raw_of={k: r for k, r in res.raw_of.items() if k != r}, notes=res.notes)
+                    raw_of={k: r for k, r in res.raw_of.items() if k != r}, notes=res.notes,
+                    hf=hf)
+    if hf:
+        source.notes.insert(0, f"read Hugging Face safetensors {model_dir}")
     _foreign_factors(store, source, view)
     return source
 
@@ -228,6 +236,13 @@ def _foreign_factors(store: Storage, source: Source, view: ModelView) -> None:
     source.factor_dir = source.desc
     source.notes.append(f"merged {len(to_merge)} PEFT LoRA adapters ({names[0]!r}, scale from "
                         f"{where}) into their base weights while loading")
+
+
+def is_hf_dir(store: Storage, path: str) -> bool:
+    """True for a Hugging Face safetensors directory (``model.safetensors``, or shards
+    with ``model.safetensors.index.json``) that is not also a DCP directory."""
+    return (not store.exists(join(path, manifest.METADATA_FILE))
+            and any(store.exists(join(path, f)) for f in (manifest.HF_INDEX, manifest.HF_SINGLE)))
 
 
 def resolve_model_dir(store: Storage, path: str) -> str:
@@ -275,6 +290,8 @@ def _source(path: str, view: ModelView | None, store: Storage, verify: bool,
         _no_prefix(prefix, path, "a legacy torch.save file")
         return Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
     if m is None:
+        if is_hf_dir(store, path):
+            return _dir_source(store, path, view, prefix, hf=True)
         if not store.exists(join(path, manifest.MANIFEST)):
             return _dir_source(store, resolve_model_dir(store, path), view, prefix)
         m = manifest.read_manifest(store, path)
@@ -337,10 +354,19 @@ def read_source(source: Source, into: dict[str, torch.Tensor], store: Storage, *
         _copy_from_memory(source.memory, into)
     else:
         by_dir: dict[str, dict[str, torch.Tensor]] = {}
+        again = []  # a key read for two names (one stored tensor of a tied pair)
         for ck, t in into.items():
-            by_dir.setdefault(source.dir_of[ck], {})[source.raw(ck)] = t
+            wanted = by_dir.setdefault(source.dir_of[ck], {})
+            if source.raw(ck) in wanted:
+                again.append((t, wanted[source.raw(ck)]))
+            else:
+                wanted[source.raw(ck)] = t
         for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
-            dcp_io.load_state(store, by_dir[d], d, single_process=single_process)
+            dcp_io.load_state(store, by_dir[d], d, single_process=single_process,
+                              hf=source.hf)
+        with torch.no_grad():
+            for t, first in again:
+                local_block(t)[0].copy_(local_block(first)[0])
     _apply_deltas(source, into, store, single_process)
 
 
@@ -369,6 +395,24 @@ def _apply_deltas(source: Source, into: dict[str, torch.Tensor], store: Storage,
             scale=t.scale, left_is_local=False) for t in terms]
         block, offsets = local_block(into[key])
         block.copy_(merge.merge_block(block, offsets, factors))
+
+
+def _share_tied(source: Source, view: ModelView) -> None:
+    """A checkpoint that stores a tied pair once (transformers omits ``lm_head.weight``
+    of a tied model) serves every name of the target's tie group."""
+    for group in view.ties:
+        present = [k for k in group if k in source.keys]
+        if not present or len(present) == len(group):
+            continue
+        for k in group:
+            if k not in source.keys:
+                source.keys[k] = source.keys[present[0]]
+                source.dir_of[k] = source.dir_of[present[0]]
+                source.raw_of[k] = source.raw(present[0])
+                if source.memory is not None:
+                    source.memory[k] = source.memory[present[0]]
+        source.notes.append(f"tied: the checkpoint stores {present[0]} once; it serves "
+                            f"{', '.join(k for k in group if k != present[0])} too")
 
 
 def _check_materialized(view: ModelView) -> None:
@@ -478,6 +522,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
     start = time.perf_counter()
     _check_materialized(view)
     source = _source(path, view, store, verify, step_manifest, prefix)
+    _share_tied(source, view)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
                      structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}

@@ -151,3 +151,26 @@ def test_two_ranks_export_a_sharded_lora_step_in_parallel(tmp_path):
     ref = logits(with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"]))
     loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     assert max_diff(logits(loaded), ref) < 1e-4
+
+
+def _start_from_hf(rank, world_size, hf_dir):
+    from dcp_universal import apply_lora
+
+    own = apply_lora(llama(tied=True, seed=5), rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
+    peft_model = with_lora(llama(tied=True, seed=5), target_modules=["q_proj", "lm_head"])
+    out = []
+    for model, layers in ((own, own.model.layers), (peft_model, peft_model.base_model.model.model.layers)):
+        _shard(model, layers, world_size)
+        report = load_model(model, hf_dir)
+        out.append((logits(model), sorted(report.fresh)))
+    return out
+
+
+def test_a_sharded_lora_run_starts_from_an_hf_directory(tmp_path):
+    src = llama(tied=True, seed=1)
+    ref = logits(src)
+    src.save_pretrained(str(tmp_path / "hf"), max_shard_size="5KB")
+    for rank_out in harness.run(_start_from_hf, 2, str(tmp_path / "hf")):
+        for out, fresh in rank_out:
+            assert fresh  # the adapters start at a zero update
+            assert max_diff(out, ref) < ATOL

@@ -93,3 +93,23 @@ def test_export_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         export_hf(str(tmp_path / "m"), str(tmp_path / "o"), dtype="float7")
     assert cli(["export", str(tmp_path / "m"), str(tmp_path / "o"), "--format", "peft"]) == 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_directory_loads_into_plain_and_lora_models(tmp_path, tied):
+    from dcp_universal import load_model
+
+    src = llama(tied=tied, seed=1)
+    ref = logits(src)
+    src.save_pretrained(str(tmp_path / "hf"), max_shard_size="5KB")  # sharded, with index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    plain = llama(tied=tied, seed=2)
+    report = load_model(plain, str(tmp_path / "hf"))
+    assert max_diff(logits(plain), ref) == 0.0
+    assert any(n.startswith("read Hugging Face safetensors") for n in report.notes)
+    if tied:  # transformers stores the tied pair once
+        assert any("stores model.embed_tokens.weight once" in n for n in report.notes)
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    lora = with_lora(llama(tied=tied, seed=2), target_modules=["q_proj", "v_proj"])
+    report = load_model(lora, str(tmp_path / "hf"))
+    assert report.fresh and max_diff(logits(lora), ref) == 0.0
