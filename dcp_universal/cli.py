@@ -4,7 +4,7 @@
     dcp-universal verify STEP      every file of a step and its base: size and CRC-32
     dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
     dcp-universal convert SRC ROOT a legacy torch.save checkpoint -> a committed step
-    dcp-universal export SRC OUT --format hf   merged weights as Hugging Face safetensors
+    dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
 """
 
 from __future__ import annotations
@@ -94,9 +94,14 @@ def _convert(args) -> int:
 
 def _export(args) -> int:
     from dcp_universal.hf import export_hf
+    from dcp_universal.peft_export import export_peft
 
-    if args.format != "hf":
-        raise CheckpointError(f"--format {args.format} is not available yet; use --format hf")
+    if args.format == "peft":
+        if args.dtype or args.config:
+            raise CheckpointError("--dtype and --config apply to --format hf only")
+        out = export_peft(args.src, args.out)
+        print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter)")
+        return 0
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     config=args.config)
     print(f"exported {args.src} to {out} (Hugging Face safetensors)")
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("root", help="checkpoint root to write <root>/step-<N> into")
     p.add_argument("--step", type=int, help="step number (default: the file's iter_num/global_step)")
     p.set_defaults(func=_convert)
-    p = sub.add_parser("export", help="write the merged model as Hugging Face safetensors")
+    p = sub.add_parser("export", help="write HF safetensors (merged) or a PEFT LoRA adapter")
     p.add_argument("src", help="a model directory or a step directory (a LoRA step is merged)")
     p.add_argument("out", help="the output directory")
     p.add_argument("--format", choices=["hf", "peft"], default="hf")

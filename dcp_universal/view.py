@@ -109,9 +109,11 @@ class ModelView:
             (adapter_tensors if name in adapter_keys else tensors)[name] = value
         params = canonical_parameters(model)
         frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
+        ties = _ties(model, tensors)
+        # named_parameters() lists a tied parameter once: its other names are frozen too
+        frozen.update(k for g in ties if frozen.intersection(g) for k in g)
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
-                   {id(p): n for n, p in params.items()}, _ties(model, tensors),
-                   _non_persistent(model, sd))
+                   {id(p): n for n, p in params.items()}, ties, _non_persistent(model, sd))
 
     def tie_of(self, key: str) -> tuple[str, ...]:
         """The tie group holding ``key``, or ``(key,)``."""
