@@ -94,7 +94,7 @@ def _convert(args) -> int:
 
 def _export(args) -> int:
     from dcp_universal.hf import export_hf
-    from dcp_universal.peft_export import export_peft
+    from dcp_universal.peft_io import export_peft
 
     if args.format == "peft":
         if args.dtype or args.config:

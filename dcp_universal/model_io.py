@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.tensor import DTensor
 
-from dcp_universal import _comm, dcp_io, foreign, legacy, manifest, merge
+from dcp_universal import _comm, dcp_io, foreign, legacy, manifest, merge, peft_io
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, NotACheckpointError
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import FileRecord, Manifest
@@ -521,6 +521,10 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
     manifest the caller has read (so it is not read twice)."""
     start = time.perf_counter()
     _check_materialized(view)
+    if step_manifest is None and peft_io.is_adapter_dir(store, path):
+        _no_prefix(prefix, path, "a PEFT adapter directory")
+        report, commit = peft_io.stage_adapter(view, path, store, strict=strict)
+        return StagedLoad(report, commit, None)
     source = _source(path, view, store, verify, step_manifest, prefix)
     _share_tied(source, view)
     plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),

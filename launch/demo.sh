@@ -9,6 +9,8 @@
 #      it refuses) and train on to step 100, saved merged -> runs/demo/lora/step-00000100
 #   4) load (3) into LoRA rank 4 on 3 processes: same EVAL_LOSS as (3)
 #   5) load (3) in one process, no process group: same EVAL_LOSS, and a sample
+#   6) export (3) as Hugging Face safetensors (bf16 and fp32), and start a one-process
+#      evaluation from the fp32 export: same EVAL_LOSS
 #
 # Usage: bash launch/demo.sh (from any directory). Runs on CPU (gloo), about 2 minutes on
 # 2 cores. Logs go to runs/demo/*.log.
@@ -49,11 +51,11 @@ sys.exit(0 if ok else 1)
 PYEOF
 }
 
-stage "1/5 pre-train a plain GPT with FSDP2 on 4 processes, save the last step under $WORK/pretrain"
+stage "1/6 pre-train a plain GPT with FSDP2 on 4 processes, save the last step under $WORK/pretrain"
 "$TORCHRUN" --standalone --nproc_per_node=4 launch/train.py --parallel fsdp "${MODEL[@]}" \
   --steps 150 --lr 2e-3 --ckpt-dir "$WORK/pretrain" 2>&1 | tee "$WORK/stage1.log"
 
-stage "2/5 LoRA fine-tune (rank 8 on q,v,fc1,wte) with FSDP2 on 2 processes, saving every 20 steps; killed after step 40"
+stage "2/6 LoRA fine-tune (rank 8 on q,v,fc1,wte) with FSDP2 on 2 processes, saving every 20 steps; killed after step 40"
 # Run to a log and show the trainer's lines only: torchrun's failure report that follows a
 # killed job is expected here (it stays in the log).
 status=0
@@ -65,7 +67,7 @@ sed '/simulating pre-emption/q' "$WORK/stage2.log"
 echo "(torchrun exited with status $status, as a pre-empted job does; its report is in $WORK/stage2.log)"
 show_root "$WORK/lora"
 
-stage "3/5 relaunch the fine-tune on 3 processes: refused without --reshard-per-rank skip, then resumed from step 40 to 100"
+stage "3/6 relaunch the fine-tune on 3 processes: refused without --reshard-per-rank skip, then resumed from step 40 to 100"
 status=0
 "$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py "${LORA[@]}" \
   > "$WORK/stage3-refused.log" 2>&1 || status=$?
@@ -89,15 +91,23 @@ if [ -d "$FINAL/model" ]; then
   .venv/bin/dcp-universal inspect "$FINAL"
 fi
 
-stage "4/5 load the final step into LoRA rank 4 with FSDP2 on 3 processes, evaluate only"
+stage "4/6 load the final step into LoRA rank 4 with FSDP2 on 3 processes, evaluate only"
 "$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py --parallel fsdp "${MODEL[@]}" \
   --init-from "$FINAL" --lora-rank 4 --lora-targets q,v,fc1,wte --eval-only \
   2>&1 | tee "$WORK/stage4.log"
 same_loss "stage 4 (FSDP2 x3, LoRA rank 4)" "$WANT" "$(eval_loss "$WORK/stage4.log")"
 
-stage "5/5 inference: load the final step in one process with no process group, sample 200 bytes"
+stage "5/6 inference: load the final step in one process with no process group, sample 200 bytes"
 "$PY" launch/train.py --parallel none "${MODEL[@]}" --init-from "$FINAL" --eval-only \
   --sample 200 2>&1 | tee "$WORK/stage5.log"
 same_loss "stage 5 (one process, plain model)" "$WANT" "$(eval_loss "$WORK/stage5.log")"
+
+stage "6/6 hand-off: export the final step as Hugging Face safetensors; evaluate from the export"
+.venv/bin/dcp-universal export "$FINAL" "$WORK/hf-bf16" --format hf --dtype bfloat16 --max-shard-size 200KB
+.venv/bin/dcp-universal export "$FINAL" "$WORK/hf" --format hf
+show_root "$WORK/hf-bf16"
+"$PY" launch/train.py --parallel none "${MODEL[@]}" --init-from "$WORK/hf" --eval-only \
+  2>&1 | tee "$WORK/stage6.log"
+same_loss "stage 6 (one process, from the HF export)" "$WANT" "$(eval_loss "$WORK/stage6.log")"
 
 printf '\nDEMO OK (%d s)\n' "$SECONDS"

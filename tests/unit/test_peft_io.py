@@ -1,11 +1,13 @@
-"""export_peft and `dcp-universal export --format peft`: PEFT's PeftModel.from_pretrained
-is the reader, for steps made with PEFT and with the library's own LoRA."""
+"""PEFT adapters both ways: export_peft (and `export --format peft`) from steps made with
+PEFT and with the library's own LoRA, read by PEFT's PeftModel.from_pretrained; and PEFT
+adapter directories loaded into LoRA models by load_model."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import tiny
 from hf_models import gpt2, llama, logits, max_diff, peft, with_lora
@@ -69,3 +71,43 @@ def test_what_peft_cannot_hold_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not a LoRA step"):
         export_peft(plain, str(tmp_path / "adapter"))
     assert not (tmp_path / "adapter").exists()
+
+
+def test_peft_adapter_directory_loads_into_lora_models(tmp_path):
+    from dcp_universal import CheckpointMismatchError, load_model
+
+    src = with_lora(llama(tied=False, seed=1), target_modules=["q_proj", "v_proj", "embed_tokens"],
+                    lora_alpha=12)
+    ref = logits(src)
+    src.save_pretrained(str(tmp_path / "adapter"))  # PEFT's own files
+    # the same PEFT configuration: adapters <- the files, base as it is
+    same = with_lora(llama(tied=False, seed=1), target_modules=["q_proj", "v_proj", "embed_tokens"],
+                     lora_alpha=12, seed=9)
+    report = load_model(same, str(tmp_path / "adapter"))
+    assert max_diff(logits(same), ref) < 1e-5 and not report.fresh
+    # the library's own LoRA of the same rank (another alpha: the update is rescaled)
+    own = llama(tied=False, seed=1)
+    apply_lora(own, rank=4, alpha=3.0, targets=["q_proj", "v_proj", "embed_tokens"])
+    load_model(own, str(tmp_path / "adapter"))
+    assert max_diff(logits(own), ref) < 1e-5
+    # another rank, or no adapter where the file has one: refused, nothing touched
+    for bad in (with_lora(llama(tied=False, seed=1), r=2, lora_alpha=12,
+                          target_modules=["q_proj", "v_proj", "embed_tokens"]),
+                with_lora(llama(tied=False, seed=1), target_modules=["q_proj"])):
+        before = {k: v.clone() for k, v in bad.state_dict().items()}
+        with pytest.raises(CheckpointMismatchError):
+            load_model(bad, str(tmp_path / "adapter"))
+        assert all(torch.equal(v, before[k]) for k, v in bad.state_dict().items())
+
+
+def test_exported_adapter_round_trips_into_the_library(tmp_path):
+    from dcp_universal import load_model
+
+    src = with_lora(gpt2(seed=1), target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    ref = logits(src)
+    step = CheckpointManager(str(tmp_path / "ck")).save(1, src)
+    export_peft(step, str(tmp_path / "adapter"))
+    target = with_lora(gpt2(seed=1), target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                       seed=4)
+    load_model(target, str(tmp_path / "adapter"))
+    assert max_diff(logits(target), ref) < 1e-5
