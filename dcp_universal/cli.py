@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import dcp_io, manifest
 from dcp_universal.errors import CheckpointError
 from dcp_universal.model_io import resolve_model_dir
+from dcp_universal.progress import Progress
 from dcp_universal.storage import Storage, normalize
 
 __all__ = ["main"]
@@ -65,8 +67,10 @@ def _verify(args) -> int:
     if parts is None:
         raise CheckpointError(f"{path} is not a step directory (expected <root>/step-<number>)")
     root, step = parts
-    result = CheckpointManager(root).verify(step)
-    print(f"{path}: OK ({result['files']} files, {result['bytes']:,} bytes, sizes and CRC-32)")
+    progress = Progress(None, "verify", enabled=not args.quiet)
+    result = CheckpointManager(root).verify(step, progress=progress)
+    done = progress.close()
+    print(f"{path}: OK ({result['files']} files, sizes and CRC-32; {done})")
     return 0
 
 
@@ -99,12 +103,15 @@ def _export(args) -> int:
     if args.format == "peft":
         if args.dtype or args.config:
             raise CheckpointError("--dtype and --config apply to --format hf only")
+        start = time.perf_counter()
         out = export_peft(args.src, args.out)
-        print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter)")
+        print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter) in "
+              f"{time.perf_counter() - start:.2f} s")
         return 0
+    progress = Progress(None, "export", enabled=not args.quiet)
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    config=args.config)
-    print(f"exported {args.src} to {out} (Hugging Face safetensors)")
+                    config=args.config, progress=progress)
+    print(f"exported {args.src} to {out} (Hugging Face safetensors): {progress.close()}")
     return 0
 
 
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_inspect)
     p = sub.add_parser("verify", help="check every file of a step (and its base): size and CRC-32")
     p.add_argument("path", help="a step directory, <root>/step-<number>")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_verify)
     p = sub.add_parser("prune", help="apply a retention policy to a checkpoint root")
     p.add_argument("root")
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", help="cast floating-point weights, e.g. bfloat16")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     p.add_argument("--config", help="the model's config.json, copied beside the weights")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_export)
     args = parser.parse_args(argv)
     try:

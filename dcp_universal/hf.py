@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+from typing import Callable
 
 import torch
 
@@ -110,7 +111,8 @@ def _check_ties(source: model_io.Source, config: dict | None, store: Storage) ->
 
 
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
-              storage_options: dict | None = None, config: str | dict | None = None) -> str:
+              storage_options: dict | None = None, config: str | dict | None = None,
+              progress: Callable[[int], None] | None = None) -> str:
     """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
 
     Args:
@@ -124,6 +126,7 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         storage_options: fsspec options for ``src`` and ``out``.
         config: the model's ``config.json`` (a path or a dict), written beside the
             weights so that ``from_pretrained(out)`` works.
+        progress: called with the tensor bytes of each shard this rank wrote.
 
     Collective when called under a process group (every rank, same arguments): each
     rank writes its own shards. Returns ``out``.
@@ -150,6 +153,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     for i, keys in enumerate(shards):
         if i % world == rank:
             _write_shard(store, source, keys, join(out, names[i]), out_dtype)
+            if progress is not None:
+                progress(sum(sizes[k] for k in keys))
     _comm.barrier()
     if rank == 0:
         if len(shards) > 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 from dcp_universal.errors import IntegrityError
 from dcp_universal.manifest import FileRecord
@@ -76,9 +76,11 @@ def crc32_of(store: Storage, path: str, chunk: int = 16 << 20) -> int:
 
 
 def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
-                checksums: bool = False, prefixes: tuple[str, ...] = ("",)) -> None:
+                checksums: bool = False, prefixes: tuple[str, ...] = ("",),
+                progress: Callable[[int], None] | None = None) -> None:
     """Compare the files under ``path`` whose names start with one of ``prefixes`` with
     their records: sizes always (one listing), CRC-32 when ``checksums`` (a full read).
+    ``progress`` is called with each checked file's size.
 
     Raises:
         IntegrityError: naming the first missing, resized or corrupted file.
@@ -102,3 +104,5 @@ def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
                 raise IntegrityError(
                     f"{full} fails its checksum (crc32 {crc:08x}, manifest {rec.crc32:08x}): "
                     "its bytes changed after the save; load an earlier step")
+        if progress is not None:
+            progress(rec.size)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -299,20 +299,23 @@ class CheckpointManager:
             self._bases.remember(view, staged.restored_base)
         return staged.report
 
-    def verify(self, step: int | None = None) -> dict[str, int]:
+    def verify(self, step: int | None = None, *,
+               progress: Callable[[int], None] | None = None) -> dict[str, int]:
         """Check every file of ``step`` (default: latest) and of its base: size and CRC-32.
 
         Not collective. Returns ``{"files": n, "bytes": total}``; raises
-        :class:`IntegrityError` naming the first bad file.
+        :class:`IntegrityError` naming the first bad file. ``progress`` is called with
+        each checked file's size.
         """
         step = self.latest_step() if step is None else _check_step(step)
         if step is None:
             raise NotACheckpointError(f"no committed step under {self.root}")
         path = self.step_path(step)
         m = manifest.read_manifest(self._store, path)
-        check_files(self._store, path, m.files, checksums=True)
+        check_files(self._store, path, m.files, checksums=True, progress=progress)
         records = list(m.files.values())
         if m.base:
-            check_files(self._store, manifest.base_path(path, m), m.base_files or {}, checksums=True)
+            check_files(self._store, manifest.base_path(path, m), m.base_files or {},
+                        checksums=True, progress=progress)
             records += list((m.base_files or {}).values())
         return {"files": len(records), "bytes": sum(r.size for r in records)}

@@ -114,3 +114,33 @@ def test_hf_directory_loads_into_plain_and_lora_models(tmp_path, tied):
     lora = with_lora(llama(tied=tied, seed=2), target_modules=["q_proj", "v_proj"])
     report = load_model(lora, str(tmp_path / "hf"))
     assert report.fresh and max_diff(logits(lora), ref) == 0.0
+
+
+def test_export_and_verify_report_bytes_time_and_throughput(tmp_path, capsys):
+    src = llama(tied=False, seed=1)
+    step = CheckpointManager(str(tmp_path / "ck")).save(1, src)
+    seen = []
+    export_hf(step, str(tmp_path / "hf"), max_shard_size=4000, progress=seen.append)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(seen) > 2 and sum(seen) == index["metadata"]["total_size"]
+    assert cli(["export", step, str(tmp_path / "hf2"), "--format", "hf", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    total = sum(t.numel() * t.element_size() for t in src.state_dict().values())
+    assert f"{total:,} bytes in " in out and " MB/s)" in out
+    assert cli(["verify", step, "--quiet"]) == 0
+    assert "MB/s" in capsys.readouterr().out
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    from dcp_universal.progress import Progress
+
+    p = Progress(100, "x")  # pytest's stderr is not a terminal: no bar
+    p(60)
+    p(40)
+    assert p._bar is None and p.close().startswith("100 bytes in ")
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    p = Progress(100, "x")
+    p(100)
+    assert p._bar is not None and p._bar.n == 100
+    p.close()
+    assert Progress(100, "x", enabled=False)._bar is None
