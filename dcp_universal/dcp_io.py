@@ -13,7 +13,7 @@ import contextlib
 import functools
 
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter, HuggingFaceStorageReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
@@ -101,11 +101,8 @@ def _writer(store: Storage, path: str, own_file_keys, checksums: bool):
 
 def _reader(store: Storage, path: str, hf: bool = False):
     if hf:
-        if is_remote(path):
-            raise CheckpointIOError(
-                f"{path}: reading Hugging Face safetensors from a URL is not supported yet; "
-                "copy the directory to local disk and load it from there")
-        return HuggingFaceStorageReader(path)
+        from dcp_universal.safetensors_reader import SafetensorsReader
+        return SafetensorsReader(store, path)
     if is_remote(path):
         return _remote_classes()[1](path, **store.options)
     return FileSystemReader(path)
@@ -141,8 +138,8 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
     Collective: every rank calls it with the same ``path``, in the same order as its
     other loads (each rank may ask for different keys); unless there is no process group
     or ``single_process`` is set (this rank reads alone). ``hf``: ``path`` is a Hugging
-    Face safetensors directory (DCP's ``HuggingFaceStorageReader``: each rank reads only
-    the slices it asks for).
+    Face safetensors directory (:mod:`dcp_universal.safetensors_reader`: each rank reads
+    only the byte ranges of the slices it asks for).
     """
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
         dcp.load(state, storage_reader=_reader(store, path, hf),

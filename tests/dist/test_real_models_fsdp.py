@@ -174,3 +174,29 @@ def test_a_sharded_lora_run_starts_from_an_hf_directory(tmp_path):
         for out, fresh in rank_out:
             assert fresh  # the adapters start at a zero update
             assert max_diff(out, ref) < ATOL
+
+
+def _from_hf_on_s3(rank, world_size, url, options):
+    from dcp_universal import apply_lora
+
+    model = apply_lora(llama(tied=True, seed=5), rank=4, alpha=8.0, targets=["q_proj"])
+    _shard(model, model.model.layers, world_size)
+    report = load_model(model, url, storage_options=options)
+    return logits(model), report.notes
+
+
+def test_hf_directory_on_s3_loads_on_two_ranks(tmp_path, s3):
+    import fsspec
+
+    from s3server import fresh_prefix
+
+    root, options = s3
+    src = llama(tied=True, seed=1)
+    ref = logits(src)
+    src.save_pretrained(str(tmp_path / "hf"), max_shard_size="5KB")
+    url = f"{fresh_prefix(root)}/hf"
+    fs = fsspec.filesystem("s3", **options)
+    fs.put(str(tmp_path / "hf") + "/", url.removeprefix("s3://") + "/", recursive=True)
+    for out, notes in harness.run(_from_hf_on_s3, 2, url, options):
+        assert max_diff(out, ref) < ATOL
+        assert any(n.startswith("read Hugging Face safetensors s3://") for n in notes)
