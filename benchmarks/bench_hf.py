@@ -4,7 +4,7 @@ A Llama-shaped transformers model of about 256 MiB fp32 (random weights, built h
 In one run, interleaved repeats of:
 
 * load the model alone: ``load_model`` from our model directory (default, staged; and
-  ``stage=False``);
+  ``stage=False``), and from the HF export (our safetensors reader);
 * ``safetensors.torch.load_file`` of the same weights exported by ``export_hf`` (alone,
   and followed by ``load_state_dict``, which is what a load of the model costs);
 * ``from_pretrained`` of the exported directory;
@@ -81,6 +81,7 @@ def main() -> None:
     ops = {
         "load_model, staged (default)": lambda: load_model(target, mdir),
         "load_model stage=False": lambda: load_model(target, mdir, stage=False),
+        "load_model of the HF export (our safetensors reader)": lambda: load_model(target, hdir),
         "safetensors load_file + load_state_dict": st_load_model,
         "safetensors load_file alone": st_load_only,
         "from_pretrained of the export": lambda: transformers.LlamaForCausalLM.from_pretrained(hdir),

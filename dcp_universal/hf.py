@@ -26,6 +26,7 @@ import torch
 
 from dcp_universal import _comm, manifest, model_io
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.safetensors_reader import safetensors_torch
 from dcp_universal.storage import Storage, join, normalize
 
 __all__ = ["export_hf", "parse_size"]
@@ -174,11 +175,7 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
 @torch.no_grad()
 def _write_shard(store: Storage, source: model_io.Source, keys: list[str], path: str,
                  out_dtype) -> None:
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise CheckpointError("export_hf writes safetensors, which is not installed: "
-                              "pip install 'dcp-universal[hf]'") from None
+    save = safetensors_torch("export_hf").save
 
     tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
     model_io.read_source(source, tensors, store, single_process=True)

@@ -290,9 +290,9 @@ def _source(path: str, view: ModelView | None, store: Storage, verify: bool,
         _no_prefix(prefix, path, "a legacy torch.save file")
         return Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
     if m is None:
-        if is_hf_dir(store, path):
-            return _dir_source(store, path, view, prefix, hf=True)
         if not store.exists(join(path, manifest.MANIFEST)):
+            if is_hf_dir(store, path):
+                return _dir_source(store, path, view, prefix, hf=True)
             return _dir_source(store, resolve_model_dir(store, path), view, prefix)
         m = manifest.read_manifest(store, path)
     _no_prefix(prefix, path, "a dcp_universal step, whose keys are canonical")

@@ -31,6 +31,7 @@ import torch
 
 from dcp_universal import dcp_io, foreign, manifest
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, UnsupportedAdapterError
+from dcp_universal.safetensors_reader import safetensors_torch
 from dcp_universal.plan import LoadReport
 from dcp_universal.storage import Storage, join, normalize
 from dcp_universal.view import ModelView, local_block
@@ -66,11 +67,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> s
             adapter format cannot hold.
         UnsupportedAdapterError: a module with several updates, or an unknown kind.
     """
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise CheckpointError("export_peft writes safetensors, which is not installed: "
-                              "pip install 'dcp-universal[hf]'") from None
+    save = safetensors_torch("export_peft").save
     store = Storage(storage_options)
     src, out = normalize(src), normalize(out)
     m = manifest.read_manifest(store, src)
@@ -179,7 +176,7 @@ def stage_adapter(view: ModelView, path: str, store: Storage, *, strict: bool):
         CheckpointMismatchError: the file adapts a module the model has no adapter on, or
             the ranks differ (nothing is touched).
     """
-    from safetensors.torch import load
+    load = safetensors_torch("loading a PEFT adapter").load
 
     config = json.loads(store.read_bytes(join(path, ADAPTER_CONFIG)))
     where = join(path, ADAPTER_CONFIG)

@@ -6,6 +6,8 @@ the headers alone and serves each read item with one ranged read: the item's row
 (a dim-0 slice is one contiguous range; other slices read the rows that cover them and
 cut in memory). So every rank reads only the bytes of its own shards, no file is read
 whole, and the same code serves local disks and object stores (one ranged GET per item).
+Reading needs no safetensors package; writing (``export_hf``, ``export_peft``) imports it
+through :func:`safetensors_torch`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,22 @@ from dcp_universal import manifest
 from dcp_universal.errors import CheckpointError
 from dcp_universal.storage import Storage, join
 
-__all__ = ["SafetensorsReader", "safetensors_files"]
+__all__ = ["SafetensorsReader", "safetensors_files", "safetensors_torch"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_torch(who: str):
+    """``safetensors.torch`` (the ``hf`` extra), or a CheckpointError saying how to get it."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise CheckpointError(f"{who} needs safetensors, which is not installed: "
+                              "pip install 'dcp-universal[hf]'") from None
+    return safetensors.torch
 
 
 @dataclasses.dataclass(frozen=True)
