@@ -7,8 +7,9 @@ user's ``config.json`` when given. Keys are the canonical names, which are the m
 own (``model.layers.0.self_attn.q_proj.weight``). A LoRA step without a merged
 ``model/`` is merged from its base and adapters while exporting.
 
-Memory is bounded by one output shard: each shard's tensors are read (and merged), cast,
-serialised and written before the next shard is read. Under a process group every rank
+Memory is bounded by one output shard: each shard's tensors are read (and merged), cast
+and written straight to a file (no serialised copy in memory) before the next shard is
+read. Under a process group every rank
 writes its own shards (shard ``i`` on rank ``i % world_size``), and rank 0 writes the
 index and the config after all shards are in place.
 """
@@ -175,10 +176,11 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
 @torch.no_grad()
 def _write_shard(store: Storage, source: model_io.Source, keys: list[str], path: str,
                  out_dtype) -> None:
-    save = safetensors_torch("export_hf").save
+    save_file = safetensors_torch("export_hf").save_file
 
     tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
     model_io.read_source(source, tensors, store, single_process=True)
     for k in keys:
         tensors[k] = tensors[k].to(out_dtype(k)).contiguous()
-    store.write_atomic(path, save(tensors, metadata={"format": "pt"}))
+    # straight to a file: no serialised copy of the shard in memory
+    store.write_atomic_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from typing import Callable
 
 __all__ = ["Storage", "join", "is_remote", "normalize", "parent"]
 
@@ -47,6 +49,18 @@ def parent(path: str) -> str:
     """The directory holding ``path`` (``"."`` for a bare relative name)."""
     head, _, _ = path.rstrip("/").rpartition("/")
     return head or "."
+
+
+def _replace_synced(tmp: str, path: str) -> None:
+    """fsync ``tmp``, rename it to ``path``, fsync the directory: the file appears whole."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Storage:
@@ -114,14 +128,22 @@ class Storage:
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _replace_synced(tmp, path)
+
+    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+        """Like :meth:`write_atomic`, for a writer that wants a local file name
+        (``write(tmp_path)``): no copy of the data in memory. Remotely the file is
+        written to a local temporary file and uploaded in one ``put``."""
+        if is_remote(path):
+            fs, p = self.fs(path)
+            with tempfile.TemporaryDirectory(prefix="dcpu-upload-") as d:
+                local = os.path.join(d, "data")
+                write(local)
+                fs.put_file(local, p)
+            return
+        tmp = path + ".tmp"
+        write(tmp)
+        _replace_synced(tmp, path)
 
     def remove_file(self, path: str) -> None:
         if not is_remote(path):

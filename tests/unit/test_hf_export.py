@@ -144,3 +144,20 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert p._bar is not None and p._bar.n == 100
     p.close()
     assert Progress(100, "x", enabled=False)._bar is None
+
+
+def test_export_to_s3_and_load_back(tmp_path, s3):
+    from dcp_universal import load_model
+    from s3server import fresh_prefix
+
+    root, options = s3
+    src = llama(tied=False, seed=1)
+    ref = logits(src)
+    save_model(src, str(tmp_path / "m"))
+    url = f"{fresh_prefix(root)}/hf"
+    export_hf(str(tmp_path / "m"), url, max_shard_size=4000, storage_options=options,
+              config=src.config.to_dict())
+    target = llama(tied=False, seed=2)
+    report = load_model(target, url, storage_options=options)
+    assert max_diff(logits(target), ref) == 0.0
+    assert any(n.startswith("read Hugging Face safetensors s3://") for n in report.notes)
