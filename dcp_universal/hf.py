@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from dcp_universal import _comm, manifest, model_io
-from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.errors import CheckpointError, CheckpointIOError, CheckpointMismatchError
 from dcp_universal.safetensors_reader import safetensors_torch
 from dcp_universal.storage import Storage, join, normalize
 
@@ -130,8 +130,10 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
             weights so that ``from_pretrained(out)`` works.
         progress: called with the tensor bytes of each shard this rank wrote.
 
-    Collective when called under a process group (every rank, same arguments): each
-    rank writes its own shards. Returns ``out``.
+    Collective when called under a process group (every rank, same arguments). Call
+    order, every rank: each writes its own shards; one ``all_true`` (a failure on any
+    rank raises on every rank, and no index is written); rank 0 writes the index and the
+    config and tells every rank how it went (``_comm.on_rank0``). Returns ``out``.
     """
     start = time.perf_counter()
     store = Storage(storage_options)
@@ -151,14 +153,23 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     shards = _shards(sizes, max_bytes)
     names = [_shard_name(i, len(shards)) for i in range(len(shards))]
     rank, world = _comm.rank(), _comm.world_size()
-    store.makedirs(out)
-    for i, keys in enumerate(shards):
-        if i % world == rank:
-            _write_shard(store, source, keys, join(out, names[i]), out_dtype)
-            if progress is not None:
-                progress(sum(sizes[k] for k in keys))
-    _comm.barrier()
-    if rank == 0:
+    error = None
+    try:
+        store.makedirs(out)
+        for i, keys in enumerate(shards):
+            if i % world == rank:
+                _write_shard(store, source, keys, join(out, names[i]), out_dtype)
+                if progress is not None:
+                    progress(sum(sizes[k] for k in keys))
+    except Exception as e:  # every rank learns of it below, none waits forever
+        error = e
+    if not _comm.all_true(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointIOError(f"export to {out} failed on another rank (its error names the "
+                                "cause); no index was written")
+
+    def finish() -> None:
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
@@ -169,7 +180,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         logger.info("exported %s to %s: %d tensors, %d files, %.1f MB in %.2f s", src, out,
                     len(sizes), len(shards), sum(sizes.values()) / 1e6,
                     time.perf_counter() - start)
-    _comm.barrier()
+
+    _comm.on_rank0(finish)
     return out
 
 

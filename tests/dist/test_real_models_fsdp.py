@@ -200,3 +200,33 @@ def test_hf_directory_on_s3_loads_on_two_ranks(tmp_path, s3):
     for out, notes in harness.run(_from_hf_on_s3, 2, url, options):
         assert max_diff(out, ref) < ATOL
         assert any(n.startswith("read Hugging Face safetensors s3://") for n in notes)
+
+
+def _export_fails_on_rank1(rank, world_size, root):
+    from unittest import mock
+
+    from dcp_universal import CheckpointError, export_hf
+    from dcp_universal import hf
+
+    model = llama(tied=False)
+    save_model(model, f"{root}/m")
+    real = hf._write_shard
+
+    def flaky(*args, **kwargs):
+        if rank == 1:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    with mock.patch.object(hf, "_write_shard", flaky):
+        try:
+            export_hf(f"{root}/m", f"{root}/hf", max_shard_size=4000)
+        except (OSError, CheckpointError) as e:
+            return type(e).__name__, str(e)
+    return None
+
+
+def test_export_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    outcomes = harness.run(_export_fails_on_rank1, 2, str(tmp_path))
+    assert outcomes[1] == ("OSError", "disk full (simulated)")
+    assert outcomes[0][0] == "CheckpointIOError" and "another rank" in outcomes[0][1]
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
