@@ -34,6 +34,7 @@ def _human(n: int) -> str:
 
 
 def _inspect(args) -> int:
+    start = time.perf_counter()  # inspect reads metadata only: a time, no bar
     store = Storage()
     model_dir = resolve_model_dir(store, normalize(args.path))
     meta = dcp_io.read_metadata(store, model_dir)
@@ -55,7 +56,8 @@ def _inspect(args) -> int:
     header = ("key", "shape", "dtype", "bytes")
     for row in (header, *rows):
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"total: {len(rows)} keys, {count:,} elements, {total:,} bytes ({_human(total)})")
+    print(f"total: {len(rows)} keys, {count:,} elements, {total:,} bytes ({_human(total)}); "
+          f"metadata read in {time.perf_counter() - start:.2f} s")
     return 0
 
 
@@ -89,10 +91,14 @@ def _prune(args) -> int:
 
 
 def _convert(args) -> int:
+    import os
+
     from dcp_universal.legacy import convert
 
+    progress = Progress(None, "convert", enabled=False)  # one read, one write: no bar
     path = convert(args.src, args.root, step=args.step)
-    print(f"wrote {path} from {args.src}")
+    progress(os.path.getsize(normalize(args.src)))
+    print(f"wrote {path} from {args.src}: {progress.close()}")
     return 0
 
 

@@ -91,6 +91,8 @@ def test_convert_writes_a_committed_step_every_loader_reads(tmp_path, capsys):
                 "iter_num": 250, "best_val_loss": torch.tensor(1.5), "config": {"lr": 1e-3}},
                tmp_path / "ckpt.pt")
     assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root")]) == 0
+    size = (tmp_path / "ckpt.pt").stat().st_size
+    assert f": {size:,} bytes in " in capsys.readouterr().out  # bytes, time, throughput
     mgr = CheckpointManager(str(tmp_path / "root"))
     assert mgr.steps() == [250]
     manifest = mgr.manifest(250)
