@@ -32,7 +32,8 @@ from dcp_universal.errors import CheckpointMismatchError, UnsupportedAdapterErro
 from dcp_universal.storage import Storage, join, parent
 
 __all__ = ["canonical_key", "Resolution", "resolve", "peft_factors", "PeftFactors",
-           "read_peft_config", "OTHER_STATE_NAMES"]
+           "read_peft_config", "is_conv1d", "peft_transposed", "merge_terms", "OTHER_STATE_NAMES",
+           "ADAPTER_CONFIG"]
 
 # infixes of wrappers that are never a user's module name (compile, activation
 # checkpointing, FSDP1): the attributes names.py walks through
@@ -283,19 +284,49 @@ def peft_scale(config: dict, site: str, rank: int, where: str) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def merge_terms(f: PeftFactors, base_shape: tuple[int, ...], a_shape, b_shape,
-                config: dict, where: str) -> manifest.AdapterTerm:
-    """The term ``scale * L @ R`` of ``f`` on a base weight of ``base_shape``."""
-    scale = peft_scale(config, f.site, a_shape[0], where)  # A is (r, ...) in both layouts
-    if f.embedding:  # A: (r, num), B: (dim, r); delta = (B @ A).T
-        return manifest.AdapterTerm(left=f.a, right=f.b, scale=scale, left_t=True, right_t=True)
-    transposed = bool(config.get("fan_in_fan_out", False))
-    shape = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
-    if tuple(base_shape) != shape:
+def is_conv1d(module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's weight layout ``(in, out)``), matched by
+    class name so transformers is never imported here."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
+
+
+def peft_transposed(a_shape, b_shape, base_shape, base_module, fan_in_fan_out: bool,
+                    where: str) -> bool:
+    """Whether a PEFT ``lora_A`` ``(r, x)`` / ``lora_B`` ``(y, r)`` pair updates its base
+    transposed: ``(B @ A).T`` on a Conv1D base ``(in, out)``, ``B @ A`` on a Linear
+    ``(out, in)``.
+
+    The target's base module decides, as PEFT decides per layer (a saved config's
+    ``fan_in_fan_out`` does not: PEFT turns it off when it meets GPT-2's Linear head, after
+    the Conv1D layers took it on). Without the module, the shapes decide, and for a
+    square weight the config's ``fan_in_fan_out``.
+
+    Raises:
+        CheckpointMismatchError: the base does not fit the factors that way.
+    """
+    linear, conv1d = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
+    base = tuple(base_shape)
+    if base_module is not None:
+        transposed = is_conv1d(base_module)
+    elif linear == conv1d:
+        transposed = bool(fan_in_fan_out)
+    else:
+        transposed = base == conv1d
+    if base != (conv1d if transposed else linear):
         raise CheckpointMismatchError(
-            f"{f.site!r}: base weight {tuple(base_shape)} does not fit LoRA factors A "
-            f"{tuple(a_shape)} and B {tuple(b_shape)} with fan_in_fan_out={transposed} "
-            f"({where})")
-    if transposed:  # a Conv1D base stores (in, out): delta = (B @ A).T
+            f"base weight {base} does not fit LoRA factors A {tuple(a_shape)} and B "
+            f"{tuple(b_shape)} {'transposed (Conv1D)' if transposed else ''} ({where})")
+    return transposed
+
+
+def merge_terms(f: PeftFactors, base_shape: tuple[int, ...], a_shape, b_shape,
+                config: dict, where: str, base_module=None) -> manifest.AdapterTerm:
+    """The term ``scale * L @ R`` of ``f`` on a base weight of ``base_shape`` (held by the
+    target's ``base_module``, when it has one)."""
+    scale = peft_scale(config, f.site, a_shape[0], where)  # A is (r, ...) in both layouts
+    # an embedding (A: (r, num), B: (dim, r)) and a Conv1D base both take (B @ A).T
+    if f.embedding or peft_transposed(a_shape, b_shape, base_shape, base_module,
+                                      config.get("fan_in_fan_out", False), f"{f.site!r}, {where}"):
         return manifest.AdapterTerm(left=f.a, right=f.b, scale=scale, left_t=True, right_t=True)
     return manifest.AdapterTerm(left=f.b, right=f.a, scale=scale)

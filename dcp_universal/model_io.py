@@ -20,10 +20,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.tensor import DTensor
 
-from dcp_universal import _comm, dcp_io, foreign, legacy, manifest, merge, peft_io
+from dcp_universal import _comm, adapters, dcp_io, foreign, legacy, manifest, merge, peft_io
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, NotACheckpointError
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import FileRecord, Manifest
+from dcp_universal.names import canonical_module_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 from dcp_universal.storage import Storage, join, normalize
 from dcp_universal.view import ModelView, local_block
@@ -223,6 +224,7 @@ def _foreign_factors(store: Storage, source: Source, view: ModelView) -> None:
             f"or put the adapter's {foreign.ADAPTER_CONFIG} (as PEFT's save_pretrained "
             "writes it) into the checkpoint directory")
     config, where = config
+    modules = {name: m for m, name in canonical_module_names(view.model).items()}
     for f in to_merge:
         weight = f"{f.site}.weight"
         if weight not in source.keys:
@@ -231,11 +233,18 @@ def _foreign_factors(store: Storage, source: Source, view: ModelView) -> None:
                 f"weight {weight!r}: it is incomplete")
         a, b = source.keys.pop(f.a), source.keys.pop(f.b)
         source.factors.update({f.a: a, f.b: b})
-        source.deltas.setdefault(weight, []).append(
-            foreign.merge_terms(f, source.keys[weight].shape, a.shape, b.shape, config, where))
+        source.deltas.setdefault(weight, []).append(foreign.merge_terms(
+            f, source.keys[weight].shape, a.shape, b.shape, config, where,
+            base_module=_base_module(modules.get(f.site))))
     source.factor_dir = source.desc
     source.notes.append(f"merged {len(to_merge)} PEFT LoRA adapters ({names[0]!r}, scale from "
                         f"{where}) into their base weights while loading")
+
+
+def _base_module(module: nn.Module | None) -> nn.Module | None:
+    """The layer holding the weight: an adapted module's base layer, else itself."""
+    kind = adapters.kind_of(module) if module is not None else None
+    return getattr(module, kind.base_attr(module)) if kind is not None else module
 
 
 def is_hf_dir(store: Storage, path: str) -> bool:

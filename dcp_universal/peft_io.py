@@ -40,7 +40,7 @@ __all__ = ["export_peft", "is_adapter_dir", "stage_adapter", "ADAPTER_WEIGHTS",
            "ADAPTER_CONFIG"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CONFIG = foreign.ADAPTER_CONFIG
 _PREFIX = "base_model.model."
 
 
@@ -145,22 +145,17 @@ def is_adapter_dir(store: Storage, path: str) -> bool:
             and not store.exists(join(path, manifest.METADATA_FILE)))
 
 
-def _file_factors(tensors: dict[str, torch.Tensor], site: str, base_shape,
-                  fan_in_fan_out: bool) -> tuple | None:
-    """``(L, R, layout)`` of ``site``'s update in PEFT's files, or None if absent. The
-    base's shape tells a Linear ``(out, in)`` from a Conv1D ``(in, out)``; for a square
-    weight, the config's ``fan_in_fan_out`` does."""
-    p = f"{_PREFIX}{site}."
+def _file_factors(tensors: dict[str, torch.Tensor], site, base_shape,
+                  fan_in_fan_out: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` of ``site``'s update in PEFT's files (the orientation as in
+    :func:`foreign.peft_transposed`, decided by the site's base module)."""
+    p = f"{_PREFIX}{site.name}."
     if f"{p}lora_embedding_A" in tensors:
-        a, b = tensors[f"{p}lora_embedding_A"], tensors[f"{p}lora_embedding_B"]
-        return a.T, b.T, "embedding"
-    if f"{p}lora_A.weight" not in tensors:
-        return None
+        return tensors[f"{p}lora_embedding_A"].T, tensors[f"{p}lora_embedding_B"].T
     a, b = tensors[f"{p}lora_A.weight"], tensors[f"{p}lora_B.weight"]
-    linear, conv1d = (b.shape[0], a.shape[1]), (a.shape[1], b.shape[0])
-    if tuple(base_shape) == linear and (linear != conv1d or not fan_in_fan_out):
-        return b, a, "linear"
-    return a.T, b.T, "conv1d"  # (in, out) base: (B @ A).T
+    if foreign.peft_transposed(a.shape, b.shape, base_shape, site.base, fan_in_fan_out, where):
+        return a.T, b.T  # (in, out) base: (B @ A).T
+    return b, a
 
 
 def stage_adapter(view: ModelView, path: str, store: Storage, *, strict: bool):
@@ -178,8 +173,7 @@ def stage_adapter(view: ModelView, path: str, store: Storage, *, strict: bool):
     """
     load = safetensors_torch("loading a PEFT adapter").load
 
-    config = json.loads(store.read_bytes(join(path, ADAPTER_CONFIG)))
-    where = join(path, ADAPTER_CONFIG)
+    config, where = foreign.read_peft_config(store, path)  # is_adapter_dir: it is there
     tensors = load(store.read_bytes(join(path, ADAPTER_WEIGHTS)))
     by_site = {s.name: s for s in view.sites}
     in_file = sorted({k[len(_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors
@@ -210,8 +204,8 @@ def stage_adapter(view: ModelView, path: str, store: Storage, *, strict: bool):
         site = by_site[name]
         terms = site.terms()
         base_shape = view.tensors[site.weight_key].shape
-        left, right, _ = _file_factors(tensors, name, base_shape,
-                                       bool(config.get("fan_in_fan_out", False)))
+        left, right = _file_factors(tensors, site, base_shape,
+                                    bool(config.get("fan_in_fan_out", False)), where)
         if len(terms) != 1:
             raise UnsupportedAdapterError(f"{name!r} has {len(terms)} active adapters in the "
                                           "model; load a PEFT adapter into one")

@@ -111,3 +111,20 @@ def test_exported_adapter_round_trips_into_the_library(tmp_path):
                        seed=4)
     load_model(target, str(tmp_path / "adapter"))
     assert max_diff(logits(target), ref) < 1e-5
+
+
+def test_peft_saved_gpt2_with_a_linear_head_loads_layer_by_layer(tmp_path):
+    from dcp_universal import load_model
+
+    # PEFT turns the saved fan_in_fan_out off on meeting the Linear head, after the
+    # Conv1D layers (c_proj is square) took it on: only the layers say which is which
+    targets = ["c_attn", "c_proj", "lm_head"]
+    src = with_lora(gpt2(tied=False, seed=1), target_modules=targets, fan_in_fan_out=True)
+    ref = logits(src)
+    src.save_pretrained(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "fan_in_fan_out"] is False
+    target = with_lora(gpt2(tied=False, seed=1), target_modules=targets, fan_in_fan_out=True,
+                       seed=5)
+    load_model(target, str(tmp_path / "adapter"))
+    assert max_diff(logits(target), ref) < 1e-5
