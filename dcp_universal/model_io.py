@@ -162,7 +162,7 @@ class Source:
         raw_of: canonical key -> its key in the DCP directory, where they differ (a
             checkpoint written by another tool).
         notes: what the report should say about the source.
-        ties: a step's tie groups at save (``merged_source`` only).
+        ties: a step's tie groups at save (empty for other sources).
         hf: the directory is Hugging Face safetensors, not DCP.
     """
 
@@ -247,13 +247,6 @@ def _base_module(module: nn.Module | None) -> nn.Module | None:
     return getattr(module, kind.base_attr(module)) if kind is not None else module
 
 
-def is_hf_dir(store: Storage, path: str) -> bool:
-    """True for a Hugging Face safetensors directory (``model.safetensors``, or shards
-    with ``model.safetensors.index.json``) that is not also a DCP directory."""
-    return (not store.exists(join(path, manifest.METADATA_FILE))
-            and any(store.exists(join(path, f)) for f in (manifest.HF_INDEX, manifest.HF_SINGLE)))
-
-
 def resolve_model_dir(store: Storage, path: str) -> str:
     """``path`` itself if it is a model DCP directory, else its ``model/`` child."""
     if store.exists(join(path, manifest.METADATA_FILE)):
@@ -270,27 +263,29 @@ def resolve_model_dir(store: Storage, path: str) -> str:
         "CheckpointManager.save() wrote")
 
 
+def _model_dir(store: Storage, path: str) -> tuple[str, bool]:
+    """``(directory, is Hugging Face safetensors)`` of a path that is not a step: a DCP
+    model directory (or a step-like ``model/`` child) first, then an HF directory
+    (``model.safetensors``, or shards with ``model.safetensors.index.json``)."""
+    try:
+        return resolve_model_dir(store, path), False
+    except NotACheckpointError:
+        if any(store.exists(join(path, f)) for f in (manifest.HF_INDEX, manifest.HF_SINGLE)):
+            return path, True
+        raise
+
+
 def merged_source(store: Storage, path: str, *, verify: bool = False) -> Source:
     """The merged model that a model directory, a step or a legacy file holds, for
     readers with no target model (exports): a LoRA step without ``model/`` is composed
     from its base and adapters."""
-    m = None
-    if not legacy.is_legacy_file(path) and store.exists(join(path, manifest.MANIFEST)):
-        m = manifest.read_manifest(store, path)
-    source = _source(path, None, store, verify, m)
-    source.ties = [list(g) for g in m.ties] if m is not None else []
-    return source
+    return _source(path, None, store, verify, None)
 
 
 def _source(path: str, view: ModelView | None, store: Storage, verify: bool,
             m: Manifest | None, prefix: str | None = None) -> Source:
-    """Pick what to read: a model directory, or a step's pieces (``m``: the step's
-    manifest when the caller has already read it).
-
-    A LoRA step (``adapters/`` plus a shared base) restores exactly into a model with the
-    same adapters; any other target gets merged weights: ``model/`` when the step has it,
-    otherwise base plus adapters composed on load.
-    """
+    """Pick what to read: a legacy file, a model directory (DCP or HF safetensors), or a
+    step's pieces (``m``: the step's manifest when the caller has already read it)."""
     if legacy.is_legacy_file(path):
         ck = legacy.read_legacy(path)
         keys = _infos(ck.model)
@@ -300,11 +295,20 @@ def _source(path: str, view: ModelView | None, store: Storage, verify: bool,
         return Source(ck.path, keys, dict.fromkeys(keys, ck.path), memory=ck.model, notes=[note])
     if m is None:
         if not store.exists(join(path, manifest.MANIFEST)):
-            if is_hf_dir(store, path):
-                return _dir_source(store, path, view, prefix, hf=True)
-            return _dir_source(store, resolve_model_dir(store, path), view, prefix)
+            model_dir, hf = _model_dir(store, path)
+            return _dir_source(store, model_dir, view, prefix, hf=hf)
         m = manifest.read_manifest(store, path)
     _no_prefix(prefix, path, "a dcp_universal step, whose keys are canonical")
+    source = _step_source(path, view, store, verify, m)
+    source.ties = [list(g) for g in m.ties]
+    return source
+
+
+def _step_source(path: str, view: ModelView | None, store: Storage, verify: bool,
+                 m: Manifest) -> Source:
+    """A committed step's pieces. A LoRA step (``adapters/`` plus a shared base) restores
+    exactly into a model with the same adapters; any other target gets merged weights:
+    ``model/`` when the step has it, otherwise base plus adapters composed on load."""
 
     def checked(*items: str) -> None:  # sizes always, checksums when asked
         check_files(store, path, m.files, checksums=verify,
