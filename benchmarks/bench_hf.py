@@ -4,7 +4,8 @@ A Llama-shaped transformers model of about 256 MiB fp32 (random weights, built h
 In one run, interleaved repeats of:
 
 * load the model alone: ``load_model`` from our model directory (default, staged; and
-  ``stage=False``), and from the HF export (our safetensors reader);
+  ``stage=False``), and from the HF export (our safetensors reader); plain ``dcp.load``
+  of the same directory for reference;
 * ``safetensors.torch.load_file`` of the same weights exported by ``export_hf`` (alone,
   and followed by ``load_state_dict``, which is what a load of the model costs);
 * ``from_pretrained`` of the exported directory;
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    import torch.distributed.checkpoint as dcp
     import transformers
     from safetensors.torch import load_file
 
@@ -72,6 +74,9 @@ def main() -> None:
     def st_load_model():
         target.load_state_dict(load_file(st_file))
 
+    def dcp_load():
+        dcp.load(target.state_dict(), checkpoint_id=mdir, no_dist=True)
+
     def export_once():
         export_hf(mdir, os.path.join(work, "hf2"), config=cfg.to_dict())
 
@@ -82,6 +87,7 @@ def main() -> None:
         "load_model, staged (default)": lambda: load_model(target, mdir),
         "load_model stage=False": lambda: load_model(target, mdir, stage=False),
         "load_model of the HF export (our safetensors reader)": lambda: load_model(target, hdir),
+        "plain dcp.load into the model's state dict": dcp_load,
         "safetensors load_file + load_state_dict": st_load_model,
         "safetensors load_file alone": st_load_only,
         "from_pretrained of the export": lambda: transformers.LlamaForCausalLM.from_pretrained(hdir),

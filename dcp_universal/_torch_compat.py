@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
            "version_counter", "checkpoint_failures", "quiet_single_process_warning",
-           "WRAPPER_CLASSES"]
+           "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed"]
 
 # DCP's data files end in ``filesystem.DEFAULT_SUFFIX``. Readers find files through the
 # metadata, never by suffix, so our own constant (equal today) is enough; we keep the
@@ -38,6 +38,31 @@ def fsspec_reader_writer() -> tuple[type, type]:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     return FsspecReader, FsspecWriter
+
+
+def pickled_storage_dtype(name: str) -> torch.dtype | None:
+    """The dtype of a storage class named in a ``torch.save`` pickle (``"FloatStorage"``),
+    or ``None`` when unknown (the caller then reads the record with ``torch.load``).
+
+    Private: ``torch.storage._get_dtype_from_pickle_storage_type`` is the table
+    ``torch.load`` itself uses; the public route (``getattr(torch, name).dtype``) goes
+    through the deprecated ``TypedStorage`` and warns.
+    """
+    lookup = getattr(torch.storage, "_get_dtype_from_pickle_storage_type", None)
+    try:
+        return lookup(name) if lookup is not None else None
+    except (KeyError, TypeError):
+        return None
+
+
+def untransformed(reader, req, info, stream):
+    """A DCP record's stream with the reader's load transforms (the experimental
+    extensions that saved it, e.g. compression) undone.
+
+    Private: ``FileSystemReader.transforms`` is a ``_StorageReaderTransforms``; its
+    ``transform_load_stream`` is what DCP's own ``read_data`` calls.
+    """
+    return reader.transforms.transform_load_stream(req, info.transform_descriptors or (), stream)
 
 
 def write_files(writer, plan, planner, buckets: list[list]) -> Any:

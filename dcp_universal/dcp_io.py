@@ -12,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import CheckpointIOError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
+from dcp_universal.mapped import Copies, MappedReader, read_whole
 from dcp_universal.storage import Storage, is_remote
 
 __all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
@@ -99,13 +102,15 @@ def _writer(store: Storage, path: str, own_file_keys, checksums: bool):
     return w
 
 
-def _reader(store: Storage, path: str, hf: bool = False):
+def _reader(store: Storage, path: str, hf: bool = False, copies: Copies | None = None):
+    if copies is not None and copies.keys and is_remote(path):
+        raise ValueError(f"{path}: copies can wait only for local (memory-mapped) files")
     if hf:
         from dcp_universal.safetensors_reader import SafetensorsReader
-        return SafetensorsReader(store, path)
+        return SafetensorsReader(store, path, copies)
     if is_remote(path):
         return _remote_classes()[1](path, **store.options)
-    return FileSystemReader(path)
+    return MappedReader(path, copies)
 
 
 def save_state(store: Storage, state: dict, path: str, *, planner=None,
@@ -132,7 +137,8 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
 
 
 def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False,
-               hf: bool = False) -> None:
+               hf: bool = False, copies: Copies | None = None,
+               metadata: Metadata | None = None) -> None:
     """``dcp.load`` into ``state`` (in place) from the DCP directory ``path``.
 
     Collective: every rank calls it with the same ``path``, in the same order as its
@@ -140,9 +146,26 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
     or ``single_process`` is set (this rank reads alone). ``hf``: ``path`` is a Hugging
     Face safetensors directory (:mod:`dcp_universal.safetensors_reader`: each rank reads
     only the byte ranges of the slices it asks for).
+
+    A local ``path`` is read through memory maps (:mod:`dcp_universal.mapped`): one copy
+    per tensor from the page cache. ``copies``: the keys in ``copies.keys`` are not
+    written during the load; their copies wait in ``copies`` for its ``run()`` (local
+    paths only). ``metadata``: ``path``'s, when the caller has read it already.
     """
+    alone = single_process or not _comm.is_distributed()
+    if alone and not is_remote(path) and all(
+            isinstance(v, torch.Tensor) and not isinstance(v, DTensor) for v in state.values()):
+        # one process, whole tensors: no plan to agree on, so DCP's planning is skipped
+        copies = copies if copies is not None else Copies()
+        try:
+            if hf:
+                return _reader(store, path, hf, copies).read_whole(state)
+            if read_whole(path, state, copies, metadata):
+                return
+        except OSError as e:
+            raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=_reader(store, path, hf),
+        dcp.load(state, storage_reader=_reader(store, path, hf, copies),
                  no_dist=single_process or not _comm.is_distributed())
 
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.tensor import DTensor
 
@@ -24,9 +24,10 @@ from dcp_universal import _comm, adapters, dcp_io, foreign, legacy, manifest, me
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, NotACheckpointError
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import FileRecord, Manifest
+from dcp_universal.mapped import Copies
 from dcp_universal.names import canonical_module_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
-from dcp_universal.storage import Storage, join, normalize
+from dcp_universal.storage import Storage, is_remote, join, normalize
 from dcp_universal.view import ModelView, local_block
 
 __all__ = ["save_model", "load_model", "write_model", "stage_model", "StagedLoad",
@@ -124,15 +125,19 @@ def _save_rank0(view: ModelView, path: str, store: Storage, checksums: bool) -> 
     return files if rank == 0 else {}
 
 
-def _checkpoint_info(store: Storage, dcp_dir: str) -> dict[str, TensorInfo]:
-    return _checkpoint_entries(store, dcp_dir)[0]
+def _checkpoint_info(store: Storage, dcp_dir: str, seen: dict | None = None
+                     ) -> dict[str, TensorInfo]:
+    return _checkpoint_entries(store, dcp_dir, seen=seen)[0]
 
 
-def _checkpoint_entries(store: Storage, dcp_dir: str, *,
-                        hf: bool = False) -> tuple[dict[str, TensorInfo], list[str]]:
+def _checkpoint_entries(store: Storage, dcp_dir: str, *, hf: bool = False,
+                        seen: dict | None = None) -> tuple[dict[str, TensorInfo], list[str]]:
     """(tensor key -> info, non-tensor keys) of a DCP directory (or, ``hf``, a Hugging
-    Face safetensors directory), from its metadata."""
+    Face safetensors directory), from its metadata, which is added to ``seen`` (dir ->
+    metadata) so the read need not parse it again."""
     meta = dcp_io.read_metadata(store, dcp_dir, hf=hf)
+    if seen is not None and not hf:
+        seen[dcp_dir] = meta
     tensors, other = {}, []
     for k, m in meta.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
@@ -164,6 +169,7 @@ class Source:
         notes: what the report should say about the source.
         ties: a step's tie groups at save (empty for other sources).
         hf: the directory is Hugging Face safetensors, not DCP.
+        metadata: DCP directory -> its metadata, as read while planning.
     """
 
     desc: str
@@ -178,6 +184,7 @@ class Source:
     notes: list[str] = dataclasses.field(default_factory=list)
     ties: list[list[str]] = dataclasses.field(default_factory=list)
     hf: bool = False
+    metadata: dict[str, Metadata] = dataclasses.field(default_factory=dict)
 
     def raw(self, key: str) -> str:
         return self.raw_of.get(key, key)
@@ -188,14 +195,15 @@ def _dir_source(store: Storage, model_dir: str, view: ModelView | None,
     """A model DCP directory: this library's (canonical keys) or another tool's, or a
     Hugging Face safetensors directory (``hf``). With no target (``view`` None: an
     export) the keys are taken as they are."""
-    infos, other = _checkpoint_entries(store, model_dir, hf=hf)
+    seen: dict[str, Metadata] = {}
+    infos, other = _checkpoint_entries(store, model_dir, hf=hf, seen=seen)
     if view is None:
-        return Source(model_dir, infos, dict.fromkeys(infos, model_dir), hf=hf)
+        return Source(model_dir, infos, dict.fromkeys(infos, model_dir), hf=hf, metadata=seen)
     res = foreign.resolve(infos, other, set(view.tensors), prefix=prefix, desc=model_dir)
     keys = {name: infos[raw] for name, raw in res.raw_of.items()}
     source = Source(model_dir, keys, dict.fromkeys(keys, model_dir),
                     raw_of={k: r for k, r in res.raw_of.items() if k != r}, notes=res.notes,
-                    hf=hf)
+                    hf=hf, metadata=seen)
     if hf:
         source.notes.insert(0, f"read Hugging Face safetensors {model_dir}")
     _foreign_factors(store, source, view)
@@ -319,8 +327,9 @@ def _step_source(path: str, view: ModelView | None, store: Storage, verify: bool
         return _dir_source(store, join(path, manifest.MODEL_DIR), view, None)
     base_path = manifest.base_path(path, m)
     adapters_path = join(path, manifest.ADAPTERS_DIR)
-    base_keys = _checkpoint_info(store, base_path)
-    step_keys = _checkpoint_info(store, adapters_path)
+    seen: dict[str, Metadata] = {}
+    base_keys = _checkpoint_info(store, base_path, seen)
+    step_keys = _checkpoint_info(store, adapters_path, seen)
     sites = m.adapters.sites
     factor_keys = m.adapters.factor_keys()
     same_adapters = view is not None and (
@@ -334,7 +343,7 @@ def _step_source(path: str, view: ModelView | None, store: Storage, verify: bool
         return Source(path, keys, {**dict.fromkeys(base_keys, base_path),
                                     **dict.fromkeys(step_keys, adapters_path)},
                        notes=[f"restored base ({m.base}) and adapters exactly"],
-                       restored_base=m.base)
+                       restored_base=m.base, metadata=seen)
     if m.has(manifest.MODEL_DIR):
         checked(manifest.MODEL_DIR)
         return _dir_source(store, join(path, manifest.MODEL_DIR), view, None)
@@ -345,7 +354,7 @@ def _step_source(path: str, view: ModelView | None, store: Storage, verify: bool
         {**dict.fromkeys(base_keys, base_path), **dict.fromkeys(plain, adapters_path)},
         deltas={f"{name}.weight": terms for name, terms in sites.items()},
         factors={k: step_keys[k] for k in factor_keys}, factor_dir=adapters_path,
-        notes=[f"merged {len(sites)} adapters into base {m.base} while loading"])
+        notes=[f"merged {len(sites)} adapters into base {m.base} while loading"], metadata=seen)
 
 
 def _no_prefix(prefix: str | None, path: str, what: str) -> None:
@@ -355,18 +364,25 @@ def _no_prefix(prefix: str | None, path: str, what: str) -> None:
 
 
 def read_source(source: Source, into: dict[str, torch.Tensor], store: Storage, *,
-                single_process: bool = False) -> None:
+                single_process: bool = False, later: Copies | None = None) -> None:
     """Read checkpoint keys into ``into`` (checkpoint key -> tensor, DTensor or plain;
     each rank fills the block it holds) and add the adapter deltas a composed source has.
+
+    ``later``: the copies of the checkpoint keys in ``later.keys`` wait in ``later`` for
+    its ``run()`` (the load's commit) instead of being made now; only for a source that
+    is in memory or in local files (:func:`_prepared_in_full`), and not for keys with
+    deltas.
 
     Collective under a process group (unless ``single_process``: this rank reads alone):
     one ``dcp.load`` per directory, in sorted order on every rank, then one for the
     factors when there are deltas.
     """
+    later = later if later is not None else Copies()
     if source.memory is not None:
-        _copy_from_memory(source.memory, into)
+        _copy_from_memory(source.memory, into, later)
     else:
         by_dir: dict[str, dict[str, torch.Tensor]] = {}
+        waits: dict[str, set[str]] = {}
         again = []  # a key read for two names (one stored tensor of a tied pair)
         for ck, t in into.items():
             wanted = by_dir.setdefault(source.dir_of[ck], {})
@@ -374,21 +390,31 @@ def read_source(source: Source, into: dict[str, torch.Tensor], store: Storage, *
                 again.append((t, wanted[source.raw(ck)]))
             else:
                 wanted[source.raw(ck)] = t
+                if ck in later.keys:
+                    waits.setdefault(source.dir_of[ck], set()).add(source.raw(ck))
         for d in sorted(by_dir):  # same order on every rank: each dcp.load is collective
             dcp_io.load_state(store, by_dir[d], d, single_process=single_process,
-                              hf=source.hf)
+                              hf=source.hf, copies=Copies(waits.get(d, ()), later.pending),
+                              metadata=source.metadata.get(d))
         with torch.no_grad():
             for t, first in again:
                 local_block(t)[0].copy_(local_block(first)[0])
     _apply_deltas(source, into, store, single_process)
 
 
+def _prepared_in_full(source: Source) -> bool:
+    """Whether every byte of ``source`` can be located and checked before any is copied:
+    it is in memory, or in local files (memory-mapped, :mod:`dcp_universal.mapped`)."""
+    return source.memory is not None or not any(map(is_remote, set(source.dir_of.values())))
+
+
 @torch.no_grad()
-def _copy_from_memory(memory, into) -> None:
+def _copy_from_memory(memory, into, later: Copies) -> None:
     """Each rank copies the block of every full tensor that its shard holds."""
     for ck, t in into.items():
         block, offsets = local_block(t)
-        block.copy_(memory[ck][tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))])
+        later.take(ck, block,
+                   memory[ck][tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))])
 
 
 @torch.no_grad()
@@ -400,7 +426,7 @@ def _apply_deltas(source: Source, into: dict[str, torch.Tensor], store: Storage,
     needed = sorted({k for terms in deltas.values() for t in terms for k in (t.left, t.right)})
     full = {k: torch.empty(source.factors[k].shape, dtype=source.factors[k].dtype) for k in needed}
     dcp_io.load_state(store, {source.raw(k): t for k, t in full.items()}, source.factor_dir,
-                      single_process=single_process)
+                      single_process=single_process, metadata=source.metadata.get(source.factor_dir))
     for key, terms in deltas.items():
         factors = [merge.Factors(
             left=full[t.left].T if t.left_t else full[t.left],
@@ -489,9 +515,12 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     directory the sizes of the files read are checked against the manifest, and with
     ``verify=True`` their CRC-32 too.
 
-    With ``stage=True`` (default) data is read into staging buffers and copied into the
-    model only once every read succeeded, so an I/O failure halfway leaves the model
-    untouched; ``stage=False`` reads in place and needs no extra memory.
+    With ``stage=True`` (default) nothing lands in the model before every read
+    succeeded, so a failure halfway (on any rank) leaves the model untouched. Local files
+    need no staging memory for that: they are memory-mapped, every tensor is located and
+    checked first, and the copies (one per tensor, from the page cache) wait for the
+    commit (:mod:`dcp_universal.mapped`). Remote files are read into staging buffers.
+    ``stage=False`` reads remote files in place (no extra memory, no such guarantee).
 
     A DCP checkpoint written by another tool loads too (see :mod:`dcp_universal.foreign`):
     its keys are made canonical, the model's subtree of a nested layout is found (or
@@ -546,10 +575,18 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
     read = set(plan.reads.values())
     ties = [tuple(k for k in g if k in read) for g in view.ties]
     ties = [g for g in ties if len(g) > 1]
-    # tied keys are always staged: they are compared before one of them is installed
-    staged = read if stage else {k for g in ties for k in g}
+    # Staging keeps the model untouched until every read succeeded. A source prepared in
+    # full needs none: its copies wait (views of memory maps) for the commit. Tied keys
+    # are always staged (compared before one of them is installed), and so are keys that
+    # get an adapter delta, when staging.
+    held = {k for g in ties for k in g}
+    if stage:
+        held |= {tk for ck, tk in plan.reads.items() if ck in source.deltas}
+    waits = stage and _prepared_in_full(source)
+    staged = read if stage and not waits else held
     buffers = {tk: torch.empty_like(targets[tk]) if tk in staged else targets[tk] for tk in read}
-    read_source(source, {ck: buffers[tk] for ck, tk in plan.reads.items()}, store)
+    later = Copies({ck for ck, tk in plan.reads.items() if tk not in staged} if waits else ())
+    read_source(source, {ck: buffers[tk] for ck, tk in plan.reads.items()}, store, later=later)
     _check_ties(ties, buffers, source.desc)
     plan.report.notes.extend(source.notes)
     if view.non_persistent:
@@ -563,6 +600,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
 
     @torch.no_grad()
     def commit() -> None:
+        later.run()
         for tk in sorted(installed):
             local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
         fresh = set(plan.report.fresh)

@@ -16,17 +16,22 @@ import torch.nn as nn
 
 from dcp_universal import _torch_compat, adapters
 
-__all__ = ["canonical_name", "canonical_names", "canonical_module_names", "canonical_parameters"]
+__all__ = ["Namer", "canonical_name", "canonical_names", "canonical_module_names",
+           "canonical_parameters"]
 
 
 def _type_named(*qualnames: str) -> Callable[[nn.Module], bool]:
     # Matched by qualified class name so optional packages (peft) are never imported
     # just to recognise their wrappers.
+    by_type: dict[type, bool] = {}  # a class's answer never changes
+
     def match(module: nn.Module) -> bool:
-        return any(
-            f"{c.__module__}.{c.__qualname__}" in qualnames or c.__qualname__ in qualnames
-            for c in type(module).__mro__
-        )
+        cls = type(module)
+        if cls not in by_type:
+            by_type[cls] = any(
+                f"{c.__module__}.{c.__qualname__}" in qualnames or c.__qualname__ in qualnames
+                for c in cls.__mro__)
+        return by_type[cls]
 
     return match
 
@@ -76,11 +81,25 @@ def canonical_name(model: nn.Module, fqn: str) -> str | None:
     """The canonical name of one state-dict key, parameter or module name of ``model``;
     ``None`` for a key the model does not compute with (a PEFT ``modules_to_save``
     module's frozen original, or an inactive adapter's copy)."""
+    return _walk(model, fqn, None)
+
+
+def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
+    """:func:`canonical_name`. ``memo`` (shared by the names of one model) remembers the
+    walk's state after each prefix, so names that share a prefix walk it once."""
     parts = fqn.split(".") if fqn else []
     module: nn.Module | None = model
     kept: list[str] = []
     i = 0
+    if memo is not None:
+        for j in range(len(parts) - 1, 0, -1):  # resume after the longest prefix walked
+            hit = memo.get(tuple(parts[:j]))
+            if hit is not None:
+                module, kept, i = hit[0], list(hit[1]), j
+                break
     while i < len(parts):
+        if memo is not None and i:
+            memo[tuple(parts[:i])] = (module, tuple(kept))
         part = parts[i]
         # Some wrappers (activation checkpointing, FSDP1) already drop their own infix
         # from state-dict keys: step through them without consuming a part.
@@ -110,6 +129,61 @@ def canonical_name(model: nn.Module, fqn: str) -> str | None:
     return ".".join(kept)
 
 
+def _is_plain(model: nn.Module) -> bool:
+    """No wrapper, adapter or ``modules_to_save`` anywhere: every name is canonical as
+    it is (checked by class, once per module; the walk costs far more)."""
+    return not any(any(is_wrapper(m) for is_wrapper, _ in _WRAPPER_EDGES)
+                   or _is_modules_to_save(m) or adapters.kind_of(m) is not None
+                   for m in model.modules())
+
+
+class Namer:
+    """Canonical names of one model, for many names at once: whether the model is plain
+    is decided once, and walks share their prefixes. Build it when the model is as it
+    will be loaded or saved (a later wrapper or adapter is not seen)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._memo: dict | None = None if _is_plain(model) else {}
+
+    def name(self, fqn: str) -> str | None:
+        return fqn if self._memo is None else _walk(self.model, fqn, self._memo)
+
+    def names(self, keys) -> dict[str, str]:
+        """See :func:`canonical_names`."""
+        if self._memo is None:
+            return {key: key for key in keys}
+        out: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for key in keys:
+            name = self.name(key)
+            if name is None:
+                continue
+            if name in seen:
+                raise ValueError(
+                    f"state-dict keys {seen[name]!r} and {key!r} both map to canonical name "
+                    f"{name!r}; the model's wrapper layout is ambiguous"
+                )
+            seen[name] = key
+            out[key] = name
+        return out
+
+    def module_names(self) -> dict[nn.Module, str]:
+        """See :func:`canonical_module_names`."""
+        out: dict[nn.Module, str] = {}
+        for fqn, module in self.model.named_modules(remove_duplicate=False):
+            name = self.name(fqn)
+            if name is not None:
+                out.setdefault(module, name)
+        return out
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """See :func:`canonical_parameters`."""
+        params = dict(self.model.named_parameters())
+        names = self.names(params.keys())
+        return {names[n]: p for n, p in params.items() if n in names}
+
+
 def canonical_names(model: nn.Module, keys) -> dict[str, str]:
     """Map each state-dict key of ``model`` to its canonical name (keys the model does
     not compute with, see :func:`canonical_name`, are left out).
@@ -118,35 +192,15 @@ def canonical_names(model: nn.Module, keys) -> dict[str, str]:
         ValueError: two keys map to one canonical name (a model whose wrapper layout
             this module does not understand); silently merging them would lose one.
     """
-    out: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for key in keys:
-        name = canonical_name(model, key)
-        if name is None:
-            continue
-        if name in seen:
-            raise ValueError(
-                f"state-dict keys {seen[name]!r} and {key!r} both map to canonical name "
-                f"{name!r}; the model's wrapper layout is ambiguous"
-            )
-        seen[name] = key
-        out[key] = name
-    return out
+    return Namer(model).names(keys)
 
 
 def canonical_module_names(model: nn.Module) -> dict[nn.Module, str]:
     """Canonical name of every module the model computes with, by identity."""
-    out: dict[nn.Module, str] = {}
-    for fqn, module in model.named_modules(remove_duplicate=False):
-        name = canonical_name(model, fqn)
-        if name is not None:
-            out.setdefault(module, name)
-    return out
+    return Namer(model).module_names()
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every parameter of ``model`` under its canonical name (FSDP2 models: call after
     ``view.reshard`` so these are the objects an optimizer holds)."""
-    params = dict(model.named_parameters())
-    names = canonical_names(model, params.keys())
-    return {names[n]: p for n, p in params.items() if n in names}
+    return Namer(model).parameters()

@@ -14,6 +14,8 @@ from dcp_universal.errors import UnsupportedAdapterError
 
 __all__ = ["PeftLoRAKind"]
 
+_TUNER_LAYER: dict[type, bool] = {}
+
 
 class PeftLoRAKind(adapters.AdapterKind):
     """HF PEFT LoRA on Linear and Embedding. The scale is the layer's own ``scaling``
@@ -23,8 +25,11 @@ class PeftLoRAKind(adapters.AdapterKind):
     name = "peft.lora"
 
     def matches(self, module):
-        return any(c.__module__.startswith("peft.tuners") and c.__name__ == "BaseTunerLayer"
-                   for c in type(module).__mro__)
+        cls = type(module)
+        if cls not in _TUNER_LAYER:  # a class's answer never changes
+            _TUNER_LAYER[cls] = any(c.__module__.startswith("peft.tuners")
+                                    and c.__name__ == "BaseTunerLayer" for c in cls.__mro__)
+        return _TUNER_LAYER[cls]
 
     def _check(self, module) -> str:
         cls = type(module)

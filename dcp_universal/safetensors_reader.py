@@ -2,10 +2,11 @@
 
 The safetensors format is an 8-byte header length, a JSON header (per tensor: dtype,
 shape and byte range) and the raw row-major data. This reader builds DCP metadata from
-the headers alone and serves each read item with one ranged read: the item's rows
-(a dim-0 slice is one contiguous range; other slices read the rows that cover them and
-cut in memory). So every rank reads only the bytes of its own shards, no file is read
-whole, and the same code serves local disks and object stores (one ranged GET per item).
+the headers alone. A local file is memory-mapped and each read item is one copy from
+the mapped pages (:mod:`dcp_universal.mapped`); a remote one (fsspec URL) is served
+with one ranged read per item: the item's rows (a dim-0 slice is one contiguous range;
+other slices read the rows that cover them and cut in memory). Either way every rank
+reads only the bytes of its own shards and no file is read whole.
 Reading needs no safetensors package; writing (``export_hf``, ``export_peft``) imports it
 through :func:`safetensors_torch`.
 """
@@ -25,8 +26,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_universal import manifest
-from dcp_universal.errors import CheckpointError
-from dcp_universal.storage import Storage, join
+from dcp_universal.errors import CheckpointError, IntegrityError
+from dcp_universal.mapped import Copies, MappedFiles, Stored
+from dcp_universal.storage import Storage, is_remote, join
 
 __all__ = ["SafetensorsReader", "safetensors_files", "safetensors_torch"]
 
@@ -66,10 +68,11 @@ def safetensors_files(store: Storage, path: str) -> list[str]:
 class SafetensorsReader(StorageReader):
     """Reads the directory ``path`` (local or an fsspec URL) through ``store``."""
 
-    def __init__(self, store: Storage, path: str) -> None:
+    def __init__(self, store: Storage, path: str, copies: Copies | None = None) -> None:
         super().__init__()
         self.store, self.path = store, path
         self.entries: dict[str, _Entry] = {}
+        self.copies = copies if copies is not None else Copies()
 
     def _read_headers(self) -> None:
         for name in safetensors_files(self.store, self.path):
@@ -111,6 +114,49 @@ class SafetensorsReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
+        if is_remote(self.path):
+            self._read_ranges(plan, planner)
+        else:
+            self._read_mapped(plan, planner)
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_mapped(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        """Local files: views of memory maps, one copy each (now or at the commit)."""
+        files = MappedFiles()
+        for item in plan.items:
+            stored = self._stored(files, item.storage_index.fqn)
+            target = planner.resolve_tensor(item).detach()
+            self.copies.take(item.dest_index.fqn,
+                             *stored.source_for(target, item.storage_offsets, item.lengths))
+
+    def read_whole(self, state: dict[str, torch.Tensor]) -> None:
+        """What ``dcp.load(state, no_dist=True)`` does for whole plain tensors of a local
+        directory, without DCP's planning (one process: nothing to agree on)."""
+        if not self.entries:
+            self._read_headers()
+        files = MappedFiles()
+        for key, dst in state.items():
+            if key not in self.entries or self.entries[key].shape != tuple(dst.shape):
+                found = self.entries[key].shape if key in self.entries else "missing"
+                raise CheckpointError(f"{self.path}: {key!r} is {found} in the safetensors "
+                                      f"files; the load wants shape {tuple(dst.shape)}")
+            stored = self._stored(files, key)
+            self.copies.take(key, *stored.source_for(dst, (0,) * dst.dim(), tuple(dst.shape)))
+
+    def _stored(self, files: MappedFiles, key: str) -> Stored:
+        e = self.entries[key]
+        _, whole = files.get(e.file)
+        nbytes = math.prod(e.shape) * e.dtype.itemsize
+        if e.start + nbytes > whole.numel():
+            raise IntegrityError(
+                f"{e.file} holds {whole.numel()} bytes, but its header places {key!r} at "
+                f"bytes {e.start}..{e.start + nbytes}: the file is truncated -> copy it again")
+        return Stored.contiguous(whole[e.start:e.start + nbytes], e.dtype, e.shape)
+
+    def _read_ranges(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        """Remote files: one ranged read per item."""
         by_file: dict[str, list] = {}
         for item in plan.items:
             by_file.setdefault(self.entries[item.storage_index.fqn].file, []).append(item)
@@ -122,9 +168,6 @@ class SafetensorsReader(StorageReader):
                     target = planner.resolve_tensor(item).detach()
                     target.copy_(value)
                     planner.commit_tensor(item, target)
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
 
     @staticmethod
     def _read_item(f, e: _Entry, offsets, lengths) -> torch.Tensor:

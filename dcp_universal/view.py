@@ -12,8 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from dcp_universal import adapters
 from dcp_universal.manifest import AdapterTerm, Adapters, Mesh
-from dcp_universal.names import (canonical_module_names, canonical_name, canonical_names,
-                                 canonical_parameters)
+from dcp_universal.names import Namer
 
 __all__ = ["ModelView", "reshard", "local_block"]
 
@@ -40,22 +39,26 @@ def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return t, (0,) * t.dim()
 
 
-def _ties(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+def _ties(namer: Namer, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
     """Canonical keys sharing one parameter or buffer, found by identity of the module
     attributes (``state_dict()`` returns a fresh tensor object per key, and under FSDP2
     the local shards of unrelated empty tensors may share an address)."""
+    model = namer.model
     named = [*model.named_parameters(remove_duplicate=False),
              *model.named_buffers(remove_duplicate=False)]
-    by_id: dict[int, set[str]] = {}
+    by_id: dict[int, list[str]] = {}
     for fqn, t in named:
-        name = canonical_name(model, fqn)
-        if name is not None and name in tensors:
-            by_id.setdefault(id(t), set()).add(name)
-    return sorted(tuple(sorted(g)) for g in by_id.values() if len(g) > 1)
+        by_id.setdefault(id(t), []).append(fqn)
+    groups = []
+    for fqns in by_id.values():  # only shared tensors need names
+        names = {namer.name(f) for f in fqns} & tensors.keys() if len(fqns) > 1 else ()
+        if len(names) > 1:
+            groups.append(tuple(sorted(names)))
+    return sorted(groups)
 
 
-def _non_persistent(model: nn.Module, sd: dict) -> list[str]:
-    names = {canonical_name(model, n) for n, _ in model.named_buffers() if n not in sd}
+def _non_persistent(namer: Namer, sd: dict) -> list[str]:
+    names = {namer.name(n) for n, _ in namer.model.named_buffers() if n not in sd}
     return sorted(n for n in names if n is not None)
 
 
@@ -95,8 +98,9 @@ class ModelView:
     def of(cls, model: nn.Module) -> "ModelView":
         reshard(model)
         sd = model.state_dict()
-        names = canonical_names(model, sd.keys())
-        sites = adapters.find_sites(model, canonical_module_names(model))
+        namer = Namer(model)
+        names = namer.names(sd.keys())
+        sites = adapters.find_sites(model, namer.module_names())
         adapter_keys, structural = set(), {}
         for site in sites:
             adapter_keys.update(f"{site.name}.{n}" for n in site.adapter_params())
@@ -107,13 +111,13 @@ class ModelView:
             if name is None:  # a modules_to_save original: not part of the model's function
                 continue
             (adapter_tensors if name in adapter_keys else tensors)[name] = value
-        params = canonical_parameters(model)
+        params = namer.parameters()
         frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
-        ties = _ties(model, tensors)
+        ties = _ties(namer, tensors)
         # named_parameters() lists a tied parameter once: its other names are frozen too
         frozen.update(k for g in ties if frozen.intersection(g) for k in g)
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
-                   {id(p): n for n, p in params.items()}, ties, _non_persistent(model, sd))
+                   {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd))
 
     def tie_of(self, key: str) -> tuple[str, ...]:
         """The tie group holding ``key``, or ``(key,)``."""

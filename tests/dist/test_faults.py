@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+import torch
 
 import faulty
 import harness
@@ -52,3 +53,40 @@ def test_one_rank_storage_failure_fails_every_rank_and_commits_nothing(tmp_path,
     report = mgr.load(model, opt, skip_per_rank=["rng"])
     assert report.optimizer_restored and not report.optimizer_fresh
     mgr.verify(1)
+
+
+def _load_with_damaged_rank1_file(rank, world_size, root):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    model, opt, sched = build("plain", "fsdp", world_size)
+    mgr = CheckpointManager(root)
+    train(model, opt, sched, Data(rank), {"step": 0}, 1)
+    mgr.save(1, model, opt)
+    target, topt, tsched = build("plain", "fsdp", world_size, seed=5)
+    train(target, topt, tsched, Data(rank + 7), {"step": 0}, 1)
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    before = {k: local(v).clone() for k, v in target.state_dict().items()}
+    if rank == 0:  # rank 1's data file of the model: same size, unreadable
+        path = os.path.join(mgr.step_path(1), "model", "__1_0.distcp")
+        data = bytearray(open(path, "rb").read())
+        data[-22:] = bytes(22)
+        open(path, "wb").write(data)
+    dist.barrier()
+    try:
+        mgr.load(target, topt)
+        outcome = "loaded"
+    except CheckpointError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    untouched = all(torch.equal(local(v), before[k]) for k, v in target.state_dict().items())
+    return outcome, untouched
+
+
+def test_a_load_failing_on_one_rank_leaves_every_rank_untouched(tmp_path):
+    """Rank 1 cannot read its shard; rank 0 read and prepared all of its own, but its
+    copies wait for a commit that never comes."""
+    results = harness.run(_load_with_damaged_rank1_file, 2, str(tmp_path / "root"), timeout=120)
+    for rank, (outcome, untouched) in enumerate(results):
+        assert outcome.startswith("CheckpointIOError: reading"), (rank, outcome)
+        assert "rank(s) [1]" in outcome and "cannot be read" in outcome, (rank, outcome)
+        assert untouched, rank
