@@ -91,25 +91,44 @@ def _read_config(store: Storage, config) -> dict | None:
         raise CheckpointError(f"config={config!r} is not a readable JSON file ({e})") from None
 
 
-def _check_ties(source: model_io.Source, config: dict | None, store: Storage) -> None:
-    """A config that ties the embeddings makes transformers share one tensor for the
-    tied names: refuse when the checkpoint's values for them differ."""
-    if not source.ties or not (config or {}).get("tie_word_embeddings", False):
-        return
-    for group in source.ties:
-        present = [k for k in group if k in source.keys]
-        if len(present) < 2:
-            continue
-        values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in present}
+# The output embedding transformers ties to the input one (``get_output_embeddings``
+# of its causal-LM heads): save_pretrained leaves it out of a tied model's files, and
+# from_pretrained ties it back. Other names of a tie group are written (T5-like models
+# tie several, and which one their code keeps differs).
+_TIED_OUTPUT = "lm_head.weight"
+
+
+def _tied_duplicates(source: model_io.Source, config: dict | None, store: Storage) -> list[str]:
+    """With a config that ties the embeddings, the names transformers will share one
+    tensor for must hold equal values (else CheckpointMismatchError, before anything is
+    written). Returns the names to leave out, as save_pretrained does: ``lm_head.weight``
+    when it equals its partner, the name the checkpoint tied it to, or (a checkpoint
+    that records no ties, such as a model directory) a tensor of its shape and dtype."""
+    if not (config or {}).get("tie_word_embeddings", False):
+        return []
+    groups = [[k for k in g if k in source.keys] for g in source.ties]
+    if _TIED_OUTPUT in source.keys and not any(_TIED_OUTPUT in g for g in groups):
+        twins = [k for k, info in source.keys.items()
+                 if k != _TIED_OUTPUT and info == source.keys[_TIED_OUTPUT]]
+        if twins:
+            groups.append([_TIED_OUTPUT, *twins])
+    drop = []
+    for group in (g for g in groups if len(g) > 1):
+        values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in group}
         model_io.read_source(source, values, store, single_process=True)
-        first = values[present[0]]
-        for k in present[1:]:
-            if not torch.equal(values[k], first):
-                raise CheckpointMismatchError(
-                    f"{source.desc}: {present[0]!r} and {k!r} differ (an adapter was merged into "
-                    "one of them), but the config has tie_word_embeddings=true, so transformers "
-                    "would load one tensor for both -> set \"tie_word_embeddings\": false in "
-                    "the config.json you export with")
+        first = group[0]
+        equal = [k for k in group[1:] if torch.equal(values[k], values[first])]
+        recorded = any(set(group) <= set(g) for g in source.ties)
+        if recorded and len(equal) < len(group) - 1 or not recorded and not equal:
+            other = next(k for k in group[1:] if k not in equal)
+            raise CheckpointMismatchError(
+                f"{source.desc}: {first!r} and {other!r} differ (as when an adapter was merged "
+                "into one of them, or the model never tied them), but the config has "
+                "tie_word_embeddings=true, so transformers would load one tensor for both -> "
+                "set \"tie_word_embeddings\": false in the config.json you export with")
+        if _TIED_OUTPUT in group:
+            drop.append(_TIED_OUTPUT)
+    return drop
 
 
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
@@ -127,7 +146,9 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         max_shard_size: the largest output file, e.g. ``"5GB"`` (transformers' default).
         storage_options: fsspec options for ``src`` and ``out``.
         config: the model's ``config.json`` (a path or a dict), written beside the
-            weights so that ``from_pretrained(out)`` works.
+            weights so that ``from_pretrained(out)`` works. When it ties the embeddings
+            (``tie_word_embeddings``) and the checkpoint tied them, ``lm_head.weight`` is
+            left out, as ``save_pretrained`` does; their values must be equal.
         progress: called with the tensor bytes of each shard this rank wrote.
 
     Collective when called under a process group (every rank, same arguments). Call
@@ -142,7 +163,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     max_bytes = parse_size(max_shard_size)
     source = model_io.merged_source(store, src)
     cfg = _read_config(store, config)
-    _check_ties(source, cfg, store)
+    for k in _tied_duplicates(source, cfg, store):  # written once, as save_pretrained does
+        del source.keys[k]
 
     def out_dtype(key: str) -> torch.dtype:
         d = source.keys[key].dtype

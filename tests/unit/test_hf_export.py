@@ -30,7 +30,10 @@ def test_model_dir_exports_sharded_and_loads_with_transformers(tmp_path, tied):
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    assert set(index["weight_map"]) == set(src.state_dict())
+    src.save_pretrained(str(tmp_path / "ref"))  # the names transformers itself writes
+    with safetensors.safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        assert set(index["weight_map"]) == set(f.keys())
+    assert ("lm_head.weight" in index["weight_map"]) == (not tied)
     on_disk = {}
     for f in files:
         part = safetensors.load_file(str(tmp_path / "hf" / f))
@@ -38,7 +41,7 @@ def test_model_dir_exports_sharded_and_loads_with_transformers(tmp_path, tied):
         on_disk.update(part)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
     for k, v in src.state_dict().items():
-        assert torch.equal(on_disk[k], v), k
+        assert torch.equal(on_disk[k], v) if k in on_disk else (tied and k == "lm_head.weight"), k
     loaded = _load(tmp_path / "hf")
     assert max_diff(logits(loaded), ref) == 0.0
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
@@ -84,6 +87,16 @@ def test_tied_config_refuses_a_merge_that_untied_the_pair(tmp_path):
     loaded = _load(tmp_path / "hf")
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert max_diff(logits(loaded), ref) < 1e-4
+
+
+def test_tied_config_refuses_a_model_that_never_tied(tmp_path):
+    """A model directory records no ties: lm_head.weight must equal a tensor of its shape."""
+    untied = llama(tied=False, seed=1)
+    save_model(untied, str(tmp_path / "m"))
+    with pytest.raises(CheckpointMismatchError, match="'lm_head.weight' and 'model.embed_tokens.weight' differ.*tie_word_embeddings"):
+        export_hf(str(tmp_path / "m"), str(tmp_path / "hf"),
+                  config={**untied.config.to_dict(), "tie_word_embeddings": True})
+    assert not (tmp_path / "hf").exists() or not os.listdir(tmp_path / "hf")
 
 
 def test_export_bad_arguments(tmp_path):
