@@ -82,12 +82,16 @@ def _release_free_heap() -> None:
 
 
 def _rss() -> int:
+    """Anonymous resident memory: resident minus file-backed pages. A memory-mapped
+    checkpoint's pages are page cache (shared, reclaimable), not memory a load holds."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * _PAGE
 
 
 class PeakRSS:
-    """Peak resident set during a ``with`` block, sampled by a thread every ~5 ms.
+    """Peak anonymous resident memory during a ``with`` block, sampled by a thread every
+    ~5 ms.
 
     ru_maxrss is a process-lifetime high-water mark, so it cannot attribute a peak to one
     operation; sampling can, at the cost of missing spikes shorter than the interval.
@@ -120,7 +124,7 @@ class PeakRSS:
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:
-    """Run ``fn`` on every rank, barrier to barrier: (seconds, peak extra RSS in MiB).
+    """Run ``fn`` on every rank, barrier to barrier: (seconds, peak extra anonymous memory in MiB).
 
     The seconds are the time until the slowest rank is done.
     """

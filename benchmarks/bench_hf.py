@@ -5,7 +5,8 @@ In one run, interleaved repeats of:
 
 * load the model alone: ``load_model`` from our model directory (default, staged; and
   ``stage=False``), and from the HF export (our safetensors reader); plain ``dcp.load``
-  of the same directory for reference;
+  of the same directory, and of the export with DCP's ``HuggingFaceStorageReader``, for
+  reference;
 * ``safetensors.torch.load_file`` of the same weights exported by ``export_hf`` (alone,
   and followed by ``load_state_dict``, which is what a load of the model costs);
 * ``from_pretrained`` of the exported directory;
@@ -77,6 +78,10 @@ def main() -> None:
     def dcp_load():
         dcp.load(target.state_dict(), checkpoint_id=mdir, no_dist=True)
 
+    def dcp_hf_load():
+        dcp.load(target.state_dict(), storage_reader=dcp.HuggingFaceStorageReader(hdir),
+                 no_dist=True)
+
     def export_once():
         export_hf(mdir, os.path.join(work, "hf2"), config=cfg.to_dict())
 
@@ -88,6 +93,7 @@ def main() -> None:
         "load_model stage=False": lambda: load_model(target, mdir, stage=False),
         "load_model of the HF export (our safetensors reader)": lambda: load_model(target, hdir),
         "plain dcp.load into the model's state dict": dcp_load,
+        "dcp.load of the HF export (DCP's HuggingFaceStorageReader)": dcp_hf_load,
         "safetensors load_file + load_state_dict": st_load_model,
         "safetensors load_file alone": st_load_only,
         "from_pretrained of the export": lambda: transformers.LlamaForCausalLM.from_pretrained(hdir),
@@ -109,7 +115,7 @@ def main() -> None:
     copy_ref = med["plain copy of the model dir"]
     print(f"# {nbytes / MiB:.0f} MiB fp32 Llama-shaped model ({len(model.state_dict())} tensors), "
           f"one process, {args.repeats} repeats, torch {torch.__version__}")
-    print("| operation | median s | ratio | GB/s | peak extra RSS MB |")
+    print("| operation | median s | ratio | GB/s | peak extra anon MB |")
     print("|---|---|---|---|---|")
     for name in ops:
         ref, label = (copy_ref, "copy") if name.startswith(("export", "plain copy")) else (load_ref, "st load")

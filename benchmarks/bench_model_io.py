@@ -73,7 +73,7 @@ SEED = 0
 # Targets checked at the end (reported as PASS / MISS, never asserted).
 PLAIN_MAX_RATIO = 1.05
 LORA_SHARDED_MAX_RATIO = 1.15
-# "well below": the sharded merge's peak extra RSS is at most this fraction of rank0's.
+# "well below": the sharded merge's peak extra anonymous memory is at most this fraction of rank0's.
 SHARDED_RSS_MAX_FRACTION = 0.5
 
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if own_out:
             shutil.rmtree(out, ignore_errors=True)
 
-    print("| ranks | operation | median s | ratio vs plain DCP | peak extra RSS MB (max over ranks) |")
+    print("| ranks | operation | median s | ratio vs plain DCP | peak extra anon MB (max over ranks) |")
     print("|---:|---|---:|---:|---:|")
     for res in results:
         for name, row in res["rows"].items():
