@@ -7,7 +7,7 @@ from dcp_universal.errors import (CheckpointError, CheckpointIOError, Checkpoint
                                   StepAlreadyExistsError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
 from dcp_universal.hf import export_hf
-from dcp_universal.manager import CheckpointManager
+from dcp_universal.manager import CheckpointManager, SaveHandle
 from dcp_universal.peft_io import export_peft
 from dcp_universal.model_io import load_model, save_model
 from dcp_universal.plan import LoadReport
@@ -15,6 +15,7 @@ from dcp_universal import peft_lora  # noqa: E402,F401  (registers the PEFT LoRA
 
 __all__ = [
     "CheckpointManager",
+    "SaveHandle",
     "save_model",
     "load_model",
     "LoadReport",

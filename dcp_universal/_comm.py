@@ -2,22 +2,57 @@
 
 Every function here that talks to other ranks is collective: every rank calls it, in
 the same order relative to the package's other collectives.
+
+They run on the default process group, or on the group a thread chose with
+:func:`using` (the background thread of an asynchronous save uses a gloo group of its
+own, so its collectives never interleave with the training loop's on the default one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pickle
+import threading
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "all_true",
-           "all_gather_object"]
+           "all_gather_object", "using", "group", "new_gloo_group"]
 
 T = TypeVar("T")
+
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def using(pg) -> Iterator[None]:
+    """This thread's collectives (here and in ``dcp.save`` / ``dcp.load`` through
+    :mod:`dcp_universal.dcp_io`) run on ``pg`` inside the block (``None``: the default
+    group). ``pg`` must hold every rank, in the default group's order."""
+    before = getattr(_thread, "group", None)
+    _thread.group = pg
+    try:
+        yield
+    finally:
+        _thread.group = before
+
+
+def group():
+    """The process group this thread's collectives use (``None``: the default one)."""
+    return getattr(_thread, "group", None)
+
+
+def new_gloo_group():
+    """Collective (default group): a new gloo group of every rank, or ``None`` without a
+    process group. gloo runs on CPU tensors whatever the default backend is, as DCP's
+    background saves require."""
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def is_distributed() -> bool:
@@ -35,7 +70,7 @@ def world_size() -> int:
 def barrier() -> None:
     """Collective: returns once every rank has called it."""
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=group())
 
 
 def all_true(flag: bool) -> bool:
@@ -43,7 +78,7 @@ def all_true(flag: bool) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group())
     return bool(t.item())
 
 
@@ -52,7 +87,7 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group())
     return out
 
 
@@ -84,7 +119,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             raise error
         return result
     box = [(result if error is None else None, told)]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group())
     if error is not None:
         raise error
     result, told = box[0]

@@ -131,7 +131,7 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
     """
     writer = _writer(store, path, own_file_keys, checksums)
     with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
-        dcp.save(state, storage_writer=writer, planner=planner,
+        dcp.save(state, storage_writer=writer, planner=planner, process_group=_comm.group(),
                  no_dist=single_process or not _comm.is_distributed())
     return dict(getattr(writer.fs, "files", {}))
 
@@ -166,6 +166,7 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
             raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
         dcp.load(state, storage_reader=_reader(store, path, hf, copies),
+                 process_group=_comm.group(),
                  no_dist=single_process or not _comm.is_distributed())
 
 

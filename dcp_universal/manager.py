@@ -11,11 +11,13 @@ first byte is read or written, then call those parts.
 
 Concurrency contract: not thread-safe; multi-process safe (every rank of one job calls
 ``save`` / ``load`` together); one job writes a root at a time, while any number of
-readers load committed steps.
+readers load committed steps. At most one asynchronous save is in flight: ``save``,
+``load``, ``prune``, ``wait`` and ``close`` first wait for it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -32,10 +34,11 @@ from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import Manifest
 from dcp_universal.plan import LoadReport
+from dcp_universal.staging import Stager
 from dcp_universal.storage import Storage, join, normalize
 from dcp_universal.view import ModelView
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,45 @@ def _check_step(step) -> int:
     return step
 
 
+class SaveHandle:
+    """An asynchronous save in flight (``save(..., blocking=False)``).
+
+    The state was staged when ``save`` returned; the write and the commit run in the
+    background. Its error, if any, is raised once: by :meth:`result`, or else by the
+    manager's next ``save``, ``load``, ``prune``, ``wait`` or ``close``.
+    """
+
+    def __init__(self, step: int, future: concurrent.futures.Future, stall_s: float) -> None:
+        self.step = step
+        self.stall_s = stall_s  # how long ``save`` blocked the caller
+        self._future = future
+        self._told = False
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, or failed)."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> str:
+        """The committed step's directory, once committed (``timeout`` seconds at most,
+        else ``TimeoutError``); raises the save's error."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"step {self.step} is still being written after {timeout} s") from None
+        except BaseException:
+            self._told = True
+            raise
+
+    def _settle(self) -> None:
+        """Wait; raise the error unless :meth:`result` already raised it."""
+        try:
+            self._future.result()
+        except BaseException:
+            if not self._told:
+                self._told = True
+                raise
+
+
 class CheckpointManager:
     """Numbered training checkpoints under ``root``.
 
@@ -102,6 +144,14 @@ class CheckpointManager:
     >>> report = mgr.load(model, optimizer, extra={"lr_scheduler": sched, "train": counters})
 
     ``save`` and ``load`` are collective: call them on every rank, in the same order.
+
+    Asynchronous saves stall the training loop only for the snapshot:
+
+    >>> with CheckpointManager("runs/ckpt") as mgr:
+    ...     for step in range(1, steps + 1):
+    ...         train_step()
+    ...         if step % 100 == 0:
+    ...             mgr.save(step, model, optimizer, blocking=False)
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
@@ -114,6 +164,42 @@ class CheckpointManager:
                                 keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
         self._store = Storage(storage_options)
         self._bases = BaseStore(self._store, self.root)
+        self._pending: SaveHandle | None = None
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        self._group = None  # the background thread's gloo group (collective to create)
+        self._stager = Stager()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the block's exception wins; a save's failure is only logged
+            self.close()
+        except Exception as e:
+            logger.error("an asynchronous save failed while leaving the block: %s: %s",
+                         type(e).__name__, e)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error unless
+        its handle's ``result()`` already did. Not collective."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._settle()
+
+    def close(self) -> None:
+        """:meth:`wait`, then stop the background thread and free the staging buffers.
+        The manager still saves (blocking or not) after it; its background gloo group is
+        kept for that (freed with the default group at ``destroy_process_group``)."""
+        try:
+            self.wait()
+        finally:
+            if self._background is not None:
+                self._background.shutdown(wait=True)
+                self._background = None
+            self._stager = Stager()
 
     # ---- listing ----------------------------------------------------------------------
 
@@ -135,7 +221,7 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              extra: dict | None = None, merged: bool | None = None, overwrite: bool = False,
-             metrics: dict[str, float] | None = None) -> str:
+             metrics: dict[str, float] | None = None, blocking: bool = True) -> str | SaveHandle:
         """Write and commit step ``step``; returns its directory.
 
         Collective. Call order, every rank: prepare the step (rank 0 removes debris, all
@@ -151,6 +237,14 @@ class CheckpointManager:
                 ``merged_every`` policy).
             overwrite: replace an already committed ``step``.
             metrics: numbers recorded in the manifest (``keep_best`` ranks by one).
+            blocking: ``False``: return a :class:`SaveHandle` once the state is staged
+                (a snapshot in host memory; model, optimizer and ``extra`` may change at
+                once) and write and commit in a background thread, whose collectives run
+                on a gloo group of their own. The commit is the same as a blocking
+                save's: the manifest is written after every rank's write finished, and
+                a failure on any rank commits nothing and reaches every rank. A LoRA
+                run's frozen base, when it must be written (once per content), is
+                written before ``save`` returns.
 
         Raises:
             StepAlreadyExistsError: ``step`` is committed and ``overwrite`` is False.
@@ -166,10 +260,38 @@ class CheckpointManager:
         if merged is None:
             every = self.options.merged_every
             merged = every is not None and step % every == 0
-        return self._save(step, model, optimizer, extra, bool(merged), overwrite, metrics)
-
-    def _save(self, step, model, optimizer, extra, merged, overwrite, metrics) -> str:
+        self.wait()
         start = time.perf_counter()
+        if blocking:
+            return self._snapshot(step, model, optimizer, extra, bool(merged), overwrite,
+                                  metrics, None)(start)
+        if self._background is None:
+            self._group = self._group or _comm.new_gloo_group()
+            self._background = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="dcp-universal-save")
+        self._stager.begin()
+        finish = self._snapshot(step, model, optimizer, extra, bool(merged), overwrite, metrics,
+                                self._stager.stage)
+        self._stager.end()
+        stall = time.perf_counter() - start
+        if _comm.rank() == 0:
+            logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
+                        self._stager.nbytes / 1e6, stall)
+
+        def background() -> str:
+            with _comm.using(self._group):
+                return finish(start)
+
+        self._pending = SaveHandle(step, self._background.submit(background), stall)
+        return self._pending
+
+    def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
+                  stage) -> Callable[[float], str]:
+        """Everything of a save that reads model, optimizer and ``extra`` (collective on
+        the caller's group: prepare, the base, factor gathers, training state), with
+        what the writes will read copied by ``stage`` (``None``: read in place, for a
+        blocking save). Returns the writes and the commit (collective on the group of
+        the thread that runs them)."""
         view = ModelView.of(model)
         writer = StepWriter(self._store, self.root, step)
         writer.prepare(overwrite=overwrite, bases=self._bases)
@@ -177,25 +299,38 @@ class CheckpointManager:
                      merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
                      ties=[list(g) for g in view.ties])
         store = self._store
+        keep = stage if stage is not None else (lambda obj, slot: obj)
+        writes = []
         if view.sites:
             m.adapters = view.adapters_record()
             m.base, m.base_files = self._bases.save(view)
-            writer.write(manifest.ADAPTERS_DIR,
-                         lambda p: dcp_io.save_state(store, view.trainable_tensors(), p))
+            trainable = keep(view.trainable_tensors(), "adapters")
+            writes.append((manifest.ADAPTERS_DIR,
+                           lambda p: dcp_io.save_state(store, trainable, p)))
         if not view.sites or merged:
-            writer.write(manifest.MODEL_DIR,
-                         lambda p: model_io.write_model(view, p, self.options.merge, store))
+            writes.append((manifest.MODEL_DIR,
+                           model_io.model_writer(view, self.options.merge, store, stage=stage)))
         state, m.training_state = training_state.collect(extra)
         if optimizer is not None:
             state.update(optim_io.optimizer_state(view, optimizer))
-        writer.write(manifest.OPTIMIZER_DIR, lambda p: dcp_io.save_state(store, state, p))
+        state = keep(state, "optimizer")
+        writes.append((manifest.OPTIMIZER_DIR, lambda p: dcp_io.save_state(store, state, p)))
         m.items[manifest.OPTIMIZER_DIR] = optimizer is not None
-        writer.commit(m)
-        _comm.on_rank0(self._retain, step)
-        if _comm.rank() == 0:
-            size = sum(f.size for f in m.files.values())
-            logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6, time.perf_counter() - start)
-        return writer.path
+
+        def finish(start: float) -> str:
+            while writes:  # each write's data is freed once written
+                item, write = writes.pop(0)
+                writer.write(item, write)
+                del write
+            writer.commit(m)
+            _comm.on_rank0(self._retain, step)
+            if _comm.rank() == 0:
+                size = sum(f.size for f in m.files.values())
+                logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,
+                            time.perf_counter() - start)
+            return writer.path
+
+        return finish
 
     def _retain(self, step: int) -> None:
         try:
@@ -210,6 +345,7 @@ class CheckpointManager:
         Not collective: call it on one process only. Returns what was (or, with
         ``dry_run``, would be) done.
         """
+        self.wait()
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> retention.Decision:
@@ -253,6 +389,7 @@ class CheckpointManager:
         """
         optim_io.check_hyperparams(hyperparams)
         extra = training_state.check_extra(extra)
+        self.wait()
         skip = set(skip_per_rank)
         if not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")

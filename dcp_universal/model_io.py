@@ -30,7 +30,7 @@ from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 from dcp_universal.storage import Storage, is_remote, join, normalize
 from dcp_universal.view import ModelView, local_block
 
-__all__ = ["save_model", "load_model", "write_model", "stage_model", "StagedLoad",
+__all__ = ["save_model", "load_model", "write_model", "model_writer", "stage_model", "StagedLoad",
            "MERGE_MODES", "check_merge", "resolve_model_dir", "Source", "merged_source",
            "read_source"]
 
@@ -87,29 +87,56 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
 def write_model(view: ModelView, path: str, merge: str, store: Storage, *,
                 checksums: bool = True) -> dict[str, FileRecord]:
     """save_model of an already built view; returns the records of this rank's files.
+    Collective: :func:`model_writer`, then its write."""
+    return model_writer(view, merge, store, checksums=checksums)(path)
 
-    Collective (every rank): ``merge="sharded"``: one factor gather, then one
-    ``dcp.save``; ``"rank0"``: one ``full_tensor()`` per tensor, one factor gather, then
-    rank 0 writes alone and tells every rank how it went (``_comm.on_rank0``).
+
+def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool = True,
+                 stage: Callable[[object, str], object] | None = None
+                 ) -> Callable[[str], dict[str, FileRecord]]:
+    """A model save in two parts: what reads the model happens now, and the write is
+    returned (``write(path)`` -> the records of this rank's files).
+
+    ``stage`` (an asynchronous save's :meth:`~dcp_universal.staging.Stager.stage`)
+    copies what the write will read, so the model may change before it runs.
+
+    Collective, every rank, now: ``mode="sharded"``: one factor gather;
+    ``"rank0"``: one ``full_tensor()`` per tensor, one factor gather. At ``write``:
+    ``"sharded"``: one ``dcp.save``; ``"rank0"``: rank 0 writes alone and tells every
+    rank how it went (``_comm.on_rank0``).
     """
-    start = time.perf_counter()
-    save = _save_sharded if merge == "sharded" else _save_rank0
-    files = save(view, path, store, checksums)
-    if _comm.rank() == 0:
-        logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
-                    len(view.tensors), len(view.sites), merge, path, time.perf_counter() - start)
-    return files
+    keep = stage if stage is not None else (lambda obj, slot: obj)
+    if mode == "sharded":
+        gathered = merge.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
+        factors = keep({s.weight_key: f for s, f in zip(view.sites, gathered)}, "model.factors")
+        tensors = keep(view.tensors, "model")
 
+        def write(path: str) -> dict[str, FileRecord]:
+            return dcp_io.save_state(store, tensors, path, planner=_MergingSavePlanner(factors),
+                                     own_file_keys=set(factors), checksums=checksums)
+    else:
+        full = keep(_full_merged(view), "model")
 
-def _save_sharded(view: ModelView, path: str, store: Storage, checksums: bool) -> dict:
-    gathered = merge.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
-    factors = {s.weight_key: f for s, f in zip(view.sites, gathered)}
-    return dcp_io.save_state(store, view.tensors, path, planner=_MergingSavePlanner(factors),
-                             own_file_keys=set(factors), checksums=checksums)
+        def write(path: str) -> dict[str, FileRecord]:
+            files = _comm.on_rank0(dcp_io.save_state, store, full, path, checksums=checksums,
+                                   single_process=True)
+            return files if _comm.rank() == 0 else {}
+
+    def timed(path: str) -> dict[str, FileRecord]:
+        start = time.perf_counter()
+        files = write(path)
+        if _comm.rank() == 0:
+            logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
+                        len(view.tensors), len(view.sites), mode, path,
+                        time.perf_counter() - start)
+        return files
+
+    return timed
 
 
 @torch.no_grad()
-def _save_rank0(view: ModelView, path: str, store: Storage, checksums: bool) -> dict:
+def _full_merged(view: ModelView) -> dict[str, torch.Tensor]:
+    """Rank 0: every tensor whole, adapters merged; other ranks: ``{}`` (collective)."""
     rank = _comm.rank()
     full = {}
     for key, t in view.tensors.items():
@@ -120,9 +147,7 @@ def _save_rank0(view: ModelView, path: str, store: Storage, checksums: bool) -> 
     if rank == 0:
         for site, factors in zip(view.sites, gathered):
             full[site.weight_key] = merge.merge_block(full[site.weight_key], (0, 0), factors)
-    files = _comm.on_rank0(dcp_io.save_state, store, full, path, checksums=checksums,
-                           single_process=True)
-    return files if rank == 0 else {}
+    return full
 
 
 def _checkpoint_info(store: Storage, dcp_dir: str, seen: dict | None = None

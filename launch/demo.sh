@@ -4,7 +4,8 @@
 #
 #   1) pre-train, FSDP2 on 4 processes                    -> runs/demo/pretrain/step-00000150
 #   2) LoRA fine-tune (rank 8), FSDP2 on 2 processes, saving every 20 steps under
-#      runs/demo/lora; killed right after step 40 (a simulated pre-emption)
+#      runs/demo/lora asynchronously (training stalls only for the snapshot); killed
+#      right after step 40 (a simulated pre-emption, once step 40 is committed)
 #   3) resume it on 3 processes (--resume auto --reshard-per-rank skip; without that flag
 #      it refuses) and train on to step 100, saved merged -> runs/demo/lora/step-00000100
 #   4) load (3) into LoRA rank 4 on 3 processes: same EVAL_LOSS as (3)
@@ -31,7 +32,7 @@ MODEL=(--n-layer 2 --n-head 4 --n-embd 64 --block-size 64)
 # The fine-tune's flags, identical for the first launch and the relaunch after the kill.
 LORA=(--parallel fsdp "${MODEL[@]}" --init-from "$WORK/pretrain/step-00000150"
       --lora-rank 8 --lora-alpha 16 --lora-targets q,v,fc1,wte --steps 100 --lr 3e-3 --seed 1
-      --ckpt-dir "$WORK/lora" --save-every 20 --keep-last 2 --resume auto)
+      --ckpt-dir "$WORK/lora" --save-every 20 --keep-last 2 --resume auto --async-save)
 FINAL="$WORK/lora/step-00000100"
 TOL=1e-4
 

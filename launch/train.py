@@ -83,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save every N steps (0: only the last step, which is always saved)")
     p.add_argument("--keep-last", type=int, metavar="K", help="keep the K newest steps")
+    p.add_argument("--async-save", action="store_true",
+                   help="save with blocking=False: training stalls only for the snapshot, "
+                        "the write and commit run in the background (the last step blocks)")
     p.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                    help='fsspec options for s3:// roots, e.g. \'{"endpoint_url": "http://127.0.0.1:5000"}\'')
     p.add_argument("--resume", choices=["auto", "none"], default="none",
@@ -299,9 +302,16 @@ def main() -> None:
                 step == args.steps or (args.save_every > 0 and step % args.save_every == 0))
             if save_now:
                 t1 = time.perf_counter()
-                path = mgr.save(step, model, optimizer, extra=extra, merged=step == args.steps)
-                log(f"saved {path} in {time.perf_counter() - t1:.2f} s")
+                blocking = not args.async_save or step == args.steps
+                out = mgr.save(step, model, optimizer, extra=extra, merged=step == args.steps,
+                               blocking=blocking)
+                if blocking:
+                    log(f"saved {out} in {time.perf_counter() - t1:.2f} s")
+                else:
+                    log(f"step {step}: staged in {out.stall_s:.3f} s; written in the background")
             if step == args.kill_after:
+                if mgr is not None:
+                    mgr.wait()  # as a pre-emption notice (SIGTERM) handler would
                 log(f"--kill-after {step}: simulating pre-emption "
                     f"({'step saved' if save_now else 'no save at this step'}); "
                     "every rank exits with status 1")
@@ -310,6 +320,8 @@ def main() -> None:
                 sys.stdout.flush()
                 os._exit(1)  # no clean-up, as after a SIGKILL
 
+    if mgr is not None:
+        mgr.close()  # every asynchronous save committed
     log(f"EVAL_LOSS {evaluate(model, val, args.block_size):.6f}")
     if args.sample:
         # One seed on every rank: under FSDP2 the ranks generate in lock-step.

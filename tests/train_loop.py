@@ -66,6 +66,21 @@ def full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
+def snapshot(model, opt) -> tuple[dict, dict]:
+    """Copies of the model's state dict and the optimizer's moments (one process)."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: {n: t.clone() for n, t in v.items()} for k, v in moments(model, opt).items()})
+
+
+def assert_same(model, opt, snap: tuple[dict, dict]) -> None:
+    """Model and optimizer hold exactly ``snap`` (``torch.equal``, every tensor)."""
+    params, states = snap
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    now = moments(model, opt)
+    assert now.keys() == states.keys()
+    assert all(torch.equal(now[k][n], states[k][n]) for k in states for n in states[k])
+
+
 def moments(model, opt) -> dict[str, dict[str, torch.Tensor]]:
     """Optimizer state by canonical parameter name, gathered (collective under FSDP2)."""
     reshard(model)

@@ -24,6 +24,12 @@ CASES = {
     # every rank's data is written; rank 0 dies with the manifest temp file not yet renamed
     "before-commit": (Trial(variant="lora4", merged=True, victim=0, point="manifest_rename",
                             trigger=0, n=1), "debris"),
+    # asynchronous save 2: the job trains on while its background thread writes; rank 1
+    # dies halfway through a chunk of a data file, or rank 0 just before the commit
+    "async-torn-data-file": (Trial(variant="plain", asynchronous=True, victim=1,
+                                   point="file_write", trigger=1, n=200), "debris"),
+    "async-before-commit": (Trial(variant="lora4", asynchronous=True, victim=0,
+                                  point="manifest_rename", trigger=0, n=1), "debris"),
     # rank 0 dies right after the rename, before keep_last=1 prunes step 1
     "after-commit": (Trial(variant="lora4", retention="last1", victim=0,
                            point="manifest_renamed", trigger=0, n=1), "committed"),

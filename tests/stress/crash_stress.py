@@ -20,7 +20,10 @@ process group:
 
 Trials vary the model (plain / LoRA, LoRA with the merged ``model/`` too), the retention
 (keep all; ``keep_last=1``, so save 2 deletes step 1; ``keep_last=1, keep_every=1``, so
-save 2 archives step 1) and the kill, half the trials each way:
+save 2 archives step 1), the save (``--mode``: blocking, or asynchronous: save 2 returns
+once staged and the job trains one more step, changing every tensor, while the
+background thread writes and commits; the step must still hold the state at the call)
+and the kill, half the trials each way:
 
 * timed: the parent kills a random rank a random delay after the job announces save 2,
   within 1.15x an undisturbed save (measured per configuration);
@@ -97,6 +100,7 @@ class Trial:
             ``trigger`` sends the kill.
         grace: seconds the surviving ranks get before they are killed too.
         calibrate: no kill; count the hook points and time the save instead.
+        asynchronous: save 2 with ``blocking=False`` and train on while it is written.
     """
 
     variant: str = "plain"
@@ -110,11 +114,13 @@ class Trial:
     trigger: int = 0
     grace: float = 0.5
     calibrate: bool = False
+    asynchronous: bool = False
 
     def describe(self) -> str:
         how = (f"timed {self.delay * 1e3:6.1f} ms" if self.delay is not None else
                f"hook {self.point}#{self.n}@r{self.trigger}" if self.point else "no kill")
-        return (f"{self.variant:5s} victim=r{self.victim} {how} retention={self.retention}"
+        return (f"{self.variant:5s} {'async' if self.asynchronous else 'block'} "
+                f"victim=r{self.victim} {how} retention={self.retention}"
                 f"{' merged' if self.merged else ''}")
 
 
@@ -269,7 +275,11 @@ def _job(rank: int, world: int, trial: Trial, root: str, workdir: str) -> None:
         if rank == 0:
             _write_json(os.path.join(workdir, "saving.json"), {"t": time.time()})
         hooks.armed = True
-        mgr.save(step, model, opt, extra=extra, merged=trial.merged or None)
+        handle = mgr.save(step, model, opt, extra=extra, merged=trial.merged or None,
+                          blocking=not trial.asynchronous)
+        if trial.asynchronous:  # the loop goes on, changing everything, while it is written
+            train(model, opt, sched, data, counters, until + 1)
+            handle.result()
         hooks.armed = False
         _write_json(os.path.join(workdir, f"saved-{rank}.json"), {"counts": dict(hooks.counts)})
 
@@ -503,11 +513,12 @@ def run_trial(trial: Trial, *, workdir: str | None = None, keep: bool = False) -
 
 
 def calibrate(variant: str, world: int = 2, merged: bool = False, retention: str = "all",
-              runs: int = 2) -> Calibration:
+              runs: int = 2, asynchronous: bool = False) -> Calibration:
     """Undisturbed runs (each must pass every check): how long save 2 takes, the
     fastest run on the parent's clock (announced -> every rank done, as timed kills
     count), and how often each hook point runs (the fewest, so every n is reached)."""
-    trial = Trial(variant=variant, world=world, calibrate=True, merged=merged, retention=retention)
+    trial = Trial(variant=variant, world=world, calibrate=True, merged=merged, retention=retention,
+                  asynchronous=asynchronous)
     times, counts = [], {}
     for _ in range(runs):
         workdir = tempfile.mkdtemp(prefix="dcpu-crash-cal-")
@@ -528,11 +539,12 @@ def calibrate(variant: str, world: int = 2, merged: bool = False, retention: str
 
 
 def plan_trials(n: int, seed: int, variants: list[str], world: int,
-                calibrations: dict) -> list[Trial]:
+                calibrations: dict, modes: tuple[bool, ...] = (False,)) -> list[Trial]:
     """``n`` random trials: the variants alternate, and timed and hook kills alternate
-    in turns of one trial per variant.
+    in turns of one trial per variant; blocking and asynchronous saves (``modes``)
+    alternate trial by trial.
 
-    ``calibrations``: ``(variant, merged, retention) -> Calibration``.
+    ``calibrations``: ``(variant, merged, retention, asynchronous) -> Calibration``.
     """
     rng = random.Random(seed)
     trials = []
@@ -540,9 +552,10 @@ def plan_trials(n: int, seed: int, variants: list[str], world: int,
         variant = variants[i % len(variants)]
         merged = variant != "plain" and rng.random() < 0.5
         retention = rng.choice(sorted(RETENTION))
-        cal = calibrations[(variant, merged, retention)]
+        asynchronous = modes[i % len(modes)]
+        cal = calibrations[(variant, merged, retention, asynchronous)]
         t = Trial(variant=variant, world=world, victim=rng.randrange(world), retention=retention,
-                  merged=merged, grace=rng.uniform(0.0, 1.0))
+                  merged=merged, grace=rng.uniform(0.0, 1.0), asynchronous=asynchronous)
         if (i // len(variants)) % 2 == 0:
             t.delay = rng.uniform(0.0, 1.15 * cal.save_s)
         else:
@@ -562,21 +575,27 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
+    parser.add_argument("--mode", choices=["blocking", "async", "both"], default="both",
+                        help="save 2 blocking, asynchronous, or alternating")
     parser.add_argument("--keep", action="store_true", help="keep every trial's directory")
     args = parser.parse_args(argv)
     variants = list(VARIANTS) if args.variant == "both" else [args.variant]
+    modes = {"blocking": (False,), "async": (True,), "both": (False, True)}[args.mode]
 
     start = time.monotonic()
     calibrations = {}
     for variant in variants:
         for merged in ([False, True] if variant != "plain" else [False]):
             for retention in sorted(RETENTION):
-                cal = calibrate(variant, args.world, merged, retention)
-                calibrations[(variant, merged, retention)] = cal
-                points = sorted({p for c in cal.counts.values() for p in c})
-                print(f"calibration {variant} merged={merged} retention={retention}: save 2 "
-                      f"takes {cal.save_s * 1e3:.0f} ms; hook points {points}", flush=True)
-    trials = plan_trials(args.trials, args.seed, variants, args.world, calibrations)
+                for asynchronous in modes:
+                    cal = calibrate(variant, args.world, merged, retention,
+                                    asynchronous=asynchronous)
+                    calibrations[(variant, merged, retention, asynchronous)] = cal
+                    points = sorted({p for c in cal.counts.values() for p in c})
+                    print(f"calibration {variant} merged={merged} retention={retention} "
+                          f"async={asynchronous}: save 2 takes {cal.save_s * 1e3:.0f} ms; "
+                          f"hook points {points}", flush=True)
+    trials = plan_trials(args.trials, args.seed, variants, args.world, calibrations, modes)
     loadable = clean = 0
     outcomes: collections.Counter = collections.Counter()
     for i, trial in enumerate(trials):

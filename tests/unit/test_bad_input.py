@@ -14,7 +14,7 @@ from dcp_universal import CheckpointManager, CheckpointMismatchError, load_model
 from dcp_universal.cli import main as cli
 from dcp_universal.errors import (CheckpointIOError, FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError)
-from train_loop import Data, build, moments, train
+from train_loop import Data, assert_same, build, snapshot, train
 
 
 def _job(variant="plain", seed=0):
@@ -24,26 +24,13 @@ def _job(variant="plain", seed=0):
     return model, opt
 
 
-def _snapshot(model, opt):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {k: {n: t.clone() for n, t in v.items()} for k, v in moments(model, opt).items()})
-
-
-def _assert_untouched(model, opt, before):
-    params, states = before
-    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
-    now = moments(model, opt)
-    assert now.keys() == states.keys()
-    assert all(torch.equal(now[k][n], states[k][n]) for k in states for n in states[k])
-
-
 @pytest.fixture
 def saved(tmp_path):
     model, opt = _job()
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
     target, topt = _job(seed=1)
-    return mgr, target, topt, _snapshot(target, topt)
+    return mgr, target, topt, snapshot(target, topt)
 
 
 def _data_file(step_dir, item="model"):
@@ -59,7 +46,7 @@ def test_not_a_checkpoint(tmp_path, saved):
             load_model(target, str(path))
         with pytest.raises(NotACheckpointError, match="no committed step"):
             CheckpointManager(str(path)).load(target, topt)
-    _assert_untouched(target, topt, before)
+    assert_same(target, topt, before)
 
 
 @pytest.mark.parametrize("content,error,match", [
@@ -81,7 +68,7 @@ def test_bad_manifests(saved, content, error, match):
         mgr.load(target, topt)
     with pytest.raises(error, match=match):
         load_model(target, mgr.step_path(1))
-    _assert_untouched(target, topt, before)
+    assert_same(target, topt, before)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "remove"])
@@ -97,7 +84,7 @@ def test_truncated_or_missing_shard_file(saved, damage):
         match = "is missing"
     with pytest.raises(IntegrityError, match=f"{os.path.basename(victim)}.*{match}"):
         mgr.load(target, topt)  # the optimizer file is checked before the model is read
-    _assert_untouched(target, topt, before)
+    assert_same(target, topt, before)
 
 
 def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
@@ -117,7 +104,7 @@ def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
         mgr.verify(1)
     with pytest.raises(IntegrityError, match="fails its checksum"):
         mgr.load(target, topt, verify=True)
-    _assert_untouched(target, topt, before)
+    assert_same(target, topt, before)
     assert cli(["verify", mgr.step_path(1)]) == 2
     assert "fails its checksum" in capsys.readouterr().err
 
@@ -128,10 +115,10 @@ def test_other_architecture_leaves_model_and_optimizer_untouched(saved):
     small.blocks = small.blocks[:1]  # one block fewer than the checkpoint
     sopt = torch.optim.AdamW([p for p in small.parameters() if p.requires_grad])
     train(small, sopt, torch.optim.lr_scheduler.StepLR(sopt, 1), Data(0), {"step": 0}, 1)
-    before = _snapshot(small, sopt)
+    before = snapshot(small, sopt)
     with pytest.raises(CheckpointMismatchError, match=r"in checkpoint but not in model \(9\)"):
         mgr.load(small, sopt)
-    _assert_untouched(small, sopt, before)
+    assert_same(small, sopt, before)
 
 
 def test_io_failure_in_the_middle_of_a_load_leaves_everything_untouched(saved, monkeypatch):
@@ -143,7 +130,7 @@ def test_io_failure_in_the_middle_of_a_load_leaves_everything_untouched(saved, m
     monkeypatch.setenv("FAULTY_PATTERN", "*/optimizer/__*.distcp")
     with pytest.raises(CheckpointIOError, match="reading .*optimizer failed on rank.*injected read failure"):
         CheckpointManager(root).load(target, topt)
-    _assert_untouched(target, topt, before)
+    assert_same(target, topt, before)
     monkeypatch.delenv("FAULTY_PATTERN")
     report = CheckpointManager(root).load(target, topt)  # the same load, storage healthy
     assert report.optimizer_restored

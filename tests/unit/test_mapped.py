@@ -16,7 +16,7 @@ import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
 from dcp_universal import mapped
 from dcp_universal.errors import CheckpointIOError, IntegrityError
-from train_loop import Data, build, moments, train
+from train_loop import Data, assert_same, build, snapshot, train
 
 LAYOUTS = {
     "f32": torch.randn(5, 7),
@@ -165,16 +165,12 @@ def test_local_load_failing_after_the_model_was_prepared_leaves_everything_untou
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
     target, topt = _job(variant, 1)
-    params = {k: v.clone() for k, v in target.state_dict().items()}
-    states = moments(target, topt)
-    states = {k: {n: t.clone() for n, t in v.items()} for k, v in states.items()}
+    before = snapshot(target, topt)
     for f in _data_files(os.path.join(mgr.step_path(1), damaged)):
         _damage(f)
     with pytest.raises((IntegrityError, CheckpointIOError), match="cannot be read"):
         mgr.load(target, topt)
-    assert all(torch.equal(v, params[k]) for k, v in target.state_dict().items())
-    now = moments(target, topt)
-    assert all(torch.equal(now[k][n], states[k][n]) for k in states for n in states[k])
+    assert_same(target, topt, before)
 
 
 def test_merging_load_of_a_lora_step_into_a_plain_model_matches_the_merged_function(tmp_path):
