@@ -14,8 +14,9 @@ FSDP2 (each block, then the root). In one run it measures, per round (the median
 * ``mgr.save(step, model, opt)``, blocking: barrier to barrier;
 * ``mgr.save(step, model, opt, blocking=False)``: the stall (until it returns; the
   snapshot is taken by then) and the total (until ``handle.result()`` on every rank);
-* DCP's own ``dcp.async_save`` (thread, its default stager) of the same model and
-  optimizer state dicts, for comparison: stall and total;
+* DCP's own ``dcp.async_save`` of the same model and optimizer state dicts, for
+  comparison, with a background thread and with a background process
+  (``AsyncCheckpointerType``): stall and total;
 
 and then a training loop of ``--loop-steps`` steps that checkpoints every ``--every``
 steps: the mean step time (a step's time includes any save it started) with no
@@ -44,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -96,7 +98,8 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         gloo = dist.new_group(backend="gloo")
         rec: dict[str, list[float]] = {k: [] for k in (
             "blocking save", "async stall", "async total", "DCP async_save stall",
-            "DCP async_save total")}
+            "DCP async_save total", "DCP async_save (process) stall",
+            "DCP async_save (process) total")}
         step = 0
         for r in range(cfg["warmup"] + cfg["repeats"]):
             keep = r >= cfg["warmup"]
@@ -123,8 +126,17 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
             dcp_stall = _slowest(time.perf_counter() - t)
             fut.result()
             dcp_total = _slowest(time.perf_counter() - t)
+            _barrier_sync()
+            t = time.perf_counter()
+            fut = dcp.async_save(state, checkpoint_id=os.path.join(root, "dcp-process"),
+                                 process_group=gloo,
+                                 async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            proc_stall = _slowest(time.perf_counter() - t)
+            fut.result()
+            proc_total = _slowest(time.perf_counter() - t)
             if keep:
-                for k, v in zip(rec, (blocking, stall, total, dcp_stall, dcp_total)):
+                for k, v in zip(rec, (blocking, stall, total, dcp_stall, dcp_total,
+                                      proc_stall, proc_total)):
                     rec[k].append(v)
             dist.barrier()
             if rank == 0:
