@@ -20,7 +20,7 @@ import torch
 
 __all__ = ["fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
            "version_counter", "checkpoint_failures", "quiet_single_process_warning",
-           "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed"]
+           "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed", "fsspec_of"]
 
 # DCP's data files end in ``filesystem.DEFAULT_SUFFIX``. Readers find files through the
 # metadata, never by suffix, so our own constant (equal today) is enough; we keep the
@@ -53,6 +53,15 @@ def pickled_storage_dtype(name: str) -> torch.dtype | None:
         return lookup(name) if lookup is not None else None
     except (KeyError, TypeError):
         return None
+
+
+def fsspec_of(reader):
+    """The fsspec filesystem of DCP's ``FsspecReader`` (or writer).
+
+    Private: the reader keeps it as ``reader.fs.fs`` (its ``FileSystem`` wrapper's
+    attribute, set by ``init_path``); the wrapper offers streams, not ranged reads.
+    """
+    return reader.fs.fs
 
 
 def untransformed(reader, req, info, stream):

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import warnings
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType
+from torch.futures import Future
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import CheckpointIOError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
-from dcp_universal.mapped import Copies, MappedReader, read_whole
+from dcp_universal.mapped import Copies, MappedReader, pair, parse_record, read_whole
 from dcp_universal.storage import Storage, is_remote
 
 __all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
@@ -81,6 +86,11 @@ class _LocalWriter(_OwnFiles, FileSystemWriter):
     pass
 
 
+# Bytes fetched per batch of ranged reads: a remote read holds at most this much (or one
+# record, if larger) before copying it into place.
+RANGED_BATCH_BYTES = 64 << 20
+
+
 @functools.cache
 def _remote_classes():
     reader, writer = _torch_compat.fsspec_reader_writer()
@@ -88,7 +98,60 @@ def _remote_classes():
     class _RemoteWriter(_OwnFiles, writer):
         pass
 
-    return _RemoteWriter, reader
+    class _RangedReader(reader):
+        """DCP's fsspec reader, fetching each record with one ranged read of exactly its
+        bytes (batched, concurrent through ``cat_ranges``). DCP's own reader reads through
+        a buffered file whose read-ahead fetched 2.8x the model's bytes from S3 for one
+        process's model-only load."""
+
+        def read_data(self, plan, planner):
+            fs = _torch_compat.fsspec_of(self)
+            by_file: dict[str, list] = {}
+            for req in plan.items:
+                by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+            for rel, reqs in by_file.items():
+                path = str(self.fs.concat_path(self.path, rel))
+                for batch in _batches(reqs, lambda r: self.storage_data[r.storage_index].length):
+                    infos = [self.storage_data[r.storage_index] for r in batch]
+                    datas = fs.cat_ranges([path] * len(batch), [i.offset for i in infos],
+                                          [i.offset + i.length for i in infos])
+                    for req, info, data in zip(batch, infos, datas):
+                        if isinstance(data, Exception):
+                            raise data
+                        self._take(planner, req, info, data, path)
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+
+        def _take(self, planner, req, info, data: bytes, path: str) -> None:
+            if req.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(req, io.BytesIO(data))
+                return
+            with warnings.catch_warnings():  # read-only bytes: nothing writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                whole = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            record = parse_record(data, whole, info, 0, path, req.storage_index.fqn,
+                                  functools.partial(_torch_compat.untransformed, self, req, info))
+            dst = planner.resolve_tensor(req).detach()
+            d, s = pair(record, dst, req.storage_offsets, req.lengths)
+            with torch.no_grad():
+                d.copy_(s)
+            planner.commit_tensor(req, dst)
+
+    return _RemoteWriter, _RangedReader
+
+
+def _batches(items: list, size: Callable[[object], int]) -> Iterator[list]:
+    """``items`` in runs of at most ``RANGED_BATCH_BYTES`` (an item larger alone)."""
+    batch, total = [], 0
+    for item in items:
+        if batch and total + size(item) > RANGED_BATCH_BYTES:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size(item)
+    if batch:
+        yield batch
 
 
 def _writer(store: Storage, path: str, own_file_keys, checksums: bool):

@@ -44,7 +44,8 @@ from torch.futures import Future
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
 
-__all__ = ["Copies", "MappedFiles", "MappedReader", "Stored", "read_whole", "torch_save_tensor"]
+__all__ = ["Copies", "MappedFiles", "MappedReader", "Stored", "pair", "parse_record",
+           "read_whole", "torch_save_tensor"]
 
 
 class Copies:
@@ -303,9 +304,8 @@ def torch_save_tensor(mm, whole: torch.Tensor, start: int, length: int) -> Store
 
 
 def _record(files: MappedFiles, path: str, info, key: str, untransform=None):
-    """The record ``info`` (a DCP ``_StorageInfo``) of ``path``: a :class:`Stored` view of
-    the map, or (anything but a plain ``torch.save``'d tensor) the object ``torch.load``
-    makes of it, after ``untransform`` (DCP's load transforms) when the record has any."""
+    """The record ``info`` (a DCP ``_StorageInfo``) of the mapped file ``path``: see
+    :func:`parse_record`."""
     mm, whole = files.get(path)
     end = info.offset + info.length
     if end > whole.numel():
@@ -313,24 +313,36 @@ def _record(files: MappedFiles, path: str, info, key: str, untransform=None):
             f"{path} holds {whole.numel()} bytes, but the checkpoint's metadata places "
             f"{key!r} at bytes {info.offset}..{end}: the file is truncated -> restore it, "
             "or load another checkpoint")
+    return parse_record(mm, whole, info, info.offset, path, key, untransform)
+
+
+def parse_record(buf, whole: torch.Tensor, info, start: int, path: str, key: str,
+                 untransform=None):
+    """The record ``info`` (a DCP ``_StorageInfo``), found at ``buf[start:]`` (a map or
+    the bytes fetched for it; ``whole`` views the same bytes as ``uint8``): a
+    :class:`Stored` view of them, or (anything but a plain ``torch.save``'d tensor) the
+    object ``torch.load`` makes of it, after ``untransform`` (DCP's load transforms)
+    when the record has any."""
+    end = start + info.length
     if not info.transform_descriptors:
-        stored = torch_save_tensor(mm, whole, info.offset, info.length)
+        stored = torch_save_tensor(buf, whole, start, info.length)
         if stored is not None:
             return stored
     try:
-        stream = io.BytesIO(mm[info.offset:end])
+        stream = io.BytesIO(buf[start:end])
         if info.transform_descriptors:
             stream = io.BytesIO(untransform(stream).read())
         return torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as e:  # whatever torch.load makes of damaged bytes
         raise IntegrityError(
-            f"{path}: the record of {key!r} at bytes {info.offset}..{end} cannot be read "
-            f"({type(e).__name__}: {e}): the file is damaged -> check it with "
-            "`dcp-universal verify`, restore it, or load another checkpoint") from e
+            f"{path}: the record of {key!r} at bytes {info.offset}..{info.offset + info.length} "
+            f"cannot be read ({type(e).__name__}: {e}): the file is damaged -> check it "
+            "with `dcp-universal verify`, restore it, or load another checkpoint") from e
 
 
-def _pair(record, dst: torch.Tensor, offsets, lengths) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dst', src)`` whose copy fills ``dst`` with ``record``'s block at ``offsets``."""
+def pair(record, dst: torch.Tensor, offsets, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dst', src)`` whose copy fills ``dst`` with ``record``'s block at ``offsets``
+    (``record`` from :func:`parse_record`)."""
     if isinstance(record, Stored):
         return record.source_for(dst, offsets, lengths)
     return dst, record[tuple(slice(int(o), int(o) + int(n)) for o, n in zip(offsets, lengths))]
@@ -366,7 +378,7 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
             whole_chunk = tuple(chunk.sizes) == tuple(dst.shape) and not any(chunk.offsets)
             block = dst if whole_chunk else dst[
                 tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
-            copies.take(key, *_pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
+            copies.take(key, *pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
             covered += math.prod(chunk.sizes)
         if covered != dst.numel():
             raise CheckpointError(
@@ -407,7 +419,7 @@ class MappedReader(FileSystemReader):
             if list(dst.shape) != [int(n) for n in req.lengths]:
                 raise CheckpointError(f"{req.storage_index.fqn!r}: the destination has shape "
                                       f"{list(dst.shape)}, the read {list(req.lengths)}")
-            copies.take(req.dest_index.fqn, *_pair(record, dst, req.storage_offsets, req.lengths))
+            copies.take(req.dest_index.fqn, *pair(record, dst, req.storage_offsets, req.lengths))
             planner.commit_tensor(req, dst)
         fut: Future = Future()
         fut.set_result(None)

@@ -7,7 +7,7 @@ import torch
 
 import harness
 import tiny
-from dcp_universal import CheckpointManager, load_model
+from dcp_universal import CheckpointManager, apply_lora, load_model
 from s3server import fresh_prefix
 from train_loop import Data, build, moments, train
 
@@ -67,3 +67,65 @@ def test_s3_round_trip_reshards_prunes_and_serves_model_only_loads(s3):
             load_model(model, step_dir, storage_options=options)
             with torch.no_grad():
                 torch.testing.assert_close(model(tiny.fixed_input()), y_saved, atol=1e-5, rtol=0)
+
+
+class _Counting:
+    """Bytes fetched from S3, by object: every ranged read and whole-object read that
+    s3fs makes (patched in this process only)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import s3fs
+
+        self.fetched: dict[str, int] = {}
+        fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
+
+        def counted_range(f, start, end):
+            out = fetch_range(f, start, end)
+            self._add(f.path, len(out))
+            return out
+
+        async def counted_cat(fs, path, version_id=None, start=None, end=None):
+            out = await cat_file(fs, path, version_id=version_id, start=start, end=end)
+            self._add(path, len(out))
+            return out
+
+        monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted_range)
+        monkeypatch.setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
+
+    def _add(self, path: str, n: int) -> None:
+        key = path.split("://", 1)[-1]
+        self.fetched[key] = self.fetched.get(key, 0) + n
+
+    def total(self) -> int:
+        return sum(self.fetched.values())
+
+
+def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
+    """An inference node loads the model alone from a LoRA step holding optimizer state
+    too: it fetches at most 1.05x the model's bytes and no optimizer object (DCP's own
+    buffered reader fetched 2.8x)."""
+    url, options = s3
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])  # 2 MiB
+    model = apply_lora(model, rank=4, alpha=8.0, targets=["0", "3", "5"])
+    tiny.randomize_adapters(model, seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(fresh_prefix(url), storage_options=options)
+    merged_step = mgr.save(1, model, opt, merged=True)   # model/ beside adapters/ and optimizer/
+    lora_step = mgr.save(2, model, opt)                   # base + adapters only
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        want = model(x)
+    for step in (merged_step, lora_step):
+        plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+        model_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+        counter = _Counting(monkeypatch)
+        load_model(plain, step, storage_options=options)
+        with torch.no_grad():  # merged weights: fp32 rounding through 8 layers
+            torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=1e-4)
+        assert not [k for k in counter.fetched if "/optimizer/" in k], counter.fetched
+        assert counter.total() <= 1.05 * model_bytes, (step, counter.total() / model_bytes,
+                                                       counter.fetched)
+        monkeypatch.undo()
