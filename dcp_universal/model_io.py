@@ -479,6 +479,20 @@ def _share_tied(source: Source, view: ModelView) -> None:
                             f"{', '.join(k for k in group if k != present[0])} too")
 
 
+def _host_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A staging buffer for ``t`` in host memory, never the device's (a job training at
+    70% of its GPU memory must still be able to resume): a DTensor gets a DTensor over a
+    host copy of its local shard; pinned when CUDA is present, so the commit's copy to
+    the device runs at full speed."""
+    pin = torch.cuda.is_available()
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        buf = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
+        return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False,
+                                  shape=t.shape, stride=t.stride())
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+
+
 def _check_materialized(view: ModelView) -> None:
     meta = [k for k, t in {**view.tensors, **view.adapter_tensors}.items()
             if local_block(t)[0].is_meta]
@@ -544,8 +558,9 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     succeeded, so a failure halfway (on any rank) leaves the model untouched. Local files
     need no staging memory for that: they are memory-mapped, every tensor is located and
     checked first, and the copies (one per tensor, from the page cache) wait for the
-    commit (:mod:`dcp_universal.mapped`). Remote files are read into staging buffers.
-    ``stage=False`` reads remote files in place (no extra memory, no such guarantee).
+    commit (:mod:`dcp_universal.mapped`). Remote files are read into staging buffers in
+    host memory (never the device's). ``stage=False`` reads remote files in place (no
+    extra memory, no such guarantee).
 
     A DCP checkpoint written by another tool loads too (see :mod:`dcp_universal.foreign`):
     its keys are made canonical, the model's subtree of a nested layout is found (or
@@ -609,7 +624,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
         held |= {tk for ck, tk in plan.reads.items() if ck in source.deltas}
     waits = stage and _prepared_in_full(source)
     staged = read if stage and not waits else held
-    buffers = {tk: torch.empty_like(targets[tk]) if tk in staged else targets[tk] for tk in read}
+    buffers = {tk: _host_buffer(targets[tk]) if tk in staged else targets[tk] for tk in read}
     later = Copies({ck for ck, tk in plan.reads.items() if tk not in staged} if waits else ())
     read_source(source, {ck: buffers[tk] for ck, tk in plan.reads.items()}, store, later=later)
     _check_ties(ties, buffers, source.desc)
