@@ -108,7 +108,8 @@ def _remote_classes():
             fs = _torch_compat.fsspec_of(self)
             by_file: dict[str, list] = {}
             for req in plan.items:
-                by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+                rel = self.storage_data[req.storage_index].relative_path
+                by_file.setdefault(rel, []).append(req)
             for rel, reqs in by_file.items():
                 path = str(self.fs.concat_path(self.path, rel))
                 for batch in _batches(reqs, lambda r: self.storage_data[r.storage_index].length):
@@ -129,7 +130,8 @@ def _remote_classes():
                 return
             with warnings.catch_warnings():  # read-only bytes: nothing writes to them
                 warnings.simplefilter("ignore", UserWarning)
-                whole = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                whole = (torch.frombuffer(data, dtype=torch.uint8) if data
+                         else torch.empty(0, dtype=torch.uint8))
             record = parse_record(data, whole, info, 0, path, req.storage_index.fqn,
                                   functools.partial(_torch_compat.untransformed, self, req, info))
             dst = planner.resolve_tensor(req).detach()

@@ -121,7 +121,8 @@ class SaveHandle:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"step {self.step} is still being written after {timeout} s") from None
+            raise TimeoutError(
+                f"step {self.step} is still being written after {timeout} s") from None
         except BaseException:
             self._told = True
             raise

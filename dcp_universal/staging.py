@@ -61,8 +61,9 @@ class Stager:
         if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
             return type(obj)(self.stage(v, f"{slot}/{i}") for i, v in enumerate(obj))
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return dataclasses.replace(obj, **{f.name: self.stage(getattr(obj, f.name), f"{slot}.{f.name}")
-                                               for f in dataclasses.fields(obj) if f.init})
+            fields = [f.name for f in dataclasses.fields(obj) if f.init]
+            return dataclasses.replace(
+                obj, **{n: self.stage(getattr(obj, n), f"{slot}.{n}") for n in fields})
         return copy.deepcopy(obj)
 
     def _copy(self, t: torch.Tensor, key: str) -> torch.Tensor:

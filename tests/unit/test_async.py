@@ -139,3 +139,25 @@ def test_a_failing_block_is_not_masked_by_the_save(tmp_path, monkeypatch):
             mgr.save(2, model, opt, blocking=False)
             raise KeyError("the block's own")
     assert mgr.steps() == []
+
+
+@pytest.mark.parametrize("merge", ["sharded", "rank0"])
+def test_async_merged_model_is_the_snapshots_merge(tmp_path, merge):
+    import tiny
+    from dcp_universal import load_model
+
+    model, opt, sched, counters = _job("lora4")
+    tiny.randomize_adapters(model, seed=4)
+    with torch.no_grad():
+        want = model(tiny.fixed_input())
+    mgr = CheckpointManager(str(tmp_path / "root"), merge=merge)
+    handle = mgr.save(2, model, opt, merged=True, blocking=False)
+    with torch.no_grad():  # base and adapters change at once: the merge must not see it
+        for p in model.parameters():
+            p.add_(0.5)
+    handle.result()
+    assert mgr.manifest(2).items["model"]
+    plain = tiny.make("plain", seed=9)
+    load_model(plain, mgr.step_path(2) + "/model")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tiny.fixed_input()), want, atol=1e-5, rtol=0)
