@@ -167,7 +167,8 @@ def _writer(store: Storage, path: str, own_file_keys, checksums: bool):
     return w
 
 
-def _reader(store: Storage, path: str, hf: bool = False, copies: Copies | None = None):
+def _reader(store: Storage, path: str, hf: bool = False, copies: Copies | None = None,
+            metadata: Metadata | None = None):
     if copies is not None and copies.keys and is_remote(path):
         raise ValueError(f"{path}: copies can wait only for local (memory-mapped) files")
     if hf:
@@ -175,7 +176,7 @@ def _reader(store: Storage, path: str, hf: bool = False, copies: Copies | None =
         return SafetensorsReader(store, path, copies)
     if is_remote(path):
         return _remote_classes()[1](path, **store.options)
-    return MappedReader(path, copies)
+    return MappedReader(path, copies, metadata)
 
 
 def save_state(store: Storage, state: dict, path: str, *, planner=None,
@@ -230,7 +231,7 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
         except OSError as e:
             raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=_reader(store, path, hf, copies),
+        dcp.load(state, storage_reader=_reader(store, path, hf, copies, metadata),
                  process_group=_comm.group(),
                  no_dist=single_process or not _comm.is_distributed())
 

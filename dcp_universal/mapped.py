@@ -37,7 +37,8 @@ from typing import Collection
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (Metadata, MetadataIndex, StorageMeta,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
@@ -396,9 +397,20 @@ class MappedReader(FileSystemReader):
     ``copies`` for the load's commit, so the whole read is validated first.
     """
 
-    def __init__(self, path: str, copies: Copies | None = None) -> None:
+    def __init__(self, path: str, copies: Copies | None = None,
+                 metadata: Metadata | None = None) -> None:
         super().__init__(path)
         self.copies = copies if copies is not None else Copies()
+        self._metadata = metadata  # read already while planning: not parsed again
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._metadata is None or kwargs.get("rank") is not None:
+            return super().read_metadata(*args, **kwargs)
+        md = self._metadata  # as the parent's: tagged with this load's id
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
         # a planner whose commit_tensor does something needs the data at once

@@ -25,6 +25,7 @@ from dcp_universal.errors import CheckpointError, CheckpointMismatchError, NotAC
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import FileRecord, Manifest
 from dcp_universal.mapped import Copies
+from dcp_universal.staging import dtensor_like, host_empty
 from dcp_universal.names import canonical_module_names
 from dcp_universal.plan import LoadReport, TensorInfo, plan_load
 from dcp_universal.storage import Storage, is_remote, join, normalize
@@ -482,15 +483,11 @@ def _share_tied(source: Source, view: ModelView) -> None:
 def _host_buffer(t: torch.Tensor) -> torch.Tensor:
     """A staging buffer for ``t`` in host memory, never the device's (a job training at
     70% of its GPU memory must still be able to resume): a DTensor gets a DTensor over a
-    host copy of its local shard; pinned when CUDA is present, so the commit's copy to
-    the device runs at full speed."""
-    pin = torch.cuda.is_available()
+    host copy of its local shard."""
     if isinstance(t, DTensor):
         local = t.to_local()
-        buf = torch.empty(local.shape, dtype=local.dtype, device="cpu", pin_memory=pin)
-        return DTensor.from_local(buf, t.device_mesh, t.placements, run_check=False,
-                                  shape=t.shape, stride=t.stride())
-    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+        return dtensor_like(host_empty(local.shape, local.dtype), t)
+    return host_empty(t.shape, t.dtype)
 
 
 def _check_materialized(view: ModelView) -> None:

@@ -18,7 +18,20 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["Stager"]
+__all__ = ["Stager", "host_empty", "dtensor_like"]
+
+
+def host_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised host tensor, pinned when CUDA is present (so copies to and from
+    the device run at full speed)."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=torch.cuda.is_available())
+
+
+def dtensor_like(local: torch.Tensor, t: DTensor) -> DTensor:
+    """A DTensor with ``t``'s mesh, placements and global shape over ``local`` (a copy
+    of ``t``'s local shard, e.g. in host memory)."""
+    return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+                              shape=t.shape, stride=t.stride())
 
 
 class Stager:
@@ -51,9 +64,7 @@ class Stager:
         staging buffers and whose other leaves are deep copies. A DTensor becomes a
         DTensor over a staged copy of its local shard (same mesh, placements, shape)."""
         if isinstance(obj, DTensor):
-            local = self._copy(obj.to_local(), slot)
-            return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False,
-                                      shape=obj.shape, stride=obj.stride())
+            return dtensor_like(self._copy(obj.to_local(), slot), obj)
         if isinstance(obj, torch.Tensor):
             return self._copy(obj, slot)
         if isinstance(obj, dict):
@@ -70,7 +81,7 @@ class Stager:
         t = t.detach()
         buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)
+            buf = host_empty(t.shape, t.dtype)
             self._buffers[key] = buf
         if key in self._used:
             raise ValueError(f"two tensors staged under one key {key!r}")
