@@ -308,7 +308,7 @@ def _run(cfg: Config) -> dict:
                     files = sum(f.size for f in manifest.files.values())
                     base = sum(f.size for f in (manifest.base_files or {}).values())
                     if step == 1:  # the base's own files.json completes it
-                        base += os.path.getsize(os.path.join(roots[name], manifest["base"], "files.json"))
+                        base += os.path.getsize(os.path.join(roots[name], manifest.base, "files.json"))
                     record["manifest_bytes"] = files + (base if step == 1 else 0)
                     record["manifest_json_bytes"] = os.path.getsize(
                         os.path.join(mgr.step_path(step), "manifest.json"))
