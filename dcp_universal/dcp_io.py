@@ -28,7 +28,7 @@ from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import CheckpointIOError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
-from dcp_universal.mapped import Copies, MappedReader, pair, parse_record, read_whole
+from dcp_universal.mapped import Copies, MappedReader, parse_record, read_whole, take_read
 from dcp_universal.storage import Storage, is_remote
 
 __all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
@@ -134,11 +134,7 @@ def _remote_classes():
                          else torch.empty(0, dtype=torch.uint8))
             record = parse_record(data, whole, info, 0, path, req.storage_index.fqn,
                                   functools.partial(_torch_compat.untransformed, self, req, info))
-            dst = planner.resolve_tensor(req).detach()
-            d, s = pair(record, dst, req.storage_offsets, req.lengths)
-            with torch.no_grad():
-                d.copy_(s)
-            planner.commit_tensor(req, dst)
+            take_read(planner, req, record, Copies())  # remote: copied at once, never waits
 
     return _RemoteWriter, _RangedReader
 

@@ -46,7 +46,7 @@ from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
 
 __all__ = ["Copies", "MappedFiles", "MappedReader", "Stored", "pair", "parse_record",
-           "read_whole", "torch_save_tensor"]
+           "read_whole", "take_read", "torch_save_tensor"]
 
 
 class Copies:
@@ -349,6 +349,20 @@ def pair(record, dst: torch.Tensor, offsets, lengths) -> tuple[torch.Tensor, tor
     return dst, record[tuple(slice(int(o), int(o) + int(n)) for o, n in zip(offsets, lengths))]
 
 
+def take_read(planner: LoadPlanner, req, record, copies: Copies) -> None:
+    """DCP's per-item read, from a located ``record`` (:func:`parse_record`): the
+    destination block resolved and checked, its copy made now or left waiting in
+    ``copies``. A planner whose ``commit_tensor`` does something gets the data at once."""
+    dst = planner.resolve_tensor(req).detach()
+    if list(dst.shape) != [int(n) for n in req.lengths]:
+        raise CheckpointError(f"{req.storage_index.fqn!r}: the destination has shape "
+                              f"{list(dst.shape)}, the read {list(req.lengths)}")
+    if type(planner).commit_tensor is not DefaultLoadPlanner.commit_tensor:
+        copies = Copies()
+    copies.take(req.dest_index.fqn, *pair(record, dst, req.storage_offsets, req.lengths))
+    planner.commit_tensor(req, dst)
+
+
 def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
                metadata: Metadata | None = None) -> bool:
     """What ``dcp.load(state, no_dist=True)`` does, for one process reading whole plain
@@ -413,9 +427,6 @@ class MappedReader(FileSystemReader):
         return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        # a planner whose commit_tensor does something needs the data at once
-        copies = (self.copies if type(planner).commit_tensor is DefaultLoadPlanner.commit_tensor
-                  else Copies())
         files, paths = MappedFiles(), {}
         for req in plan.items:
             info = self.storage_data[req.storage_index]
@@ -427,12 +438,7 @@ class MappedReader(FileSystemReader):
                 continue
             record = _record(files, paths[info.relative_path], info, req.storage_index.fqn,
                              functools.partial(_torch_compat.untransformed, self, req, info))
-            dst = planner.resolve_tensor(req).detach()
-            if list(dst.shape) != [int(n) for n in req.lengths]:
-                raise CheckpointError(f"{req.storage_index.fqn!r}: the destination has shape "
-                                      f"{list(dst.shape)}, the read {list(req.lengths)}")
-            copies.take(req.dest_index.fqn, *pair(record, dst, req.storage_offsets, req.lengths))
-            planner.commit_tensor(req, dst)
+            take_read(planner, req, record, self.copies)
         fut: Future = Future()
         fut.set_result(None)
         return fut

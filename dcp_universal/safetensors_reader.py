@@ -27,7 +27,7 @@ from torch.futures import Future
 
 from dcp_universal import manifest
 from dcp_universal.errors import CheckpointError, IntegrityError
-from dcp_universal.mapped import Copies, MappedFiles, Stored
+from dcp_universal.mapped import Copies, MappedFiles, Stored, take_read
 from dcp_universal.storage import Storage, is_remote, join
 
 __all__ = ["SafetensorsReader", "safetensors_files", "safetensors_torch"]
@@ -126,10 +126,7 @@ class SafetensorsReader(StorageReader):
         """Local files: views of memory maps, one copy each (now or at the commit)."""
         files = MappedFiles()
         for item in plan.items:
-            stored = self._stored(files, item.storage_index.fqn)
-            target = planner.resolve_tensor(item).detach()
-            self.copies.take(item.dest_index.fqn,
-                             *stored.source_for(target, item.storage_offsets, item.lengths))
+            take_read(planner, item, self._stored(files, item.storage_index.fqn), self.copies)
 
     def read_whole(self, state: dict[str, torch.Tensor]) -> None:
         """What ``dcp.load(state, no_dist=True)`` does for whole plain tensors of a local
