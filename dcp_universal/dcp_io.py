@@ -19,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 from torch.distributed.tensor import DTensor
@@ -28,7 +28,8 @@ from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import CheckpointIOError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
-from dcp_universal.mapped import Copies, MappedReader, parse_record, read_whole, take_read
+from dcp_universal.mapped import (Copies, MappedReader, parse_record, read_whole, take_read,
+                                  torch_save_layout)
 from dcp_universal.storage import Storage, is_remote
 
 __all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
@@ -89,6 +90,11 @@ class _LocalWriter(_OwnFiles, FileSystemWriter):
 # Bytes fetched per batch of ranged reads: a remote read holds at most this much (or one
 # record, if larger) before copying it into place.
 RANGED_BATCH_BYTES = 64 << 20
+# A record's head and tail fetched to find its layout, when a load needs part of it only.
+PROBE_BYTES = 4 << 10
+# A part of a record is fetched alone when that skips at least this many of its bytes;
+# otherwise the record is fetched whole (one request instead of three).
+PART_MIN_SKIP = 64 << 10
 
 
 @functools.cache
@@ -99,32 +105,84 @@ def _remote_classes():
         pass
 
     class _RangedReader(reader):
-        """DCP's fsspec reader, fetching each record with one ranged read of exactly its
-        bytes (batched, concurrent through ``cat_ranges``). DCP's own reader reads through
-        a buffered file whose read-ahead fetched 2.8x the model's bytes from S3 for one
-        process's model-only load."""
+        """DCP's fsspec reader, fetching with ranged reads (batched, concurrent through
+        ``cat_ranges``) exactly the bytes a load needs.
+
+        A record needed whole is one read of exactly its bytes. DCP's own reader reads
+        through a buffered file whose read-ahead fetched 2.8x the model's bytes from S3
+        for one process's model-only load. A record a resharding load needs part of
+        (a rank's new shard overlaps part of a saved one) costs a probe of its head and
+        tail (the zip's local headers, ``data.pkl`` and central directory), then one
+        read of the rows it needs; a record that is not a plain tensor is read whole.
+        """
+
+        def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool,
+                                  *args, **kwargs) -> None:
+            super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+            self._tensors = metadata.state_dict_metadata
 
         def read_data(self, plan, planner):
             fs = _torch_compat.fsspec_of(self)
-            by_file: dict[str, list] = {}
+            whole, parts = [], {}
             for req in plan.items:
-                rel = self.storage_data[req.storage_index].relative_path
-                by_file.setdefault(rel, []).append(req)
-            for rel, reqs in by_file.items():
-                path = str(self.fs.concat_path(self.path, rel))
-                for batch in _batches(reqs, lambda r: self.storage_data[r.storage_index].length):
-                    infos = [self.storage_data[r.storage_index] for r in batch]
-                    datas = fs.cat_ranges([path] * len(batch), [i.offset for i in infos],
-                                          [i.offset + i.length for i in infos])
-                    for req, info, data in zip(batch, infos, datas):
-                        if isinstance(data, Exception):
-                            raise data
-                        self._take(planner, req, info, data, path)
+                info = self.storage_data[req.storage_index]
+                if self._skipped(req, info) >= PART_MIN_SKIP:
+                    parts.setdefault((info.relative_path, info.offset), []).append(req)
+                else:
+                    whole.append(req)
+            layouts = self._probe(fs, {key: self.storage_data[reqs[0].storage_index]
+                                       for key, reqs in parts.items()})
+            jobs = [(req, None) for req in whole]
+            for key, reqs in parts.items():
+                jobs += [(req, layouts[key]) for req in reqs]
+            ranges = [self._range(req, layout) for req, layout in jobs]
+            for batch in _batches(list(zip(jobs, ranges)), lambda j: j[1][2] - j[1][1]):
+                datas = _fetch(fs, [r for _, r in batch])
+                for ((req, layout), (path, _, _)), data in zip(batch, datas):
+                    self._take(planner, req, layout, data, path)
             fut: Future = Future()
             fut.set_result(None)
             return fut
 
-        def _take(self, planner, req, info, data: bytes, path: str) -> None:
+        def _path(self, info) -> str:
+            return str(self.fs.concat_path(self.path, info.relative_path))
+
+        def _skipped(self, req, info) -> int:
+            """Bytes of ``req``'s record it does not need (0: read it whole)."""
+            tmd = self._tensors.get(req.storage_index.fqn)
+            if (req.type != LoadItemType.TENSOR or info.transform_descriptors
+                    or not isinstance(tmd, TensorStorageMetadata)):
+                return 0
+            needed = tmd.properties.dtype.itemsize
+            for n in req.lengths:
+                needed *= int(n)
+            return info.length - needed - 2 * PROBE_BYTES
+
+        def _probe(self, fs, records: dict) -> dict:
+            """``{key: Layout or None}`` of the ``records`` (``{key: _StorageInfo}``), from
+            their heads and tails (``None``: not a plain tensor record, or its layout lies
+            outside them). Only records of over ``PART_MIN_SKIP`` bytes come here."""
+            ranges = []
+            for info in records.values():
+                path, end = self._path(info), info.offset + info.length
+                ranges += [(path, info.offset, info.offset + PROBE_BYTES),
+                           (path, end - PROBE_BYTES, end)]
+            datas = iter(_fetch(fs, ranges))
+            layouts = {}
+            for key, info in records.items():
+                head, tail = next(datas), next(datas)
+                read = _Pieces({0: head, info.length - len(tail): tail}).read
+                layouts[key] = torch_save_layout(read, 0, info.length)
+            return layouts
+
+        def _range(self, req, layout) -> tuple[str, int, int]:
+            info = self.storage_data[req.storage_index]
+            if layout is None:
+                return self._path(info), info.offset, info.offset + info.length
+            start, n = layout.span(req.storage_offsets, req.lengths)
+            return self._path(info), info.offset + start, info.offset + start + n
+
+        def _take(self, planner, req, layout, data: bytes, path: str) -> None:
             if req.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(req, io.BytesIO(data))
                 return
@@ -132,11 +190,42 @@ def _remote_classes():
                 warnings.simplefilter("ignore", UserWarning)
                 whole = (torch.frombuffer(data, dtype=torch.uint8) if data
                          else torch.empty(0, dtype=torch.uint8))
+            if layout is not None:  # the block alone
+                record = layout.block(whole, req.lengths)
+                take_read(planner, req, record, Copies(), offsets=(0,) * len(req.lengths))
+                return
+            info = self.storage_data[req.storage_index]
             record = parse_record(data, whole, info, 0, path, req.storage_index.fqn,
                                   functools.partial(_torch_compat.untransformed, self, req, info))
             take_read(planner, req, record, Copies())  # remote: copied at once, never waits
 
     return _RemoteWriter, _RangedReader
+
+
+class _Pieces:
+    """Fetched byte ranges of a record: ``read(pos, n)`` answers from the one holding
+    ``[pos, pos + n)``, or raises ``IndexError``."""
+
+    def __init__(self, pieces: dict[int, bytes]) -> None:
+        self.pieces = pieces
+
+    def read(self, pos: int, n: int) -> bytes:
+        for start, data in self.pieces.items():
+            if start <= pos and pos + n <= start + len(data):
+                return data[pos - start:pos - start + n]
+        raise IndexError(f"bytes {pos}..{pos + n} were not fetched")
+
+
+def _fetch(fs, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes of each ``(path, start, end)``, fetched concurrently."""
+    if not ranges:
+        return []
+    datas = fs.cat_ranges([p for p, _, _ in ranges], [s for _, s, _ in ranges],
+                          [e for _, _, e in ranges])
+    for data in datas:
+        if isinstance(data, Exception):
+            raise data
+    return datas
 
 
 def _batches(items: list, size: Callable[[object], int]) -> Iterator[list]:

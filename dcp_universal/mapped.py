@@ -45,8 +45,8 @@ from torch.futures import Future
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
 
-__all__ = ["Copies", "MappedFiles", "MappedReader", "Stored", "pair", "parse_record",
-           "read_whole", "take_read", "torch_save_tensor"]
+__all__ = ["Copies", "Layout", "MappedFiles", "MappedReader", "Stored", "pair", "parse_record",
+           "read_whole", "take_read", "torch_save_layout", "torch_save_tensor"]
 
 
 class Copies:
@@ -179,27 +179,33 @@ _END = struct.Struct("<IHHHHIIH")
 _WANTED = (b"data.pkl", b"byteorder")
 
 
-def _zip_records(mm, start: int, end: int) -> dict[str, tuple[int, int]] | None:
+def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | None:
     """``{record name: (data start, size)}`` of ``data.pkl``, ``byteorder`` and the
-    ``data/*`` records of the zip archive in ``mm[start:end]``, from its central
+    ``data/*`` records of the zip archive at ``[start, end)``, from its central
     directory (``torch.save`` streams its records, so their local headers carry no
-    sizes); ``None`` unless it is a plain archive of uncompressed records."""
+    sizes); ``None`` unless it is a plain archive of uncompressed records.
+
+    ``read(pos, n)``: the ``n`` bytes at ``pos`` (it raises ``IndexError`` for bytes it
+    does not have; a short answer fails to unpack)."""
     eocd = end - 22
     if eocd < start:
         return None
-    sig, _, _, _, count, _, cd, _ = _END.unpack_from(mm, eocd)
+    sig, _, _, _, count, _, cd, _ = _END.unpack(read(eocd, 22))
     if sig != 0x06054B50:
         return None  # torch.save writes no archive comment: the end record is last
     if count == _U16 or cd == _U32:  # zip64: the zip64 end record holds them
-        if eocd - 20 < start or struct.unpack_from("<I", mm, eocd - 20)[0] != 0x07064B50:
+        if eocd - 20 < start:
             return None
-        z64 = start + struct.unpack_from("<IIQI", mm, eocd - 20)[2]
-        if z64 + 56 > end or struct.unpack_from("<I", mm, z64)[0] != 0x06064B50:
+        sig64, _, z64, _ = struct.unpack("<IIQI", read(eocd - 20, 20))
+        if sig64 != 0x07064B50 or start + z64 + 56 > end:
             return None
-        count, _, cd = struct.unpack_from("<QQQ", mm, z64 + 32)
+        z64 += start
+        if struct.unpack("<I", read(z64, 4))[0] != 0x06064B50:
+            return None
+        count, _, cd = struct.unpack("<QQQ", read(z64 + 32, 24))
     if start + cd > eocd:
         return None
-    central = mm[start + cd:eocd]  # a few hundred bytes
+    central = read(start + cd, eocd - start - cd)  # a few hundred bytes
     records, pos = {}, 0
     for _ in range(count):
         if pos + 46 > len(central):
@@ -218,7 +224,7 @@ def _zip_records(mm, start: int, end: int) -> dict[str, tuple[int, int]] | None:
             head = start + local
             if method != 0 or csize != usize or head + 30 > end:
                 return None
-            data = head + 30 + sum(struct.unpack_from("<HH", mm, head + 26))
+            data = head + 30 + sum(struct.unpack("<HH", read(head + 26, 4)))
             if data + csize > end:
                 return None
             records[sub.decode("utf-8", "replace")] = (data, csize)
@@ -278,18 +284,68 @@ def _layout(pickled: bytes):
         return None
 
 
-def torch_save_tensor(mm, whole: torch.Tensor, start: int, length: int) -> Stored | None:
-    """The tensor ``torch.save`` wrote at ``mm[start:start + length]``, as a view of the
-    map; ``None`` when the record is anything else (read it with ``torch.load``)."""
-    records = _zip_records(mm, start, start + length)
-    if not records or "data.pkl" not in records:
-        return None
-    if "byteorder" in records:
-        b0, bn = records["byteorder"]
-        if bytes(mm[b0:b0 + bn]) != b"little" or struct.pack("=H", 1) != struct.pack("<H", 1):
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a ``torch.save``'d tensor's storage bytes lie, and its layout over them.
+
+    Attributes:
+        data, nbytes: the storage bytes' position (in the buffer the record was found
+            in) and length.
+        dtype, size, stride, offset: as in :class:`Stored`.
+    """
+
+    data: int
+    nbytes: int
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def stored(self, whole: torch.Tensor) -> Stored:
+        """The tensor, viewing ``whole`` (``uint8``, the buffer's bytes)."""
+        return Stored(whole[self.data:self.data + self.nbytes], self.dtype, self.size,
+                      self.stride, self.offset)
+
+    def span(self, offsets, lengths) -> tuple[int, int]:
+        """``(start, nbytes)``: the smallest byte range of the buffer holding the block at
+        ``offsets`` of ``lengths`` (exactly the block when it is contiguous); read it and
+        :meth:`block` views the block."""
+        offsets = [int(o) for o in offsets]
+        lengths = [int(n) for n in lengths]
+        if len(lengths) == len(self.size) and math.prod(lengths) == 0:
+            return self.data, 0
+        if len(offsets) != len(self.size) or any(
+                o < 0 or o + n > full for o, n, full in zip(offsets, lengths, self.size)):
+            raise CheckpointError(f"a block at {offsets} of {lengths} lies outside its saved "
+                                  f"chunk of shape {list(self.size)}: the checkpoint's "
+                                  "metadata is damaged -> load another checkpoint")
+        first = self.offset + sum(o * st for o, st in zip(offsets, self.stride))
+        last = first + sum((n - 1) * st for n, st in zip(lengths, self.stride))
+        item = self.dtype.itemsize
+        return self.data + first * item, (last - first + 1) * item
+
+    def block(self, raw: torch.Tensor, lengths) -> Stored:
+        """The block of ``lengths`` whose :meth:`span` is ``raw``; read it at offsets 0."""
+        return Stored(raw, self.dtype, tuple(int(n) for n in lengths), self.stride)
+
+
+def torch_save_layout(read, start: int, length: int) -> Layout | None:
+    """The :class:`Layout` of the tensor ``torch.save`` wrote at ``[start, start +
+    length)``, through ``read(pos, n)`` (see :func:`_zip_records`); ``None`` when the
+    record is anything else (read it with ``torch.load``), or when ``read`` lacks a byte
+    it needs."""
+    try:
+        records = _zip_records(read, start, start + length)
+        if not records or "data.pkl" not in records:
             return None
-    p0, pn = records["data.pkl"]
-    layout = _layout(bytes(mm[p0:p0 + pn]))
+        if "byteorder" in records:
+            b0, bn = records["byteorder"]
+            if read(b0, bn) != b"little" or struct.pack("=H", 1) != struct.pack("<H", 1):
+                return None
+        p0, pn = records["data.pkl"]
+        layout = _layout(bytes(read(p0, pn)))
+    except (IndexError, struct.error):
+        return None
     if layout is None:
         return None
     (type_name, key, numel), offset, size, stride = layout
@@ -301,7 +357,14 @@ def torch_save_tensor(mm, whole: torch.Tensor, start: int, length: int) -> Store
         return None
     if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
         return None
-    return Stored(whole[d0:d0 + dn], dtype, size, stride, offset)
+    return Layout(d0, dn, dtype, size, stride, offset)
+
+
+def torch_save_tensor(mm, whole: torch.Tensor, start: int, length: int) -> Stored | None:
+    """The tensor ``torch.save`` wrote at ``mm[start:start + length]``, as a view of the
+    map; ``None`` when the record is anything else (read it with ``torch.load``)."""
+    layout = torch_save_layout(lambda pos, n: mm[pos:pos + n], start, length)
+    return None if layout is None else layout.stored(whole)
 
 
 def _record(files: MappedFiles, path: str, info, key: str, untransform=None):
@@ -349,17 +412,20 @@ def pair(record, dst: torch.Tensor, offsets, lengths) -> tuple[torch.Tensor, tor
     return dst, record[tuple(slice(int(o), int(o) + int(n)) for o, n in zip(offsets, lengths))]
 
 
-def take_read(planner: LoadPlanner, req, record, copies: Copies) -> None:
+def take_read(planner: LoadPlanner, req, record, copies: Copies, offsets=None) -> None:
     """DCP's per-item read, from a located ``record`` (:func:`parse_record`): the
     destination block resolved and checked, its copy made now or left waiting in
-    ``copies``. A planner whose ``commit_tensor`` does something gets the data at once."""
+    ``copies``. A planner whose ``commit_tensor`` does something gets the data at once.
+    ``offsets``: the block's in ``record`` when that is not the saved chunk (the
+    request's ``storage_offsets``)."""
     dst = planner.resolve_tensor(req).detach()
     if list(dst.shape) != [int(n) for n in req.lengths]:
         raise CheckpointError(f"{req.storage_index.fqn!r}: the destination has shape "
                               f"{list(dst.shape)}, the read {list(req.lengths)}")
     if type(planner).commit_tensor is not DefaultLoadPlanner.commit_tensor:
         copies = Copies()
-    copies.take(req.dest_index.fqn, *pair(record, dst, req.storage_offsets, req.lengths))
+    at = req.storage_offsets if offsets is None else offsets
+    copies.take(req.dest_index.fqn, *pair(record, dst, at, req.lengths))
     planner.commit_tensor(req, dst)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import harness
 import tiny
-from dcp_universal import CheckpointManager, apply_lora, load_model
+from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
 from s3server import fresh_prefix
 from train_loop import Data, build, moments, train
 
@@ -71,9 +71,10 @@ def test_s3_round_trip_reshards_prunes_and_serves_model_only_loads(s3):
 
 class _Counting:
     """Bytes fetched from S3, by object: every ranged read and whole-object read that
-    s3fs makes (patched in this process only)."""
+    s3fs makes (patched in this process only, through ``setattr``: pytest's
+    ``monkeypatch.setattr``, or the builtin in a spawned rank)."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, setattr=setattr) -> None:
         import s3fs
 
         self.fetched: dict[str, int] = {}
@@ -89,8 +90,8 @@ class _Counting:
             self._add(path, len(out))
             return out
 
-        monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted_range)
-        monkeypatch.setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
+        setattr(s3fs.core.S3File, "_fetch_range", counted_range)
+        setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
 
     def _add(self, path: str, n: int) -> None:
         key = path.split("://", 1)[-1]
@@ -121,7 +122,7 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
     for step in (merged_step, lora_step):
         plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
         model_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
-        counter = _Counting(monkeypatch)
+        counter = _Counting(monkeypatch.setattr)
         load_model(plain, step, storage_options=options)
         with torch.no_grad():  # merged weights: fp32 rounding through 8 layers
             torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=1e-4)
@@ -129,3 +130,46 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
         assert counter.total() <= 1.05 * model_bytes, (step, counter.total() / model_bytes,
                                                        counter.fetched)
         monkeypatch.undo()
+
+
+def _fsdp_layers(world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])  # 8 MiB
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _save_layers(rank, world_size, url, options):
+    model = _fsdp_layers(world_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(rank + 1.0)  # not the values a fresh build has
+    save_model(model, url, storage_options=options)
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+def _load_layers(rank, world_size, url, options):
+    model = _fsdp_layers(world_size)
+    counter = _Counting()
+    load_model(model, url, storage_options=options)
+    share = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    fetched = sum(n for key, n in counter.fetched.items() if key.endswith(".distcp"))
+    return fetched, share, {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+def test_resharding_load_from_s3_fetches_about_each_ranks_share(s3):
+    """Saved by 2 ranks, loaded by 3: every new shard overlaps part of a saved one, and
+    each rank fetches about its share (whole saved chunks were 1.5x to 3x of it)."""
+    url, options = s3
+    url = fresh_prefix(url)
+    saved = harness.run(_save_layers, 2, url, options)[0]
+    for rank, (fetched, share, loaded) in enumerate(harness.run(_load_layers, 3, url, options)):
+        assert loaded.keys() == saved.keys()
+        for key in saved:
+            assert torch.equal(loaded[key], saved[key]), (rank, key)
+        assert share <= fetched <= 1.1 * share, (rank, fetched / share)
