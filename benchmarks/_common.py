@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["MiB", "Block", "Model", "model_shape", "PeakRSS", "timed", "init_gloo",
-           "exit_rank", "torch_save_fsynced", "tree_bytes"]
+__all__ = ["MiB", "Block", "Model", "model_shape", "merge_lora", "PeakRSS", "timed",
+           "init_gloo", "exit_rank", "torch_save_fsynced", "tree_bytes"]
 
 MiB = 2**20
 
@@ -58,6 +58,36 @@ def model_shape(size_mb: float, hidden: int) -> tuple[int, int]:
     layer_bytes = 4 * (hidden * hidden + hidden)
     n_layers = max(1, math.ceil((target - 4 * vocab * hidden) / layer_bytes))
     return vocab, n_layers
+
+
+# ---- the seeds' LoRA merge --------------------------------------------------------
+
+_LORA_KEYS = (".lora_A", ".lora_B")
+_BASE_INFIX = ".base_layer."
+
+
+@torch.no_grad()
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A full LoRA state dict as the plain model's: ``W + scale * B @ A`` under ``.weight``.
+
+    Raises:
+        KeyError: a ``base_layer`` weight whose ``lora_A`` / ``lora_B`` are missing.
+    """
+    merged = {}
+    for key, value in state.items():
+        if key.endswith(_LORA_KEYS):
+            continue
+        if _BASE_INFIX in key:
+            module, _, leaf = key.rpartition(_BASE_INFIX)
+            if leaf == "weight":
+                missing = [k for k in (f"{module}.lora_A", f"{module}.lora_B") if k not in state]
+                if missing:
+                    raise KeyError(f"{key!r}: no {missing} in the state dict to merge with")
+                value = value + scale * (state[f"{module}.lora_B"] @ state[f"{module}.lora_A"])
+            key = f"{module}.{leaf}"
+        merged[key] = value
+    return merged
+
 
 
 # ---- measuring -----------------------------------------------------------------------

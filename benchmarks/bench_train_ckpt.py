@@ -83,7 +83,8 @@ from torch.distributed.fsdp import fully_shard
 from dcp_universal import CheckpointManager
 from dcp_universal.lora import apply_lora
 
-from _common import MiB, Model, exit_rank, init_gloo, model_shape, timed, torch_save_fsynced, tree_bytes
+from _common import (MiB, Model, exit_rank, init_gloo, merge_lora, model_shape, timed,
+                     torch_save_fsynced, tree_bytes)
 
 WORLD = 2
 TARGET = "proj"  # every Linear block is adapted
@@ -198,35 +199,6 @@ def _train(job: _Job, cfg: Config, vocab: int, n: int, *, first_step: int | None
 @torch.no_grad()
 def _eval(job: _Job, cfg: Config, vocab: int) -> torch.Tensor:
     return job.model(_batch(cfg, vocab, 0)[0])
-
-
-# ---- the seeds' merge ----------------------------------------------------------------
-
-_LORA_KEYS = (".lora_A", ".lora_B")
-_BASE_INFIX = ".base_layer."
-
-
-@torch.no_grad()
-def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """A full LoRA state dict as the plain model's: ``W + scale * B @ A`` under ``.weight``.
-
-    Raises:
-        KeyError: a ``base_layer`` weight whose ``lora_A`` / ``lora_B`` are missing.
-    """
-    merged = {}
-    for key, value in state.items():
-        if key.endswith(_LORA_KEYS):
-            continue
-        if _BASE_INFIX in key:
-            module, _, leaf = key.rpartition(_BASE_INFIX)
-            if leaf == "weight":
-                missing = [k for k in (f"{module}.lora_A", f"{module}.lora_B") if k not in state]
-                if missing:
-                    raise KeyError(f"{key!r}: no {missing} in the state dict to merge with")
-                value = value + scale * (state[f"{module}.lora_B"] @ state[f"{module}.lora_A"])
-            key = f"{module}.{leaf}"
-        merged[key] = value
-    return merged
 
 
 # ---- the saves and resumes -----------------------------------------------------------
