@@ -25,7 +25,7 @@ from torch.futures import Future
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
-from dcp_universal.errors import CheckpointIOError
+from dcp_universal.errors import CheckpointIOError, IntegrityError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
 from dcp_universal.mapped import (Copies, MappedReader, parse_record, read_whole, take_read,
@@ -92,6 +92,8 @@ class _LocalWriter(_OwnFiles, FileSystemWriter):
 RANGED_BATCH_BYTES = 64 << 20
 # A record's head and tail fetched to find its layout, when a load needs part of it only.
 PROBE_BYTES = 4 << 10
+# Coalesced ranges are fetched in parts of at most this many bytes, concurrently.
+PART_BYTES = 8 << 20
 # A part of a record is fetched alone when that skips at least this many of its bytes;
 # otherwise the record is fetched whole (one request instead of three).
 PART_MIN_SKIP = 64 << 10
@@ -135,11 +137,12 @@ def _remote_classes():
             jobs = [(req, None) for req in whole]
             for key, reqs in parts.items():
                 jobs += [(req, layouts[key]) for req in reqs]
-            ranges = [self._range(req, layout) for req, layout in jobs]
-            for batch in _batches(list(zip(jobs, ranges)), lambda j: j[1][2] - j[1][1]):
-                datas = _fetch(fs, [r for _, r in batch])
-                for ((req, layout), (path, _, _)), data in zip(batch, datas):
-                    self._take(planner, req, layout, data, path)
+            ranged = sorted(zip((self._range(req, layout) for req, layout in jobs), jobs),
+                            key=lambda j: j[0])  # by file and offset: neighbours coalesce
+            for batch in _batches(ranged, lambda j: j[0][2] - j[0][1]):
+                spans = _fetch_spans(fs, [r for r, _ in batch])
+                for ((path, start, end), (req, layout)), (buf, whole, at) in zip(batch, spans):
+                    self._take(planner, req, layout, buf, whole, at, end - start, path)
             fut: Future = Future()
             fut.set_result(None)
             return fut
@@ -167,11 +170,12 @@ def _remote_classes():
                 path, end = self._path(info), info.offset + info.length
                 ranges += [(path, info.offset, info.offset + PROBE_BYTES),
                            (path, end - PROBE_BYTES, end)]
-            datas = iter(_fetch(fs, ranges))
-            layouts = {}
+            fetched = iter(_fetch_spans(fs, ranges))  # one record's tail and the next's
+            layouts = {}                               # head coalesce
             for key, info in records.items():
-                head, tail = next(datas), next(datas)
-                read = _Pieces({0: head, info.length - len(tail): tail}).read
+                (hb, _, h), (tb, _, t) = next(fetched), next(fetched)
+                read = _Pieces({0: memoryview(hb)[h:h + PROBE_BYTES],
+                                info.length - PROBE_BYTES: memoryview(tb)[t:t + PROBE_BYTES]}).read
                 layouts[key] = torch_save_layout(read, 0, info.length)
             return layouts
 
@@ -182,20 +186,20 @@ def _remote_classes():
             start, n = layout.span(req.storage_offsets, req.lengths)
             return self._path(info), info.offset + start, info.offset + start + n
 
-        def _take(self, planner, req, layout, data: bytes, path: str) -> None:
+        def _take(self, planner, req, layout, buf, whole: torch.Tensor, at: int, n: int,
+                  path: str) -> None:
+            """Read ``req`` from the ``n`` bytes at ``at`` of a fetched span (``buf``,
+            and ``whole`` viewing it as ``uint8``): its whole record, or (``layout``)
+            the block alone."""
             if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(data))
+                planner.load_bytes(req, io.BytesIO(buf[at:at + n]))
                 return
-            with warnings.catch_warnings():  # read-only bytes: nothing writes to them
-                warnings.simplefilter("ignore", UserWarning)
-                whole = (torch.frombuffer(data, dtype=torch.uint8) if data
-                         else torch.empty(0, dtype=torch.uint8))
-            if layout is not None:  # the block alone
-                record = layout.block(whole, req.lengths)
+            if layout is not None:
+                record = layout.block(whole[at:at + n], req.lengths)
                 take_read(planner, req, record, Copies(), offsets=(0,) * len(req.lengths))
                 return
             info = self.storage_data[req.storage_index]
-            record = parse_record(data, whole, info, 0, path, req.storage_index.fqn,
+            record = parse_record(buf, whole, info, at, path, req.storage_index.fqn,
                                   functools.partial(_torch_compat.untransformed, self, req, info))
             take_read(planner, req, record, Copies())  # remote: copied at once, never waits
 
@@ -206,14 +210,57 @@ class _Pieces:
     """Fetched byte ranges of a record: ``read(pos, n)`` answers from the one holding
     ``[pos, pos + n)``, or raises ``IndexError``."""
 
-    def __init__(self, pieces: dict[int, bytes]) -> None:
+    def __init__(self, pieces: dict[int, bytes | memoryview]) -> None:
         self.pieces = pieces
 
-    def read(self, pos: int, n: int) -> bytes:
+    def read(self, pos: int, n: int) -> bytes | memoryview:
         for start, data in self.pieces.items():
             if start <= pos and pos + n <= start + len(data):
                 return data[pos - start:pos - start + n]
         raise IndexError(f"bytes {pos}..{pos + n} were not fetched")
+
+
+def _fetch_spans(fs, ranges: list[tuple[str, int, int]]) -> list[tuple]:
+    """The bytes of each ``(path, start, end)``, as ``(buf, whole, at)``: they lie at
+    ``at`` in ``buf``, a fetched span, which ``whole`` views as ``uint8`` (its storage
+    starts at the span's first byte, so a tensor's storage offset in it tells its
+    alignment).
+
+    Ranges of a file that touch or overlap are coalesced into one span, and each span is
+    fetched in parts of at most ``PART_BYTES``, all concurrently. So a file read whole
+    costs a request per part, not per record, and a large record is fetched by several
+    requests at once.
+
+    Raises:
+        IntegrityError: an object holds fewer bytes than a range asks for.
+    """
+    spans: list[list] = []  # [path, start, end, [indices of ranges]]
+    for i in sorted(range(len(ranges)), key=lambda i: ranges[i]):
+        path, start, end = ranges[i]
+        if spans and spans[-1][0] == path and start <= spans[-1][2]:
+            spans[-1][2] = max(spans[-1][2], end)
+            spans[-1][3].append(i)
+        else:
+            spans.append([path, start, end, [i]])
+    parts = [(path, a, min(a + PART_BYTES, end))
+             for path, start, end, _ in spans for a in range(start, end, PART_BYTES)]
+    fetched = iter(_fetch(fs, parts))
+    out: list = [None] * len(ranges)
+    for path, start, end, members in spans:
+        pieces = [next(fetched) for _ in range(start, end, PART_BYTES)]
+        data = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+        if len(data) != end - start:
+            raise IntegrityError(
+                f"{path}: bytes {start}..{end} were asked for, {len(data)} came back: the "
+                "object is shorter than the checkpoint's metadata says (truncated) -> "
+                "restore it, or load another checkpoint")
+        with warnings.catch_warnings():  # read-only bytes: nothing writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            whole = (torch.frombuffer(data, dtype=torch.uint8) if data
+                     else torch.empty(0, dtype=torch.uint8))
+        for i in members:
+            out[i] = (data, whole, ranges[i][1] - start)
+    return out
 
 
 def _fetch(fs, ranges: list[tuple[str, int, int]]) -> list[bytes]:

@@ -205,7 +205,7 @@ def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | Non
         count, _, cd = struct.unpack("<QQQ", read(z64 + 32, 24))
     if start + cd > eocd:
         return None
-    central = read(start + cd, eocd - start - cd)  # a few hundred bytes
+    central = bytes(read(start + cd, eocd - start - cd))  # a few hundred bytes
     records, pos = {}, 0
     for _ in range(count):
         if pos + 46 > len(central):

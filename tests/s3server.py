@@ -36,3 +36,48 @@ def moto_s3(bucket: str = "ckpt"):
 
 def fresh_prefix(root: str) -> str:
     return f"{root}/{uuid.uuid4().hex[:8]}"
+
+
+class Counting:
+    """Bytes and requests fetched from S3, by object: every ranged read and whole-object
+    read that s3fs makes, patched in this process only through ``setattr`` (pytest's
+    ``monkeypatch.setattr`` in a test, the builtin in a spawned rank or a benchmark)."""
+
+    def __init__(self, setattr=setattr) -> None:
+        import s3fs
+
+        self.fetched: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
+
+        def counted_range(f, start, end):
+            out = fetch_range(f, start, end)
+            self._add(f.path, len(out))
+            return out
+
+        async def counted_cat(fs, path, version_id=None, start=None, end=None):
+            out = await cat_file(fs, path, version_id=version_id, start=start, end=end)
+            self._add(path, len(out))
+            return out
+
+        setattr(s3fs.core.S3File, "_fetch_range", counted_range)
+        setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
+
+    def _add(self, path: str, n: int) -> None:
+        key = path.split("://", 1)[-1]
+        self.fetched[key] = self.fetched.get(key, 0) + n
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def total(self) -> int:
+        return sum(self.fetched.values())
+
+    def data(self) -> int:
+        """Bytes of DCP data files (``.distcp``), leaving metadata and manifests out."""
+        return sum(n for key, n in self.fetched.items() if key.endswith(".distcp"))
+
+    def data_requests(self) -> int:
+        return sum(n for key, n in self.requests.items() if key.endswith(".distcp"))
+
+    def reset(self) -> None:
+        self.fetched.clear()
+        self.requests.clear()

@@ -8,7 +8,7 @@ import torch
 import harness
 import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
-from s3server import fresh_prefix
+from s3server import Counting, fresh_prefix
 from train_loop import Data, build, moments, train
 
 
@@ -69,38 +69,6 @@ def test_s3_round_trip_reshards_prunes_and_serves_model_only_loads(s3):
                 torch.testing.assert_close(model(tiny.fixed_input()), y_saved, atol=1e-5, rtol=0)
 
 
-class _Counting:
-    """Bytes fetched from S3, by object: every ranged read and whole-object read that
-    s3fs makes (patched in this process only, through ``setattr``: pytest's
-    ``monkeypatch.setattr``, or the builtin in a spawned rank)."""
-
-    def __init__(self, setattr=setattr) -> None:
-        import s3fs
-
-        self.fetched: dict[str, int] = {}
-        fetch_range, cat_file = s3fs.core.S3File._fetch_range, s3fs.core.S3FileSystem._cat_file
-
-        def counted_range(f, start, end):
-            out = fetch_range(f, start, end)
-            self._add(f.path, len(out))
-            return out
-
-        async def counted_cat(fs, path, version_id=None, start=None, end=None):
-            out = await cat_file(fs, path, version_id=version_id, start=start, end=end)
-            self._add(path, len(out))
-            return out
-
-        setattr(s3fs.core.S3File, "_fetch_range", counted_range)
-        setattr(s3fs.core.S3FileSystem, "_cat_file", counted_cat)
-
-    def _add(self, path: str, n: int) -> None:
-        key = path.split("://", 1)[-1]
-        self.fetched[key] = self.fetched.get(key, 0) + n
-
-    def total(self) -> int:
-        return sum(self.fetched.values())
-
-
 def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
     """An inference node loads the model alone from a LoRA step holding optimizer state
     too: it fetches at most 1.05x the model's bytes and no optimizer object (DCP's own
@@ -122,7 +90,7 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
     for step in (merged_step, lora_step):
         plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
         model_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
-        counter = _Counting(monkeypatch.setattr)
+        counter = Counting(monkeypatch.setattr)
         load_model(plain, step, storage_options=options)
         with torch.no_grad():  # merged weights: fp32 rounding through 8 layers
             torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=1e-4)
@@ -155,11 +123,10 @@ def _save_layers(rank, world_size, url, options):
 
 def _load_layers(rank, world_size, url, options):
     model = _fsdp_layers(world_size)
-    counter = _Counting()
+    counter = Counting()
     load_model(model, url, storage_options=options)
     share = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    fetched = sum(n for key, n in counter.fetched.items() if key.endswith(".distcp"))
-    return fetched, share, {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return counter.data(), share, {k: v.full_tensor() for k, v in model.state_dict().items()}
 
 
 def test_resharding_load_from_s3_fetches_about_each_ranks_share(s3):

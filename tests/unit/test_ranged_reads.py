@@ -111,3 +111,64 @@ def test_resharding_reads_fetch_the_needed_rows_and_a_probe_only():
         assert fetched >= small.numel() * 4  # the whole record: a probe would not pay
     finally:
         fsspec.filesystem("memory").rm("/ranged", recursive=True)
+
+
+class _CountingRanges:
+    """Every range the in-memory filesystem's ``cat_ranges`` is asked for (patched)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.ranges: list[tuple[str, int, int]] = []
+        cls = type(fsspec.filesystem("memory"))
+        original = cls.cat_ranges
+
+        def counted(fs, paths, starts, ends, **kw):
+            self.ranges += list(zip(paths, starts, ends))
+            return original(fs, paths, starts, ends, **kw)
+
+        monkeypatch.setattr(cls, "cat_ranges", counted)
+
+
+def test_a_file_read_whole_costs_a_request_per_part_not_per_record(monkeypatch):
+    torch.manual_seed(0)
+    state = {f"w{i}": torch.randn(64, 64) for i in range(20)}  # 20 records of 16 KiB
+    path = "memory://parts/ckpt"
+    dcp_io.save_state(Storage(), state, path)
+    try:
+        monkeypatch.setattr(dcp_io, "PART_BYTES", 100_000)
+        counting = _CountingRanges(monkeypatch)
+        got = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp_io.load_state(Storage(), got, path)
+        for k in state:
+            assert torch.equal(got[k], state[k]), k
+        data = [r for r in counting.ranges if r[0].endswith(".distcp")]
+        size = fsspec.filesystem("memory").size(data[0][0])
+        # the records are adjacent: one span, cut in 100 kB parts that tile it
+        assert len({p for p, _, _ in data}) == 1
+        assert len(data) == -(-sum(e - s for _, s, e in data) // 100_000) <= -(-size // 100_000)
+        assert all(e - s <= 100_000 for _, s, e in data)
+        starts = sorted(s for _, s, _ in data)
+        assert starts == [starts[0] + i * 100_000 for i in range(len(starts))]
+    finally:
+        fsspec.filesystem("memory").rm("/parts", recursive=True)
+
+
+def test_a_truncated_remote_object_fails_the_load_and_leaves_the_model_untouched():
+    from dcp_universal import CheckpointError, load_model, save_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    path = "memory://truncated/ckpt"
+    save_model(model, path)
+    try:
+        fs = fsspec.filesystem("memory")
+        data = [p for p in fs.find("/truncated") if p.endswith(".distcp")]
+        for p in data:
+            fs.pipe(p, fs.cat(p)[:-100])
+        target = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(CheckpointError, match="shorter|truncated|damaged"):
+            load_model(target, path)
+        for k, v in target.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    finally:
+        fsspec.filesystem("memory").rm("/truncated", recursive=True)
