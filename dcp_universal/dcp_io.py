@@ -110,12 +110,15 @@ def _remote_classes():
         """DCP's fsspec reader, fetching with ranged reads (batched, concurrent through
         ``cat_ranges``) exactly the bytes a load needs.
 
-        A record needed whole is one read of exactly its bytes. DCP's own reader reads
-        through a buffered file whose read-ahead fetched 2.8x the model's bytes from S3
-        for one process's model-only load. A record a resharding load needs part of
-        (a rank's new shard overlaps part of a saved one) costs a probe of its head and
-        tail (the zip's local headers, ``data.pkl`` and central directory), then one
-        read of the rows it needs; a record that is not a plain tensor is read whole.
+        A record needed whole is read whole; neighbouring ranges coalesce
+        (:func:`_fetch_spans`). DCP's own reader reads through a buffered file whose
+        read-ahead fetched 1.8-2.8x the model's bytes from S3 for one process's
+        model-only load. A record a resharding load needs part of (a rank's new shard
+        overlaps part of a saved one) costs a probe of its head and tail (the zip's
+        local headers, ``data.pkl`` and central directory), fetched in a first round
+        with the records needed whole (so probes and small records in between coalesce),
+        then a read of the rows it needs; a record that is not a plain tensor is read
+        whole.
         """
 
         def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool,
@@ -132,20 +135,42 @@ def _remote_classes():
                     parts.setdefault((info.relative_path, info.offset), []).append(req)
                 else:
                     whole.append(req)
-            layouts = self._probe(fs, {key: self.storage_data[reqs[0].storage_index]
-                                       for key, reqs in parts.items()})
-            jobs = [(req, None) for req in whole]
+            # Round 1: the records needed whole, and the probes of the others, together:
+            # in a file of records packed back to back, a probed record's tail, the small
+            # records after it and the next one's head coalesce into one request.
+            probes = {key: self.storage_data[reqs[0].storage_index] for key, reqs in parts.items()}
+            pieces: dict = {key: {} for key in probes}
+            jobs = [(self._range(req, None), (req, None)) for req in whole]  # (req, layout)
+            for key, info in probes.items():
+                path, end = self._path(info), info.offset + info.length
+                jobs += [((path, info.offset, info.offset + PROBE_BYTES), (_PROBE, (key, 0))),
+                         ((path, end - PROBE_BYTES, end),
+                          (_PROBE, (key, info.length - PROBE_BYTES)))]
+            self._fetch_and_take(fs, planner, jobs, pieces)
+            # Round 2: the blocks of the probed records (whole records if not plain tensors)
+            jobs = []
             for key, reqs in parts.items():
-                jobs += [(req, layouts[key]) for req in reqs]
-            ranged = sorted(zip((self._range(req, layout) for req, layout in jobs), jobs),
-                            key=lambda j: j[0])  # by file and offset: neighbours coalesce
-            for batch in _batches(ranged, lambda j: j[0][2] - j[0][1]):
-                spans = _fetch_spans(fs, [r for r, _ in batch])
-                for ((path, start, end), (req, layout)), (buf, whole, at) in zip(batch, spans):
-                    self._take(planner, req, layout, buf, whole, at, end - start, path)
+                layout = torch_save_layout(_Pieces(pieces[key]).read, 0, probes[key].length)
+                jobs += [(self._range(req, layout), (req, layout)) for req in reqs]
+            self._fetch_and_take(fs, planner, jobs, pieces)
             fut: Future = Future()
             fut.set_result(None)
             return fut
+
+        def _fetch_and_take(self, fs, planner, jobs: list, pieces: dict) -> None:
+            """Fetch every job's ``(path, start, end)`` (sorted by file and offset, so
+            neighbours coalesce; in batches of ``RANGED_BATCH_BYTES``) and read it: a
+            ``(req, layout)`` job into its destination, a ``(_PROBE, (key, position in
+            the record))`` job into ``pieces[key]``."""
+            jobs = sorted(jobs, key=lambda j: j[0])
+            for batch in _batches(jobs, lambda j: j[0][2] - j[0][1]):
+                spans = _fetch_spans(fs, [r for r, _ in batch])
+                for ((path, start, end), (what, how)), (buf, whole, at) in zip(batch, spans):
+                    if what is _PROBE:  # a small copy, not a view holding the span
+                        key, pos = how
+                        pieces[key][pos] = bytes(memoryview(buf)[at:at + end - start])
+                    else:
+                        self._take(planner, what, how, buf, whole, at, end - start, path)
 
         def _path(self, info) -> str:
             return str(self.fs.concat_path(self.path, info.relative_path))
@@ -160,24 +185,6 @@ def _remote_classes():
             for n in req.lengths:
                 needed *= int(n)
             return info.length - needed - 2 * PROBE_BYTES
-
-        def _probe(self, fs, records: dict) -> dict:
-            """``{key: Layout or None}`` of the ``records`` (``{key: _StorageInfo}``), from
-            their heads and tails (``None``: not a plain tensor record, or its layout lies
-            outside them). Only records of over ``PART_MIN_SKIP`` bytes come here."""
-            ranges = []
-            for info in records.values():
-                path, end = self._path(info), info.offset + info.length
-                ranges += [(path, info.offset, info.offset + PROBE_BYTES),
-                           (path, end - PROBE_BYTES, end)]
-            fetched = iter(_fetch_spans(fs, ranges))  # one record's tail and the next's
-            layouts = {}                               # head coalesce
-            for key, info in records.items():
-                (hb, _, h), (tb, _, t) = next(fetched), next(fetched)
-                read = _Pieces({0: memoryview(hb)[h:h + PROBE_BYTES],
-                                info.length - PROBE_BYTES: memoryview(tb)[t:t + PROBE_BYTES]}).read
-                layouts[key] = torch_save_layout(read, 0, info.length)
-            return layouts
 
         def _range(self, req, layout) -> tuple[str, int, int]:
             info = self.storage_data[req.storage_index]
@@ -204,6 +211,9 @@ def _remote_classes():
             take_read(planner, req, record, Copies())  # remote: copied at once, never waits
 
     return _RemoteWriter, _RangedReader
+
+
+_PROBE = object()  # marks a probe among the reader's fetch jobs
 
 
 class _Pieces:

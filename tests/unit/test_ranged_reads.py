@@ -172,3 +172,45 @@ def test_a_truncated_remote_object_fails_the_load_and_leaves_the_model_untouched
             assert torch.equal(v, before[k]), k
     finally:
         fsspec.filesystem("memory").rm("/truncated", recursive=True)
+
+
+def test_probes_coalesce_with_the_small_records_between_them(monkeypatch):
+    """A resharding read of layers (a big weight read in part, a small bias read whole,
+    back to back in the file): a weight's tail probe, the next bias and the next
+    weight's head are one request, so n layers cost n + 1 requests of probes and small
+    records, plus n of rows (16 before coalescing: 3 per weight, 1 per bias)."""
+    torch.manual_seed(0)
+    n = 4
+    state = {}
+    for i in range(n):
+        state[f"l{i}.b"] = torch.randn(256)
+        state[f"l{i}.w"] = torch.randn(512, 256)  # 512 KiB
+    path = "memory://coalesce/ckpt"
+    dcp_io.save_state(Storage(), state, path)
+    try:
+        reader = dcp_io._reader(Storage(), path)
+        md = reader.read_metadata()
+        order = sorted(md.storage_data.items(), key=lambda kv: kv[1].offset)
+        assert [k.fqn for k, _ in order] == list(state), "the records are not in key order"
+        assert all(a[1].offset + a[1].length == b[1].offset for a, b in zip(order, order[1:]))
+        reader.set_up_storage_reader(md, True)
+        want = {k: v[100:300] if k.endswith(".w") else v for k, v in state.items()}
+        got = {k: torch.zeros_like(v) for k, v in want.items()}
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner(got, md, True)
+        items = []
+        for key, v in want.items():
+            offsets = (100, 0) if key.endswith(".w") else (0,)
+            items.append(ReadItem(LoadItemType.TENSOR, MetadataIndex(key, (0,) * v.dim()),
+                                  (0,) * v.dim(), MetadataIndex(key, (0,) * v.dim(), 0),
+                                  offsets, tuple(v.shape)))
+        counting = _CountingRanges(monkeypatch)
+        reader.read_data(LoadPlan(items), planner).wait()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        assert len(counting.ranges) == 2 * n + 1, counting.ranges
+        fetched = sum(e - s for _, s, e in counting.ranges)
+        needed = sum(v.numel() * 4 for v in want.values())
+        assert fetched <= needed + 2 * n * dcp_io.PROBE_BYTES + n * 2048  # + the bias zips
+    finally:
+        fsspec.filesystem("memory").rm("/coalesce", recursive=True)
