@@ -10,6 +10,7 @@ import ctypes
 import gc
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["MiB", "Block", "Model", "model_shape", "merge_lora", "PeakRSS", "timed",
-           "init_gloo", "exit_rank", "torch_save_fsynced", "tree_bytes"]
+           "init_gloo", "remove_on_rank0", "exit_rank", "torch_save_fsynced", "tree_bytes"]
 
 MiB = 2**20
 
@@ -202,6 +203,16 @@ def init_gloo(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
+
+
+def remove_on_rank0(paths: list[str]) -> None:
+    """Rank 0 deletes ``paths`` (checkpoints between operations, untimed), between
+    barriers so no rank reads or writes them meanwhile."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for p in paths:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
 
 
 def exit_rank() -> None:

@@ -64,7 +64,8 @@ from torch.distributed.fsdp import fully_shard
 from dcp_universal import load_model, save_model
 from dcp_universal.lora import LoRALinear, apply_lora
 
-from _common import MiB, Model, exit_rank, init_gloo, model_shape, timed, torch_save_fsynced
+from _common import (MiB, Model, exit_rank, init_gloo, model_shape, remove_on_rank0, timed,
+                     torch_save_fsynced)
 
 LORA_RANK, LORA_ALPHA = 16, 32
 TARGET = "proj"  # every Linear block is adapted
@@ -212,15 +213,6 @@ def _run_round(ops: list[_Op], root: str, tag: str,
     return list(written.values())
 
 
-def _remove(paths: list[str]) -> None:
-    """Rank 0 deletes a round's checkpoints (untimed) so disk use stays at one round."""
-    dist.barrier()
-    if dist.get_rank() == 0:
-        for p in paths:
-            shutil.rmtree(p, ignore_errors=True)
-    dist.barrier()
-
-
 def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) -> None:
     init_gloo(rank, world, init_file)
     try:
@@ -237,7 +229,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         for r in range(-cfg["warmup"], cfg["repeats"]):
             round_seed[0] = r + 1 + cfg["warmup"]
             timed = record if r >= 0 else None
-            _remove(_run_round(_rotated(ops, r), root, f"r{r}", timed))
+            remove_on_rank0(_run_round(_rotated(ops, r), root, f"r{r}", timed))
 
         h = cfg["hidden"]
         param_bytes = 4 * (vocab * h + n_layers * (h * h + h))

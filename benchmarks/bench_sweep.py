@@ -68,8 +68,8 @@ from torch.distributed.fsdp import fully_shard
 
 from dcp_universal import load_model, save_model
 from dcp_universal.lora import LoRALinear, apply_lora
-from _common import (MiB, Model, exit_rank, init_gloo, merge_lora, model_shape, timed,
-                     torch_save_fsynced)
+from _common import (MiB, Model, exit_rank, init_gloo, merge_lora, model_shape,
+                     remove_on_rank0, timed, torch_save_fsynced)
 
 LORA_RANK, LORA_ALPHA = 16, 32
 OURS, DCP, TORCH = "dcp_universal", "plain DCP", "torch.save/load"
@@ -173,15 +173,6 @@ def _saved(cfg: dict, world: int, spec: Spec, system: str, op: str = "save") -> 
     return os.path.join(cfg["out"], f"world{world}", spec.tag, name)
 
 
-def _clear(paths: list[str]) -> None:
-    """Rank 0 removes ``paths`` (untimed), between barriers."""
-    dist.barrier()
-    if dist.get_rank() == 0:
-        for p in paths:
-            shutil.rmtree(p, ignore_errors=True)
-    dist.barrier()
-
-
 def _sweep_model(cfg: dict, world: int, spec: Spec, sources: list[int], record: dict,
                  warmup: bool) -> dict:
     """Every operation of this world on ``spec``, ``cfg["repeats"]`` times, after one
@@ -199,7 +190,7 @@ def _sweep_model(cfg: dict, world: int, spec: Spec, sources: list[int], record: 
             for op in ("save", "LoRA save"):
                 for system in order:
                     path = _saved(cfg, world, spec, system, op)
-                    _clear([path])
+                    remove_on_rank0([path])
                     result = timed(lambda: saves[op, system](path))
                     if r:
                         record.setdefault((spec.tag, op, system, world), []).append(result)
@@ -208,7 +199,7 @@ def _sweep_model(cfg: dict, world: int, spec: Spec, sources: list[int], record: 
                 result = timed(lambda: loads[system](path))
                 if r:
                     record.setdefault((spec.tag, "load", system, world), []).append(result)
-        _clear([_saved(cfg, world, spec, s, "LoRA save") for s in SYSTEMS])
+        remove_on_rank0([_saved(cfg, world, spec, s, "LoRA save") for s in SYSTEMS])
         del lora, saves
     loads = _loads(plain)
     for src in sources:
@@ -231,9 +222,9 @@ def _worker(rank: int, world: int, cfg: dict, sources: list[int], keep: bool,
         for i, spec in enumerate(Spec(**s) for s in cfg["specs"]):
             infos[spec.tag] = _sweep_model(cfg, world, spec, sources, record, warmup=i == 0)
             if not keep:  # no later world reads this one's checkpoints
-                _clear([_saved(cfg, world, spec, s) for s in SYSTEMS])
+                remove_on_rank0([_saved(cfg, world, spec, s) for s in SYSTEMS])
         for src in sources:  # read by this world alone
-            _clear([os.path.join(cfg["out"], f"world{src}")])
+            remove_on_rank0([os.path.join(cfg["out"], f"world{src}")])
         per_rank = [None] * world
         dist.all_gather_object(per_rank, {repr(k): v for k, v in record.items()})
         if rank == 0:
