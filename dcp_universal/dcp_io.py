@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -28,8 +27,8 @@ from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import CheckpointIOError, IntegrityError
 from dcp_universal.integrity import Checksummed
 from dcp_universal.manifest import FileRecord
-from dcp_universal.mapped import (Copies, MappedReader, parse_record, read_whole, take_read,
-                                  torch_save_layout)
+from dcp_universal.mapped import (Copies, MappedReader, byte_view, parse_record, read_whole,
+                                  take_read, torch_save_layout)
 from dcp_universal.storage import Storage, is_remote
 
 __all__ = ["save_state", "load_state", "read_metadata", "COMPUTED_FILE_BYTES"]
@@ -95,7 +94,7 @@ PROBE_BYTES = 4 << 10
 # Coalesced ranges are fetched in parts of at most this many bytes, concurrently.
 PART_BYTES = 8 << 20
 # A part of a record is fetched alone when that skips at least this many of its bytes;
-# otherwise the record is fetched whole (one request instead of three).
+# otherwise the record is fetched whole (no probe, no second round of requests).
 PART_MIN_SKIP = 64 << 10
 
 
@@ -264,10 +263,7 @@ def _fetch_spans(fs, ranges: list[tuple[str, int, int]]) -> list[tuple]:
                 f"{path}: bytes {start}..{end} were asked for, {len(data)} came back: the "
                 "object is shorter than the checkpoint's metadata says (truncated) -> "
                 "restore it, or load another checkpoint")
-        with warnings.catch_warnings():  # read-only bytes: nothing writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            whole = (torch.frombuffer(data, dtype=torch.uint8) if data
-                     else torch.empty(0, dtype=torch.uint8))
+        whole = byte_view(data)
         for i in members:
             out[i] = (data, whole, ranges[i][1] - start)
     return out

@@ -45,7 +45,7 @@ from torch.futures import Future
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
 
-__all__ = ["Copies", "Layout", "MappedFiles", "MappedReader", "Stored", "pair", "parse_record",
+__all__ = ["Copies", "Layout", "MappedFiles", "byte_view", "MappedReader", "Stored", "pair", "parse_record",
            "read_whole", "take_read", "torch_save_layout", "torch_save_tensor"]
 
 
@@ -76,6 +76,16 @@ class Copies:
             dst.copy_(src)
 
 
+def byte_view(buf) -> torch.Tensor:
+    """``buf`` (a map or fetched bytes, read-only) as a ``uint8`` tensor sharing its
+    memory; an empty ``buf`` gives an empty tensor."""
+    if not len(buf):
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only buffer: nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
 class MappedFiles:
     """Read-only maps of local files, one per path, each as a ``uint8`` tensor.
 
@@ -91,11 +101,7 @@ class MappedFiles:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            with warnings.catch_warnings():  # read-only buffer: nothing writes to it
-                warnings.simplefilter("ignore", UserWarning)
-                whole = (torch.frombuffer(mm, dtype=torch.uint8) if size
-                         else torch.empty(0, dtype=torch.uint8))
-            self._maps[path] = (mm, whole)
+            self._maps[path] = (mm, byte_view(mm))
         return self._maps[path]
 
     def clear(self) -> None:
