@@ -6,12 +6,15 @@ from dcp_universal.errors import (CheckpointError, CheckpointIOError, Checkpoint
                                   NotACheckpointError, PerRankStateError,
                                   StepAlreadyExistsError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
+# input formats register themselves on import, in the order they are asked
+from dcp_universal import legacy, step_source, dcp_source  # noqa: F401,E402
+from dcp_universal.peft_io import export_peft  # also the PEFT LoRA kind and adapter dirs
+from dcp_universal import safetensors_reader  # noqa: F401  (Hugging Face directories)
 from dcp_universal.hf import export_hf
+from dcp_universal.load import load_model
 from dcp_universal.manager import CheckpointManager, SaveHandle
-from dcp_universal.peft_io import export_peft
-from dcp_universal.model_io import load_model, save_model
 from dcp_universal.plan import LoadReport
-from dcp_universal import peft_lora  # noqa: E402,F401  (registers the PEFT LoRA kind)
+from dcp_universal.save import save_model
 
 __all__ = [
     "CheckpointManager",

@@ -1,9 +1,9 @@
 """The ``dcp-universal`` command.
 
-    dcp-universal inspect PATH     per key: canonical name, shape, dtype, bytes; totals
+    dcp-universal inspect PATH     per key: name, shape, dtype, bytes; totals (any format)
     dcp-universal verify STEP      every file of a step and its base: size and CRC-32
     dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
-    dcp-universal convert SRC ROOT a legacy torch.save checkpoint -> a committed step
+    dcp-universal convert SRC ROOT a checkpoint of another format -> a committed step
     dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
 """
 
@@ -14,13 +14,10 @@ import math
 import sys
 import time
 
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-from dcp_universal import dcp_io, manifest
+from dcp_universal import manifest, sources
 from dcp_universal.errors import CheckpointError
-from dcp_universal.model_io import resolve_model_dir
 from dcp_universal.progress import Progress
-from dcp_universal.storage import Storage, normalize
+from dcp_universal.storage import normalize, storage_for
 
 __all__ = ["main"]
 
@@ -35,24 +32,22 @@ def _human(n: int) -> str:
 
 def _inspect(args) -> int:
     start = time.perf_counter()  # inspect reads metadata only: a time, no bar
-    store = Storage()
-    model_dir = resolve_model_dir(store, normalize(args.path))
-    meta = dcp_io.read_metadata(store, model_dir)
+    path = normalize(args.path)
+    source = sources.open_source(storage_for(path), path)
     rows, total, count = [], 0, 0
-    for key in sorted(meta.state_dict_metadata):
-        m = meta.state_dict_metadata[key]
-        if isinstance(m, TensorStorageMetadata):
-            dtype = m.properties.dtype
-            nbytes = math.prod(m.size) * dtype.itemsize
-            rows.append((key, "x".join(map(str, m.size)) or "()", str(dtype).removeprefix("torch."),
-                         str(nbytes)))
-            total += nbytes
-            count += math.prod(m.size)
-        else:
-            rows.append((key, "-", "bytes", "-"))
+    for key, info in sorted(source.keys.items()):
+        nbytes = math.prod(info.shape) * info.dtype.itemsize
+        rows.append((key, "x".join(map(str, info.shape)) or "()",
+                     str(info.dtype).removeprefix("torch."), str(nbytes)))
+        total += nbytes
+        count += math.prod(info.shape)
+    rows += [(key, "-", "bytes", "-") for key in sorted(source.meta.get("other_keys", ()))]
+    rows.sort()
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(("key", "shape", "dtype", "bytes"))]
-    print(f"{model_dir}")
+    print(f"{source.desc}")
+    for note in source.notes:
+        print(f"  ({note})")
     header = ("key", "shape", "dtype", "bytes")
     for row in (header, *rows):
         print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -91,13 +86,13 @@ def _prune(args) -> int:
 
 
 def _convert(args) -> int:
-    import os
-
-    from dcp_universal.legacy import convert
+    from dcp_universal.commit import convert
 
     progress = Progress(None, "convert", enabled=False)  # one read, one write: no bar
     path = convert(args.src, args.root, step=args.step)
-    progress(os.path.getsize(normalize(args.src)))
+    src = normalize(args.src)
+    store = storage_for(src)
+    progress(store.size(src) if store.is_file(src) else sum(store.file_sizes(src).values()))
     print(f"wrote {path} from {args.src}: {progress.close()}")
     return 0
 
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dcp-universal", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list a model checkpoint's keys, shapes, dtypes and sizes")
-    p.add_argument("path", help="a model directory, or a step directory holding model/")
+    p.add_argument("path", help="a step, a model directory, an HF or PEFT directory, a torch.save file")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("verify", help="check every file of a step (and its base): size and CRC-32")
     p.add_argument("path", help="a step directory, <root>/step-<number>")
@@ -140,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["min", "max"], default="min")
     p.add_argument("--dry-run", action="store_true", help="print what would happen")
     p.set_defaults(func=_prune)
-    p = sub.add_parser("convert", help="turn a legacy torch.save checkpoint into a step directory")
-    p.add_argument("src", help="ckpt.pt, a {model_state_dict|state_dict} file, or NAME-model.pt")
+    p = sub.add_parser("convert", help="turn a checkpoint of another format into a step directory")
+    p.add_argument("src", help="ckpt.pt (any torch.save layout of the seeds), an HF directory, "
+                               "another tool's DCP checkpoint")
     p.add_argument("root", help="checkpoint root to write <root>/step-<N> into")
     p.add_argument("--step", type=int, help="step number (default: the file's iter_num/global_step)")
     p.set_defaults(func=_convert)

@@ -5,6 +5,9 @@ every rank finished writing every item; until then the directory is debris, whic
 ``steps()`` never lists and the next save removes. The manifest is written whole or not
 at all (:meth:`dcp_universal.storage.Storage.write_atomic`).
 
+:func:`convert` writes a checkpoint of any input format (:mod:`dcp_universal.sources`)
+as a committed step.
+
 A :class:`StepWriter` is used by every rank, in this order::
 
     writer = StepWriter(store, root, step)
@@ -17,13 +20,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from dcp_universal import _comm, manifest
-from dcp_universal.base_store import BaseStore, gather_records
-from dcp_universal.errors import CheckpointIOError, StepAlreadyExistsError
-from dcp_universal.manifest import FileRecord, Manifest
-from dcp_universal.storage import Storage, join
+import torch
 
-__all__ = ["StepWriter"]
+from dcp_universal import _comm, dcp_io, manifest, sources
+from dcp_universal.base_store import BaseStore, gather_records
+from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
+from dcp_universal.manifest import FileRecord, Manifest
+from dcp_universal.storage import Storage, join, normalize, storage_for
+
+__all__ = ["StepWriter", "convert"]
 
 
 class StepWriter:
@@ -84,3 +89,39 @@ class StepWriter:
             raise CheckpointIOError(
                 f"step {self.step} was written but its commit failed ({type(e).__name__}: "
                 f"{e}); it is not committed and the next save removes it") from e
+
+
+def convert(src: str, root: str, *, step: int | None = None,
+            storage_options: dict | None = None) -> str:
+    """Write the model of ``src`` (any format :func:`~dcp_universal.sources.open_source`
+    reads: a legacy ``torch.save`` file, a Hugging Face directory, another tool's DCP
+    checkpoint, ...) as a committed step under ``root``; returns its path.
+
+    Not collective (one process). The step number defaults to the one the source records
+    (a legacy file's ``iter_num`` / ``global_step``), else 0. Optimizer state is not
+    converted: the seeds saved it by position, which cannot be matched to parameter names
+    safely; the step records ``optimizer: false``.
+    """
+    src, root = normalize(src), normalize(root)
+    source = sources.open_source(storage_for(src, storage_options), src)
+    if source.meta.get("adapter_only"):
+        raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
+                              "to convert; load it into a model with load_model instead")
+    if step is None:
+        step = int(source.meta.get("step") or 0)
+    store = storage_for(root, storage_options)
+    path = manifest.step_path(root, step)
+    if store.exists(join(path, manifest.MANIFEST)):
+        raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
+    tensors = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in sorted(source.keys.items())}
+    source.read(tensors, single_process=True)
+    written = dcp_io.save_state(store, tensors, join(path, manifest.MODEL_DIR),
+                                single_process=True)
+    m = Manifest(
+        step=step, world_size=1, merge="rank0",
+        dtypes=sorted({str(t.dtype) for t in tensors.values()}),
+        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
+        files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
+        legacy=source.meta.get("legacy"))
+    manifest.write_manifest(store, path, m)
+    return path

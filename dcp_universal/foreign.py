@@ -14,26 +14,20 @@ load is planned:
 * the other state saved beside the model (torchtitan's ``optimizer``, ``lr_scheduler``,
   ``dataloader`` and ``train_state``; a tutorial's ``app.optim``; any non-tensor entry),
   which a model load does not read and does not count as a mismatch;
-* a PEFT model's LoRA factors (``x.lora_A.<adapter>.weight``): read as they are into a
-  target with the same adapters, otherwise merged into ``x.weight`` on load with the
-  scale from the ``adapter_config.json`` PEFT writes beside them.
+* adapter factors of other tools (a PEFT model's ``x.lora_A.<adapter>.weight``) are
+  handled by factor rules (:func:`dcp_universal.dcp_source.register_factor_rule`; PEFT's
+  is in :mod:`dcp_universal.peft_io`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import re
 from typing import Iterable
 
-from dcp_universal import _torch_compat, manifest
-from dcp_universal.errors import CheckpointMismatchError, UnsupportedAdapterError
-from dcp_universal.storage import Storage, join, parent
+from dcp_universal import _torch_compat
+from dcp_universal.errors import CheckpointMismatchError
 
-__all__ = ["canonical_key", "Resolution", "resolve", "peft_factors", "PeftFactors",
-           "read_peft_config", "is_conv1d", "peft_transposed", "merge_terms", "OTHER_STATE_NAMES",
-           "ADAPTER_CONFIG"]
+__all__ = ["canonical_key", "Resolution", "resolve", "OTHER_STATE_NAMES"]
 
 # infixes of wrappers that are never a user's module name (compile, activation
 # checkpointing, FSDP1): the attributes names.py walks through
@@ -195,138 +189,3 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
         notes.append(f"{len(hidden)} PEFT modules_to_save originals not read (the trained "
                      "copies are the model's weights)")
     return Resolution(raw_of, other, hidden, prefix, notes)
-
-
-# ---- PEFT LoRA factors in a foreign checkpoint -----------------------------------------
-
-_LINEAR = re.compile(r"^(?P<site>.+)\.lora_(?P<f>A|B)\.(?P<adapter>[^.]+)\.weight$")
-_EMBEDDING = re.compile(r"^(?P<site>.+)\.lora_embedding_(?P<f>A|B)\.(?P<adapter>[^.]+)$")
-_VARIANT = re.compile(r"\.lora_magnitude_vector\.")  # DoRA
-
-
-@dataclasses.dataclass
-class PeftFactors:
-    """One PEFT LoRA adapter at one module, as found in a checkpoint (canonical keys)."""
-
-    site: str
-    adapter: str
-    a: str
-    b: str
-    embedding: bool
-
-    @property
-    def keys(self) -> tuple[str, str]:
-        return (self.a, self.b)
-
-
-def peft_factors(keys: Iterable[str]) -> list[PeftFactors]:
-    """The PEFT LoRA factor pairs among canonical ``keys``.
-
-    Raises:
-        UnsupportedAdapterError: DoRA's magnitude vector: its update is not
-            ``scale * B @ A``.
-    """
-    found: dict[tuple[str, str, bool], dict[str, str]] = {}
-    for k in keys:
-        if _VARIANT.search(k):
-            raise UnsupportedAdapterError(
-                f"checkpoint key {k!r} belongs to a PEFT LoRA variant (DoRA or similar) whose "
-                "update is not W + scale * B @ A; merge it with PEFT's merge_and_unload() "
-                "and save the merged model")
-        for pattern, emb in ((_LINEAR, False), (_EMBEDDING, True)):
-            m = pattern.match(k)
-            if m:
-                found.setdefault((m["site"], m["adapter"], emb), {})[m["f"]] = k
-    out = []
-    for (site, adapter, emb), f in sorted(found.items()):
-        if set(f) != {"A", "B"}:
-            raise CheckpointMismatchError(
-                f"checkpoint holds PEFT LoRA factor {sorted(f.values())} of {site!r} without "
-                "its pair: the checkpoint is incomplete")
-        out.append(PeftFactors(site, adapter, f["A"], f["B"], emb))
-    return out
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def read_peft_config(store: Storage, model_dir: str) -> tuple[dict, str] | None:
-    """PEFT's ``adapter_config.json`` in ``model_dir`` or its parent, with its path."""
-    for d in (model_dir, parent(model_dir)):
-        path = join(d, ADAPTER_CONFIG)
-        if store.exists(path):
-            try:
-                return json.loads(store.read_bytes(path)), path
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointMismatchError(f"{path} is not valid JSON ({e})") from None
-    return None
-
-
-def _pattern_value(patterns: dict, site: str, default):
-    # PEFT matches rank_pattern / alpha_pattern keys as a suffix of the module name
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", site):
-            return value
-    return default
-
-
-def peft_scale(config: dict, site: str, rank: int, where: str) -> float:
-    """The scale PEFT uses for ``site``'s update under ``config``."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UnsupportedAdapterError(f"{where}: peft_type {config.get('peft_type')!r} is not "
-                                      "LoRA; only LoRA factors can be merged")
-    r = int(_pattern_value(config.get("rank_pattern"), site, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern"), site, config.get("lora_alpha", 8)))
-    if r != rank:
-        raise CheckpointMismatchError(
-            f"{where} gives rank {r} for {site!r}, but the checkpoint's factors have rank "
-            f"{rank}: the config belongs to another adapter")
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def is_conv1d(module) -> bool:
-    """True for transformers' ``Conv1D`` (GPT-2's weight layout ``(in, out)``), matched by
-    class name so transformers is never imported here."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
-               for c in type(module).__mro__)
-
-
-def peft_transposed(a_shape, b_shape, base_shape, base_module, fan_in_fan_out: bool,
-                    where: str) -> bool:
-    """Whether a PEFT ``lora_A`` ``(r, x)`` / ``lora_B`` ``(y, r)`` pair updates its base
-    transposed: ``(B @ A).T`` on a Conv1D base ``(in, out)``, ``B @ A`` on a Linear
-    ``(out, in)``.
-
-    The target's base module decides, as PEFT decides per layer (a saved config's
-    ``fan_in_fan_out`` does not: PEFT turns it off when it meets GPT-2's Linear head, after
-    the Conv1D layers took it on). Without the module, the shapes decide, and for a
-    square weight the config's ``fan_in_fan_out``.
-
-    Raises:
-        CheckpointMismatchError: the base does not fit the factors that way.
-    """
-    linear, conv1d = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
-    base = tuple(base_shape)
-    if base_module is not None:
-        transposed = is_conv1d(base_module)
-    elif linear == conv1d:
-        transposed = bool(fan_in_fan_out)
-    else:
-        transposed = base == conv1d
-    if base != (conv1d if transposed else linear):
-        raise CheckpointMismatchError(
-            f"base weight {base} does not fit LoRA factors A {tuple(a_shape)} and B "
-            f"{tuple(b_shape)} {'transposed (Conv1D)' if transposed else ''} ({where})")
-    return transposed
-
-
-def merge_terms(f: PeftFactors, base_shape: tuple[int, ...], a_shape, b_shape,
-                config: dict, where: str, base_module=None) -> manifest.AdapterTerm:
-    """The term ``scale * L @ R`` of ``f`` on a base weight of ``base_shape`` (held by the
-    target's ``base_module``, when it has one)."""
-    scale = peft_scale(config, f.site, a_shape[0], where)  # A is (r, ...) in both layouts
-    # an embedding (A: (r, num), B: (dim, r)) and a Conv1D base both take (B @ A).T
-    if f.embedding or peft_transposed(a_shape, b_shape, base_shape, base_module,
-                                      config.get("fan_in_fan_out", False), f"{f.site!r}, {where}"):
-        return manifest.AdapterTerm(left=f.a, right=f.b, scale=scale, left_t=True, right_t=True)
-    return manifest.AdapterTerm(left=f.b, right=f.a, scale=scale)

@@ -25,10 +25,10 @@ from typing import Callable
 
 import torch
 
-from dcp_universal import _comm, manifest, model_io
+from dcp_universal import _comm, manifest, sources
 from dcp_universal.errors import CheckpointError, CheckpointIOError, CheckpointMismatchError
 from dcp_universal.safetensors_reader import safetensors_torch
-from dcp_universal.storage import Storage, join, normalize
+from dcp_universal.storage import Storage, join, normalize, storage_for
 
 __all__ = ["export_hf", "parse_size"]
 
@@ -82,11 +82,12 @@ def _shard_name(i: int, n: int) -> str:
     return manifest.HF_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _read_config(store: Storage, config) -> dict | None:
+def _read_config(config, storage_options: dict | None) -> dict | None:
     if config is None or isinstance(config, dict):
         return config
+    path = normalize(str(config))
     try:
-        return json.loads(store.read_bytes(normalize(str(config))))
+        return json.loads(storage_for(path, storage_options).read_bytes(path))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"config={config!r} is not a readable JSON file ({e})") from None
 
@@ -98,7 +99,7 @@ def _read_config(store: Storage, config) -> dict | None:
 _TIED_OUTPUT = "lm_head.weight"
 
 
-def _tied_duplicates(source: model_io.Source, config: dict | None, store: Storage) -> list[str]:
+def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
     """With a config that ties the embeddings, the names transformers will share one
     tensor for must hold equal values (else CheckpointMismatchError, before anything is
     written). Returns the names to leave out, as save_pretrained does: ``lm_head.weight``
@@ -115,7 +116,7 @@ def _tied_duplicates(source: model_io.Source, config: dict | None, store: Storag
     drop = []
     for group in (g for g in groups if len(g) > 1):
         values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in group}
-        model_io.read_source(source, values, store, single_process=True)
+        source.read(values, single_process=True)
         first = group[0]
         equal = [k for k in group[1:] if torch.equal(values[k], values[first])]
         recorded = any(set(group) <= set(g) for g in source.ties)
@@ -157,14 +158,19 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     config and tells every rank how it went (``_comm.on_rank0``). Returns ``out``.
     """
     start = time.perf_counter()
-    store = Storage(storage_options)
     src, out = normalize(src), normalize(out)
+    store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
     cast = _dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    source = model_io.merged_source(store, src)
-    cfg = _read_config(store, config)
-    for k in _tied_duplicates(source, cfg, store):  # written once, as save_pretrained does
-        del source.keys[k]
+    source = sources.open_source(store, src)
+    if source.meta.get("adapter_only"):
+        raise CheckpointError(
+            f"{src} is an adapter without base weights; export_hf writes a whole model -> "
+            "export the LoRA step it came from, or load base and adapter into a model and "
+            "save_model() it first")
+    cfg = _read_config(config, storage_options)
+    # written once, as save_pretrained does
+    source = source.without(_tied_duplicates(source, cfg))
 
     def out_dtype(key: str) -> torch.dtype:
         d = source.keys[key].dtype
@@ -177,10 +183,10 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     rank, world = _comm.rank(), _comm.world_size()
     error = None
     try:
-        store.makedirs(out)
+        out_store.makedirs(out)
         for i, keys in enumerate(shards):
             if i % world == rank:
-                _write_shard(store, source, keys, join(out, names[i]), out_dtype)
+                _write_shard(out_store, source, keys, join(out, names[i]), out_dtype)
                 if progress is not None:
                     progress(sum(sizes[k] for k in keys))
     except Exception as e:  # every rank learns of it below, none waits forever
@@ -195,10 +201,10 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
-            store.write_atomic(join(out, manifest.HF_INDEX),
+            out_store.write_atomic(join(out, manifest.HF_INDEX),
                                json.dumps(index, indent=2, sort_keys=True).encode())
         if cfg is not None:
-            store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
+            out_store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
         logger.info("exported %s to %s: %d tensors, %d files, %.1f MB in %.2f s", src, out,
                     len(sizes), len(shards), sum(sizes.values()) / 1e6,
                     time.perf_counter() - start)
@@ -208,13 +214,13 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
 
 
 @torch.no_grad()
-def _write_shard(store: Storage, source: model_io.Source, keys: list[str], path: str,
+def _write_shard(out_store: Storage, source: sources.Source, keys: list[str], path: str,
                  out_dtype) -> None:
     save_file = safetensors_torch("export_hf").save_file
 
     tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
-    model_io.read_source(source, tensors, store, single_process=True)
+    source.read(tensors, single_process=True)
     for k in keys:
         tensors[k] = tensors[k].to(out_dtype(k)).contiguous()
     # straight to a file: no serialised copy of the shard in memory
-    store.write_atomic_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    out_store.write_atomic_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -17,17 +17,17 @@ Embeddings (``A: (num, r)``, ``B: (dim, r)``); ``alpha`` is read from the file's
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 from typing import Any
 
 import torch
 
-from dcp_universal import dcp_io, foreign, manifest
+from dcp_universal import foreign
 from dcp_universal.errors import CheckpointError
-from dcp_universal.storage import Storage, join, normalize
+from dcp_universal.sources import Format, Source, Want, register_format
+from dcp_universal.storage import Storage
 
-__all__ = ["LegacyCheckpoint", "is_legacy_file", "read_legacy", "convert"]
+__all__ = ["LegacyCheckpoint", "LegacyFormat", "is_legacy_file", "read_legacy"]
 
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict")
@@ -40,13 +40,14 @@ class LegacyCheckpoint:
     merged: list[str]  # canonical keys that had a LoRA update merged in
 
 
-def is_legacy_file(path: str) -> bool:
-    return os.path.isfile(path) and path.endswith(_SUFFIXES)
+def is_legacy_file(store: Storage, path: str) -> bool:
+    return path.endswith(_SUFFIXES) and store.is_file(path)
 
 
-def _load(path: str) -> Any:
+def _load(store: Storage, path: str) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with store.open_read(path) as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
     except pickle.UnpicklingError as e:
@@ -59,13 +60,13 @@ def _load(path: str) -> Any:
                               "truncated or damaged") from None
 
 
-def _pair(path: str) -> tuple[str, str | None]:
+def _pair(store: Storage, path: str) -> tuple[str, str | None]:
     for suffix in _SUFFIXES:
         for part in ("-model", "-optimizer"):
             if path.endswith(part + suffix):
                 stem = path[: -len(part + suffix)]
                 opt = f"{stem}-optimizer{suffix}"
-                return f"{stem}-model{suffix}", opt if os.path.exists(opt) else None
+                return f"{stem}-model{suffix}", opt if store.exists(opt) else None
     return path, None
 
 
@@ -112,10 +113,10 @@ def _merge_seed_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str
     return out, merged
 
 
-def read_legacy(path: str) -> LegacyCheckpoint:
+def read_legacy(store: Storage, path: str) -> LegacyCheckpoint:
     """Read a legacy ``torch.save`` checkpoint into canonical, merged form (CPU)."""
-    model_path, opt_path = _pair(path)
-    blob = _load(model_path)
+    model_path, opt_path = _pair(store, path)
+    blob = _load(store, model_path)
     if not isinstance(blob, dict):
         raise CheckpointError(f"{model_path} holds a {type(blob).__name__}, not a checkpoint dict")
     key = next((k for k in _MODEL_KEYS if isinstance(blob.get(k), dict)), None)
@@ -129,7 +130,7 @@ def read_legacy(path: str) -> LegacyCheckpoint:
             f"state dict; found keys {sorted(blob)[:10]}")
     optimizer = meta.pop("optimizer", None) or meta.pop("optimizer_state_dict", None)
     if opt_path is not None:
-        opt_blob = _load(opt_path)
+        opt_blob = _load(store, opt_path)
         states = opt_blob.get("optimizer_states") or [opt_blob.get("optimizer")
                                                       or opt_blob.get("optimizer_state_dict")]
         optimizer = states[0] if states else None
@@ -159,30 +160,26 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def convert(src: str, root: str, *, step: int | None = None,
-            storage_options: dict | None = None) -> str:
-    """Write a legacy file's model as a committed step under ``root``; returns its path.
+class LegacyFormat(Format):
+    """A ``torch.save`` file of the seeds' layouts, read whole into memory."""
 
-    Not collective (one process). The step number defaults to the file's ``iter_num`` /
-    ``global_step`` (else 0). The optimizer state is not converted: the seeds saved it by
-    position, which cannot be matched to parameter names safely; the step records
-    ``optimizer: false``.
-    """
-    src, root = normalize(src), normalize(root)
-    ck = read_legacy(src)
-    if step is None:
-        step = int(next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta), 0))
-    store = Storage(storage_options)
-    path = manifest.step_path(root, step)
-    if store.exists(join(path, manifest.MANIFEST)):
-        raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
-    written = dcp_io.save_state(store, ck.model, join(path, manifest.MODEL_DIR))
-    m = manifest.Manifest(
-        step=step, world_size=1, merge="rank0",
-        dtypes=sorted({str(t.dtype) for t in ck.model.values()}),
-        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
-        files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
-        legacy={"source": ck.path, "merged_lora": ck.merged,
-                "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})})
-    manifest.write_manifest(store, path, m)
-    return path
+    name = "legacy"
+    looks_like = f"a torch.save file ({', '.join(_SUFFIXES)})"
+
+    def detect(self, store: Storage, path: str) -> bool:
+        return is_legacy_file(store, path)
+
+    def open(self, store: Storage, path: str, want: Want) -> Source:
+        want.no_prefix(path, "a legacy torch.save file")
+        ck = read_legacy(store, path)
+        note = f"read legacy file {ck.path}" + (
+            f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
+        step = next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta),
+                    None)
+        return Source.in_memory(ck.path, ck.model, notes=(note,), meta={
+            "step": step,
+            "legacy": {"source": ck.path, "merged_lora": ck.merged,
+                       "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})}})
+
+
+register_format(LegacyFormat(), before="step")

@@ -26,16 +26,17 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from dcp_universal import (_comm, dcp_io, manifest, model_io, optim_io, retention,
-                           training_state)
+from dcp_universal import _comm, dcp_io, manifest, optim_io, retention, training_state
 from dcp_universal.base_store import BaseStore
 from dcp_universal.commit import StepWriter
 from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.integrity import check_files
+from dcp_universal.load import stage_model
 from dcp_universal.manifest import Manifest
 from dcp_universal.plan import LoadReport
+from dcp_universal.save import check_merge, model_writer
 from dcp_universal.staging import Stager
-from dcp_universal.storage import Storage, join, normalize
+from dcp_universal.storage import join, normalize, storage_for
 from dcp_universal.view import ModelView
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -76,7 +77,7 @@ class _Options:
         if self.keep_best is not None and not self.best_metric:
             raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
         self.policies()  # validates the numbers
-        model_io.check_merge(self.merge)
+        check_merge(self.merge)
         if self.merged_every is not None and self.merged_every < 1:
             raise ValueError(f"merged_every={self.merged_every}: must be >= 1")
 
@@ -163,7 +164,7 @@ class CheckpointManager:
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
                                 storage_options=storage_options, keep_every=keep_every,
                                 keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
-        self._store = Storage(storage_options)
+        self._store = storage_for(self.root, storage_options)
         self._bases = BaseStore(self._store, self.root)
         self._pending: SaveHandle | None = None
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
@@ -310,7 +311,7 @@ class CheckpointManager:
                            lambda p: dcp_io.save_state(store, trainable, p)))
         if not view.sites or merged:
             writes.append((manifest.MODEL_DIR,
-                           model_io.model_writer(view, self.options.merge, store, stage=stage)))
+                           model_writer(view, self.options.merge, store, stage=stage)))
         state, m.training_state = training_state.collect(extra)
         if optimizer is not None:
             state.update(optim_io.optimizer_state(view, optimizer))
@@ -422,20 +423,21 @@ class CheckpointManager:
                         prefixes=(f"{manifest.OPTIMIZER_DIR}/",))
         # Read everything first, install after: a failure halfway leaves the job untouched.
         view = ModelView.of(model)
-        staged = model_io.stage_model(view, path, strict=strict, verify=verify, stage=True,
-                                      store=self._store, step_manifest=m)
+        parts = [stage_model(view, path, strict=strict, verify=verify, stage=True,
+                             store=self._store, step_manifest=m)]
         opt_dir = join(path, manifest.OPTIMIZER_DIR)
-        commits = [staged.commit]
         if optimizer is not None:
-            commits.append(optim_io.stage_optimizer(view, optimizer, opt_dir, report=staged.report,
-                                                    hyperparams=hyperparams, store=self._store))
+            parts.append(optim_io.stage_optimizer(view, optimizer, opt_dir,
+                                                  hyperparams=hyperparams, store=self._store))
         if training:
-            commits.append(training_state.stage(m, opt_dir, extra, skip, staged.report, self._store))
-        for commit in commits:
-            commit()
-        if staged.restored_base:
-            self._bases.remember(view, staged.restored_base)
-        return staged.report
+            parts.append(training_state.stage(m, opt_dir, extra, skip, self._store))
+        report = LoadReport()
+        for part in parts:
+            part.commit()
+            report.merge(part.report)
+        if parts[0].facts.get("restored_base"):
+            self._bases.remember(view, parts[0].facts["restored_base"])
+        return report
 
     def verify(self, step: int | None = None, *,
                progress: Callable[[int], None] | None = None) -> dict[str, int]:

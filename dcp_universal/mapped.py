@@ -104,9 +104,6 @@ class MappedFiles:
             self._maps[path] = (mm, byte_view(mm))
         return self._maps[path]
 
-    def clear(self) -> None:
-        self._maps.clear()
-
 
 @dataclasses.dataclass(frozen=True)
 class Stored:
@@ -487,7 +484,12 @@ class MappedReader(FileSystemReader):
                  metadata: Metadata | None = None) -> None:
         super().__init__(path)
         self.copies = copies if copies is not None else Copies()
+        self._dir = path
         self._metadata = metadata  # read already while planning: not parsed again
+
+    def read_whole(self, state: dict[str, torch.Tensor]) -> bool:
+        """:func:`read_whole` of this directory (one process, whole plain tensors)."""
+        return read_whole(self._dir, state, self.copies, self._metadata)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None or kwargs.get("rank") is not None:

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import dcp_io
 from dcp_universal.errors import CheckpointError
-from dcp_universal.plan import LoadReport
+from dcp_universal.plan import LoadReport, Staged
 from dcp_universal.storage import Storage
 from dcp_universal.view import ModelView
 
@@ -108,8 +108,9 @@ def _read_meta(opt_dir: str, store: Storage) -> tuple[dict, dict[str, dict[str, 
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    report: LoadReport, hyperparams: str, store: Storage):
-    """Read the saved state into new tensors; returns ``commit()``, which installs it.
+                    hyperparams: str, store: Storage) -> Staged:
+    """Read the saved state into new tensors; the returned commit installs it, and its
+    report says what was restored, fresh and dropped.
 
     Collective: two ``dcp.load`` calls of ``opt_dir`` (meta, then state), every rank.
 
@@ -122,6 +123,7 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
     names = _param_names(view, optimizer)
     _warn_frozen(optimizer, names)
     meta, saved = _read_meta(opt_dir, store)
+    report = LoadReport()
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
     restored, source_of = {}, {}
@@ -150,20 +152,25 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
         restored[name] = state
         source_of[found[0]] = name
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in source_of))
+    report.optimizer_restored.extend(restored)
     if to_read:
         dcp_io.load_state(store, to_read, opt_dir)
+    groups = _groups_rule(optimizer, names, meta["param_groups"], report, hyperparams)
 
     def commit() -> None:
         for name, state in restored.items():
             state.update(meta["scalars"].get(name, {}))
             optimizer.state[params[name]] = state
-            report.optimizer_restored.append(name)
-        _restore_groups(optimizer, names, meta["param_groups"], report, hyperparams)
+        for group, saved_group in groups:
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
 
-    return commit
+    return Staged(report, commit)
 
 
-def _restore_groups(optimizer, names, saved_groups, report: LoadReport, hyperparams: str) -> None:
+def _groups_rule(optimizer, names, saved_groups, report: LoadReport,
+                 hyperparams: str) -> list[tuple[dict, dict]]:
+    """``(group, saved group)`` pairs whose hyperparameters the load restores (none when
+    the structure differs or ``hyperparams="current"``), with the decision in ``report``."""
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     saved = [g["params"] for g in saved_groups]
     if [set(g) for g in current] != [set(g) for g in saved]:
@@ -171,10 +178,9 @@ def _restore_groups(optimizer, names, saved_groups, report: LoadReport, hyperpar
             f"optimizer param groups differ (checkpoint: {len(saved)} groups of "
             f"{[len(g) for g in saved]} params; target: {len(current)} groups of "
             f"{[len(g) for g in current]}); the target's groups and hyperparameters stand")
-        return
+        return []
     if hyperparams == "current":
         report.notes.append("optimizer hyperparameters kept from the current optimizer")
-        return
-    for group, saved_group in zip(optimizer.param_groups, saved_groups):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return []
     report.notes.append("optimizer param groups and hyperparameters restored from the checkpoint")
+    return list(zip(optimizer.param_groups, saved_groups))

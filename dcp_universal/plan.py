@@ -7,11 +7,11 @@ shapes; it never touches data. A strict load raises here, before the model is wr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from dcp_universal.errors import CheckpointMismatchError
 
-__all__ = ["LoadReport", "TensorInfo", "plan_load"]
+__all__ = ["LoadReport", "TensorInfo", "Staged", "plan_load"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,16 @@ class LoadReport:
     optimizer_dropped: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
+    def merge(self, other: "LoadReport") -> "LoadReport":
+        """Add ``other``'s entries (another part of the same load) to this report."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                mine.update(theirs)
+            else:
+                mine.extend(theirs)
+        return self
+
     def summary(self, max_keys: int = 6) -> str:
         def show(keys) -> str:
             keys = list(keys)
@@ -73,6 +83,24 @@ class LoadReport:
                     lines.append(f"  optimizer {label}: {show(keys)}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """A part of a load (the model, the optimizer, the training state, ...) that has been
+    planned and read but not installed.
+
+    Attributes:
+        report: what this part does (the load's report is every part's, merged).
+        commit: installs the part; nothing before it changes the model, optimizer or
+            training objects, and it does not fail for reasons a plan could have seen.
+        facts: what the part learned for its caller (``restored_base``: the frozen base
+            a LoRA load restored exactly).
+    """
+
+    report: LoadReport
+    commit: Callable[[], None]
+    facts: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

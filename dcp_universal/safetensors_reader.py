@@ -2,11 +2,10 @@
 
 The safetensors format is an 8-byte header length, a JSON header (per tensor: dtype,
 shape and byte range) and the raw row-major data. This reader builds DCP metadata from
-the headers alone. A local file is memory-mapped and each read item is one copy from
-the mapped pages (:mod:`dcp_universal.mapped`); a remote one (fsspec URL) is served
-with one ranged read per item: the item's rows (a dim-0 slice is one contiguous range;
-other slices read the rows that cover them and cut in memory). Either way every rank
-reads only the bytes of its own shards and no file is read whole.
+the headers alone. Each read item is the rows covering it, through the storage's
+``read_spans``: views of memory-mapped pages for a local file (one copy each, now or at
+the commit), one ranged read per item for a URL. Either way every rank reads only the
+bytes of its own shards and no file is read whole.
 Reading needs no safetensors package; writing (``export_hf``, ``export_peft``) imports it
 through :func:`safetensors_torch`.
 """
@@ -26,11 +25,13 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dcp_universal import manifest
-from dcp_universal.errors import CheckpointError, IntegrityError
-from dcp_universal.mapped import Copies, MappedFiles, Stored, take_read
-from dcp_universal.storage import Storage, is_remote, join
+from dcp_universal.dcp_source import dir_source
+from dcp_universal.errors import CheckpointError
+from dcp_universal.mapped import Copies, Stored, take_read
+from dcp_universal.sources import DcpDir, Format, Source, Want, register_format
+from dcp_universal.storage import Storage, join
 
-__all__ = ["SafetensorsReader", "safetensors_files", "safetensors_torch"]
+__all__ = ["SafetensorsReader", "HfFormat", "safetensors_files", "safetensors_torch"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -114,72 +115,53 @@ class SafetensorsReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        if is_remote(self.path):
-            self._read_ranges(plan, planner)
-        else:
-            self._read_mapped(plan, planner)
+        items = [(item, item.storage_index.fqn, item.storage_offsets, item.lengths)
+                 for item in plan.items]
+        for item, stored, offsets in self._located(items):
+            take_read(planner, item, stored, self.copies, offsets=offsets)
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
-    def _read_mapped(self, plan: LoadPlan, planner: LoadPlanner) -> None:
-        """Local files: views of memory maps, one copy each (now or at the commit)."""
-        files = MappedFiles()
-        for item in plan.items:
-            take_read(planner, item, self._stored(files, item.storage_index.fqn), self.copies)
-
-    def read_whole(self, state: dict[str, torch.Tensor]) -> None:
-        """What ``dcp.load(state, no_dist=True)`` does for whole plain tensors of a local
-        directory, without DCP's planning (one process: nothing to agree on)."""
+    def read_whole(self, state: dict[str, torch.Tensor]) -> bool:
+        """What ``dcp.load(state, no_dist=True)`` does for whole plain tensors, without
+        DCP's planning (one process: nothing to agree on)."""
         if not self.entries:
             self._read_headers()
-        files = MappedFiles()
         for key, dst in state.items():
             if key not in self.entries or self.entries[key].shape != tuple(dst.shape):
                 found = self.entries[key].shape if key in self.entries else "missing"
                 raise CheckpointError(f"{self.path}: {key!r} is {found} in the safetensors "
                                       f"files; the load wants shape {tuple(dst.shape)}")
-            stored = self._stored(files, key)
-            self.copies.take(key, *stored.source_for(dst, (0,) * dst.dim(), tuple(dst.shape)))
+        items = [((key, dst), key, (0,) * dst.dim(), tuple(dst.shape))
+                 for key, dst in state.items()]
+        for (key, dst), stored, offsets in self._located(items):
+            self.copies.take(key, *stored.source_for(dst, offsets, tuple(dst.shape)))
+        return True
 
-    def _stored(self, files: MappedFiles, key: str) -> Stored:
-        e = self.entries[key]
-        _, whole = files.get(e.file)
-        nbytes = math.prod(e.shape) * e.dtype.itemsize
-        if e.start + nbytes > whole.numel():
-            raise IntegrityError(
-                f"{e.file} holds {whole.numel()} bytes, but its header places {key!r} at "
-                f"bytes {e.start}..{e.start + nbytes}: the file is truncated -> copy it again")
-        return Stored.contiguous(whole[e.start:e.start + nbytes], e.dtype, e.shape)
-
-    def _read_ranges(self, plan: LoadPlan, planner: LoadPlanner) -> None:
-        """Remote files: one ranged read per item."""
+    def _located(self, items: list[tuple]) -> list[tuple]:
+        """``(what, Stored, offsets in it)`` for each ``(what, key, offsets, lengths)``:
+        the rows covering the block (a dim-0 slice is one contiguous range; other slices
+        read the rows that cover them and cut in memory), from one
+        :meth:`~dcp_universal.storage.Storage.read_spans` per file (views of a map for
+        local files, fetched bytes for URLs)."""
         by_file: dict[str, list] = {}
-        for item in plan.items:
-            by_file.setdefault(self.entries[item.storage_index.fqn].file, []).append(item)
-        for file, items in by_file.items():
-            with self.store.open_read(file) as f:
-                for item in items:
-                    e = self.entries[item.storage_index.fqn]
-                    value = self._read_item(f, e, item.storage_offsets, item.lengths)
-                    target = planner.resolve_tensor(item).detach()
-                    target.copy_(value)
-                    planner.commit_tensor(item, target)
-
-    @staticmethod
-    def _read_item(f, e: _Entry, offsets, lengths) -> torch.Tensor:
-        if not e.shape:  # a scalar
-            f.seek(e.start)
-            return torch.frombuffer(bytearray(f.read(e.dtype.itemsize)), dtype=e.dtype).reshape(())
-        row = math.prod(e.shape[1:]) * e.dtype.itemsize
-        r0, nr = int(offsets[0]), int(lengths[0])
-        if nr == 0 or row == 0:
-            return torch.empty([int(n) for n in lengths], dtype=e.dtype)
-        f.seek(e.start + r0 * row)
-        rows = torch.frombuffer(bytearray(f.read(nr * row)), dtype=e.dtype).reshape(nr, *e.shape[1:])
-        cut = (slice(None),) + tuple(slice(int(o), int(o) + int(n))
-                                     for o, n in zip(offsets[1:], lengths[1:]))
-        return rows[cut]
+        for what, key, offsets, lengths in items:
+            e = self.entries[key]
+            row = math.prod(e.shape[1:]) * e.dtype.itemsize
+            if not e.shape:  # a scalar
+                span, shape, at = (e.start, e.dtype.itemsize), (), ()
+            else:
+                r0, nr = int(offsets[0]), int(lengths[0])
+                span = (e.start + r0 * row, nr * row)
+                shape, at = (nr, *e.shape[1:]), (0, *offsets[1:])
+            by_file.setdefault(e.file, []).append((what, span, e.dtype, shape, at))
+        out = []
+        for file, wanted in by_file.items():
+            raws = self.store.read_spans(file, [span for _, span, _, _, _ in wanted])
+            for (what, _, dtype, shape, at), raw in zip(wanted, raws):
+                out.append((what, Stored.contiguous(raw, dtype, shape), at))
+        return out
 
     def reset(self, checkpoint_id=None) -> None:
         pass
@@ -187,3 +169,23 @@ class SafetensorsReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
         return True
+
+
+class HfFormat(Format):
+    """A Hugging Face safetensors directory, as ``save_pretrained`` writes it: read like
+    a DCP directory of another tool (keys made canonical), through
+    :class:`SafetensorsReader`."""
+
+    name = "hf"
+    looks_like = (f"a Hugging Face directory ({manifest.HF_SINGLE}, or shards with "
+                  f"{manifest.HF_INDEX})")
+
+    def detect(self, store: Storage, path: str) -> bool:
+        return any(store.exists(join(path, f)) for f in (manifest.HF_INDEX, manifest.HF_SINGLE))
+
+    def open(self, store: Storage, path: str, want: Want) -> Source:
+        d = DcpDir(store, path, reader_of=lambda p, copies, _: SafetensorsReader(store, p, copies))
+        return dir_source(store, d, want, notes=(f"read Hugging Face safetensors {path}",))
+
+
+register_format(HfFormat())

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import pickle
 import random
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from dcp_universal import _comm, dcp_io
 from dcp_universal.errors import CheckpointError, PerRankStateError
 from dcp_universal.manifest import Manifest, TrainingState
-from dcp_universal.plan import LoadReport
+from dcp_universal.plan import LoadReport, Staged
 from dcp_universal.storage import Storage
 
 __all__ = ["check_extra", "collect", "check_load", "stage"]
@@ -112,9 +112,9 @@ def check_load(m: Manifest, extra: dict, skip: set[str]) -> None:
             "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
 
 
-def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str], report: LoadReport,
-          store: Storage) -> Callable[[], None]:
-    """Read the training state; returns ``commit()``, which installs it.
+def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
+          store: Storage) -> Staged:
+    """Read the training state; the returned commit installs it.
 
     Collective: one ``dcp.load`` of ``opt_dir``, every rank.
     """
@@ -124,15 +124,23 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str], report: L
     same_world = saved_world == _comm.world_size()
     rank = _comm.rank()
     wanted: dict[str, Any] = {}
+    report = LoadReport()
     for name in sorted(extra):
         if name not in per_rank:
             wanted[f"{_EXTRA}{name}"] = b""
         elif same_world:
             wanted[f"{_RANK}{rank}/{name}"] = b""
-        elif name not in skip:  # resharding rule: every saved rank's state
+        elif name in skip:
+            report.notes.append(f"per-rank state {name!r} kept as is (world size "
+                                f"{saved_world} -> {_comm.world_size()})")
+        else:  # resharding rule: every saved rank's state
             wanted.update({f"{_RANK}{r}/{name}": b"" for r in range(saved_world)})
+            report.notes.append(f"per-rank state {name!r} resharded from {saved_world} ranks")
     if same_world:
         wanted[f"{_RANK}{rank}/{RNG}"] = b""
+    else:
+        report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
+                            f"{_comm.world_size()})")
     dcp_io.load_state(store, wanted, opt_dir)
 
     def commit() -> None:
@@ -141,17 +149,10 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str], report: L
                 _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))
             elif same_world:
                 _load_into(obj, pickle.loads(wanted[f"{_RANK}{rank}/{name}"]))
-            elif name in skip:
-                report.notes.append(f"per-rank state {name!r} kept as is (world size "
-                                    f"{saved_world} -> {_comm.world_size()})")
-            else:
+            elif name not in skip:
                 obj.load_resharded_state_dicts(
                     [pickle.loads(wanted[f"{_RANK}{r}/{name}"]) for r in range(saved_world)])
-                report.notes.append(f"per-rank state {name!r} resharded from {saved_world} ranks")
         if same_world:
             _set_rng_state(pickle.loads(wanted[f"{_RANK}{rank}/{RNG}"]))
-        else:
-            report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
-                                f"{_comm.world_size()})")
 
-    return commit
+    return Staged(report, commit)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dcp_universal import model_io
+from dcp_universal import load
 
 
 def test_host_buffer_is_on_the_host_with_the_targets_layout():
     t = torch.randn(3, 5, dtype=torch.bfloat16, device="meta")  # any non-CPU device
-    buf = model_io._host_buffer(t)
+    buf = load._host_buffer(t)
     assert buf.device.type == "cpu" and buf.shape == t.shape and buf.dtype == t.dtype

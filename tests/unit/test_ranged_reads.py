@@ -14,8 +14,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from dcp_universal import dcp_io, mapped
-from dcp_universal.storage import Storage
+from dcp_universal import dcp_files, dcp_io, mapped
+from dcp_universal.storage import storage_for
 
 from test_mapped import LAYOUTS, _blocks
 
@@ -23,7 +23,7 @@ from test_mapped import LAYOUTS, _blocks
 def _without_data(record: bytes, layout: mapped.Layout):
     """A read that has the record's bytes except its tensor data."""
     end = layout.data + layout.nbytes
-    return dcp_io._Pieces({0: record[:layout.data], end: record[end:]}).read
+    return dcp_files._Pieces({0: record[:layout.data], end: record[end:]}).read
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -56,7 +56,7 @@ def test_a_missing_byte_of_the_layout_gives_none_not_garbage():
     buf = io.BytesIO()
     torch.save(torch.randn(64, 64), buf)
     record = buf.getvalue()
-    head_only = dcp_io._Pieces({0: record[:4096]}).read
+    head_only = dcp_files._Pieces({0: record[:4096]}).read
     assert mapped.torch_save_layout(head_only, 0, len(record)) is None
 
 
@@ -75,7 +75,7 @@ class _CountingFS:
 def _read(path, key, chunk_offsets, chunk_index, offsets, lengths, dtype):
     """One ranged read of the block at ``offsets`` of ``lengths`` of ``key``'s saved chunk
     ``chunk_index``, as a resharding load plans it; returns (block, bytes fetched)."""
-    reader = dcp_io._reader(Storage(), path)
+    reader = storage_for(path).dcp_reader(path)
     md = reader.read_metadata()
     reader.set_up_storage_reader(md, True)
     state = {key: torch.full(lengths, -1.0, dtype=dtype)}
@@ -96,12 +96,12 @@ def test_resharding_reads_fetch_the_needed_rows_and_a_probe_only():
     wide = torch.randn(256, 1024).t()       # saved transposed: a column layout
     small = torch.randn(64, 64)             # 16 KiB: fetched whole
     path = "memory://ranged/ckpt"
-    dcp_io.save_state(Storage(), {"big": big, "wide": wide, "small": small}, path)
+    dcp_io.save_state(storage_for(path), {"big": big, "wide": wide, "small": small}, path)
     try:
         block, fetched = _read(path, "big", (0, 0), 0, (300, 0), (200, 256), torch.float32)
         assert torch.equal(block, big[300:500])
         need = 200 * 256 * 4
-        assert need <= fetched <= need + 2 * dcp_io.PROBE_BYTES, fetched
+        assert need <= fetched <= need + 2 * dcp_files.PROBE_BYTES, fetched
 
         block, fetched = _read(path, "wide", (0, 0), 0, (0, 10), (1024, 20), torch.float32)
         assert torch.equal(block, wide[:, 10:30])  # columns of the stored rows: a span
@@ -132,12 +132,12 @@ def test_a_file_read_whole_costs_a_request_per_part_not_per_record(monkeypatch):
     torch.manual_seed(0)
     state = {f"w{i}": torch.randn(64, 64) for i in range(20)}  # 20 records of 16 KiB
     path = "memory://parts/ckpt"
-    dcp_io.save_state(Storage(), state, path)
+    dcp_io.save_state(storage_for(path), state, path)
     try:
-        monkeypatch.setattr(dcp_io, "PART_BYTES", 100_000)
+        monkeypatch.setattr(dcp_files, "PART_BYTES", 100_000)
         counting = _CountingRanges(monkeypatch)
         got = {k: torch.zeros_like(v) for k, v in state.items()}
-        dcp_io.load_state(Storage(), got, path)
+        dcp_io.load_state(storage_for(path), got, path)
         for k in state:
             assert torch.equal(got[k], state[k]), k
         data = [r for r in counting.ranges if r[0].endswith(".distcp")]
@@ -186,9 +186,9 @@ def test_probes_coalesce_with_the_small_records_between_them(monkeypatch):
         state[f"l{i}.b"] = torch.randn(256)
         state[f"l{i}.w"] = torch.randn(512, 256)  # 512 KiB
     path = "memory://coalesce/ckpt"
-    dcp_io.save_state(Storage(), state, path)
+    dcp_io.save_state(storage_for(path), state, path)
     try:
-        reader = dcp_io._reader(Storage(), path)
+        reader = storage_for(path).dcp_reader(path)
         md = reader.read_metadata()
         order = sorted(md.storage_data.items(), key=lambda kv: kv[1].offset)
         assert [k.fqn for k, _ in order] == list(state), "the records are not in key order"
@@ -211,6 +211,6 @@ def test_probes_coalesce_with_the_small_records_between_them(monkeypatch):
         assert len(counting.ranges) == 2 * n + 1, counting.ranges
         fetched = sum(e - s for _, s, e in counting.ranges)
         needed = sum(v.numel() * 4 for v in want.values())
-        assert fetched <= needed + 2 * n * dcp_io.PROBE_BYTES + n * 2048  # + the bias zips
+        assert fetched <= needed + 2 * n * dcp_files.PROBE_BYTES + n * 2048  # + the bias zips
     finally:
         fsspec.filesystem("memory").rm("/coalesce", recursive=True)

@@ -1,0 +1,58 @@
+"""The one shape of every extension point here (adapter kinds, input formats, step
+items): named entries, asked in order, a name taken once."""
+
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+__all__ = ["Registry"]
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Entries with a ``name`` attribute, in the order they are asked.
+
+    Args:
+        what: what an entry is, for messages ("an adapter kind").
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._entries: list[T] = []
+
+    def add(self, entry: T, *, before: str | None = None) -> T:
+        """Add ``entry`` last, or just before the entry named ``before`` when there is
+        one. Adding an entry of a registered entry's class under its name again is a
+        no-op (a module imported twice); returns the registered entry.
+
+        Raises:
+            ValueError: another class is registered under the same name.
+        """
+        for existing in self._entries:
+            if existing.name == entry.name:
+                if type(existing) is type(entry):
+                    return existing
+                raise ValueError(f"{self.what} named {entry.name!r} is already registered "
+                                 f"({type(existing).__qualname__}); give yours another name")
+        names = [e.name for e in self._entries]
+        self._entries.insert(names.index(before) if before in names else len(names), entry)
+        return entry
+
+    def remove(self, entry: T) -> None:
+        self._entries.remove(entry)
+
+    def named(self, name: str) -> T:
+        for entry in self._entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"no {self.what} named {name!r}; registered: {self.names()}")
+
+    def names(self) -> list[str]:
+        return [e.name for e in self._entries]
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(list(self._entries))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
