@@ -16,7 +16,7 @@ of guessing from names:
 * how its state-dict keys map to canonical names (:meth:`AdapterKind.canonical_key`).
 
 The library's own LoRA (:mod:`dcp_universal.lora`) and PEFT LoRA
-(:mod:`dcp_universal.peft_lora`) are registered kinds; a new kind is one module that
+(:mod:`dcp_universal.peft_io`) are registered kinds; a new kind is one module that
 calls :func:`register`::
 
     >>> class MyAdapterKind(AdapterKind):
@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from dcp_universal._registry import Registry
 
 __all__ = ["AdapterKind", "Term", "Site", "register", "registered", "kind_of", "find_sites",
            "adapter_config"]
@@ -96,7 +98,7 @@ class AdapterKind:
         return local_key[len(attr) + 1:] if local_key.startswith(attr + ".") else local_key
 
 
-_REGISTRY: list[AdapterKind] = []
+_KINDS: Registry[AdapterKind] = Registry("an adapter kind")
 
 
 def register(kind: AdapterKind) -> AdapterKind:
@@ -105,22 +107,15 @@ def register(kind: AdapterKind) -> AdapterKind:
     Raises:
         ValueError: another kind is registered under the same name.
     """
-    for existing in _REGISTRY:
-        if existing.name == kind.name:
-            if type(existing) is type(kind):
-                return existing
-            raise ValueError(f"an adapter kind named {kind.name!r} is already registered "
-                             f"({type(existing).__qualname__}); give yours another name")
-    _REGISTRY.append(kind)
-    return kind
+    return _KINDS.add(kind)
 
 
 def registered() -> list[AdapterKind]:
-    return list(_REGISTRY)
+    return list(_KINDS)
 
 
 def kind_of(module: nn.Module) -> AdapterKind | None:
-    for kind in _REGISTRY:
+    for kind in _KINDS:
         if kind.matches(module):
             return kind
     return None

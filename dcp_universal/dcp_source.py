@@ -63,6 +63,7 @@ class DcpFormat(Format):
     name = "dcp"
     looks_like = (f"a DCP directory (with {manifest.METADATA_FILE}) or a step directory "
                   f"with {manifest.MODEL_DIR}/{manifest.METADATA_FILE}")
+    takes_prefix = True
 
     def detect(self, store: Storage, path: str) -> bool:
         return model_dir(store, path) is not None

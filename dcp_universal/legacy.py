@@ -170,7 +170,6 @@ class LegacyFormat(Format):
         return is_legacy_file(store, path)
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        want.no_prefix(path, "a legacy torch.save file")
         ck = read_legacy(store, path)
         note = f"read legacy file {ck.path}" + (
             f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")

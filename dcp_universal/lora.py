@@ -27,10 +27,12 @@ from dcp_universal.names import canonical_module_names
 __all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora", "LoRAKind"]
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update."""
+class _LoRALayer(nn.Module):
+    """A frozen base layer plus a trainable rank-``rank`` update ``scale * lora_A, lora_B``
+    (shaped ``a_shape`` and ``b_shape``; ``B`` starts at zero)."""
 
-    def __init__(self, base_layer: nn.Linear, *, rank: int, alpha: float) -> None:
+    def __init__(self, base_layer: nn.Module, *, rank: int, alpha: float, a_shape: tuple,
+                 b_shape: tuple) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -38,45 +40,41 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=w.dtype, device=w.device))
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+class LoRALinear(_LoRALayer):
+    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update."""
+
+    def __init__(self, base_layer: nn.Linear, *, rank: int, alpha: float) -> None:
+        out_f, in_f = base_layer.weight.shape
+        super().__init__(base_layer, rank=rank, alpha=alpha, a_shape=(rank, in_f),
+                         b_shape=(out_f, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}"
 
-
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_LoRALayer):
     """A frozen ``nn.Embedding`` plus a trainable rank-``rank`` update."""
 
     def __init__(self, base_layer: nn.Embedding, *, rank: int, alpha: float) -> None:
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
-        self.base_layer = base_layer
-        self.rank = rank
-        self.alpha = float(alpha)
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(w.shape[0], rank, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device))
+        num, dim = base_layer.weight.shape
+        super().__init__(base_layer, rank=rank, alpha=alpha, a_shape=(num, rank),
+                         b_shape=(rank, dim))
         nn.init.normal_(self.lora_A)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + F.embedding(x, self.lora_A) @ self.lora_B * self.scale
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}"
 
 
 def _matches(name: str, target: str) -> bool:

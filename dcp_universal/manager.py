@@ -26,17 +26,17 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from dcp_universal import _comm, dcp_io, manifest, optim_io, retention, training_state
+from dcp_universal import _comm, manifest, optim_io, retention, training_state
 from dcp_universal.base_store import BaseStore
 from dcp_universal.commit import StepWriter
 from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.integrity import check_files
-from dcp_universal.load import stage_model
+from dcp_universal.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.manifest import Manifest
-from dcp_universal.plan import LoadReport
-from dcp_universal.save import check_merge, model_writer
-from dcp_universal.staging import Stager
-from dcp_universal.storage import join, normalize, storage_for
+from dcp_universal.plan import LoadReport, Staged
+from dcp_universal.save import check_merge
+from dcp_universal.staging import Snapshotter
+from dcp_universal.storage import normalize, storage_for
 from dcp_universal.view import ModelView
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -90,6 +90,24 @@ class _Options:
         if self.keep_best is not None:
             out.append(retention.KeepBest(self.keep_best, self.best_metric, self.best_mode))
         return out
+
+
+def _check_items(items: Iterable[Item]) -> tuple[Item, ...]:
+    items = tuple(items)
+    taken = {i.name for i in BUILTIN}
+    for item in items:
+        if not isinstance(item, Item):
+            raise TypeError(f"items: {item!r} is not a dcp_universal.items.Item")
+        name = item.name
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") \
+                or name == manifest.MANIFEST:
+            raise ValueError(f"items: {type(item).__name__}.name={name!r}: expected a directory "
+                             "name (no '/', not hidden, not manifest.json)")
+        if name in taken:
+            raise ValueError(f"items: two items named {name!r} (the library's own are "
+                             f"{sorted(i.name for i in BUILTIN)})")
+        taken.add(name)
+    return items
 
 
 def _check_step(step) -> int:
@@ -159,8 +177,10 @@ class CheckpointManager:
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
                  storage_options: dict | None = None, merged_every: int | None = None,
                  keep_every: int | None = None, keep_best: int | None = None,
-                 best_metric: str | None = None, best_mode: str = "min") -> None:
+                 best_metric: str | None = None, best_mode: str = "min",
+                 items: Iterable[Item] = ()) -> None:
         self.root = normalize(root)
+        self._items = (*BUILTIN, *_check_items(items))
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
                                 storage_options=storage_options, keep_every=keep_every,
                                 keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
@@ -169,7 +189,7 @@ class CheckpointManager:
         self._pending: SaveHandle | None = None
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
         self._group = None  # the background thread's gloo group (collective to create)
-        self._stager = Stager()
+        self._snapshots = Snapshotter()
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -201,7 +221,7 @@ class CheckpointManager:
             if self._background is not None:
                 self._background.shutdown(wait=True)
                 self._background = None
-            self._stager = Stager()
+            self._snapshots = Snapshotter()
 
     # ---- listing ----------------------------------------------------------------------
 
@@ -271,14 +291,14 @@ class CheckpointManager:
             self._group = self._group or _comm.new_gloo_group()
             self._background = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="dcp-universal-save")
-        self._stager.begin()
+        self._snapshots.begin()
         finish = self._snapshot(step, model, optimizer, extra, bool(merged), overwrite, metrics,
-                                self._stager.stage)
-        self._stager.end()
+                                self._snapshots.copy)
+        self._snapshots.end()
         stall = time.perf_counter() - start
         if _comm.rank() == 0:
             logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
-                        self._stager.nbytes / 1e6, stall)
+                        self._snapshots.nbytes / 1e6, stall)
 
         def background() -> str:
             with _comm.using(self._group):
@@ -288,36 +308,23 @@ class CheckpointManager:
         return self._pending
 
     def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
-                  stage) -> Callable[[float], str]:
+                  snapshot) -> Callable[[float], str]:
         """Everything of a save that reads model, optimizer and ``extra`` (collective on
-        the caller's group: prepare, the base, factor gathers, training state), with
-        what the writes will read copied by ``stage`` (``None``: read in place, for a
-        blocking save). Returns the writes and the commit (collective on the group of
-        the thread that runs them)."""
+        the caller's group: prepare, then every item's save: the base, factor gathers,
+        training state), with what the writes will read copied by ``snapshot``
+        (``None``: read in place, for a blocking save). Returns the writes and the
+        commit (collective on the group of the thread that runs them)."""
         view = ModelView.of(model)
         writer = StepWriter(self._store, self.root, step)
         writer.prepare(overwrite=overwrite, bases=self._bases)
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
                      merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
                      ties=[list(g) for g in view.ties])
-        store = self._store
-        keep = stage if stage is not None else (lambda obj, slot: obj)
-        writes = []
-        if view.sites:
-            m.adapters = view.adapters_record()
-            m.base, m.base_files = self._bases.save(view)
-            trainable = keep(view.trainable_tensors(), "adapters")
-            writes.append((manifest.ADAPTERS_DIR,
-                           lambda p: dcp_io.save_state(store, trainable, p)))
-        if not view.sites or merged:
-            writes.append((manifest.MODEL_DIR,
-                           model_writer(view, self.options.merge, store, stage=stage)))
-        state, m.training_state = training_state.collect(extra)
-        if optimizer is not None:
-            state.update(optim_io.optimizer_state(view, optimizer))
-        state = keep(state, "optimizer")
-        writes.append((manifest.OPTIMIZER_DIR, lambda p: dcp_io.save_state(store, state, p)))
-        m.items[manifest.OPTIMIZER_DIR] = optimizer is not None
+        ctx = SaveContext(view=view, optimizer=optimizer, extra=extra, store=self._store,
+                          manifest=m, merge=self.options.merge, merged=merged,
+                          bases=self._bases, snapshotter=snapshot)
+        writes = [(item.name, w) for item in self._items if (w := item.save(ctx)) is not None]
+        del ctx
 
         def finish(start: float) -> str:
             while writes:  # each write's data is freed once written
@@ -414,30 +421,22 @@ class CheckpointManager:
     def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify) -> LoadReport:
         path = self.step_path(step)
         m = manifest.read_manifest(self._store, path)
-        training = optimizer is not None or bool(extra)
-        if optimizer is not None and not m.has(manifest.OPTIMIZER_DIR):
-            raise CheckpointError(f"step {step} was saved without an optimizer; load it with optimizer=None")
-        if training:
-            training_state.check_load(m, extra, skip)
-            check_files(self._store, path, m.files, checksums=verify,
-                        prefixes=(f"{manifest.OPTIMIZER_DIR}/",))
+        ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra, path=path,
+                          manifest=m, store=self._store, strict=strict, verify=verify,
+                          hyperparams=hyperparams, skip_per_rank=skip)
+        for item in self._items:
+            item.check(ctx)
         # Read everything first, install after: a failure halfway leaves the job untouched.
-        view = ModelView.of(model)
-        parts = [stage_model(view, path, strict=strict, verify=verify, stage=True,
-                             store=self._store, step_manifest=m)]
-        opt_dir = join(path, manifest.OPTIMIZER_DIR)
-        if optimizer is not None:
-            parts.append(optim_io.stage_optimizer(view, optimizer, opt_dir,
-                                                  hyperparams=hyperparams, store=self._store))
-        if training:
-            parts.append(training_state.stage(m, opt_dir, extra, skip, self._store))
-        report = LoadReport()
-        for part in parts:
-            part.commit()
-            report.merge(part.report)
-        if parts[0].facts.get("restored_base"):
-            self._bases.remember(view, parts[0].facts["restored_base"])
-        return report
+        staged = Staged.combine([s for item in self._items if (s := item.stage(ctx)) is not None])
+        staged.commit()
+        unknown = sorted(k for k in m.items if k not in {i.name for i in self._items})
+        if unknown:
+            staged.report.notes.append(
+                f"step {step} holds items this manager does not read: {unknown} (not loaded; "
+                "pass CheckpointManager(items=[...]) the items that wrote them)")
+        if staged.facts.get("restored_base"):
+            self._bases.remember(ctx.view, staged.facts["restored_base"])
+        return staged.report
 
     def verify(self, step: int | None = None, *,
                progress: Callable[[int], None] | None = None) -> dict[str, int]:

@@ -185,8 +185,25 @@ class Adapters:
         return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}
 
 
+class _ListsRecord:
+    """A record whose fields are all lists: written as they are, read with a check of
+    each (``_expect``: field -> what it holds, for the error)."""
+
+    _expect: dict[str, str] = {}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {" + ", ".join(names) + "}", d)
+        return cls(**{n: _get(d, n, list, where, cls._expect[n]) for n in names})
+
+
 @dataclasses.dataclass(kw_only=True)
-class Mesh:
+class Mesh(_ListsRecord):
     """The device mesh of the sharded model at save.
 
     Attributes:
@@ -194,22 +211,13 @@ class Mesh:
         placements: the DTensor placements, as text (``"Shard(dim=0)"``).
     """
 
+    _expect = {"shape": "a list of ints", "placements": "a list of strings"}
     shape: list[int]
     placements: list[str]
 
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Any, where: str) -> "Mesh":
-        if not isinstance(d, dict):
-            raise _fail(where, "an object {shape, placements}", d)
-        return cls(shape=_get(d, "shape", list, where, "a list of ints"),
-                   placements=_get(d, "placements", list, where, "a list of strings"))
-
 
 @dataclasses.dataclass(kw_only=True)
-class TrainingState:
+class TrainingState(_ListsRecord):
     """What ``optimizer/`` holds besides the optimizer.
 
     Attributes:
@@ -218,18 +226,9 @@ class TrainingState:
             ranks); they cannot follow a change of world size without a rule.
     """
 
+    _expect = {"extra": "a list of names", "per_rank": "a list of names"}
     extra: list[str] = dataclasses.field(default_factory=list)
     per_rank: list[str] = dataclasses.field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Any, where: str) -> "TrainingState":
-        if not isinstance(d, dict):
-            raise _fail(where, "an object {extra, per_rank}", d)
-        return cls(extra=_get(d, "extra", list, where, "a list of names"),
-                   per_rank=_get(d, "per_rank", list, where, "a list of names"))
 
 
 # Fields written only when they carry something (so manifests without them are
@@ -253,7 +252,8 @@ class Manifest:
         dtypes: the model tensors' dtypes.
         items: which item directories hold data: ``model``, ``adapters``, and
             ``optimizer`` (true when optimizer state was saved; the directory also holds
-            the training state, and exists either way).
+            the training state, and exists either way), and any item a run added
+            (:mod:`dcp_universal.items`); a reader keeps items it does not know.
         base: the shared frozen base directory (``base-<fingerprint>``), LoRA runs only.
         adapters: the adapters, LoRA runs only.
         training_state: names of the training state in ``optimizer/``.
@@ -287,7 +287,7 @@ class Manifest:
     ties: list[list[str]] = dataclasses.field(default_factory=list)
 
     def has(self, item: str) -> bool:
-        """True if the step holds ``item`` (one of :data:`ITEMS`)."""
+        """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
         return bool(self.items.get(item))
 
     def files_under(self, item: str) -> dict[str, FileRecord]:
@@ -327,10 +327,11 @@ class Manifest:
             raise FormatVersionError(
                 f"{where} has format_version {d['format_version']}; this dcp_universal "
                 f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it")
+        # items another version (or another run's CheckpointManager(items=...)) wrote
+        # are kept as they are: a reader that does not know one says so and skips it
         items = _get(d, "items", dict, where, "an object of item -> bool")
-        unknown = sorted(set(items) - set(ITEMS))
-        if unknown:
-            raise _fail(f"{where}.items", f"keys among {list(ITEMS)}", unknown)
+        for name, value in items.items():
+            _get(items, name, bool, f"{where}.items", "a boolean")
         mesh, adapters = d.get("mesh"), d.get("adapters")
         return cls(
             format_version=d["format_version"],
@@ -342,7 +343,7 @@ class Manifest:
             created_unix=float(_get(d, "created_unix", (int, float), where, "a time")),
             merge=_get(d, "merge", str, where, "'sharded' or 'rank0'"),
             dtypes=_get(d, "dtypes", list, where, "a list of dtype names"),
-            items={k: bool(v) for k, v in items.items()},
+            items=dict(items),
             base=_get(d, "base", str, where, "a base directory name", optional=True),
             adapters=Adapters.from_json(adapters, f"{where}.adapters") if adapters else None,
             training_state=TrainingState.from_json(

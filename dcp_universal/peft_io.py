@@ -455,7 +455,6 @@ class PeftAdapterFormat(Format):
         return is_adapter_dir(store, path)
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        want.no_prefix(path, "a PEFT adapter directory")
         load = safetensors_torch("loading a PEFT adapter").load
         config, where = read_peft_config(store, path)  # detect: it is there
         tensors = load(store.read_bytes(join(path, ADAPTER_WEIGHTS)))

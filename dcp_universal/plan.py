@@ -102,6 +102,20 @@ class Staged:
     commit: Callable[[], None]
     facts: dict = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def combine(cls, parts: "list[Staged]") -> "Staged":
+        """One part made of ``parts``: their reports merged, their commits in order."""
+        report, facts = LoadReport(), {}
+        for part in parts:
+            report.merge(part.report)
+            facts.update(part.facts)
+
+        def commit() -> None:
+            for part in parts:
+                part.commit()
+
+        return cls(report, commit, facts)
+
 
 @dataclasses.dataclass
 class LoadPlan:

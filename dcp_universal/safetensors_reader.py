@@ -179,6 +179,7 @@ class HfFormat(Format):
     name = "hf"
     looks_like = (f"a Hugging Face directory ({manifest.HF_SINGLE}, or shards with "
                   f"{manifest.HF_INDEX})")
+    takes_prefix = True
 
     def detect(self, store: Storage, path: str) -> bool:
         return any(store.exists(join(path, f)) for f in (manifest.HF_INDEX, manifest.HF_SINGLE))

@@ -84,12 +84,12 @@ def write_model(view: ModelView, path: str, merge: str, store: Storage, *,
 
 
 def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool = True,
-                 stage: Callable[[object, str], object] | None = None
+                 snapshot: Callable[[object, str], object] | None = None
                  ) -> Callable[[str], dict[str, FileRecord]]:
     """A model save in two parts: what reads the model happens now, and the write is
     returned (``write(path)`` -> the records of this rank's files).
 
-    ``stage`` (an asynchronous save's :meth:`~dcp_universal.staging.Stager.stage`)
+    ``snapshot`` (an asynchronous save's :meth:`~dcp_universal.staging.Snapshotter.copy`)
     copies what the write will read, so the model may change before it runs.
 
     Collective, every rank, now: ``mode="sharded"``: one factor gather;
@@ -97,7 +97,7 @@ def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool 
     ``"sharded"``: one ``dcp.save``; ``"rank0"``: rank 0 writes alone and tells every
     rank how it went (``_comm.on_rank0``).
     """
-    keep = stage if stage is not None else (lambda obj, slot: obj)
+    keep = snapshot if snapshot is not None else (lambda obj, slot: obj)
     if mode == "sharded":
         gathered = merge.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
         factors = keep({s.weight_key: f for s, f in zip(view.sites, gathered)}, "model.factors")

@@ -37,6 +37,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from dcp_universal import dcp_io, merge
+from dcp_universal._registry import Registry
 from dcp_universal.errors import NotACheckpointError
 from dcp_universal.manifest import AdapterTerm, Manifest
 from dcp_universal.mapped import Copies
@@ -45,7 +46,8 @@ from dcp_universal.storage import Storage
 from dcp_universal.view import ModelView, local_block
 
 __all__ = ["Dir", "DcpDir", "MemoryDir", "Entry", "Source", "Want", "Format",
-           "register_format", "registered_formats", "detect", "open_source", "dir_entries"]
+           "register_format", "unregister_format", "registered_formats", "detect",
+           "open_source", "dir_entries"]
 
 
 # ---- where tensors are ------------------------------------------------------------------
@@ -294,20 +296,17 @@ class Want:
     verify: bool = False
     manifest: Manifest | None = None
 
-    def no_prefix(self, path: str, what: str) -> None:
-        """Refuse a ``prefix`` for a format whose keys need none."""
-        if self.prefix:
-            raise ValueError(f"prefix={self.prefix!r}: {path} is {what}; prefix= picks the "
-                             "model's subtree in a DCP checkpoint written by another tool")
-
 
 class Format(abc.ABC):
     """One input format: says whether a path is its kind, and opens it."""
 
     #: stable identifier (``register_format(..., before=name)``)
     name: str = "abstract"
-    #: what a path of this format looks like, for the error when no format matches
+    #: what a path of this format looks like, for messages
     looks_like: str = ""
+    #: whether ``Want.prefix`` means something here (a nested layout of another tool);
+    #: :func:`open_source` refuses a prefix for the other formats
+    takes_prefix: bool = False
 
     @abc.abstractmethod
     def detect(self, store: Storage, path: str) -> bool:
@@ -318,36 +317,25 @@ class Format(abc.ABC):
         """The source at ``path``; reads metadata only, never tensor data."""
 
 
-_FORMATS: list[Format] = []
+_FORMATS: Registry[Format] = Registry("an input format")
 
 
 def register_format(fmt: Format, *, before: str | None = None) -> Format:
     """Add ``fmt`` to the formats asked by :func:`open_source` (last, or just before the
-    format named ``before``). Registering a format of the same class again is a no-op.
+    format named ``before``).
 
     Raises:
         ValueError: another format is registered under the same name.
     """
-    for existing in _FORMATS:
-        if existing.name == fmt.name:
-            if type(existing) is type(fmt):
-                return existing
-            raise ValueError(f"an input format named {fmt.name!r} is already registered "
-                             f"({type(existing).__qualname__}); give yours another name")
-    names = [f.name for f in _FORMATS]
-    _FORMATS.insert(names.index(before) if before in names else len(_FORMATS), fmt)
-    return fmt
+    return _FORMATS.add(fmt, before=before)
+
+
+def unregister_format(fmt: Format) -> None:
+    _FORMATS.remove(fmt)
 
 
 def registered_formats() -> list[Format]:
     return list(_FORMATS)
-
-
-def format_named(name: str) -> Format:
-    for fmt in _FORMATS:
-        if fmt.name == name:
-            return fmt
-    raise KeyError(name)
 
 
 def detect(store: Storage, path: str) -> Format:
@@ -370,5 +358,8 @@ def detect(store: Storage, path: str) -> Format:
 def open_source(store: Storage, path: str, want: Want = Want()) -> Source:
     """The source at ``path``, opened by the format that recognises it (a committed
     step's format directly when ``want.manifest`` is given)."""
-    fmt = format_named("step") if want.manifest is not None else detect(store, path)
+    fmt = _FORMATS.named("step") if want.manifest is not None else detect(store, path)
+    if want.prefix and not fmt.takes_prefix:
+        raise ValueError(f"prefix={want.prefix!r}: {path} is {fmt.looks_like}; prefix= picks "
+                         "the model's subtree in a DCP checkpoint written by another tool")
     return fmt.open(store, path, want)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["Stager", "host_empty", "dtensor_like"]
+__all__ = ["Snapshotter", "host_empty", "dtensor_like"]
 
 
 def host_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -34,7 +34,7 @@ def dtensor_like(local: torch.Tensor, t: DTensor) -> DTensor:
                               shape=t.shape, stride=t.stride())
 
 
-class Stager:
+class Snapshotter:
     """Takes snapshots into reused host buffers. One snapshot at a time: the manager
     waits for the previous save's background write before taking the next."""
 
@@ -59,7 +59,7 @@ class Stager:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def stage(self, obj: Any, slot: str) -> Any:
+    def copy(self, obj: Any, slot: str) -> Any:
         """A copy of ``obj`` (nested dicts, lists, tuples, dataclasses) whose tensors are
         staging buffers and whose other leaves are deep copies. A DTensor becomes a
         DTensor over a staged copy of its local shard (same mesh, placements, shape)."""
@@ -68,13 +68,13 @@ class Stager:
         if isinstance(obj, torch.Tensor):
             return self._copy(obj, slot)
         if isinstance(obj, dict):
-            return {k: self.stage(v, f"{slot}/{k}") for k, v in obj.items()}
+            return {k: self.copy(v, f"{slot}/{k}") for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-            return type(obj)(self.stage(v, f"{slot}/{i}") for i, v in enumerate(obj))
+            return type(obj)(self.copy(v, f"{slot}/{i}") for i, v in enumerate(obj))
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             fields = [f.name for f in dataclasses.fields(obj) if f.init]
             return dataclasses.replace(
-                obj, **{n: self.stage(getattr(obj, n), f"{slot}.{n}") for n in fields})
+                obj, **{n: self.copy(getattr(obj, n), f"{slot}.{n}") for n in fields})
         return copy.deepcopy(obj)
 
     def _copy(self, t: torch.Tensor, key: str) -> torch.Tensor:

@@ -22,13 +22,12 @@ __all__ = ["StepFormat"]
 
 class StepFormat(Format):
     name = "step"
-    looks_like = f"a committed step (with {manifest.MANIFEST})"
+    looks_like = f"a committed step (with {manifest.MANIFEST}), whose keys are canonical"
 
     def detect(self, store: Storage, path: str) -> bool:
         return store.exists(join(path, manifest.MANIFEST))
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        want.no_prefix(path, "a dcp_universal step, whose keys are canonical")
         m = want.manifest if want.manifest is not None else manifest.read_manifest(store, path)
         source = _step_source(store, path, want, m)
         return source.replace(ties=tuple(tuple(g) for g in m.ties))

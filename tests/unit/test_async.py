@@ -108,14 +108,14 @@ def test_staging_buffers_are_reused_from_save_to_save(tmp_path):
     model, opt, sched, counters = _job()
     mgr = CheckpointManager(str(tmp_path / "root"), keep_last=2)
     mgr.save(2, model, opt, blocking=False).result()
-    first = {k: b.data_ptr() for k, b in mgr._stager._buffers.items()}
-    nbytes = mgr._stager.nbytes
+    first = {k: b.data_ptr() for k, b in mgr._snapshots._buffers.items()}
+    nbytes = mgr._snapshots.nbytes
     params = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     assert nbytes >= params  # model and optimizer moments are staged
     train(model, opt, sched, Data(0), counters, 3)
     mgr.save(3, model, opt, blocking=False).result()
-    assert {k: b.data_ptr() for k, b in mgr._stager._buffers.items()} == first
-    assert mgr._stager.nbytes == nbytes
+    assert {k: b.data_ptr() for k, b in mgr._snapshots._buffers.items()} == first
+    assert mgr._snapshots.nbytes == nbytes
 
 
 def test_context_manager_waits_and_close_keeps_the_manager_usable(tmp_path):

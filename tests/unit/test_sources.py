@@ -27,7 +27,6 @@ class FlatFormat(sources.Format):
         return store.exists(join(path, "index.json"))
 
     def open(self, store, path, want):
-        want.no_prefix(path, "a flat directory")
         index = json.loads(store.read_bytes(join(path, "index.json")))
         spans = [(off, math.prod(shape) * 4) for shape, off in index.values()]
         raws = store.read_spans(join(path, "weights.bin"), spans)
@@ -56,7 +55,7 @@ def flat():
     try:
         yield fmt
     finally:
-        sources._FORMATS.remove(fmt)
+        sources.unregister_format(fmt)
 
 
 def _out(model):
@@ -89,6 +88,9 @@ def test_a_registered_format_is_read_by_every_reader(flat, tmp_path, capsys):
     report = load_model(lora, path)
     assert report.remapped and report.fresh
     torch.testing.assert_close(_out(lora), _out(src), atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match="prefix='app.model.'.*a flat directory"):
+        load_model(tiny.make("plain"), path, prefix="app.model.")
 
     assert main(["inspect", path]) == 0
     out = capsys.readouterr().out
