@@ -38,7 +38,10 @@ import torch.nn as nn
 from dcp_universal._registry import Registry
 
 __all__ = ["AdapterKind", "Term", "Site", "register", "registered", "kind_of", "find_sites",
-           "adapter_config"]
+           "adapter_config", "is_conv1d", "LAYOUTS"]
+
+#: the base-weight layouts an adapter kind may declare (:meth:`AdapterKind.layout`)
+LAYOUTS = ("linear", "conv1d", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,17 @@ class AdapterKind:
         """What the manifest records about this module's adapter (rank, alpha, ...)."""
         return {}
 
+    def layout(self, module: nn.Module) -> str:
+        """How the base weight is laid out, which fixes how other tools' adapter formats
+        store the factors (PEFT's ``lora_A`` / ``lora_B`` / ``lora_embedding_*``):
+        ``"linear"`` (weight ``(out, in)``), ``"conv1d"`` (``(in, out)``, transformers'
+        ``Conv1D``) or ``"embedding"`` (``(num, dim)``). Recorded in the manifest; by
+        default read off the base layer's type."""
+        base = getattr(module, self.base_attr(module))
+        if isinstance(base, nn.Embedding):
+            return "embedding"
+        return "conv1d" if is_conv1d(base) else "linear"
+
     def canonical_key(self, module: nn.Module, local_key: str) -> str:
         """The canonical name of a key below ``module`` (``"base_layer.weight"`` ->
         ``"weight"``; adapter parameters keep their own names). Returns ``""`` for the
@@ -96,6 +110,13 @@ class AdapterKind:
         if local_key == attr:
             return ""
         return local_key[len(attr) + 1:] if local_key.startswith(attr + ".") else local_key
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's weight layout ``(in, out)``), matched by
+    class name so transformers is never imported here."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+               for c in type(module).__mro__)
 
 
 _KINDS: Registry[AdapterKind] = Registry("an adapter kind")
@@ -165,8 +186,14 @@ def find_sites(model: nn.Module, module_names: dict[nn.Module, str]) -> list[Sit
 
 
 def adapter_config(sites: list[Site]) -> dict[str, Any]:
-    """What the manifest records about the adapters: kinds and per-module config."""
+    """What the manifest records about the adapters: kinds, per-module config and base
+    layouts."""
+    layouts = {s.name: s.kind.layout(s.module) for s in sites}
+    bad = {n: v for n, v in layouts.items() if v not in LAYOUTS}
+    if bad:
+        raise ValueError(f"adapter kinds declared layouts {bad}; expected one of {LAYOUTS}")
     return {
         "kinds": sorted({s.kind.name for s in sites}),
         "modules": {s.name: s.kind.config(s.module) for s in sites},
+        "layouts": layouts,
     }

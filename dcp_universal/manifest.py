@@ -158,15 +158,22 @@ class Adapters:
         kinds: names of the adapter kinds present (``dcp_universal.adapters``).
         modules: canonical module name -> the kind's configuration (rank, alpha, ...).
         sites: canonical module name -> the terms added to its ``.weight``.
+        layouts: canonical module name -> its base weight's layout, as its kind declares
+            it (``linear``, ``conv1d``, ``embedding``); exports to other tools' adapter
+            formats follow it. Empty in steps written before it was recorded.
     """
 
     kinds: list[str]
     modules: dict[str, dict]
     sites: dict[str, list[AdapterTerm]]
+    layouts: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"kinds": list(self.kinds), "modules": self.modules,
-                "sites": {n: [t.to_json() for t in terms] for n, terms in self.sites.items()}}
+        out = {"kinds": list(self.kinds), "modules": self.modules,
+               "sites": {n: [t.to_json() for t in terms] for n, terms in self.sites.items()}}
+        if self.layouts:
+            out["layouts"] = dict(self.layouts)
+        return out
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> "Adapters":
@@ -179,7 +186,9 @@ class Adapters:
         return cls(kinds=_get(d, "kinds", list, where, "a list of kind names"),
                    modules=_get(d, "modules", dict, where, "an object of module -> config"),
                    sites={n: [AdapterTerm.from_json(t, f"{where}.sites[{n!r}]") for t in terms]
-                          for n, terms in sites.items()})
+                          for n, terms in sites.items()},
+                   layouts=_get(d, "layouts", dict, where, "an object of module -> layout",
+                                optional=True, default={}) or {})
 
     def factor_keys(self) -> set[str]:
         return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}

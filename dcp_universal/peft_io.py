@@ -57,7 +57,7 @@ from dcp_universal.storage import Storage, join, normalize, parent, storage_for
 from dcp_universal.view import ModelView, local_block
 
 __all__ = ["PeftLoRAKind", "PeftFactors", "peft_factors", "read_peft_config", "peft_scale",
-           "is_conv1d", "peft_transposed", "merge_terms", "PeftAdapterFormat", "export_peft",
+           "peft_transposed", "merge_terms", "PeftAdapterFormat", "export_peft",
            "stage_adapter", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -229,13 +229,6 @@ def peft_scale(config: dict, site: str, rank: int, where: str) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def is_conv1d(module) -> bool:
-    """True for transformers' ``Conv1D`` (GPT-2's weight layout ``(in, out)``), matched by
-    class name so transformers is never imported here."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
-               for c in type(module).__mro__)
-
-
 def peft_transposed(a_shape, b_shape, base_shape, base_module, fan_in_fan_out: bool,
                     where: str) -> bool:
     """Whether a PEFT ``lora_A`` ``(r, x)`` / ``lora_B`` ``(y, r)`` pair updates its base
@@ -253,7 +246,7 @@ def peft_transposed(a_shape, b_shape, base_shape, base_module, fan_in_fan_out: b
     linear, conv1d = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
     base = tuple(base_shape)
     if base_module is not None:
-        transposed = is_conv1d(base_module)
+        transposed = adapters.is_conv1d(base_module)
     elif linear == conv1d:
         transposed = bool(fan_in_fan_out)
     else:
@@ -329,8 +322,9 @@ def _base_module(module: nn.Module | None) -> nn.Module | None:
 
 # ---- export ----------------------------------------------------------------------------
 
-def _layout(term: manifest.AdapterTerm) -> str:
-    """``linear``, ``conv1d`` or ``embedding``, from the factor names the kinds use."""
+def _layout_by_names(term: manifest.AdapterTerm) -> str:
+    """The layout of a step written before manifests recorded it (``Adapters.layouts``),
+    from the factor names of the two kinds that existed then."""
     if re.search(r"\.lora_B(\.[^.]+\.weight)?$", term.left):
         return "linear"  # own LoRALinear (x.lora_B) or PEFT Linear (x.lora_B.<a>.weight)
     if term.left.endswith(".lora_A") or ".lora_embedding_A." in term.left:
@@ -338,8 +332,9 @@ def _layout(term: manifest.AdapterTerm) -> str:
     if re.search(r"\.lora_A\.[^.]+\.weight$", term.left):
         return "conv1d"  # PEFT on a Conv1D base: (B @ A).T
     raise UnsupportedAdapterError(
-        f"adapter factor {term.left!r} is of a kind PEFT's LoRA format cannot hold; "
-        "export the merged model with export_hf instead")
+        f"adapter factor {term.left!r}: the step records no layout for it (written before "
+        "layouts were recorded, by a kind this version cannot place); export the merged "
+        "model with export_hf instead")
 
 
 def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> str:
@@ -381,7 +376,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> s
         t = terms[0]
         left = full[t.left].T if t.left_t else full[t.left]      # L: (rows, r)
         right = full[t.right].T if t.right_t else full[t.right]  # R: (r, cols)
-        layout = layouts[site] = _layout(t)
+        layout = layouts[site] = m.adapters.layouts.get(site) or _layout_by_names(t)
         if layout == "linear":
             a, b, names = right, left, ("lora_A.weight", "lora_B.weight")
         else:

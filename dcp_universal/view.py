@@ -142,7 +142,8 @@ class ModelView:
 
         config = adapters.adapter_config(self.sites)
         return Adapters(kinds=config["kinds"], modules=config["modules"],
-                        sites={s.name: [term(t) for t in s.terms()] for s in self.sites})
+                        sites={s.name: [term(t) for t in s.terms()] for s in self.sites},
+                        layouts=config["layouts"])
 
     def mesh(self) -> Mesh | None:
         for t in self.tensors.values():

@@ -3,6 +3,7 @@ adapter kind registered by a user."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 
 import tiny
-from dcp_universal import CheckpointError, CheckpointManager, adapters, dcp_io, load_model, save_model
+from dcp_universal import (CheckpointError, CheckpointManager, UnsupportedAdapterError, adapters,
+                           dcp_io, load_model, save_model)
 from train_loop import Data, build, train
 
 
@@ -140,3 +142,31 @@ def test_a_registered_kind_is_merged_named_and_loaded_like_the_built_in_ones(tmp
     assert report.remapped["blocks.0.q.weight"] == "blocks.0.q.inner.weight"
     assert set(report.fresh) == {"blocks.0.q.down", "blocks.0.q.up"}
     torch.testing.assert_close(_out(adapted), _out(plain), atol=1e-5, rtol=0)
+
+
+def test_a_registered_kind_exports_to_peft_by_its_declared_layout(tmp_path):
+    """Export follows the layout the kind declares (here the default, read off its base
+    layer), not factor names: a kind whose factors are called up/down exports, and the
+    adapter loads into the library's own LoRA layers with the same function."""
+    from dcp_universal import apply_lora, export_peft
+
+    adapters.register(ScaledLowRankKind())
+    model = tiny.make("plain", seed=1).requires_grad_(False)
+    model.blocks[0].q = ScaledLowRank(model.blocks[0].q, r=3, gain=0.7)
+    step = CheckpointManager(str(tmp_path / "run")).save(1, model)
+    m = CheckpointManager(str(tmp_path / "run")).manifest(1)
+    assert m.adapters.layouts == {"blocks.0.q": "linear"}
+    out = export_peft(step, str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and config["lora_alpha"] == pytest.approx(0.7 * 3)
+    target = apply_lora(tiny.make("plain", seed=1), rank=3, alpha=1.0, targets=["q"])
+    report = load_model(target, out)
+    assert {"blocks.0.q.lora_A", "blocks.0.q.lora_B"} <= set(report.loaded)
+    torch.testing.assert_close(_out(target), _out(model), atol=1e-5, rtol=0)
+    # a step written before layouts were recorded: the two old kinds' names still place
+    # their factors; a kind this version cannot place is refused, not guessed
+    raw = json.loads((tmp_path / "run" / "step-00000001" / "manifest.json").read_text())
+    del raw["adapters"]["layouts"]
+    (tmp_path / "run" / "step-00000001" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedAdapterError, match="records no layout"):
+        export_peft(step, str(tmp_path / "adapter2"))
