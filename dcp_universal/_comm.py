@@ -1,11 +1,14 @@
 """The few collectives the library needs, each a no-op without a process group.
 
 Every function here that talks to other ranks is collective: every rank calls it, in
-the same order relative to the package's other collectives.
+the same order relative to the package's other collectives, on the same ``group``.
 
-They run on the default process group, or on the group a thread chose with
-:func:`using` (the background thread of an asynchronous save uses a gloo group of its
-own, so its collectives never interleave with the training loop's on the default one).
+The group is an argument, never ambient state: ``None`` is the default group (what the
+training loop, saves' snapshots and loads use); the background thread of an
+asynchronous save runs its writes and commit on a gloo group of its own, passed down
+explicitly. That thread marks itself (:func:`writes_only`), and any collective there on
+another group, or any gather of the model (:func:`on_caller_thread`), raises instead of
+interleaving with the training loop's collectives.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "all_true",
-           "all_gather_object", "using", "group", "new_gloo_group"]
+           "all_gather_object", "new_gloo_group", "writes_only", "check_group",
+           "on_caller_thread"]
 
 T = TypeVar("T")
 
@@ -29,21 +33,35 @@ _thread = threading.local()
 
 
 @contextlib.contextmanager
-def using(pg) -> Iterator[None]:
-    """This thread's collectives (here and in ``dcp.save`` / ``dcp.load`` through
-    :mod:`dcp_universal.dcp_io`) run on ``pg`` inside the block (``None``: the default
-    group). ``pg`` must hold every rank, in the default group's order."""
-    before = getattr(_thread, "group", None)
-    _thread.group = pg
+def writes_only(group) -> Iterator[None]:
+    """This thread runs only a save's writes and commit, whose collectives are on
+    ``group`` (an asynchronous save's background thread)."""
+    _thread.writes_on = (group,)
     try:
         yield
     finally:
-        _thread.group = before
+        del _thread.writes_on
 
 
-def group():
-    """The process group this thread's collectives use (``None``: the default one)."""
-    return getattr(_thread, "group", None)
+def check_group(group, what: str) -> None:
+    """Raise if ``what`` (a collective on ``group``) must not run on this thread."""
+    writes_on = getattr(_thread, "writes_on", None)
+    if writes_on is not None and group is not writes_on[0]:
+        raise RuntimeError(
+            f"{what} on {'the default group' if group is None else 'another group'} from the "
+            "background thread of an asynchronous save, which runs only the writes and the "
+            "commit on its own group: this is a bug in dcp_universal (or in an item's write) "
+            "-> report it; blocking saves (blocking=True) are not affected")
+
+
+def on_caller_thread(what: str) -> None:
+    """Raise if this is a background save thread: ``what`` reads the model (gathers,
+    ``full_tensor()``), which only the snapshot on the caller's thread may do."""
+    if getattr(_thread, "writes_on", None) is not None:
+        raise RuntimeError(
+            f"{what} from the background thread of an asynchronous save, which must only "
+            "write the snapshot: this is a bug in dcp_universal (or in an item's write, "
+            "which must read what its save() snapshotted) -> report it")
 
 
 def new_gloo_group():
@@ -67,33 +85,36 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def barrier() -> None:
+def barrier(*, group=None) -> None:
     """Collective: returns once every rank has called it."""
+    check_group(group, "barrier")
     if is_distributed():
-        dist.barrier(group=group())
+        dist.barrier(group=group)
 
 
-def all_true(flag: bool) -> bool:
+def all_true(flag: bool, *, group=None) -> bool:
     """Collective: True on every rank iff ``flag`` is true on every rank."""
+    check_group(group, "all_true")
     if not is_distributed():
         return flag
     t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, *, group=None) -> list[Any]:
     """Collective: every rank's ``obj``, by rank (``[obj]`` without a process group)."""
+    check_group(group, "all_gather_object")
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj, group=group())
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result or
-    raises its exception.
+    raises its exception (told over ``group``).
 
     Collective. Call order, every rank:
 
@@ -107,6 +128,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     manifest, check a step, prune), and none is left waiting in a later collective when
     rank 0 failed. ``fn``'s result must be picklable.
     """
+    check_group(group, f"on_rank0({getattr(fn, '__name__', fn)})")
     result, error, told = None, None, None
     if rank() == 0:
         try:
@@ -119,7 +141,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             raise error
         return result
     box = [(result if error is None else None, told)]
-    dist.broadcast_object_list(box, src=0, group=group())
+    dist.broadcast_object_list(box, src=0, group=group)
     if error is not None:
         raise error
     result, told = box[0]

@@ -44,9 +44,11 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def gather_records(files: dict[str, FileRecord]) -> dict[str, FileRecord]:
-    """Collective: every rank's file records, merged (names are unique per rank)."""
-    return {name: rec for part in _comm.all_gather_object(files) for name, rec in part.items()}
+def gather_records(files: dict[str, FileRecord], *, group=None) -> dict[str, FileRecord]:
+    """Collective on ``group``: every rank's file records, merged (names are unique per
+    rank)."""
+    return {name: rec for part in _comm.all_gather_object(files, group=group)
+            for name, rec in part.items()}
 
 
 def _signature(tensors: dict[str, torch.Tensor]) -> tuple | None:

@@ -12,8 +12,11 @@ A :class:`StepWriter` is used by every rank, in this order::
 
     writer = StepWriter(store, root, step)
     writer.prepare(overwrite=..., bases=...)   # collective (rank 0 acts, all agree)
-    writer.write(item, fn)                     # collective as fn is; once per item
-    writer.commit(manifest)                    # collective (gather, rank 0 commits)
+    writer.write(item, fn, group)              # collective as fn is; once per item
+    writer.commit(manifest, group)             # collective (gather, rank 0 commits)
+
+``group`` is the save's process group (an asynchronous save's own, on its background
+thread; ``None``: the default group).
 """
 
 from __future__ import annotations
@@ -67,20 +70,22 @@ class StepWriter:
             self.store.remove_tree(manifest.step_path(self.root, debris))
         bases.remove_unfinished()
 
-    def write(self, item: str, fn: Callable[[str], dict[str, FileRecord]]) -> None:
-        """Write ``item`` (e.g. ``model``) with ``fn(item_dir)``, which returns the records
-        of the files this rank wrote. Collective exactly as ``fn`` is."""
-        written = fn(join(self.path, item))
+    def write(self, item: str, fn: Callable[[str, object], dict[str, FileRecord]],
+              group=None) -> None:
+        """Write ``item`` (e.g. ``model``) with ``fn(item_dir, group)``, which returns the
+        records of the files this rank wrote. Collective exactly as ``fn`` is."""
+        written = fn(join(self.path, item), group)
         self.files.update({f"{item}/{name}": rec for name, rec in written.items()})
         self.items[item] = True
 
-    def commit(self, m: Manifest) -> None:
-        """Collective: gather every rank's file records (one ``all_gather_object``), then
-        rank 0 writes the manifest (``on_rank0``). Every rank returns once the step is
-        committed, or raises :class:`CheckpointIOError` if the commit failed."""
-        m.files = gather_records(self.files)
+    def commit(self, m: Manifest, group=None) -> None:
+        """Collective on ``group``: gather every rank's file records (one
+        ``all_gather_object``), then rank 0 writes the manifest (``on_rank0``). Every
+        rank returns once the step is committed, or raises :class:`CheckpointIOError` if
+        the commit failed."""
+        m.files = gather_records(self.files, group=group)
         m.items = {**self.items, **m.items}
-        _comm.on_rank0(self._commit, m)
+        _comm.on_rank0(self._commit, m, group=group)
 
     def _commit(self, m: Manifest) -> None:
         try:

@@ -23,7 +23,8 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import IntegrityError
-from dcp_universal.mapped import Copies, byte_view, parse_record, take_read, torch_save_layout
+from dcp_universal.mapped import Copies, byte_view, parse_record, take_read
+from dcp_universal.torch_formats import dcp_record, torch_save_layout
 
 __all__ = ["OwnFiles", "LocalWriter", "remote_classes", "COMPUTED_FILE_BYTES",
            "RANGED_BATCH_BYTES", "PROBE_BYTES", "PART_BYTES", "PART_MIN_SKIP"]
@@ -112,15 +113,16 @@ def remote_classes():
             fs = _torch_compat.fsspec_of(self)
             whole, parts = [], {}
             for req in plan.items:
-                info = self.storage_data[req.storage_index]
+                info = dcp_record(self.storage_data, req.storage_index)
                 if self._skipped(req, info) >= PART_MIN_SKIP:
-                    parts.setdefault((info.relative_path, info.offset), []).append(req)
+                    parts.setdefault((info.file, info.offset), []).append(req)
                 else:
                     whole.append(req)
             # Round 1: the records needed whole, and the probes of the others, together:
             # in a file of records packed back to back, a probed record's tail, the small
             # records after it and the next one's head coalesce into one request.
-            probes = {key: self.storage_data[reqs[0].storage_index] for key, reqs in parts.items()}
+            probes = {key: dcp_record(self.storage_data, reqs[0].storage_index)
+                      for key, reqs in parts.items()}
             pieces: dict = {key: {} for key in probes}
             jobs = [(self._range(req, None), (req, None)) for req in whole]  # (req, layout)
             for key, info in probes.items():
@@ -155,12 +157,12 @@ def remote_classes():
                         self._take(planner, what, how, buf, whole, at, end - start, path)
 
         def _path(self, info) -> str:
-            return str(self.fs.concat_path(self.path, info.relative_path))
+            return str(self.fs.concat_path(self.path, info.file))
 
         def _skipped(self, req, info) -> int:
             """Bytes of ``req``'s record it does not need (0: read it whole)."""
             tmd = self._tensors.get(req.storage_index.fqn)
-            if (req.type != LoadItemType.TENSOR or info.transform_descriptors
+            if (req.type != LoadItemType.TENSOR or info.transformed
                     or not isinstance(tmd, TensorStorageMetadata)):
                 return 0
             needed = tmd.properties.dtype.itemsize
@@ -169,7 +171,7 @@ def remote_classes():
             return info.length - needed - 2 * PROBE_BYTES
 
         def _range(self, req, layout) -> tuple[str, int, int]:
-            info = self.storage_data[req.storage_index]
+            info = dcp_record(self.storage_data, req.storage_index)
             if layout is None:
                 return self._path(info), info.offset, info.offset + info.length
             start, n = layout.span(req.storage_offsets, req.lengths)
@@ -187,9 +189,10 @@ def remote_classes():
                 record = layout.block(whole[at:at + n], req.lengths)
                 take_read(planner, req, record, Copies(), offsets=(0,) * len(req.lengths))
                 return
-            info = self.storage_data[req.storage_index]
+            info = dcp_record(self.storage_data, req.storage_index)
             record = parse_record(buf, whole, info, at, path, req.storage_index.fqn,
-                                  functools.partial(_torch_compat.untransformed, self, req, info))
+                                  functools.partial(_torch_compat.untransformed, self, req,
+                                                    info.info))
             take_read(planner, req, record, Copies())  # remote: copied at once, never waits
 
     return _RemoteWriter, _RangedReader

@@ -43,11 +43,11 @@ def _io_errors(doing: str, path: str):
 
 def save_state(store: Storage, state: dict, path: str, *, planner=None,
                own_file_keys=frozenset(), checksums: bool = True,
-               single_process: bool = False) -> dict[str, FileRecord]:
+               single_process: bool = False, group=None) -> dict[str, FileRecord]:
     """``dcp.save`` of ``state`` to the DCP directory ``path``.
 
-    Collective (every rank, same ``path``) unless there is no process group or
-    ``single_process`` is set (rank 0 writing alone; the other ranks do not call it).
+    Collective on ``group`` (every rank, same ``path``) unless there is no process group
+    or ``single_process`` is set (rank 0 writing alone; the other ranks do not call it).
 
     Args:
         own_file_keys: keys whose (computed) tensors go to bounded files of their own.
@@ -57,13 +57,16 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
         ``{file name: FileRecord}`` of the files this rank wrote (empty without
         ``checksums``).
     """
+    alone = single_process or not _comm.is_distributed()
+    if not alone:
+        _comm.check_group(group, f"dcp.save of {path}")
     writer = store.dcp_writer(path)
     writer.own_file_keys = frozenset(own_file_keys)
     if checksums:
         _torch_compat.wrap_writer_fs(writer, Checksummed)
     with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
-        dcp.save(state, storage_writer=writer, planner=planner, process_group=_comm.group(),
-                 no_dist=single_process or not _comm.is_distributed())
+        dcp.save(state, storage_writer=writer, planner=planner, process_group=group,
+                 no_dist=alone)
     return dict(getattr(writer.fs, "files", {}))
 
 
@@ -73,12 +76,12 @@ ReaderOf = Callable[[str, "Copies | None", "Metadata | None"], object]
 
 def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False,
                copies: Copies | None = None, metadata: Metadata | None = None,
-               reader_of: ReaderOf | None = None) -> None:
+               reader_of: ReaderOf | None = None, group=None) -> None:
     """``dcp.load`` into ``state`` (in place) from the directory ``path``.
 
-    Collective: every rank calls it with the same ``path``, in the same order as its
-    other loads (each rank may ask for different keys); unless there is no process group
-    or ``single_process`` is set (this rank reads alone).
+    Collective on ``group``: every rank calls it with the same ``path``, in the same
+    order as its other loads (each rank may ask for different keys); unless there is no
+    process group or ``single_process`` is set (this rank reads alone).
 
     The reader is the storage's (:meth:`~dcp_universal.storage.Storage.dcp_reader`:
     memory maps for local files, ranged reads for URLs), or ``reader_of``'s (another
@@ -86,8 +89,10 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
     the load; their copies wait in ``copies`` for its ``run()`` (memory-mapped files
     only). ``metadata``: ``path``'s, when the caller has read it already.
     """
-    reader = (reader_of or store.dcp_reader)(path, copies, metadata)
     alone = single_process or not _comm.is_distributed()
+    if not alone:
+        _comm.check_group(group, f"dcp.load of {path}")
+    reader = (reader_of or store.dcp_reader)(path, copies, metadata)
     if alone and hasattr(reader, "read_whole") and all(
             isinstance(v, torch.Tensor) and not isinstance(v, DTensor) for v in state.values()):
         # one process, whole tensors: no plan to agree on, so DCP's planning is skipped
@@ -97,8 +102,7 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
         except OSError as e:
             raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=reader, process_group=_comm.group(),
-                 no_dist=alone)
+        dcp.load(state, storage_reader=reader, process_group=group, no_dist=alone)
 
 
 def read_metadata(store: Storage, path: str, *, reader_of: ReaderOf | None = None) -> Metadata:

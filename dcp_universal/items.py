@@ -25,7 +25,8 @@ the manifest and says so in the load report. A new item is one class::
     ...     def __init__(self, ema_model): self.ema = ema_model
     ...     def save(self, ctx):
     ...         state = ctx.snapshot(dict(self.ema.state_dict()), "ema")
-    ...         return lambda path: dcp_io.save_state(ctx.store, state, path)
+    ...         return lambda path, group: dcp_io.save_state(ctx.store, state, path,
+    ...                                                      group=group)
     ...     def stage(self, ctx):
     ...         ...  # read join(ctx.path, "ema") into buffers; commit copies them
     >>> CheckpointManager(root, items=[Ema(ema_model)])
@@ -53,8 +54,10 @@ from dcp_universal.view import ModelView
 __all__ = ["Item", "SaveContext", "LoadContext", "Write", "AdaptersItem", "ModelItem",
            "OptimizerItem", "BUILTIN"]
 
-#: ``write(item_dir)`` -> the records of the files this rank wrote (collective)
-Write = Callable[[str], dict[str, FileRecord]]
+#: ``write(item_dir, group)`` -> the records of the files this rank wrote (collective on
+#: ``group``: the save's, passed explicitly; an asynchronous save's background thread
+#: runs the writes and nothing else)
+Write = Callable[[str, Any], dict[str, FileRecord]]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -119,8 +122,9 @@ class Item(abc.ABC):
 
     @abc.abstractmethod
     def save(self, ctx: SaveContext) -> Write | None:
-        """Collective. Read what the item writes now (through ``ctx.snapshot``), record
-        what the manifest should say, and return the write (``None``: nothing this step)."""
+        """Collective (default group, the caller's thread). Read what the item writes now
+        (through ``ctx.snapshot``), record what the manifest should say, and return the
+        write (``None``: nothing this step), which may read only that snapshot."""
 
     def check(self, ctx: LoadContext) -> None:
         """Raise before anything is read if the load cannot do what it was asked."""
@@ -144,7 +148,7 @@ class AdaptersItem(Item):
         m.adapters = ctx.view.adapters_record()
         m.base, m.base_files = ctx.bases.save(ctx.view)
         trainable = ctx.snapshot(ctx.view.trainable_tensors(), "adapters")
-        return lambda path: dcp_io.save_state(ctx.store, trainable, path)
+        return lambda path, group: dcp_io.save_state(ctx.store, trainable, path, group=group)
 
 
 class ModelItem(Item):
@@ -178,7 +182,7 @@ class OptimizerItem(Item):
             state.update(optim_io.optimizer_state(ctx.view, ctx.optimizer))
         state = ctx.snapshot(state, "optimizer")
         ctx.manifest.items[self.name] = ctx.optimizer is not None
-        return lambda path: dcp_io.save_state(ctx.store, state, path)
+        return lambda path, group: dcp_io.save_state(ctx.store, state, path, group=group)
 
     def check(self, ctx: LoadContext) -> None:
         m = ctx.manifest

@@ -286,7 +286,7 @@ class CheckpointManager:
         start = time.perf_counter()
         if blocking:
             return self._snapshot(step, model, optimizer, extra, bool(merged), overwrite,
-                                  metrics, None)(start)
+                                  metrics, None)(start, None)
         if self._background is None:
             self._group = self._group or _comm.new_gloo_group()
             self._background = concurrent.futures.ThreadPoolExecutor(
@@ -301,8 +301,8 @@ class CheckpointManager:
                         self._snapshots.nbytes / 1e6, stall)
 
         def background() -> str:
-            with _comm.using(self._group):
-                return finish(start)
+            with _comm.writes_only(self._group):
+                return finish(start, self._group)
 
         self._pending = SaveHandle(step, self._background.submit(background), stall)
         return self._pending
@@ -313,7 +313,9 @@ class CheckpointManager:
         the caller's group: prepare, then every item's save: the base, factor gathers,
         training state), with what the writes will read copied by ``snapshot``
         (``None``: read in place, for a blocking save). Returns the writes and the
-        commit (collective on the group of the thread that runs them)."""
+        commit, ``finish(start, group)``: collective on ``group``, the default one
+        (``None``) for a blocking save, the background thread's own for an asynchronous
+        one, which runs nothing else (``_comm.writes_only``)."""
         view = ModelView.of(model)
         writer = StepWriter(self._store, self.root, step)
         writer.prepare(overwrite=overwrite, bases=self._bases)
@@ -326,13 +328,13 @@ class CheckpointManager:
         writes = [(item.name, w) for item in self._items if (w := item.save(ctx)) is not None]
         del ctx
 
-        def finish(start: float) -> str:
+        def finish(start: float, group) -> str:
             while writes:  # each write's data is freed once written
                 item, write = writes.pop(0)
-                writer.write(item, write)
+                writer.write(item, write, group)
                 del write
-            writer.commit(m)
-            _comm.on_rank0(self._retain, step)
+            writer.commit(m, group)
+            _comm.on_rank0(self._retain, step, group=group)
             if _comm.rank() == 0:
                 size = sum(f.size for f in m.files.values())
                 logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from dcp_universal import _comm
 from dcp_universal.adapters import Site
 
 __all__ = ["Factors", "gather_factors", "merge_block"]
@@ -54,6 +55,7 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Fa
     ``full_tensor()`` for placements other than ``Shard(0)``), not one collective per
     factor.
     """
+    _comm.on_caller_thread("gathering adapter factors")
     plans = []  # per site, per term: (term, left is local)
     wanted: list[torch.Tensor] = []
     for site, base in zip(sites, bases):

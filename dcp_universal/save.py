@@ -79,23 +79,23 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
 def write_model(view: ModelView, path: str, merge: str, store: Storage, *,
                 checksums: bool = True) -> dict[str, FileRecord]:
     """save_model of an already built view; returns the records of this rank's files.
-    Collective: :func:`model_writer`, then its write."""
-    return model_writer(view, merge, store, checksums=checksums)(path)
+    Collective: :func:`model_writer`, then its write (default group)."""
+    return model_writer(view, merge, store, checksums=checksums)(path, None)
 
 
 def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool = True,
                  snapshot: Callable[[object, str], object] | None = None
-                 ) -> Callable[[str], dict[str, FileRecord]]:
+                 ) -> Callable[[str, object], dict[str, FileRecord]]:
     """A model save in two parts: what reads the model happens now, and the write is
-    returned (``write(path)`` -> the records of this rank's files).
+    returned (``write(path, group)`` -> the records of this rank's files).
 
     ``snapshot`` (an asynchronous save's :meth:`~dcp_universal.staging.Snapshotter.copy`)
     copies what the write will read, so the model may change before it runs.
 
-    Collective, every rank, now: ``mode="sharded"``: one factor gather;
-    ``"rank0"``: one ``full_tensor()`` per tensor, one factor gather. At ``write``:
-    ``"sharded"``: one ``dcp.save``; ``"rank0"``: rank 0 writes alone and tells every
-    rank how it went (``_comm.on_rank0``).
+    Collective, every rank, now (default group): ``mode="sharded"``: one factor gather;
+    ``"rank0"``: one ``full_tensor()`` per tensor, one factor gather. At ``write``, on
+    its ``group``: ``"sharded"``: one ``dcp.save``; ``"rank0"``: rank 0 writes alone and
+    tells every rank how it went (``_comm.on_rank0``).
     """
     keep = snapshot if snapshot is not None else (lambda obj, slot: obj)
     if mode == "sharded":
@@ -103,20 +103,21 @@ def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool 
         factors = keep({s.weight_key: f for s, f in zip(view.sites, gathered)}, "model.factors")
         tensors = keep(view.tensors, "model")
 
-        def write(path: str) -> dict[str, FileRecord]:
+        def write(path: str, group) -> dict[str, FileRecord]:
             return dcp_io.save_state(store, tensors, path, planner=_MergingSavePlanner(factors),
-                                     own_file_keys=set(factors), checksums=checksums)
+                                     own_file_keys=set(factors), checksums=checksums,
+                                     group=group)
     else:
         full = keep(_full_merged(view), "model")
 
-        def write(path: str) -> dict[str, FileRecord]:
+        def write(path: str, group) -> dict[str, FileRecord]:
             files = _comm.on_rank0(dcp_io.save_state, store, full, path, checksums=checksums,
-                                   single_process=True)
+                                   single_process=True, group=group)
             return files if _comm.rank() == 0 else {}
 
-    def timed(path: str) -> dict[str, FileRecord]:
+    def timed(path: str, group) -> dict[str, FileRecord]:
         start = time.perf_counter()
-        files = write(path)
+        files = write(path, group)
         if _comm.rank() == 0:
             logger.info("saved model (%d tensors, %d adapters merged %s) to %s in %.2f s",
                         len(view.tensors), len(view.sites), mode, path,
@@ -129,6 +130,7 @@ def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool 
 @torch.no_grad()
 def _full_merged(view: ModelView) -> dict[str, torch.Tensor]:
     """Rank 0: every tensor whole, adapters merged; other ranks: ``{}`` (collective)."""
+    _comm.on_caller_thread("gathering the model to rank 0")
     rank = _comm.rank()
     full = {}
     for key, t in view.tensors.items():

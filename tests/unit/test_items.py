@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny
-from dcp_universal import CheckpointManager, dcp_io
+from dcp_universal import CheckpointManager, _comm, dcp_io, merge
 from dcp_universal.items import Item
 from dcp_universal.plan import LoadReport, Staged
 from dcp_universal.storage import join
@@ -27,7 +27,7 @@ class Ema(Item):
 
     def save(self, ctx):
         state = ctx.snapshot(dict(self.ema), "ema")
-        return lambda path: dcp_io.save_state(ctx.store, state, path)
+        return lambda path, group: dcp_io.save_state(ctx.store, state, path, group=group)
 
     def stage(self, ctx):
         if not ctx.manifest.has(self.name):
@@ -84,3 +84,37 @@ def test_items_are_checked_before_anything_is_written(tmp_path):
     with pytest.raises(TypeError, match="not a dcp_universal.items.Item"):
         CheckpointManager(str(tmp_path), items=[object()])
     assert not os.listdir(tmp_path)
+
+
+class Greedy(Item):
+    """A buggy item whose write gathers the model instead of writing its snapshot."""
+
+    name = "greedy"
+
+    def save(self, ctx):
+        view = ctx.view
+
+        def write(path, group):
+            merge.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
+            return {}
+
+        return write
+
+
+def test_the_background_thread_runs_only_the_writes(tmp_path):
+    """An asynchronous save's thread runs the writes and the commit on its own group; a
+    gather of the model there (which would race the training loop's collectives) or a
+    collective on another group raises, and the step is not committed."""
+    model, opt, _ = build("lora4", "none", 1)
+    mgr = CheckpointManager(str(tmp_path), items=[Greedy()])
+    mgr.save(1, model, opt)  # a blocking save runs it on the caller's thread: fine
+    handle = mgr.save(2, model, opt, blocking=False)
+    with pytest.raises(RuntimeError, match="background thread of an asynchronous save"):
+        handle.result()
+    assert mgr.steps() == [1]
+    with _comm.writes_only(object()):
+        with pytest.raises(RuntimeError, match="on the default group from the background"):
+            _comm.all_true(True)
+        with pytest.raises(RuntimeError, match="on the default group from the background"):
+            _comm.on_rank0(lambda: 1)
+    assert _comm.all_true(True)  # the caller's thread is unaffected

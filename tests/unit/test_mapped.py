@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
-from dcp_universal import mapped
+from dcp_universal import mapped, torch_formats
 from dcp_universal.errors import CheckpointIOError, IntegrityError
 from train_loop import Data, assert_same, build, snapshot, train
 
@@ -29,6 +29,12 @@ LAYOUTS = {
     "channels-last": torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
     "f16-odd": torch.randn(3, 3).half(),
 }
+
+
+def _torch_save_tensor(mm, whole, start, length):
+    """The tensor torch.save wrote at ``mm[start:start + length]``, viewing the map."""
+    layout = torch_formats.torch_save_layout(lambda p, n: mm[p:p + n], start, length)
+    return None if layout is None else layout.stored(whole)
 
 
 def _blocks(shape):
@@ -62,7 +68,7 @@ def records(tmp_path):
 def test_located_record_equals_torch_load_in_every_block(records, name):
     (mm, whole), spans = records
     t = LAYOUTS[name]
-    stored = mapped.torch_save_tensor(mm, whole, *spans[name])
+    stored = _torch_save_tensor(mm, whole, *spans[name])
     assert stored is not None
     assert (stored.dtype, stored.size, stored.stride) == (t.dtype, tuple(t.shape), t.stride())
     for offsets, lengths in _blocks(tuple(t.shape)):
@@ -81,7 +87,7 @@ def test_located_record_equals_torch_load_in_every_block(records, name):
 
 def test_contiguous_blocks_are_copied_as_bytes_of_the_map(records):
     (mm, whole), spans = records
-    stored = mapped.torch_save_tensor(mm, whole, *spans["f32"])
+    stored = _torch_save_tensor(mm, whole, *spans["f32"])
     dst = torch.empty(4, 7)
     d, s = stored.source_for(dst, (1, 0), (4, 7))
     assert s.dtype == torch.uint8 and s.numel() == 4 * 7 * 4
@@ -98,12 +104,12 @@ def test_anything_but_a_plain_saved_tensor_is_left_to_torch_load(tmp_path):
         path = tmp_path / "one.bin"
         path.write_bytes(buf.getvalue())
         mm, whole = mapped.MappedFiles().get(str(path))
-        assert mapped.torch_save_tensor(mm, whole, 0, len(buf.getvalue())) is None
+        assert _torch_save_tensor(mm, whole, 0, len(buf.getvalue())) is None
     buf = io.BytesIO()
     torch.save(torch.randn(3), buf, _use_new_zipfile_serialization=False)  # not a zip
     path.write_bytes(buf.getvalue())
     mm, whole = mapped.MappedFiles().get(str(path))
-    assert mapped.torch_save_tensor(mm, whole, 0, len(buf.getvalue())) is None
+    assert _torch_save_tensor(mm, whole, 0, len(buf.getvalue())) is None
 
 
 def test_mapped_reads_equal_dcp_load_for_a_whole_model(tmp_path):

@@ -14,13 +14,13 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from dcp_universal import dcp_files, dcp_io, mapped
+from dcp_universal import dcp_files, dcp_io, torch_formats
 from dcp_universal.storage import storage_for
 
 from test_mapped import LAYOUTS, _blocks
 
 
-def _without_data(record: bytes, layout: mapped.Layout):
+def _without_data(record: bytes, layout: torch_formats.Layout):
     """A read that has the record's bytes except its tensor data."""
     end = layout.data + layout.nbytes
     return dcp_files._Pieces({0: record[:layout.data], end: record[end:]}).read
@@ -32,8 +32,8 @@ def test_a_block_read_from_its_span_alone_equals_the_block(name):
     buf = io.BytesIO()
     torch.save(t, buf)
     record = buf.getvalue()
-    full = mapped.torch_save_layout(lambda p, n: record[p:p + n], 0, len(record))
-    layout = mapped.torch_save_layout(_without_data(record, full), 0, len(record))
+    full = torch_formats.torch_save_layout(lambda p, n: record[p:p + n], 0, len(record))
+    layout = torch_formats.torch_save_layout(_without_data(record, full), 0, len(record))
     assert layout == full  # found without a byte of the data
     for offsets, lengths in _blocks(tuple(t.shape)):
         start, n = layout.span(offsets, lengths)
@@ -57,7 +57,7 @@ def test_a_missing_byte_of_the_layout_gives_none_not_garbage():
     torch.save(torch.randn(64, 64), buf)
     record = buf.getvalue()
     head_only = dcp_files._Pieces({0: record[:4096]}).read
-    assert mapped.torch_save_layout(head_only, 0, len(record)) is None
+    assert torch_formats.torch_save_layout(head_only, 0, len(record)) is None
 
 
 class _CountingFS:
