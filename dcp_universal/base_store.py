@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch.distributed.tensor import DTensor
 
-from dcp_universal import _comm, _torch_compat, dcp_io, manifest
+from dcp_universal import _comm, _torch_compat, dcp_io, manifest, steps
 from dcp_universal.errors import CheckpointIOError
 from dcp_universal.manifest import FileRecord
 from dcp_universal.storage import Storage, join
@@ -97,7 +97,7 @@ class BaseStore:
         fp = self._cache[1] if _comm.all_true(hit) else fingerprint(frozen)
         name = manifest.base_name(fp)
         path = self.path(name)
-        records = _comm.on_rank0(manifest.read_base_files, self.store, path)
+        records = _comm.on_rank0(steps.read_base_files, self.store, path)
         if records is None:
             records = gather_records(dcp_io.save_state(self.store, frozen, path))
             _comm.on_rank0(self._complete, path, records)
@@ -106,7 +106,7 @@ class BaseStore:
 
     def _complete(self, path: str, records: dict[str, FileRecord]) -> None:
         try:
-            manifest.write_base_files(self.store, path, records)
+            steps.write_base_files(self.store, path, records)
         except OSError as e:
             raise CheckpointIOError(f"writing {join(path, manifest.BASE_FILES)} failed: "
                                     f"{type(e).__name__}: {e}; nothing was committed") from e
@@ -120,7 +120,7 @@ class BaseStore:
 
     def remove_unfinished(self) -> None:
         """Remove bases a crash left without ``files.json`` (rank 0 only)."""
-        for name in manifest.list_bases(self.store, self.root):
+        for name in steps.list_bases(self.store, self.root):
             path = self.path(name)
             if not self.store.exists(join(path, manifest.BASE_FILES)):
                 self.store.remove_tree(path)

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from dcp_universal import _comm, dcp_io, manifest, sources
+from dcp_universal import _comm, dcp_io, manifest, sources, steps
 from dcp_universal.base_store import BaseStore, gather_records
 from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
 from dcp_universal.manifest import FileRecord, Manifest
@@ -65,8 +65,8 @@ class StepWriter:
             raise StepAlreadyExistsError(
                 f"step {self.step} is already committed at {self.path}; pass overwrite=True "
                 "to replace it, or save under another step number")
-        manifest.remove_step(self.store, self.path)  # an overwritten step, or debris
-        for debris in manifest.list_steps(self.store, self.root, committed=False):
+        steps.remove_step(self.store, self.path)  # an overwritten step, or debris
+        for debris in steps.list_steps(self.store, self.root, committed=False):
             self.store.remove_tree(manifest.step_path(self.root, debris))
         bases.remove_unfinished()
 
@@ -89,7 +89,7 @@ class StepWriter:
 
     def _commit(self, m: Manifest) -> None:
         try:
-            manifest.write_manifest(self.store, self.path, m)
+            steps.write_manifest(self.store, self.path, m)
         except OSError as e:
             raise CheckpointIOError(
                 f"step {self.step} was written but its commit failed ({type(e).__name__}: "
@@ -128,5 +128,5 @@ def convert(src: str, root: str, *, step: int | None = None,
         items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
         files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
         legacy=source.meta.get("legacy"))
-    manifest.write_manifest(store, path, m)
+    steps.write_manifest(store, path, m)
     return path

@@ -20,7 +20,7 @@ from dcp_universal.errors import CheckpointError, CheckpointMismatchError
 from dcp_universal.manifest import Manifest
 from dcp_universal.mapped import Copies
 from dcp_universal.plan import LoadReport, Staged, TensorInfo, plan_load
-from dcp_universal.staging import dtensor_like, host_empty
+from dcp_universal.buffers import dtensor_like, host_empty
 from dcp_universal.storage import Storage, normalize, storage_for
 from dcp_universal.view import ModelView, local_block
 

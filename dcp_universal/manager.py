@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from dcp_universal import _comm, manifest, optim_io, retention, training_state
+from dcp_universal import _comm, manifest, optim_io, retention, steps, training_state
 from dcp_universal.base_store import BaseStore
 from dcp_universal.commit import StepWriter
 from dcp_universal.errors import CheckpointError, NotACheckpointError
@@ -227,7 +227,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, ascending (read by the caller alone, not collective)."""
-        return manifest.list_steps(self._store, self.root)
+        return steps.list_steps(self._store, self.root)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -237,7 +237,7 @@ class CheckpointManager:
         return manifest.step_path(self.root, step)
 
     def manifest(self, step: int) -> Manifest:
-        return manifest.read_manifest(self._store, self.step_path(step))
+        return steps.read_manifest(self._store, self.step_path(step))
 
     # ---- saving -----------------------------------------------------------------------
 
@@ -362,7 +362,7 @@ class CheckpointManager:
     def _prune(self, *, dry_run: bool) -> retention.Decision:
         manifests = {s: self.manifest(s) for s in self.steps()}
         decision = retention.decide(self.options.policies(), manifests,
-                                    manifest.list_bases(self._store, self.root))
+                                    steps.list_bases(self._store, self.root))
         if not dry_run:
             retention.apply(decision, self.root, self._store, manifests)
         return decision
@@ -422,7 +422,7 @@ class CheckpointManager:
 
     def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify) -> LoadReport:
         path = self.step_path(step)
-        m = manifest.read_manifest(self._store, path)
+        m = steps.read_manifest(self._store, path)
         ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra, path=path,
                           manifest=m, store=self._store, strict=strict, verify=verify,
                           hyperparams=hyperparams, skip_per_rank=skip)
@@ -452,7 +452,7 @@ class CheckpointManager:
         if step is None:
             raise NotACheckpointError(f"no committed step under {self.root}")
         path = self.step_path(step)
-        m = manifest.read_manifest(self._store, path)
+        m = steps.read_manifest(self._store, path)
         check_files(self._store, path, m.files, checksums=True, progress=progress)
         records = list(m.files.values())
         if m.base:

@@ -1,5 +1,6 @@
 """The manifest and the step layout: the one module that spells a manifest field or a
-step / base directory name.
+step / base directory name. (Reading and writing them on a storage:
+:mod:`dcp_universal.steps`.)
 
 A step is committed by its ``manifest.json`` (written last, see
 :func:`write_manifest`). The manifest is typed (:class:`Manifest` and the records it
@@ -24,15 +25,14 @@ from typing import Any
 import torch
 
 from dcp_universal._version import __version__
-from dcp_universal.errors import FormatVersionError, ManifestError, NotACheckpointError
-from dcp_universal.storage import Storage, join, parent
+from dcp_universal.errors import FormatVersionError, ManifestError
+from dcp_universal._paths import join, parent
 
 __all__ = [
     "FORMAT_VERSION", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "BASE_FILES",
     "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "Adapters", "Mesh", "TrainingState",
-    "Manifest", "step_path", "split_step_path", "base_name", "base_path", "list_steps",
-    "list_bases", "base_fingerprint", "read_manifest", "write_manifest", "remove_step", "read_base_files",
-    "write_base_files", "remove_base",
+    "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
+    "step_of_name", "is_base_name", "records_to_json", "records_from_json",
 ]
 
 FORMAT_VERSION = 1
@@ -106,11 +106,11 @@ class FileRecord:
                    crc32=_get(d, "crc32", int, where, "an integer CRC-32", optional=True))
 
 
-def _records_to_json(records: dict[str, FileRecord]) -> dict:
+def records_to_json(records: dict[str, FileRecord]) -> dict:
     return {name: rec.to_json() for name, rec in sorted(records.items())}
 
 
-def _records_from_json(d: Any, where: str) -> dict[str, FileRecord]:
+def records_from_json(d: Any, where: str) -> dict[str, FileRecord]:
     if not isinstance(d, dict):
         raise _fail(where, "an object of file records", d)
     return {name: FileRecord.from_json(rec, f"{where}[{name!r}]") for name, rec in d.items()}
@@ -309,7 +309,7 @@ class Manifest:
             if f.name in _OMITTED_WHEN_EMPTY and not value:
                 continue
             if f.name in ("files", "base_files"):
-                value = _records_to_json(value)
+                value = records_to_json(value)
             elif hasattr(value, "to_json"):
                 value = value.to_json()
             out[f.name] = value
@@ -359,8 +359,8 @@ class Manifest:
                 _get(d, "training_state", dict, where, "an object"), f"{where}.training_state"),
             metrics={k: float(v) for k, v in
                      _get(d, "metrics", dict, where, "an object", optional=True, default={}).items()},
-            files=_records_from_json(d.get("files", {}), f"{where}.files"),
-            base_files=(_records_from_json(d["base_files"], f"{where}.base_files")
+            files=records_from_json(d.get("files", {}), f"{where}.files"),
+            base_files=(records_from_json(d["base_files"], f"{where}.base_files")
                         if d.get("base_files") is not None else None),
             archived=_get(d, "archived", bool, where, "a boolean", optional=True, default=False),
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
@@ -400,63 +400,11 @@ def base_path(step_dir: str, manifest: Manifest) -> str | None:
     return join(parent(step_dir), manifest.base) if manifest.base else None
 
 
-def list_steps(store: Storage, root: str, *, committed: bool = True) -> list[int]:
-    """Step numbers under ``root``, ascending; only those with a manifest when
-    ``committed``, only those without one otherwise (debris of a crashed save)."""
-    out = []
-    for name in store.listdir(root):
-        m = _STEP_RE.match(name)
-        if m and (MANIFEST in store.listdir(join(root, name))) == committed:
-            out.append(int(m.group(1)))
-    return sorted(out)
+def step_of_name(name: str) -> int | None:
+    """The step number of a step directory's name (``step-00000100``), else None."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
-def list_bases(store: Storage, root: str) -> list[str]:
-    return [n for n in store.listdir(root) if _BASE_RE.match(n)]
-
-
-def read_manifest(store: Storage, step_dir: str) -> Manifest:
-    path = join(step_dir, MANIFEST)
-    try:
-        data = store.read_bytes(path)
-    except FileNotFoundError:
-        raise NotACheckpointError(
-            f"{step_dir} has no {MANIFEST}: it is not a committed step (a save that "
-            "did not finish leaves such a directory; the next save removes it)") from None
-    return Manifest.from_json(data, path)
-
-
-def write_manifest(store: Storage, step_dir: str, manifest: Manifest) -> None:
-    """Commit a step: the manifest is written whole or not at all."""
-    store.write_atomic(join(step_dir, MANIFEST), manifest.to_json().encode())
-
-
-def remove_step(store: Storage, step_dir: str) -> None:
-    """Uncommit first (manifest), then delete: a kill halfway leaves only debris."""
-    store.remove_file(join(step_dir, MANIFEST))
-    store.remove_tree(step_dir)
-
-
-def read_base_files(store: Storage, base_dir: str) -> dict[str, FileRecord] | None:
-    """A base's file records, or None if the base is not complete (or absent)."""
-    marker = join(base_dir, BASE_FILES)
-    if not store.exists(marker):
-        return None
-    try:
-        data = json.loads(store.read_bytes(marker))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{marker} is not valid JSON ({e}); remove {base_dir} and save "
-                            "again to rewrite it") from None
-    return _records_from_json(data, marker)
-
-
-def write_base_files(store: Storage, base_dir: str, records: dict[str, FileRecord]) -> None:
-    """Complete a base: its file records, written whole or not at all."""
-    store.write_atomic(join(base_dir, BASE_FILES),
-                       json.dumps(_records_to_json(records), sort_keys=True).encode())
-
-
-def remove_base(store: Storage, base_dir: str) -> None:
-    """Mark incomplete first (``files.json``), then delete."""
-    store.remove_file(join(base_dir, BASE_FILES))
-    store.remove_tree(base_dir)
+def is_base_name(name: str) -> bool:
+    return bool(_BASE_RE.match(name))

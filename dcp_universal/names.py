@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from dcp_universal import _torch_compat, adapters
 
-__all__ = ["Namer", "canonical_name", "canonical_names", "canonical_module_names",
+__all__ = ["Namer", "canonical_names", "canonical_module_names",
            "canonical_parameters"]
 
 
@@ -77,15 +77,11 @@ def _visible_branch(wrapper: nn.Module) -> tuple[str, ...]:
     return ("original_module",)
 
 
-def canonical_name(model: nn.Module, fqn: str) -> str | None:
+def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
     """The canonical name of one state-dict key, parameter or module name of ``model``;
     ``None`` for a key the model does not compute with (a PEFT ``modules_to_save``
-    module's frozen original, or an inactive adapter's copy)."""
-    return _walk(model, fqn, None)
-
-
-def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
-    """:func:`canonical_name`. ``memo`` (shared by the names of one model) remembers the
+    module's frozen original, or an inactive adapter's copy). ``memo`` (shared by the
+    names of one model) remembers the
     walk's state after each prefix, so names that share a prefix walk it once."""
     parts = fqn.split(".") if fqn else []
     module: nn.Module | None = model
@@ -186,7 +182,7 @@ class Namer:
 
 def canonical_names(model: nn.Module, keys) -> dict[str, str]:
     """Map each state-dict key of ``model`` to its canonical name (keys the model does
-    not compute with, see :func:`canonical_name`, are left out).
+    not compute with, see :func:`_walk`, are left out).
 
     Raises:
         ValueError: two keys map to one canonical name (a model whose wrapper layout

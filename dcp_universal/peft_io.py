@@ -45,7 +45,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from dcp_universal import adapters, dcp_io, foreign, manifest
+from dcp_universal import adapters, dcp_io, foreign, manifest, steps
 from dcp_universal.adapters import Term
 from dcp_universal.dcp_source import register_factor_rule
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, UnsupportedAdapterError
@@ -350,7 +350,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> s
     save = safetensors_torch("export_peft").save
     src, out = normalize(src), normalize(out)
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
-    m = manifest.read_manifest(store, src)
+    m = steps.read_manifest(store, src)
     if m.adapters is None:
         raise CheckpointError(f"{src} is not a LoRA step (its manifest records no adapters); "
                               "export_peft needs the adapters of a LoRA run")

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from dcp_universal import manifest
+from dcp_universal import manifest, steps
 from dcp_universal.manifest import Manifest
 from dcp_universal.storage import Storage, join
 
@@ -119,10 +119,10 @@ def apply(decision: Decision, root: str, store: Storage,
           manifests: dict[int, Manifest]) -> None:
     """Carry out ``decision``; safe to kill at any point (see the module docstring)."""
     for step in decision.delete:
-        manifest.remove_step(store, manifest.step_path(root, step))
+        steps.remove_step(store, manifest.step_path(root, step))
     for step in decision.archive:
         path = manifest.step_path(root, step)
-        manifest.write_manifest(store, path, _archived(manifests[step]))
+        steps.write_manifest(store, path, _archived(manifests[step]))
         store.remove_tree(join(path, manifest.OPTIMIZER_DIR))
     for step in decision.archived:
         # an archive killed between its manifest and its optimizer/ left the directory
@@ -130,7 +130,7 @@ def apply(decision: Decision, root: str, store: Storage,
         if store.exists(opt):
             store.remove_tree(opt)
     for base in decision.delete_bases:
-        manifest.remove_base(store, join(root, base))
+        steps.remove_base(store, join(root, base))
     if decision.delete or decision.archive or decision.delete_bases:
         logger.info("retention: deleted steps %s, archived %s, deleted bases %s",
                     decision.delete, decision.archive, decision.delete_bases)

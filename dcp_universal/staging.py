@@ -18,20 +18,9 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-__all__ = ["Snapshotter", "host_empty", "dtensor_like"]
+from dcp_universal.buffers import dtensor_like, host_empty
 
-
-def host_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised host tensor, pinned when CUDA is present (so copies to and from
-    the device run at full speed)."""
-    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=torch.cuda.is_available())
-
-
-def dtensor_like(local: torch.Tensor, t: DTensor) -> DTensor:
-    """A DTensor with ``t``'s mesh, placements and global shape over ``local`` (a copy
-    of ``t``'s local shard, e.g. in host memory)."""
-    return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
-                              shape=t.shape, stride=t.stride())
+__all__ = ["Snapshotter"]
 
 
 class Snapshotter:

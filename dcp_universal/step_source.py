@@ -9,7 +9,7 @@ sizes always, CRC-32 with ``verify``.
 
 from __future__ import annotations
 
-from dcp_universal import manifest
+from dcp_universal import manifest, steps
 from dcp_universal.dcp_source import dir_source
 from dcp_universal.integrity import check_files
 from dcp_universal.manifest import Manifest
@@ -28,7 +28,7 @@ class StepFormat(Format):
         return store.exists(join(path, manifest.MANIFEST))
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        m = want.manifest if want.manifest is not None else manifest.read_manifest(store, path)
+        m = want.manifest if want.manifest is not None else steps.read_manifest(store, path)
         source = _step_source(store, path, want, m)
         return source.replace(ties=tuple(tuple(g) for g in m.ties))
 

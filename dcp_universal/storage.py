@@ -31,36 +31,12 @@ from typing import Callable
 import torch
 
 from dcp_universal import dcp_files
+from dcp_universal._paths import join, normalize, parent  # noqa: F401  (re-exported)
 from dcp_universal.errors import IntegrityError
 from dcp_universal.mapped import Copies, MappedFiles, MappedReader, byte_view
 
 __all__ = ["Storage", "LocalStorage", "FsspecStorage", "storage_for", "register_backend",
            "join", "normalize", "parent"]
-
-_FILE_SCHEME = "file://"
-
-
-def normalize(path: str) -> str:
-    """``path`` as the rest of the package expects it: ``file://`` stripped (a local
-    path), trailing slashes removed. Called once by every public entry point."""
-    path = os.fspath(path)
-    if path.startswith(_FILE_SCHEME):
-        path = path[len(_FILE_SCHEME):]
-    return path.rstrip("/") or "/"
-
-
-def join(*parts: str) -> str:
-    head, *rest = parts
-    for p in rest:
-        head = head.rstrip("/") + "/" + p.lstrip("/")
-    return head
-
-
-def parent(path: str) -> str:
-    """The directory holding ``path`` (``"."`` for a bare relative name)."""
-    head, _, _ = path.rstrip("/").rpartition("/")
-    return head or "."
-
 
 class Storage(abc.ABC):
     """Every file operation of the package, on one kind of file system.
