@@ -6,15 +6,16 @@ from dcp_universal.errors import (CheckpointError, CheckpointIOError, Checkpoint
                                   NotACheckpointError, PerRankStateError,
                                   StepAlreadyExistsError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
-# input formats register themselves on import, in the order they are asked
-from dcp_universal import legacy, step_source, dcp_source  # noqa: F401,E402
-from dcp_universal.peft_io import export_peft  # also the PEFT LoRA kind and adapter dirs
-from dcp_universal import safetensors_reader  # noqa: F401  (Hugging Face directories)
-from dcp_universal.hf import export_hf
-from dcp_universal.load import load_model
-from dcp_universal.manager import CheckpointManager, SaveHandle
-from dcp_universal.plan import LoadReport
-from dcp_universal.save import save_model
+# Input formats register themselves on import, in the order they are asked: a legacy
+# file, a committed step, a DCP directory, a PEFT adapter directory, a Hugging Face one.
+from dcp_universal.interop import legacy, safetensors  # noqa: F401
+from dcp_universal.sources import dcp, step  # noqa: F401
+from dcp_universal.interop.peft import export_peft  # also the PEFT LoRA kind
+from dcp_universal.interop.hf import export_hf
+from dcp_universal.model.plan import LoadReport
+from dcp_universal.model_io.load import load_model
+from dcp_universal.model_io.save import save_model
+from dcp_universal.training.manager import CheckpointManager, SaveHandle
 
 __all__ = [
     "CheckpointManager",

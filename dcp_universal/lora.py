@@ -10,7 +10,7 @@ under FSDP2 (which shards dim 0) a rank merges its own rows without gathering it
 
 ``B`` starts at zero, so a freshly adapted model computes the same function as before.
 The base layer lives at ``.base_layer`` (the same infix PEFT uses), which
-:mod:`dcp_universal.names` removes from canonical names.
+:mod:`dcp_universal.model.names` removes from canonical names.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcp_universal import adapters
-from dcp_universal.names import canonical_module_names
+from dcp_universal.model.names import canonical_module_names
 
 __all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora", "LoRAKind"]
 

@@ -9,8 +9,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tiny
-from dcp_universal.view import reshard
-from dcp_universal.names import canonical_parameters
+from dcp_universal.model.view import reshard
+from dcp_universal.model.names import canonical_parameters
 
 
 class Data:

@@ -17,7 +17,7 @@ import harness
 import tiny
 from hf_models import gpt2, llama, logits, max_diff, tokens, with_lora
 from dcp_universal import CheckpointManager, CheckpointMismatchError, load_model, save_model
-from dcp_universal.view import reshard
+from dcp_universal.model.view import reshard
 
 ATOL = 1e-5
 
@@ -206,7 +206,7 @@ def _export_fails_on_rank1(rank, world_size, root):
     from unittest import mock
 
     from dcp_universal import CheckpointError, export_hf
-    from dcp_universal import hf
+    from dcp_universal.interop import hf
 
     model = llama(tied=False)
     save_model(model, f"{root}/m")

@@ -70,9 +70,11 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import harness  # noqa: E402
 import tiny  # noqa: E402
-from dcp_universal import CheckpointManager, _comm, dcp_io, integrity, manifest, storage  # noqa: E402
-from dcp_universal.view import reshard  # noqa: E402
-from dcp_universal.names import canonical_names  # noqa: E402
+from dcp_universal import CheckpointManager, _comm, storage
+from dcp_universal.storage import dcp_io, integrity
+from dcp_universal.format import manifest  # noqa: E402
+from dcp_universal.model.view import reshard  # noqa: E402
+from dcp_universal.model.names import canonical_names  # noqa: E402
 from train_loop import Data, build, full, moments, train  # noqa: E402
 
 __all__ = ["Trial", "Calibration", "Result", "DebrisError", "calibrate", "run_trial",

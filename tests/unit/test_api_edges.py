@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 import tiny
-from dcp_universal import (CheckpointError, CheckpointManager, UnsupportedAdapterError, adapters,
-                           dcp_io, load_model, save_model)
+from dcp_universal import (CheckpointError, CheckpointManager, UnsupportedAdapterError,
+                           adapters, load_model, save_model)
+from dcp_universal.storage import dcp_io
 from train_loop import Data, build, train
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dcp_universal import CheckpointMismatchError
-from dcp_universal.foreign import canonical_key, resolve
-from dcp_universal.peft_io import peft_factors
+from dcp_universal.sources.foreign import canonical_key, resolve
+from dcp_universal.interop.peft import peft_factors
 
 TARGET = {"wte.weight", "blocks.0.q.weight", "head.weight"}
 

@@ -145,7 +145,7 @@ def test_export_and_verify_report_bytes_time_and_throughput(tmp_path, capsys):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
-    from dcp_universal.progress import Progress
+    from dcp_universal.cli.progress import Progress
 
     p = Progress(100, "x")  # pytest's stderr is not a terminal: no bar
     p(60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dcp_universal import load
+from dcp_universal.model_io import load
 
 
 def test_host_buffer_is_on_the_host_with_the_targets_layout():

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import tiny
-from dcp_universal import CheckpointManager, _comm, dcp_io, merge
-from dcp_universal.items import Item
-from dcp_universal.plan import LoadReport, Staged
+from dcp_universal import CheckpointManager, _comm
+from dcp_universal.storage import dcp_io
+from dcp_universal.adapters import merge
+from dcp_universal.training.items import Item
+from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.storage import join
 from train_loop import Data, build, train
 
@@ -81,7 +83,7 @@ def test_items_are_checked_before_anything_is_written(tmp_path):
         CheckpointManager(str(tmp_path), items=[type("O", (Ema,), {"name": "optimizer"})({})])
     with pytest.raises(ValueError, match="expected a directory name"):
         CheckpointManager(str(tmp_path), items=[type("S", (Ema,), {"name": "a/b"})({})])
-    with pytest.raises(TypeError, match="not a dcp_universal.items.Item"):
+    with pytest.raises(TypeError, match="not a dcp_universal.training.items.Item"):
         CheckpointManager(str(tmp_path), items=[object()])
     assert not os.listdir(tmp_path)
 

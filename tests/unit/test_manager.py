@@ -201,7 +201,7 @@ def test_load_without_steps_says_so(tmp_path):
 
 
 def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkeypatch):
-    from dcp_universal import base_store
+    from dcp_universal.training import base_store
 
     calls = []
     real = base_store.fingerprint

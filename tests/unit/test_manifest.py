@@ -11,9 +11,10 @@ import re
 import pytest
 import torch
 
-from dcp_universal import CheckpointManager, FormatVersionError, ManifestError, manifest
-from dcp_universal.manifest import (AdapterTerm, Adapters, FileRecord, Manifest, Mesh,
-                                    TrainingState)
+from dcp_universal import CheckpointManager, FormatVersionError, ManifestError
+from dcp_universal.format import manifest
+from dcp_universal.format.manifest import (AdapterTerm, Adapters, FileRecord, Manifest, Mesh,
+                                           TrainingState)
 from train_loop import Data, build, train
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "format.md")

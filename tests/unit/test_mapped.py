@@ -1,4 +1,4 @@
-"""Mapped reads (dcp_universal.mapped): the bytes located in a torch.save record equal what
+"""Mapped reads (dcp_universal.storage.mapped): the bytes located in a torch.save record equal what
 torch.load reads, every block lands where DCP would put it, and a load that fails after
 the model was prepared leaves the model untouched."""
 
@@ -14,7 +14,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
-from dcp_universal import mapped, torch_formats
+from dcp_universal.storage import mapped
+from dcp_universal.format import torch_formats
 from dcp_universal.errors import CheckpointIOError, IntegrityError
 from train_loop import Data, assert_same, build, snapshot, train
 

@@ -11,7 +11,8 @@ import torch
 
 import tiny
 from hf_models import gpt2, llama, logits, max_diff, peft, with_lora
-from dcp_universal import CheckpointError, CheckpointManager, apply_lora, export_peft, save_model
+from dcp_universal import (CheckpointError, CheckpointManager, apply_lora, export_peft,
+                           save_model)
 from dcp_universal.cli import main as cli
 
 pytest.importorskip("safetensors")

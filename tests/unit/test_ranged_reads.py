@@ -14,7 +14,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-from dcp_universal import dcp_files, dcp_io, torch_formats
+from dcp_universal.storage import dcp_files, dcp_io
+from dcp_universal.format import torch_formats
 from dcp_universal.storage import storage_for
 
 from test_mapped import LAYOUTS, _blocks

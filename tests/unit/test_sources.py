@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tiny
-from dcp_universal import CheckpointManager, NotACheckpointError, export_hf, load_model, sources
+from dcp_universal import (CheckpointManager, NotACheckpointError, export_hf, load_model,
+                           sources)
 from dcp_universal.cli import main
 from dcp_universal.storage import join, storage_for
 

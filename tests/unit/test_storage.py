@@ -15,7 +15,7 @@ from dcp_universal import CheckpointManager, export_hf, load_model, save_model, 
 from dcp_universal.storage import FsspecStorage, LocalStorage, storage_for
 from train_loop import Data, build, train
 
-PKG_DIR = os.path.dirname(storage.__file__)
+PKG_DIR = os.path.dirname(os.path.dirname(storage.__file__))
 
 
 class Mirror(LocalStorage):
@@ -97,18 +97,19 @@ def test_legacy_files_are_read_through_the_storage(mirror):
 
 
 def test_no_module_outside_storage_tells_local_from_remote():
-    """The kind of a root is decided in storage.py; elsewhere a URL is just a path."""
+    """The kind of a root is decided in storage/; elsewhere a URL is just a path."""
     offenders = {}
-    for name in sorted(os.listdir(PKG_DIR)):
-        if not name.endswith(".py") or name == "storage.py":
+    for dirpath, _, files in os.walk(PKG_DIR):
+        if os.path.basename(dirpath) == "storage":
             continue
-        with open(os.path.join(PKG_DIR, name)) as f:
-            tree = ast.parse(f.read())
-        hits = [n.lineno for n in ast.walk(tree)
-                if isinstance(n, ast.Constant) and n.value == "://"
-                or isinstance(n, ast.Name) and n.id == "is_remote"
-                or isinstance(n, ast.Attribute) and n.attr in ("is_remote", "isfile", "exists")
-                and isinstance(n.value, ast.Attribute) and n.value.attr == "path"]
-        if hits:
-            offenders[name] = hits
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(dirpath, name)) as f:
+                tree = ast.parse(f.read())
+            hits = [n.lineno for n in ast.walk(tree)
+                    if isinstance(n, ast.Constant) and n.value == "://"
+                    or isinstance(n, ast.Name) and n.id == "is_remote"
+                    or isinstance(n, ast.Attribute) and n.attr in ("is_remote", "isfile", "exists")
+                    and isinstance(n.value, ast.Attribute) and n.value.attr == "path"]
+            if hits:
+                offenders[os.path.relpath(os.path.join(dirpath, name), PKG_DIR)] = hits
     assert not offenders, offenders

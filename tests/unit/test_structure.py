@@ -13,10 +13,30 @@ import dcp_universal
 PKG_DIR = os.path.dirname(dcp_universal.__file__)
 PKG = "dcp_universal"
 
+# The folders, lowest first: a module may import its own folder, lower folders and the
+# root's foundations, never a higher folder. The root holds foundations (imported by
+# every folder, importing none) and facades (the public entry points, imported by none).
+LAYERS = ["format", "storage", "adapters", "model", "sources", "model_io", "interop",
+          "training", "cli"]
+FOUNDATIONS = {"errors", "_version", "_torch_compat", "_comm", "_registry", "_paths"}
+FACADES = {"__init__", "lora"}
+
 
 def _modules() -> dict[str, str]:
-    return {name[:-3]: os.path.join(PKG_DIR, name)
-            for name in sorted(os.listdir(PKG_DIR)) if name.endswith(".py")}
+    """Dotted module name (``storage.mapped``; a folder's ``__init__`` is the folder's
+    name, the root's is ``__init__``) -> file."""
+    out = {}
+    for dirpath, _, files in os.walk(PKG_DIR):
+        rel = os.path.relpath(dirpath, PKG_DIR)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            parts = [] if rel == "." else rel.split(os.sep)
+            stem = name[:-3]
+            if stem != "__init__":
+                parts.append(stem)
+            out[".".join(parts) or "__init__"] = os.path.join(dirpath, name)
+    return out
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -24,6 +44,12 @@ def import_graph() -> dict[str, set[str]]:
     function: both run, so both can close a cycle). ``__init__`` is the package root."""
     mods = _modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
+
+    def resolve(dotted: str) -> str | None:
+        while dotted and dotted not in mods:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
     for mod, path in mods.items():
         with open(path) as f:
             tree = ast.parse(f.read())
@@ -32,16 +58,48 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                if node.module == PKG:  # from dcp_universal import x: a module, or the root
-                    targets = [f"{PKG}.{a.name}" if a.name in mods else PKG for a in node.names]
-                else:
-                    targets = [node.module]
+                base = node.module
+                targets = [f"{base}.{a.name}" for a in node.names]
             for t in targets:
-                if t == PKG:
-                    graph[mod].add("__init__")
-                elif t.startswith(PKG + "."):
-                    graph[mod].add(t.split(".")[1])
+                if t == PKG or t.startswith(PKG + "."):
+                    found = resolve(t[len(PKG) + 1:]) if t != PKG else None
+                    graph[mod].add(found or "__init__")
+            graph[mod].discard(mod)
     return graph
+
+
+def _folder(mod: str) -> str | None:
+    head = mod.split(".")[0]
+    return head if head in LAYERS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks the layering, as ``"a -> b"``."""
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            if dep in FACADES and mod not in FACADES:
+                bad.append(f"{mod} -> {dep} (a facade)")
+            elif mod in FOUNDATIONS and dep not in FOUNDATIONS:
+                bad.append(f"{mod} -> {dep} (a foundation imports only foundations)")
+            elif _folder(mod) and _folder(dep) and \
+                    LAYERS.index(_folder(dep)) > LAYERS.index(_folder(mod)):
+                bad.append(f"{mod} -> {dep} (upward)")
+    return bad
+
+
+def test_every_module_is_in_a_layer():
+    for mod in _modules():
+        assert mod in FOUNDATIONS | FACADES or _folder(mod), mod
+
+
+def test_no_folder_imports_a_higher_one():
+    assert upward_imports(import_graph()) == []
+    # the checker sees an upward import, a facade import and a foundation's
+    assert upward_imports({"storage.mapped": {"training.manager"}, "model.view": {"lora"},
+                           "_comm": {"storage"}}) == [
+        "_comm -> storage (a foundation imports only foundations)",
+        "model.view -> lora (a facade)", "storage.mapped -> training.manager (upward)"]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -126,7 +184,7 @@ def test_public_surface_exports_errors_apply_lora_and_version():
 
 
 def test_design_public_names_are_importable():
-    from dcp_universal import (CheckpointError, CheckpointManager, CheckpointMismatchError,  # noqa: F401
+    from dcp_universal import (CheckpointError, CheckpointManager, CheckpointMismatchError,
                                LoadReport, load_model, save_model)
     from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # noqa: F401
 

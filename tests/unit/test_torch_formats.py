@@ -20,10 +20,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from dcp_universal import torch_formats
-from dcp_universal.mapped import byte_view
+import dcp_universal
+from dcp_universal.format import torch_formats
+from dcp_universal.storage.mapped import byte_view
 
-PKG_DIR = os.path.dirname(torch_formats.__file__)
+PKG_DIR = os.path.dirname(dcp_universal.__file__)
 
 TENSORS = {
     "f32": torch.randn(5, 7),
@@ -110,15 +111,16 @@ def test_the_private_formats_are_read_in_one_module():
     storage records' fields or parses a pickle or zip by hand."""
     private_attrs = {"relative_path", "transform_descriptors"}
     offenders = {}
-    for name in sorted(os.listdir(PKG_DIR)):
-        if not name.endswith(".py") or name in ("torch_formats.py", "_torch_compat.py"):
-            continue
-        with open(os.path.join(PKG_DIR, name)) as f:
-            tree = ast.parse(f.read())
-        hits = [n.lineno for n in ast.walk(tree)
-                if isinstance(n, ast.Attribute) and n.attr in private_attrs
-                or isinstance(n, ast.Attribute) and n.attr == "Unpickler"
-                or isinstance(n, ast.Import) and any(a.name == "struct" for a in n.names)]
-        if hits:
-            offenders[name] = hits
+    for dirpath, _, files in os.walk(PKG_DIR):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            if name in ("torch_formats.py", "_torch_compat.py"):
+                continue
+            with open(os.path.join(dirpath, name)) as f:
+                tree = ast.parse(f.read())
+            hits = [n.lineno for n in ast.walk(tree)
+                    if isinstance(n, ast.Attribute) and n.attr in private_attrs
+                    or isinstance(n, ast.Attribute) and n.attr == "Unpickler"
+                    or isinstance(n, ast.Import) and any(a.name == "struct" for a in n.names)]
+            if hits:
+                offenders[os.path.relpath(os.path.join(dirpath, name), PKG_DIR)] = hits
     assert not offenders, offenders

@@ -9,7 +9,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 import tiny
 from dcp_universal import load_model, save_model
-from dcp_universal.names import canonical_names
+from dcp_universal.model.names import canonical_names
 
 peft = pytest.importorskip("peft")  # installed by the README's set-up ([peft] extra)
 

@@ -1,0 +1,410 @@
+"""The manifest and the step layout: the one module that spells a manifest field or a
+step / base directory name. (Reading and writing them on a storage:
+:mod:`dcp_universal.storage.steps`.)
+
+A step is committed by its ``manifest.json`` (written last, see
+:func:`write_manifest`). The manifest is typed (:class:`Manifest` and the records it
+holds); :meth:`Manifest.from_json` validates what it reads and raises
+:class:`~dcp_universal.errors.ManifestError` naming the field, what was expected and
+what was found. ``docs/format.md`` documents every field; a test keeps the two equal.
+
+Layout under a root (local path or fsspec URL)::
+
+    <root>/step-00000100/{model,optimizer,adapters}/ + manifest.json
+    <root>/base-<fingerprint>/ + files.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from typing import Any
+
+import torch
+
+from dcp_universal._version import __version__
+from dcp_universal.errors import FormatVersionError, ManifestError
+from dcp_universal._paths import join, parent
+
+__all__ = [
+    "FORMAT_VERSION", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "BASE_FILES",
+    "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "Adapters", "Mesh", "TrainingState",
+    "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
+    "step_of_name", "is_base_name", "records_to_json", "records_from_json",
+]
+
+FORMAT_VERSION = 1
+
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+ADAPTERS_DIR = "adapters"
+ITEMS = (MODEL_DIR, ADAPTERS_DIR, OPTIMIZER_DIR)
+MANIFEST = "manifest.json"
+BASE_FILES = "files.json"  # a base's file records, written last: its presence completes it
+METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is complete
+# Hugging Face safetensors, as transformers' save_pretrained names them
+HF_SINGLE = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+_BASE_RE = re.compile(r"^base-[0-9a-f]+$")
+
+
+# ---- typed records ------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _fail(where: str, expected: str, found: Any) -> ManifestError:
+    shown = "nothing (missing)" if found is _MISSING else repr(found)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ManifestError(f"{where}: expected {expected}, found {shown}; the step is damaged "
+                         "or was not written by dcp_universal: load an earlier step")
+
+
+def _get(d: dict, key: str, types: type | tuple, where: str, expected: str, *,
+         optional: bool = False, default: Any = None) -> Any:
+    if key not in d:
+        if optional:
+            return default
+        raise _fail(f"{where}.{key}", expected, _MISSING)
+    value = d[key]
+    if optional and value is None:
+        return None
+    # bool is an int in Python; a count must not be True
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
+        raise _fail(f"{where}.{key}", expected, value)
+    return value
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FileRecord:
+    """One data file of a step or base.
+
+    Attributes:
+        size: bytes, checked on every load.
+        crc32: CRC-32 of the bytes, computed while writing; checked with ``verify``.
+    """
+
+    size: int
+    crc32: int | None = None
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "crc32": self.crc32}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "FileRecord":
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {size, crc32}", d)
+        return cls(size=_get(d, "size", int, where, "an integer byte count"),
+                   crc32=_get(d, "crc32", int, where, "an integer CRC-32", optional=True))
+
+
+def records_to_json(records: dict[str, FileRecord]) -> dict:
+    return {name: rec.to_json() for name, rec in sorted(records.items())}
+
+
+def records_from_json(d: Any, where: str) -> dict[str, FileRecord]:
+    if not isinstance(d, dict):
+        raise _fail(where, "an object of file records", d)
+    return {name: FileRecord.from_json(rec, f"{where}[{name!r}]") for name, rec in d.items()}
+
+
+@dataclasses.dataclass(kw_only=True)
+class AdapterTerm:
+    """One low-rank update of an adapted weight, as stored: ``scale * L @ R`` where
+    ``L`` is the tensor ``left`` (transposed when ``left_t``) and ``R`` is ``right``
+    (transposed when ``right_t``); both are canonical keys of ``adapters/``.
+
+    Attributes:
+        left: canonical key of the factor whose rows line up with the weight's rows.
+        right: canonical key of the other factor.
+        scale: the factor in front of the product (LoRA: ``alpha / r``).
+        left_t: ``left`` is stored transposed.
+        right_t: ``right`` is stored transposed.
+    """
+
+    left: str
+    right: str
+    scale: float
+    left_t: bool = False
+    right_t: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "AdapterTerm":
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {left, right, scale, left_t, right_t}", d)
+        return cls(left=_get(d, "left", str, where, "a tensor key"),
+                   right=_get(d, "right", str, where, "a tensor key"),
+                   scale=float(_get(d, "scale", (int, float), where, "a number")),
+                   left_t=_get(d, "left_t", bool, where, "a boolean", optional=True, default=False),
+                   right_t=_get(d, "right_t", bool, where, "a boolean", optional=True, default=False))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Adapters:
+    """The adapters of a LoRA step: enough to merge them from disk.
+
+    Attributes:
+        kinds: names of the adapter kinds present (``dcp_universal.adapters``).
+        modules: canonical module name -> the kind's configuration (rank, alpha, ...).
+        sites: canonical module name -> the terms added to its ``.weight``.
+        layouts: canonical module name -> its base weight's layout, as its kind declares
+            it (``linear``, ``conv1d``, ``embedding``); exports to other tools' adapter
+            formats follow it. Empty in steps written before it was recorded.
+    """
+
+    kinds: list[str]
+    modules: dict[str, dict]
+    sites: dict[str, list[AdapterTerm]]
+    layouts: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"kinds": list(self.kinds), "modules": self.modules,
+               "sites": {n: [t.to_json() for t in terms] for n, terms in self.sites.items()}}
+        if self.layouts:
+            out["layouts"] = dict(self.layouts)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Adapters":
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {kinds, modules, sites}", d)
+        sites = _get(d, "sites", dict, where, "an object of module -> terms")
+        for name, terms in sites.items():
+            if not isinstance(terms, list):
+                raise _fail(f"{where}.sites[{name!r}]", "a list of terms", terms)
+        return cls(kinds=_get(d, "kinds", list, where, "a list of kind names"),
+                   modules=_get(d, "modules", dict, where, "an object of module -> config"),
+                   sites={n: [AdapterTerm.from_json(t, f"{where}.sites[{n!r}]") for t in terms]
+                          for n, terms in sites.items()},
+                   layouts=_get(d, "layouts", dict, where, "an object of module -> layout",
+                                optional=True, default={}) or {})
+
+    def factor_keys(self) -> set[str]:
+        return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}
+
+
+class _ListsRecord:
+    """A record whose fields are all lists: written as they are, read with a check of
+    each (``_expect``: field -> what it holds, for the error)."""
+
+    _expect: dict[str, str] = {}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {" + ", ".join(names) + "}", d)
+        return cls(**{n: _get(d, n, list, where, cls._expect[n]) for n in names})
+
+
+@dataclasses.dataclass(kw_only=True)
+class Mesh(_ListsRecord):
+    """The device mesh of the sharded model at save.
+
+    Attributes:
+        shape: the mesh's shape (``[world_size]`` for FSDP2 on one dimension).
+        placements: the DTensor placements, as text (``"Shard(dim=0)"``).
+    """
+
+    _expect = {"shape": "a list of ints", "placements": "a list of strings"}
+    shape: list[int]
+    placements: list[str]
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingState(_ListsRecord):
+    """What ``optimizer/`` holds besides the optimizer.
+
+    Attributes:
+        extra: names of the ``extra`` objects saved (``save(extra={...})``).
+        per_rank: names saved once per rank (``"rng"``, and extras that differ across
+            ranks); they cannot follow a change of world size without a rule.
+    """
+
+    _expect = {"extra": "a list of names", "per_rank": "a list of names"}
+    extra: list[str] = dataclasses.field(default_factory=list)
+    per_rank: list[str] = dataclasses.field(default_factory=list)
+
+
+# Fields written only when they carry something (so manifests without them are
+# byte-for-byte what earlier versions of this library wrote).
+_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Manifest:
+    """A committed step's ``manifest.json``.
+
+    Attributes:
+        format_version: this layout's version; a newer one raises FormatVersionError.
+        step: the step number.
+        world_size: processes that wrote the step.
+        mesh: the model's device mesh at save (None when not sharded).
+        torch_version: ``torch.__version__`` at save.
+        library_version: dcp_universal's version at save.
+        created_unix: commit time, seconds since the epoch.
+        merge: how merged weights were written: "sharded" or "rank0".
+        dtypes: the model tensors' dtypes.
+        items: which item directories hold data: ``model``, ``adapters``, and
+            ``optimizer`` (true when optimizer state was saved; the directory also holds
+            the training state, and exists either way), and any item a run added
+            (:mod:`dcp_universal.training.items`); a reader keeps items it does not know.
+        base: the shared frozen base directory (``base-<fingerprint>``), LoRA runs only.
+        adapters: the adapters, LoRA runs only.
+        training_state: names of the training state in ``optimizer/``.
+        metrics: numbers given to ``save(metrics=...)`` (retention's ``keep_best``).
+        files: every data file of the step, relative to the step directory.
+        base_files: the base's file records, relative to the base (LoRA runs only).
+        archived: retention archived the step (its ``optimizer/`` was removed).
+        legacy: where a converted legacy ``torch.save`` file came from (``convert``).
+        ties: groups of canonical names that named one shared tensor in the saved model
+            (a token embedding tied to the output head).
+    """
+
+    format_version: int = FORMAT_VERSION
+    step: int
+    world_size: int
+    mesh: Mesh | None = None
+    torch_version: str = dataclasses.field(default_factory=lambda: torch.__version__)
+    library_version: str = __version__
+    created_unix: float = dataclasses.field(default_factory=time.time)
+    merge: str
+    dtypes: list[str]
+    items: dict[str, bool]
+    base: str | None = None
+    adapters: Adapters | None = None
+    training_state: TrainingState = dataclasses.field(default_factory=TrainingState)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    files: dict[str, FileRecord] = dataclasses.field(default_factory=dict)
+    base_files: dict[str, FileRecord] | None = None
+    archived: bool = False
+    legacy: dict | None = None
+    ties: list[list[str]] = dataclasses.field(default_factory=list)
+
+    def has(self, item: str) -> bool:
+        """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
+        return bool(self.items.get(item))
+
+    def files_under(self, item: str) -> dict[str, FileRecord]:
+        return {k: v for k, v in self.files.items() if k.startswith(f"{item}/")}
+
+    def to_json(self) -> str:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _OMITTED_WHEN_EMPTY and not value:
+                continue
+            if f.name in ("files", "base_files"):
+                value = records_to_json(value)
+            elif hasattr(value, "to_json"):
+                value = value.to_json()
+            out[f.name] = value
+        return json.dumps(out, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = MANIFEST) -> "Manifest":
+        """Parse and validate a manifest.
+
+        Raises:
+            ManifestError: not JSON, not an object, or a field of the wrong type.
+            FormatVersionError: written by a newer format than this library reads.
+        """
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{where} is not valid JSON ({e}): the step is damaged; load "
+                                "an earlier step (CheckpointManager.steps())") from None
+        if not isinstance(d, dict) or isinstance(d.get("format_version"), bool) \
+                or not isinstance(d.get("format_version"), int):
+            raise ManifestError(f"{where} is not a dcp_universal manifest (no integer "
+                                "format_version): the step is damaged; load an earlier step")
+        if d["format_version"] > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where} has format_version {d['format_version']}; this dcp_universal "
+                f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it")
+        # items another version (or another run's CheckpointManager(items=...)) wrote
+        # are kept as they are: a reader that does not know one says so and skips it
+        items = _get(d, "items", dict, where, "an object of item -> bool")
+        for name, value in items.items():
+            _get(items, name, bool, f"{where}.items", "a boolean")
+        mesh, adapters = d.get("mesh"), d.get("adapters")
+        return cls(
+            format_version=d["format_version"],
+            step=_get(d, "step", int, where, "an integer step"),
+            world_size=_get(d, "world_size", int, where, "an integer world size"),
+            mesh=Mesh.from_json(mesh, f"{where}.mesh") if mesh is not None else None,
+            torch_version=_get(d, "torch_version", str, where, "a version string"),
+            library_version=_get(d, "library_version", str, where, "a version string"),
+            created_unix=float(_get(d, "created_unix", (int, float), where, "a time")),
+            merge=_get(d, "merge", str, where, "'sharded' or 'rank0'"),
+            dtypes=_get(d, "dtypes", list, where, "a list of dtype names"),
+            items=dict(items),
+            base=_get(d, "base", str, where, "a base directory name", optional=True),
+            adapters=Adapters.from_json(adapters, f"{where}.adapters") if adapters else None,
+            training_state=TrainingState.from_json(
+                _get(d, "training_state", dict, where, "an object"), f"{where}.training_state"),
+            metrics={k: float(v) for k, v in
+                     _get(d, "metrics", dict, where, "an object", optional=True, default={}).items()},
+            files=records_from_json(d.get("files", {}), f"{where}.files"),
+            base_files=(records_from_json(d["base_files"], f"{where}.base_files")
+                        if d.get("base_files") is not None else None),
+            archived=_get(d, "archived", bool, where, "a boolean", optional=True, default=False),
+            legacy=_get(d, "legacy", dict, where, "an object", optional=True),
+            ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
+        )
+
+
+def _ties_from_json(d: Any, where: str) -> list[list[str]]:
+    if not isinstance(d, list) or not all(
+            isinstance(g, list) and all(isinstance(k, str) for k in g) for g in d):
+        raise _fail(where, "a list of lists of names", d)
+    return [list(g) for g in d]
+
+
+# ---- layout ---------------------------------------------------------------------------
+
+def step_path(root: str, step: int) -> str:
+    return join(root, f"step-{step:08d}")
+
+
+def split_step_path(path: str) -> tuple[str, int] | None:
+    """``(root, step)`` of a step directory's path, or None if it does not name one."""
+    m = _STEP_RE.match(path.rstrip("/").rpartition("/")[2])
+    return (parent(path), int(m.group(1))) if m else None
+
+
+def base_name(fingerprint: str) -> str:
+    return f"base-{fingerprint}"
+
+
+def base_fingerprint(name: str) -> str:
+    return name.removeprefix("base-")
+
+
+def base_path(step_dir: str, manifest: Manifest) -> str | None:
+    """Where the base named by ``manifest`` (a step of ``step_dir``) lives: beside it."""
+    return join(parent(step_dir), manifest.base) if manifest.base else None
+
+
+def step_of_name(name: str) -> int | None:
+    """The step number of a step directory's name (``step-00000100``), else None."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_base_name(name: str) -> bool:
+    return bool(_BASE_RE.match(name))

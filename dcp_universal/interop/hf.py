@@ -1,0 +1,227 @@
+"""The Hugging Face hand-off: export a model directory or a step as HF safetensors.
+
+The output is what ``transformers``' ``save_pretrained`` writes and ``from_pretrained``
+reads: ``model.safetensors``, or shards named ``model-00001-of-0000N.safetensors`` with
+``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), plus the
+user's ``config.json`` when given. Keys are the canonical names, which are the model's
+own (``model.layers.0.self_attn.q_proj.weight``). A LoRA step without a merged
+``model/`` is merged from its base and adapters while exporting.
+
+Memory is bounded by one output shard: each shard's tensors are read (and merged), cast
+and written straight to a file (no serialised copy in memory) before the next shard is
+read. Under a process group every rank
+writes its own shards (shard ``i`` on rank ``i % world_size``), and rank 0 writes the
+index and the config after all shards are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from typing import Callable
+
+import torch
+
+from dcp_universal import _comm, sources
+from dcp_universal.format import manifest
+from dcp_universal.errors import CheckpointError, CheckpointIOError, CheckpointMismatchError
+from dcp_universal.interop.safetensors import safetensors_torch
+from dcp_universal.storage import Storage, join, normalize, storage_for
+
+__all__ = ["export_hf", "parse_size"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int, or a string such as ``"5GB"`` (10^9, as transformers
+    reads it) or ``"512MiB"`` (2^20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+        if m is None or m[2] not in _UNITS:
+            raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a size "
+                             "such as '5GB' or '512MiB'")
+        value = int(float(m[1]) * _UNITS[m[2]])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected a positive size")
+    return value
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: expected a torch dtype or its name, e.g. 'bfloat16'")
+    return found
+
+
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Keys in order, cut greedily so no shard exceeds ``max_bytes`` unless one tensor
+    alone does (it then gets a shard of its own, as transformers does)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return manifest.HF_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _read_config(config, storage_options: dict | None) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    path = normalize(str(config))
+    try:
+        return json.loads(storage_for(path, storage_options).read_bytes(path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config={config!r} is not a readable JSON file ({e})") from None
+
+
+# The output embedding transformers ties to the input one (``get_output_embeddings``
+# of its causal-LM heads): save_pretrained leaves it out of a tied model's files, and
+# from_pretrained ties it back. Other names of a tie group are written (T5-like models
+# tie several, and which one their code keeps differs).
+_TIED_OUTPUT = "lm_head.weight"
+
+
+def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
+    """With a config that ties the embeddings, the names transformers will share one
+    tensor for must hold equal values (else CheckpointMismatchError, before anything is
+    written). Returns the names to leave out, as save_pretrained does: ``lm_head.weight``
+    when it equals its partner, the name the checkpoint tied it to, or (a checkpoint
+    that records no ties, such as a model directory) a tensor of its shape and dtype."""
+    if not (config or {}).get("tie_word_embeddings", False):
+        return []
+    groups = [[k for k in g if k in source.keys] for g in source.ties]
+    if _TIED_OUTPUT in source.keys and not any(_TIED_OUTPUT in g for g in groups):
+        twins = [k for k, info in source.keys.items()
+                 if k != _TIED_OUTPUT and info == source.keys[_TIED_OUTPUT]]
+        if twins:
+            groups.append([_TIED_OUTPUT, *twins])
+    drop = []
+    for group in (g for g in groups if len(g) > 1):
+        values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in group}
+        source.read(values, single_process=True)
+        first = group[0]
+        equal = [k for k in group[1:] if torch.equal(values[k], values[first])]
+        recorded = any(set(group) <= set(g) for g in source.ties)
+        if recorded and len(equal) < len(group) - 1 or not recorded and not equal:
+            other = next(k for k in group[1:] if k not in equal)
+            raise CheckpointMismatchError(
+                f"{source.desc}: {first!r} and {other!r} differ (as when an adapter was merged "
+                "into one of them, or the model never tied them), but the config has "
+                "tie_word_embeddings=true, so transformers would load one tensor for both -> "
+                "set \"tie_word_embeddings\": false in the config.json you export with")
+        if _TIED_OUTPUT in group:
+            drop.append(_TIED_OUTPUT)
+    return drop
+
+
+def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
+              storage_options: dict | None = None, config: str | dict | None = None,
+              progress: Callable[[int], None] | None = None) -> str:
+    """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
+
+    Args:
+        src: a model directory, a committed step directory (a LoRA step without
+            ``model/`` is merged from base plus adapters) or a legacy ``torch.save`` file.
+        out: the output directory (local or an fsspec URL); existing files of the same
+            names are replaced.
+        dtype: cast floating-point tensors (``torch.bfloat16`` or ``"bfloat16"``);
+            ``None`` keeps the saved dtypes.
+        max_shard_size: the largest output file, e.g. ``"5GB"`` (transformers' default).
+        storage_options: fsspec options for ``src`` and ``out``.
+        config: the model's ``config.json`` (a path or a dict), written beside the
+            weights so that ``from_pretrained(out)`` works. When it ties the embeddings
+            (``tie_word_embeddings``) and the checkpoint tied them, ``lm_head.weight`` is
+            left out, as ``save_pretrained`` does; their values must be equal.
+        progress: called with the tensor bytes of each shard this rank wrote.
+
+    Collective when called under a process group (every rank, same arguments). Call
+    order, every rank: each writes its own shards; one ``all_true`` (a failure on any
+    rank raises on every rank, and no index is written); rank 0 writes the index and the
+    config and tells every rank how it went (``_comm.on_rank0``). Returns ``out``.
+    """
+    start = time.perf_counter()
+    src, out = normalize(src), normalize(out)
+    store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
+    cast = _dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    source = sources.open_source(store, src)
+    if source.meta.get("adapter_only"):
+        raise CheckpointError(
+            f"{src} is an adapter without base weights; export_hf writes a whole model -> "
+            "export the LoRA step it came from, or load base and adapter into a model and "
+            "save_model() it first")
+    cfg = _read_config(config, storage_options)
+    # written once, as save_pretrained does
+    source = source.without(_tied_duplicates(source, cfg))
+
+    def out_dtype(key: str) -> torch.dtype:
+        d = source.keys[key].dtype
+        return cast if cast is not None and d.is_floating_point else d
+
+    sizes = {k: math.prod(source.keys[k].shape) * out_dtype(k).itemsize
+             for k in sorted(source.keys)}
+    shards = _shards(sizes, max_bytes)
+    names = [_shard_name(i, len(shards)) for i in range(len(shards))]
+    rank, world = _comm.rank(), _comm.world_size()
+    error = None
+    try:
+        out_store.makedirs(out)
+        for i, keys in enumerate(shards):
+            if i % world == rank:
+                _write_shard(out_store, source, keys, join(out, names[i]), out_dtype)
+                if progress is not None:
+                    progress(sum(sizes[k] for k in keys))
+    except Exception as e:  # every rank learns of it below, none waits forever
+        error = e
+    if not _comm.all_true(error is None):
+        if error is not None:
+            raise error
+        raise CheckpointIOError(f"export to {out} failed on another rank (its error names the "
+                                "cause); no index was written")
+
+    def finish() -> None:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
+            out_store.write_atomic(join(out, manifest.HF_INDEX),
+                               json.dumps(index, indent=2, sort_keys=True).encode())
+        if cfg is not None:
+            out_store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
+        logger.info("exported %s to %s: %d tensors, %d files, %.1f MB in %.2f s", src, out,
+                    len(sizes), len(shards), sum(sizes.values()) / 1e6,
+                    time.perf_counter() - start)
+
+    _comm.on_rank0(finish)
+    return out
+
+
+@torch.no_grad()
+def _write_shard(out_store: Storage, source: sources.Source, keys: list[str], path: str,
+                 out_dtype) -> None:
+    save_file = safetensors_torch("export_hf").save_file
+
+    tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
+    source.read(tensors, single_process=True)
+    for k in keys:
+        tensors[k] = tensors[k].to(out_dtype(k)).contiguous()
+    # straight to a file: no serialised copy of the shard in memory
+    out_store.write_atomic_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

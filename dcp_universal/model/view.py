@@ -1,0 +1,155 @@
+"""A model seen through canonical names: built once per save or load and passed to
+every part that needs it (model, adapters, optimizer, frozen base)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from dcp_universal import adapters
+from dcp_universal.format.manifest import AdapterTerm, Adapters, Mesh
+from dcp_universal.model.names import Namer
+
+__all__ = ["ModelView", "reshard", "local_block"]
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state.
+
+    After a forward (e.g. an eval) FSDP2's root keeps its parameters unsharded, and
+    ``named_parameters()`` then yields other objects than the ones the optimizer holds.
+    """
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of ``t`` this rank holds, and its offsets in the global tensor."""
+    if isinstance(t, DTensor):
+        # __create_chunk_list__ is DTensor's public protocol for DCP: this rank's chunk
+        chunks = t.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"a DTensor with {len(chunks)} local chunks")
+        return t.to_local(), tuple(chunks[0].offsets)
+    return t, (0,) * t.dim()
+
+
+def _ties(namer: Namer, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
+    """Canonical keys sharing one parameter or buffer, found by identity of the module
+    attributes (``state_dict()`` returns a fresh tensor object per key, and under FSDP2
+    the local shards of unrelated empty tensors may share an address)."""
+    model = namer.model
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    by_id: dict[int, list[str]] = {}
+    for fqn, t in named:
+        by_id.setdefault(id(t), []).append(fqn)
+    groups = []
+    for fqns in by_id.values():  # only shared tensors need names
+        names = {namer.name(f) for f in fqns} & tensors.keys() if len(fqns) > 1 else ()
+        if len(names) > 1:
+            groups.append(tuple(sorted(names)))
+    return sorted(groups)
+
+
+def _non_persistent(namer: Namer, sd: dict) -> list[str]:
+    names = {namer.name(n) for n, _ in namer.model.named_buffers() if n not in sd}
+    return sorted(n for n in names if n is not None)
+
+
+@dataclasses.dataclass
+class ModelView:
+    """A model seen through canonical names.
+
+    Attributes:
+        model: the model itself.
+        tensors: canonical key -> tensor (DTensor under FSDP2) for everything that is
+            not an adapter's own parameter; adapted base weights appear under their
+            plain name (``x.weight``).
+        adapter_tensors: canonical key -> tensor for adapter parameters (``x.lora_A``).
+        sites: adapted modules, sorted by name.
+        structural: canonical key -> name with the adapter infix (``x.base_layer.weight``).
+        frozen: canonical keys of frozen (``requires_grad=False``) non-adapter parameters.
+        params: canonical key -> parameter (the objects an optimizer holds).
+        param_keys: ``id(parameter)`` -> canonical key.
+        ties: groups of canonical keys in ``tensors`` that name one shared tensor (a
+            token embedding tied to the output head), each group sorted; groups sorted.
+        non_persistent: canonical names of buffers outside the state dict (rotary
+            ``inv_freq``): no checkpoint holds them, the model's own code sets them.
+    """
+
+    model: nn.Module
+    tensors: dict[str, torch.Tensor]
+    adapter_tensors: dict[str, torch.Tensor]
+    sites: list[adapters.Site]
+    structural: dict[str, str]
+    frozen: set[str]
+    params: dict[str, nn.Parameter]
+    param_keys: dict[int, str]
+    ties: list[tuple[str, ...]]
+    non_persistent: list[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelView":
+        reshard(model)
+        sd = model.state_dict()
+        namer = Namer(model)
+        names = namer.names(sd.keys())
+        sites = adapters.find_sites(model, namer.module_names())
+        adapter_keys, structural = set(), {}
+        for site in sites:
+            adapter_keys.update(f"{site.name}.{n}" for n in site.adapter_params())
+            structural.update(site.structural_names())
+        tensors, adapter_tensors = {}, {}
+        for key, value in sd.items():
+            name = names.get(key)
+            if name is None:  # a modules_to_save original: not part of the model's function
+                continue
+            (adapter_tensors if name in adapter_keys else tensors)[name] = value
+        params = namer.parameters()
+        frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
+        ties = _ties(namer, tensors)
+        # named_parameters() lists a tied parameter once: its other names are frozen too
+        frozen.update(k for g in ties if frozen.intersection(g) for k in g)
+        return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
+                   {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd))
+
+    def tie_of(self, key: str) -> tuple[str, ...]:
+        """The tie group holding ``key``, or ``(key,)``."""
+        for group in self.ties:
+            if key in group:
+                return group
+        return (key,)
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensors[k] for k in sorted(self.frozen)}
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything a LoRA step's ``adapters/`` holds: all but the frozen base."""
+        return {**{k: v for k, v in self.tensors.items() if k not in self.frozen},
+                **self.adapter_tensors}
+
+    def adapters_record(self) -> Adapters:
+        """The manifest's description of the adapters: enough to merge them from disk."""
+        def term(t: adapters.Term) -> AdapterTerm:
+            return AdapterTerm(left=self.param_keys[id(t.left)], right=self.param_keys[id(t.right)],
+                               scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed)
+
+        config = adapters.adapter_config(self.sites)
+        return Adapters(kinds=config["kinds"], modules=config["modules"],
+                        sites={s.name: [term(t) for t in s.terms()] for s in self.sites},
+                        layouts=config["layouts"])
+
+    def mesh(self) -> Mesh | None:
+        for t in self.tensors.values():
+            if isinstance(t, DTensor):
+                return Mesh(shape=list(t.device_mesh.shape), placements=[str(p) for p in t.placements])
+        return None
+
+    def dtypes(self) -> list[str]:
+        return sorted({str(t.dtype) for t in self.tensors.values()})

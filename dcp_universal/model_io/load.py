@@ -1,0 +1,188 @@
+"""load_model: a checkpoint of any format into a model of any configuration, staged.
+
+The load is planned first (:func:`~dcp_universal.model.plan.plan_load`: every key loaded,
+remapped, fresh or dropped), then read, then installed by the returned
+:class:`~dcp_universal.model.plan.Staged`'s ``commit``; the format of the path is found by
+the source registry (:mod:`dcp_universal.sources`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from dcp_universal import _comm, sources
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.format.manifest import Manifest
+from dcp_universal.storage.mapped import Copies
+from dcp_universal.model.plan import LoadReport, Staged, TensorInfo, plan_load
+from dcp_universal.model.buffers import dtensor_like, host_empty
+from dcp_universal.storage import Storage, normalize, storage_for
+from dcp_universal.model.view import ModelView, local_block
+
+__all__ = ["load_model", "stage_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _infos(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def _host_buffer(t: torch.Tensor) -> torch.Tensor:
+    """A staging buffer for ``t`` in host memory, never the device's (a job training at
+    70% of its GPU memory must still be able to resume): a DTensor gets a DTensor over a
+    host copy of its local shard."""
+    if isinstance(t, DTensor):
+        local = t.to_local()
+        return dtensor_like(host_empty(local.shape, local.dtype), t)
+    return host_empty(t.shape, t.dtype)
+
+
+def _check_materialized(view: ModelView) -> None:
+    meta = [k for k, t in {**view.tensors, **view.adapter_tensors}.items()
+            if local_block(t)[0].is_meta]
+    if meta:
+        raise CheckpointError(
+            f"the model has {len(meta)} tensors on the meta device (e.g. {meta[:4]}): there is "
+            "no memory to load into -> materialise it first, e.g. model.to_empty(device=...), "
+            "then load; buffers that no checkpoint holds (non-persistent ones such as rotary "
+            "inv_freq) must then be initialised by the model's own code")
+
+
+@torch.no_grad()
+def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], desc: str) -> None:
+    """Raise unless the checkpoint's values for every tie group are equal (collective when
+    ``ties`` is not empty: one ``all_gather_object``; ``ties`` are the same on every rank).
+
+    They differ when an adapter was merged into one of the tied names: a tied target
+    holds one tensor and cannot compute that model.
+    """
+    if not ties:
+        return
+    diffs = []
+    for group in ties:
+        first = local_block(buffers[group[0]])[0].float()
+        d = max((float((local_block(buffers[k])[0].float() - first).abs().max())
+                 if first.numel() else 0.0) for k in group[1:])
+        diffs.append(d)
+    everywhere = [max(ds) for ds in zip(*_comm.all_gather_object(diffs))]
+    bad = [(g, d) for g, d in zip(ties, everywhere) if d != 0.0]
+    if bad:
+        pairs = "; ".join(f"{' and '.join(repr(k) for k in g)} differ by up to {d:.4g}"
+                          for g, d in bad)
+        raise CheckpointMismatchError(
+            f"checkpoint {desc} does not match the model (nothing was loaded): the model ties "
+            f"{' and '.join(repr(k) for k in bad[0][0])} into one tensor, but the checkpoint "
+            f"holds different values for them ({pairs}), as when an adapter was merged into "
+            "one of them -> untie them in the target (e.g. transformers' "
+            "tie_word_embeddings=False) and load again")
+
+
+def load_model(model: nn.Module, path: str, *, strict: bool = True,
+               prefix: str | None = None, storage_options: dict | None = None,
+               verify: bool = False, stage: bool = True) -> LoadReport:
+    """Load a model directory, or a committed step directory, into ``model``.
+
+    Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
+    adapters of any rank, and in a single process with no process group. Every key is
+    planned first; with ``strict=True`` a mismatch raises
+    :class:`~dcp_universal.CheckpointMismatchError` before the model is written. Only
+    model data is read, never ``optimizer/``.
+
+    Collective under a process group (every rank, same ``path``).
+
+    Adapter parameters with no counterpart in the checkpoint are reset so the update is
+    zero: the loaded model computes the checkpoint's function.
+
+    ``path`` may also be a legacy ``torch.save`` file (see :mod:`dcp_universal.interop.legacy`)
+    or a URL (``s3://...``, with ``storage_options``; ``file://`` works too). For a step
+    directory the sizes of the files read are checked against the manifest, and with
+    ``verify=True`` their CRC-32 too.
+
+    With ``stage=True`` (default) nothing lands in the model before every read
+    succeeded, so a failure halfway (on any rank) leaves the model untouched. Local files
+    need no staging memory for that: they are memory-mapped, every tensor is located and
+    checked first, and the copies (one per tensor, from the page cache) wait for the
+    commit (:mod:`dcp_universal.storage.mapped`). Remote files are read into staging buffers in
+    host memory (never the device's). ``stage=False`` reads remote files in place (no
+    extra memory, no such guarantee).
+
+    A DCP checkpoint written by another tool loads too (see :mod:`dcp_universal.sources.foreign`):
+    its keys are made canonical, the model's subtree of a nested layout is found (or
+    given as ``prefix``, e.g. ``"app.model."``), other state saved beside the model
+    (optimizer, LR scheduler, data loader, ...) is listed in the report's notes and not
+    read, and a PEFT model's LoRA factors are merged unless the target has the same
+    adapters.
+
+    Tied weights: a target that ties two names (``lm_head.weight`` and the token
+    embedding) takes them only when the checkpoint's values are equal, and keeps the tie;
+    otherwise :class:`~dcp_universal.CheckpointMismatchError`, model untouched.
+    """
+    path = normalize(path)
+    staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
+                         stage=stage, store=storage_for(path, storage_options), prefix=prefix)
+    staged.commit()
+    return staged.report
+
+
+def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage: bool,
+                store: Storage, step_manifest: Manifest | None = None,
+                prefix: str | None = None) -> Staged:
+    """Plan and read a model load; the returned commit installs it (collective: one
+    read per directory, in the same order on every rank). ``step_manifest``: ``path``
+    is a committed step whose manifest the caller has read (so it is not read twice)."""
+    start = time.perf_counter()
+    _check_materialized(view)
+    source = sources.open_source(store, path, sources.Want(
+        target=view, prefix=prefix, verify=verify, manifest=step_manifest))
+    if source.loader is not None:
+        return source.loader(view, strict=strict)
+    source = source.sharing(view.ties)
+    plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
+                     structural_names=view.structural, strict=strict, source=source.desc)
+    targets = {**view.tensors, **view.adapter_tensors}
+    read = set(plan.reads.values())
+    ties = [tuple(k for k in g if k in read) for g in view.ties]
+    ties = [g for g in ties if len(g) > 1]
+    # Staging keeps the model untouched until every read succeeded. A source prepared in
+    # full needs none: its copies wait (views of memory maps) for the commit. Tied keys
+    # are always staged (compared before one of them is installed), and so are keys that
+    # get an adapter delta, when staging.
+    held = {k for g in ties for k in g}
+    if stage:
+        held |= {tk for ck, tk in plan.reads.items() if ck in source.deltas}
+    waits = stage and source.prepared_in_full
+    staged = read if stage and not waits else held
+    buffers = {tk: _host_buffer(targets[tk]) if tk in staged else targets[tk] for tk in read}
+    later = Copies({ck for ck, tk in plan.reads.items() if tk not in staged} if waits else ())
+    source.read({ck: buffers[tk] for ck, tk in plan.reads.items()}, later=later)
+    _check_ties(ties, buffers, source.desc)
+    plan.report.notes.extend(source.notes)
+    if view.non_persistent:
+        plan.report.notes.append(
+            f"non-persistent buffers, in no checkpoint, kept as the model set them: "
+            f"{', '.join(view.non_persistent[:6])}"
+            + (f", ... (+{len(view.non_persistent) - 6})" if len(view.non_persistent) > 6 else ""))
+    plan.report.notes.extend(f"tied: {' = '.join(g)} (equal in the checkpoint; loaded once, "
+                             "tie kept)" for g in ties)
+    installed = staged - {k for g in ties for k in g[1:]}  # one copy per shared tensor
+
+    @torch.no_grad()
+    def commit() -> None:
+        later.run()
+        for tk in sorted(installed):
+            local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
+        fresh = set(plan.report.fresh)
+        for site in view.sites:
+            if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
+                site.kind.reset(site.module)
+        if _comm.rank() == 0:
+            logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
+                        plan.report.summary())
+
+    return Staged(plan.report, commit, {"restored_base": source.meta.get("restored_base")})

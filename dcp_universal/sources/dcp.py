@@ -1,0 +1,76 @@
+"""The DCP directory format: a model directory written by this library (canonical
+keys), or a DCP checkpoint written by another tool (keys made canonical, the model's
+subtree found or given, other state listed: :mod:`dcp_universal.sources.foreign`).
+
+Other tools also save adapter factors beside the base weights (a PEFT model's plain
+DCP). A *factor rule* (:func:`register_factor_rule`) turns such factors into updates
+merged on load; the PEFT rule lives with the rest of PEFT (:mod:`dcp_universal.interop.peft`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from dcp_universal.sources import foreign
+from dcp_universal.format import manifest
+from dcp_universal.sources import DcpDir, Format, Source, Want, dir_entries, register_format
+from dcp_universal.storage import Storage, join
+from dcp_universal.model.view import ModelView
+
+__all__ = ["DcpFormat", "model_dir", "dir_source", "register_factor_rule"]
+
+#: ``rule(store, source, target) -> source``: adapter factors of another tool, found
+#: among ``source``'s keys, turned into deltas (or left as keys the target reads as is)
+FactorRule = Callable[[Storage, Source, ModelView], Source]
+_FACTOR_RULES: list[FactorRule] = []
+
+
+def register_factor_rule(rule: FactorRule) -> FactorRule:
+    if rule not in _FACTOR_RULES:
+        _FACTOR_RULES.append(rule)
+    return rule
+
+
+def model_dir(store: Storage, path: str) -> str | None:
+    """``path`` itself if it is a DCP directory, its ``model/`` child if that is one
+    (a step-like layout), else ``None``."""
+    for d in (path, join(path, manifest.MODEL_DIR)):
+        if store.exists(join(d, manifest.METADATA_FILE)):
+            return d
+    return None
+
+
+def dir_source(store: Storage, d: DcpDir, want: Want, *, notes: tuple[str, ...] = ()) -> Source:
+    """The model in the directory ``d``: with no target (an export) its keys as they
+    are; otherwise resolved onto the target's canonical names (:func:`foreign.resolve`),
+    and other tools' adapter factors handled by the registered factor rules."""
+    infos, other, meta = dir_entries(d)
+    if d.reader_of is None:  # planning read it: the load need not parse it again
+        d = dataclasses.replace(d, metadata=meta)
+    if want.target is None:
+        return Source.in_directory(d.path, d, infos, notes=notes, meta={"other_keys": other})
+    res = foreign.resolve(infos, other, set(want.target.tensors), prefix=want.prefix,
+                          desc=d.path)
+    source = Source.in_directory(d.path, d, {name: infos[raw] for name, raw in res.raw_of.items()},
+                                 raw_of=res.raw_of, notes=(*notes, *res.notes),
+                                 meta={"other_keys": other})
+    for rule in _FACTOR_RULES:
+        source = rule(store, source, want.target)
+    return source
+
+
+class DcpFormat(Format):
+    name = "dcp"
+    looks_like = (f"a DCP directory (with {manifest.METADATA_FILE}) or a step directory "
+                  f"with {manifest.MODEL_DIR}/{manifest.METADATA_FILE}")
+    takes_prefix = True
+
+    def detect(self, store: Storage, path: str) -> bool:
+        return model_dir(store, path) is not None
+
+    def open(self, store: Storage, path: str, want: Want) -> Source:
+        return dir_source(store, DcpDir(store, model_dir(store, path)), want)
+
+
+register_format(DcpFormat())

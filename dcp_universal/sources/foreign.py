@@ -1,0 +1,191 @@
+"""DCP checkpoints written by other tools: their keys, made canonical.
+
+A model directory written by this library already has canonical keys. Other tools write
+other layouts, and this module maps them onto the target's canonical names before the
+load is planned:
+
+* wrapper infixes in the keys (``_orig_mod.``, a DDP ``module.`` root, FSDP1's and
+  activation checkpointing's infixes, PEFT's ``base_model.model.`` root, ``.base_layer``
+  and ``modules_to_save.<adapter>``), removed by string rules: with no module tree to walk,
+  these are applied only when the keys as they are do not already cover the target;
+* nested layouts (the DCP tutorial's ``{"app": {"model": ..., "optim": ...}}``, or a
+  ``{"model": ...}`` dict): the prefix under which every model key is present, found or
+  given;
+* the other state saved beside the model (torchtitan's ``optimizer``, ``lr_scheduler``,
+  ``dataloader`` and ``train_state``; a tutorial's ``app.optim``; any non-tensor entry),
+  which a model load does not read and does not count as a mismatch;
+* adapter factors of other tools (a PEFT model's ``x.lora_A.<adapter>.weight``) are
+  handled by factor rules (:func:`dcp_universal.sources.dcp.register_factor_rule`; PEFT's
+  is in :mod:`dcp_universal.interop.peft`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+from dcp_universal import _torch_compat
+from dcp_universal.errors import CheckpointMismatchError
+
+__all__ = ["canonical_key", "Resolution", "resolve", "OTHER_STATE_NAMES"]
+
+# infixes of wrappers that are never a user's module name (compile, activation
+# checkpointing, FSDP1): the attributes names.py walks through
+_WRAPPER_PARTS = {attr for _, attr in _torch_compat.WRAPPER_CLASSES}
+
+#: top-level names under which training tools save state other than the model
+#: (torchtitan, the DCP tutorial, common hand-written loops)
+OTHER_STATE_NAMES = frozenset({
+    "optimizer", "optimizers", "optim", "lr_scheduler", "lr_schedulers", "scheduler",
+    "dataloader", "data_loader", "train_state", "trainer", "rng", "rng_state", "extra",
+    "step", "epoch"})
+
+
+def canonical_key(key: str) -> str | None:
+    """A foreign key's canonical name by string rules; ``None`` for a PEFT
+    ``modules_to_save`` frozen original, which the trained model does not compute with."""
+    parts = [p for p in key.split(".") if p not in _WRAPPER_PARTS]
+    if parts[:1] == ["module"]:
+        parts = parts[1:]
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        if parts[i] == "original_module":
+            return None
+        if parts[i] == "modules_to_save":
+            i += 2  # and the adapter name
+            continue
+        if parts[i] != "base_layer":
+            out.append(parts[i])
+        i += 1
+    return ".".join(out)
+
+
+@dataclasses.dataclass
+class Resolution:
+    """How a checkpoint's keys map onto canonical names.
+
+    Attributes:
+        raw_of: canonical key -> the key in the checkpoint.
+        other: checkpoint keys that are not the model's (other state, not read).
+        hidden: PEFT ``modules_to_save`` originals (not read).
+        prefix: the prefix the model keys sit under (``""`` at the top level).
+        notes: what the report should say about the choice.
+    """
+
+    raw_of: dict[str, str]
+    other: list[str]
+    hidden: list[str]
+    prefix: str
+    notes: list[str]
+
+
+def _mapped(keys: list[str], prefix: str, canonical: bool):
+    """(canonical -> raw, hidden) for the keys under ``prefix``."""
+    out: dict[str, str] = {}
+    hidden = []
+    for k in keys:
+        if not k.startswith(prefix):
+            continue
+        rest = k[len(prefix):]
+        name = canonical_key(rest) if canonical else rest
+        if name is None:
+            hidden.append(k)
+            continue
+        if name in out:
+            raise CheckpointMismatchError(
+                f"checkpoint keys {out[name]!r} and {k!r} both stand for {name!r} (a PEFT "
+                "model with several modules_to_save adapters, or two wrappers' copies); "
+                "load it into the model that wrote it, or pass prefix= to pick one subtree")
+        out[name] = k
+    return out, hidden
+
+
+def _candidate_prefixes(keys: list[str], target: set[str]) -> set[str]:
+    """Every prefix under which some key, made canonical, is a target key."""
+    out = set()
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            if canonical_key(".".join(parts[i:])) in target:
+                out.add(".".join(parts[:i]) + ".")
+    return out
+
+
+def _top(key: str, prefix: str) -> str:
+    """The part of ``key`` that names the state it belongs to: the prefix's parts it
+    shares plus one (``app.optim`` beside ``app.model.``)."""
+    parts, pparts = key.split("."), prefix.split(".")[:-1]
+    n = 0
+    while n < len(pparts) and n < len(parts) and parts[n] == pparts[n]:
+        n += 1
+    return ".".join(parts[:n + 1])
+
+
+def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[str],
+            *, prefix: str | None, desc: str) -> Resolution:
+    """Map ``tensor_keys`` onto canonical names for a target whose model keys (adapters
+    aside) are ``target``.
+
+    Keys as they are come first: a checkpoint written by this library, or by a tool
+    that saves ``model.state_dict()`` unwrapped, loads exactly as before. Otherwise the
+    string rules of :func:`canonical_key` are tried under every prefix, and the shortest
+    prefix under which every target key is present wins.
+
+    Args:
+        other_keys: non-tensor keys (always other state).
+        prefix: given by the caller (``load_model(prefix=...)``): only keys under it are
+            the model's.
+    """
+    keys = sorted(tensor_keys)
+    notes = []
+    if prefix is not None:
+        prefix = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
+        if not any(k.startswith(prefix) for k in keys):
+            tops = sorted({k.split(".")[0] for k in keys})
+            raise CheckpointMismatchError(
+                f"checkpoint {desc} has no tensor under prefix {prefix!r} (nothing was "
+                f"loaded); its top-level names are {tops[:12]} -> pass one of them as prefix, "
+                "or prefix=None to let the loader find it")
+        raw_of, hidden = _mapped(keys, prefix, canonical=True)
+        if prefix:
+            notes.append(f"model keys read under prefix {prefix!r} (given)")
+    else:
+        raw_of, hidden = _mapped(keys, "", canonical=False)
+        prefix = ""
+        if not target <= raw_of.keys():
+            best = (len(target & raw_of.keys()), raw_of, hidden, "")
+            for p in sorted(_candidate_prefixes(keys, target) | {""}, key=lambda p: (len(p), p)):
+                try:
+                    m, h = _mapped(keys, p, canonical=True)
+                except CheckpointMismatchError:  # ambiguous under p: not a candidate
+                    continue
+                covered = len(target & m.keys())
+                if covered > best[0]:
+                    best = (covered, m, h, p)
+                if covered == len(target):
+                    break
+            covered, raw_of, hidden, prefix = best
+            if prefix:
+                found = ("every model key is present under it" if covered == len(target) else
+                         f"{covered} of {len(target)} model keys are present under it")
+                notes.append(f"model keys read under prefix {prefix!r} (found: {found})")
+    tops = {t.split(".")[0] for t in target}
+    other = sorted(k for k in keys if not k.startswith(prefix))
+    for name, k in list(raw_of.items()):
+        if name not in target and name.split(".")[0] in OTHER_STATE_NAMES - tops:
+            other.append(k)
+            del raw_of[name]
+    other = sorted(other) + sorted(other_keys)
+    if other:
+        groups: dict[str, int] = {}
+        for k in other:
+            groups[_top(k, prefix)] = groups.get(_top(k, prefix), 0) + 1
+        shown = ", ".join(f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items()))
+        notes.append(f"other state in the checkpoint, not read by a model load: {shown}")
+    if hidden:
+        notes.append(f"{len(hidden)} PEFT modules_to_save originals not read (the trained "
+                     "copies are the model's weights)")
+    return Resolution(raw_of, other, hidden, prefix, notes)

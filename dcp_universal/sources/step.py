@@ -1,0 +1,80 @@
+"""The committed-step format: ``<root>/step-<n>/`` with its ``manifest.json``.
+
+A plain step's model is ``model/``. A LoRA step (``adapters/`` plus a shared frozen
+base) restores exactly into a model with the same adapters; any other target (and an
+export) gets merged weights: ``model/`` when the step has it, otherwise base plus
+adapters, composed while reading. The files read are checked against the manifest:
+sizes always, CRC-32 with ``verify``.
+"""
+
+from __future__ import annotations
+
+from dcp_universal.format import manifest
+from dcp_universal.storage import steps
+from dcp_universal.sources.dcp import dir_source
+from dcp_universal.storage.integrity import check_files
+from dcp_universal.format.manifest import Manifest
+from dcp_universal.sources import (DcpDir, Entry, Format, Source, Want, dir_entries,
+                                   register_format)
+from dcp_universal.storage import Storage, join
+
+__all__ = ["StepFormat"]
+
+
+class StepFormat(Format):
+    name = "step"
+    looks_like = f"a committed step (with {manifest.MANIFEST}), whose keys are canonical"
+
+    def detect(self, store: Storage, path: str) -> bool:
+        return store.exists(join(path, manifest.MANIFEST))
+
+    def open(self, store: Storage, path: str, want: Want) -> Source:
+        m = want.manifest if want.manifest is not None else steps.read_manifest(store, path)
+        source = _step_source(store, path, want, m)
+        return source.replace(ties=tuple(tuple(g) for g in m.ties))
+
+
+def _opened(store: Storage, path: str) -> tuple[DcpDir, dict]:
+    infos, _, meta = dir_entries(DcpDir(store, path))
+    return DcpDir(store, path, meta), infos
+
+
+def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
+    view = want.target
+
+    def checked(*items: str) -> None:  # sizes always, checksums when asked
+        check_files(store, path, m.files, checksums=want.verify,
+                    prefixes=tuple(f"{i}/" for i in items))
+
+    merged = Want(target=view)
+    if m.adapters is None:
+        checked(manifest.MODEL_DIR)
+        return dir_source(store, DcpDir(store, join(path, manifest.MODEL_DIR)), merged)
+    base, base_keys = _opened(store, manifest.base_path(path, m))
+    adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR))
+    sites = m.adapters.sites
+    factor_keys = m.adapters.factor_keys()
+    same_adapters = view is not None and (
+        {s.name for s in view.sites} == set(sites)
+        and set(view.adapter_tensors) == factor_keys
+        and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape for k in factor_keys))
+    check_files(store, base.path, m.base_files or {}, checksums=want.verify)
+    if same_adapters:
+        checked(manifest.ADAPTERS_DIR)
+        return Source(desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()},
+                                          **{k: Entry(i, adapters, k) for k, i in step_keys.items()}},
+                      notes=(f"restored base ({m.base}) and adapters exactly",),
+                      meta={"restored_base": m.base})
+    if m.has(manifest.MODEL_DIR):
+        checked(manifest.MODEL_DIR)
+        return dir_source(store, DcpDir(store, join(path, manifest.MODEL_DIR)), merged)
+    checked(manifest.ADAPTERS_DIR)
+    trained = {k: Entry(i, adapters, k) for k, i in step_keys.items() if k not in factor_keys}
+    return Source(
+        desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()}, **trained},
+        deltas={f"{name}.weight": tuple(terms) for name, terms in sites.items()},
+        factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
+        notes=(f"merged {len(sites)} adapters into base {m.base} while loading",))
+
+
+register_format(StepFormat(), before="dcp")

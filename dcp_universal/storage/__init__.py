@@ -1,0 +1,54 @@
+"""Storage: one protocol for every file system the package touches, one implementation
+per kind of root, chosen once where a path enters (:func:`storage_for`).
+
+Paths stay ``str`` because ``pathlib.Path`` mangles ``s3://`` into ``s3:/``. A local
+path (``file://`` URLs are stripped by :func:`normalize` at every public entry point)
+gets :class:`LocalStorage`; any other URL gets :class:`FsspecStorage` with the caller's
+``storage_options`` (e.g. ``endpoint_url``), unless a backend was registered for its
+scheme (:func:`register_backend`). Nothing outside this folder asks whether a path is
+remote: it asks its storage, which knows what it can do (:attr:`Storage.maps_files`).
+
+Atomicity policy (:meth:`Storage.write_atomic`): on a local disk a temp file, fsynced,
+then renamed; on an object store, where there is no rename, one PUT, which the store
+makes visible whole or not at all.
+
+A new backend is one subclass and one registration::
+
+    >>> class Mirror(LocalStorage):                 # "mirror://x" lives in options["base"]/x
+    ...     def os_path(self, path):
+    ...         return os.path.join(self.options["base"], path.removeprefix("mirror://"))
+    >>> register_backend("mirror", Mirror)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dcp_universal._paths import join, normalize, parent
+from dcp_universal.storage.base import Storage
+from dcp_universal.storage.fsspec import FsspecStorage
+from dcp_universal.storage.local import LocalStorage
+
+__all__ = ["Storage", "LocalStorage", "FsspecStorage", "storage_for", "register_backend",
+           "join", "normalize", "parent"]
+
+
+_BACKENDS: dict[str, Callable[[dict], Storage]] = {}
+
+
+def register_backend(scheme: str, factory: Callable[[dict], Storage]) -> None:
+    """Serve URLs ``<scheme>://...`` with ``factory(options)`` (a :class:`Storage`
+    subclass, say) instead of fsspec."""
+    if not scheme or "://" in scheme:
+        raise ValueError(f"scheme={scheme!r}: expected a URL scheme such as 'mirror'")
+    _BACKENDS[scheme] = factory
+
+
+def storage_for(path: str, options: dict | None = None) -> Storage:
+    """The storage of ``path`` (a normalized local path or URL): a registered backend for
+    its scheme, else fsspec for URLs and the local file system for paths."""
+    scheme, sep, _ = path.partition("://")
+    if not sep:
+        return LocalStorage(options)
+    factory = _BACKENDS.get(scheme)
+    return factory(options or {}) if factory is not None else FsspecStorage(options)

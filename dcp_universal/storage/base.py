@@ -1,0 +1,103 @@
+"""The storage protocol: every file operation of the package, on one kind of file
+system. Implementations: :mod:`.local` and :mod:`.fsspec`; the choice per root:
+:func:`dcp_universal.storage.storage_for`."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+
+from dcp_universal.errors import IntegrityError
+from dcp_universal.storage.mapped import Copies
+
+__all__ = ["Storage", "short_read"]
+
+
+class Storage(abc.ABC):
+    """Every file operation of the package, on one kind of file system.
+
+    Methods take full paths (``str``) in the root's own spelling; a storage serves the
+    root it was chosen for and the paths below it.
+
+    Args:
+        options: backend options (fsspec ``storage_options`` for URLs).
+    """
+
+    #: Reads are views of memory-mapped files: a load may locate and check every tensor
+    #: first and copy at its commit, at no memory cost (otherwise it stages in memory).
+    maps_files: bool = False
+
+    def __init__(self, options: dict | None = None) -> None:
+        self.options = dict(options or {})
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def is_file(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def listdir(self, path: str) -> list[str]:
+        """Names directly under ``path`` (empty if it does not exist)."""
+
+    @abc.abstractmethod
+    def size(self, path: str) -> int:
+        """Bytes in the file ``path``."""
+
+    @abc.abstractmethod
+    def open_read(self, path: str):
+        """A binary file object for reading ``path``."""
+
+    @abc.abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def read_spans(self, path: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """The bytes of each ``(start, nbytes)`` of ``path`` as ``uint8`` tensors (views
+        of a map, or fetched bytes).
+
+        Raises:
+            IntegrityError: the file is shorter than a span asks for.
+        """
+
+    @abc.abstractmethod
+    def makedirs(self, path: str) -> None:
+        """Create the directory ``path`` (object stores have none: nothing to do)."""
+
+    @abc.abstractmethod
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Whole or not at all."""
+
+    @abc.abstractmethod
+    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+        """Like :meth:`write_atomic`, for a writer that wants a local file name
+        (``write(tmp_path)``): no copy of the data in memory."""
+
+    @abc.abstractmethod
+    def remove_file(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def remove_tree(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def file_sizes(self, path: str) -> dict[str, int]:
+        """Relative path -> size of every file under ``path``."""
+
+    @abc.abstractmethod
+    def dcp_writer(self, path: str):
+        """A DCP ``StorageWriter`` of the directory ``path``, with bounded files for
+        computed tensors (:class:`~dcp_universal.storage.dcp_files.OwnFiles`)."""
+
+    @abc.abstractmethod
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
+        """A DCP ``StorageReader`` of the directory ``path``. ``copies``: keys whose copy
+        waits for the load's commit (only where :attr:`maps_files`); ``metadata``: the
+        directory's, when the caller has read it already."""
+
+
+def short_read(path: str, start: int, n: int, have: int) -> IntegrityError:
+    return IntegrityError(
+        f"{path}: bytes {start}..{start + n} were asked for, the file holds {have}: it is "
+        "shorter than its metadata says (truncated) -> restore it, or load another checkpoint")

@@ -1,0 +1,112 @@
+"""DCP reads and writes: every ``dcp.save`` / ``dcp.load`` of the package goes through
+:func:`save_state` / :func:`load_state`, with the reader and writer the path's storage
+gives (:meth:`~dcp_universal.storage.Storage.dcp_reader`), or a reader of another
+format (a Hugging Face safetensors directory).
+
+Failures: DCP gathers a failure on any rank and raises one ``CheckpointException`` on
+every rank; here it becomes a :class:`~dcp_universal.errors.CheckpointIOError` naming the
+path and the first failing rank's cause, so every rank raises and none waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.tensor import DTensor
+
+from dcp_universal import _comm, _torch_compat
+from dcp_universal.errors import CheckpointIOError
+from dcp_universal.storage.integrity import Checksummed
+from dcp_universal.format.manifest import FileRecord
+from dcp_universal.storage.mapped import Copies
+from dcp_universal.storage import Storage
+
+__all__ = ["save_state", "load_state", "read_metadata"]
+
+
+@contextlib.contextmanager
+def _io_errors(doing: str, path: str):
+    try:
+        yield
+    except CheckpointException as e:
+        failures = _torch_compat.checkpoint_failures(e)
+        rank, cause = failures[0] if failures else (None, e)
+        raise CheckpointIOError(
+            f"{doing} {path} failed on rank(s) {[r for r, _ in failures] or '?'}: rank {rank}: "
+            f"{type(cause).__name__}: {cause}") from e
+
+
+def save_state(store: Storage, state: dict, path: str, *, planner=None,
+               own_file_keys=frozenset(), checksums: bool = True,
+               single_process: bool = False, group=None) -> dict[str, FileRecord]:
+    """``dcp.save`` of ``state`` to the DCP directory ``path``.
+
+    Collective on ``group`` (every rank, same ``path``) unless there is no process group
+    or ``single_process`` is set (rank 0 writing alone; the other ranks do not call it).
+
+    Args:
+        own_file_keys: keys whose (computed) tensors go to bounded files of their own.
+        checksums: compute each written file's size and CRC-32 while writing it.
+
+    Returns:
+        ``{file name: FileRecord}`` of the files this rank wrote (empty without
+        ``checksums``).
+    """
+    alone = single_process or not _comm.is_distributed()
+    if not alone:
+        _comm.check_group(group, f"dcp.save of {path}")
+    writer = store.dcp_writer(path)
+    writer.own_file_keys = frozenset(own_file_keys)
+    if checksums:
+        _torch_compat.wrap_writer_fs(writer, Checksummed)
+    with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
+        dcp.save(state, storage_writer=writer, planner=planner, process_group=group,
+                 no_dist=alone)
+    return dict(getattr(writer.fs, "files", {}))
+
+
+#: ``reader_of(path, copies, metadata)``: a DCP ``StorageReader`` of a directory
+ReaderOf = Callable[[str, "Copies | None", "Metadata | None"], object]
+
+
+def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False,
+               copies: Copies | None = None, metadata: Metadata | None = None,
+               reader_of: ReaderOf | None = None, group=None) -> None:
+    """``dcp.load`` into ``state`` (in place) from the directory ``path``.
+
+    Collective on ``group``: every rank calls it with the same ``path``, in the same
+    order as its other loads (each rank may ask for different keys); unless there is no
+    process group or ``single_process`` is set (this rank reads alone).
+
+    The reader is the storage's (:meth:`~dcp_universal.storage.Storage.dcp_reader`:
+    memory maps for local files, ranged reads for URLs), or ``reader_of``'s (another
+    format's directory). ``copies``: the keys in ``copies.keys`` are not written during
+    the load; their copies wait in ``copies`` for its ``run()`` (memory-mapped files
+    only). ``metadata``: ``path``'s, when the caller has read it already.
+    """
+    alone = single_process or not _comm.is_distributed()
+    if not alone:
+        _comm.check_group(group, f"dcp.load of {path}")
+    reader = (reader_of or store.dcp_reader)(path, copies, metadata)
+    if alone and hasattr(reader, "read_whole") and all(
+            isinstance(v, torch.Tensor) and not isinstance(v, DTensor) for v in state.values()):
+        # one process, whole tensors: no plan to agree on, so DCP's planning is skipped
+        try:
+            if reader.read_whole(state):
+                return
+        except OSError as e:
+            raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
+    with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
+        dcp.load(state, storage_reader=reader, process_group=group, no_dist=alone)
+
+
+def read_metadata(store: Storage, path: str, *, reader_of: ReaderOf | None = None) -> Metadata:
+    """DCP's metadata of the directory ``path`` (not collective: every caller reads
+    it), through its storage's reader or ``reader_of``'s."""
+    with _io_errors("reading", path):
+        return (reader_of or store.dcp_reader)(path, None, None).read_metadata()

@@ -1,0 +1,113 @@
+"""Any fsspec URL (``s3://``, ``gs://``, ``memory://``, ...): one PUT per atomic write,
+ranged reads of exactly the bytes wanted (:mod:`.dcp_files`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable
+
+import torch
+
+from dcp_universal.storage import dcp_files
+from dcp_universal.storage.base import Storage, short_read
+from dcp_universal.storage.mapped import Copies, byte_view
+
+__all__ = ["FsspecStorage"]
+
+
+class FsspecStorage(Storage):
+    """Any fsspec URL (``s3://``, ``gs://``, ``memory://``, ...), with ``options`` as
+    fsspec's ``storage_options``. Reads are ranged reads of exactly the bytes wanted."""
+
+    def fs(self, path: str):
+        """``(fsspec filesystem, path inside it)``."""
+        from fsspec.core import url_to_fs
+
+        return url_to_fs(path, **self.options)
+
+    def exists(self, path: str) -> bool:
+        fs, p = self.fs(path)
+        fs.invalidate_cache(p.rsplit("/", 1)[0])
+        return fs.exists(p)
+
+    def is_file(self, path: str) -> bool:
+        fs, p = self.fs(path)
+        fs.invalidate_cache(p.rsplit("/", 1)[0])
+        return fs.isfile(p)
+
+    def listdir(self, path: str) -> list[str]:
+        fs, p = self.fs(path)
+        fs.invalidate_cache(p)
+        try:
+            return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def size(self, path: str) -> int:
+        fs, p = self.fs(path)
+        return int(fs.size(p))
+
+    def open_read(self, path: str):
+        fs, p = self.fs(path)
+        return fs.open(p, "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        fs, p = self.fs(path)
+        return fs.cat_file(p)
+
+    def read_spans(self, path: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        if not spans:
+            return []
+        fs, p = self.fs(path)
+        datas = fs.cat_ranges([p] * len(spans), [s for s, _ in spans],
+                              [s + n for s, n in spans])
+        out = []
+        for (start, n), data in zip(spans, datas):
+            if isinstance(data, Exception):
+                raise data
+            if len(data) != n:
+                raise short_read(path, start, n, start + len(data))
+            out.append(byte_view(data))
+        return out
+
+    def makedirs(self, path: str) -> None:
+        pass
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        fs, p = self.fs(path)
+        fs.pipe_file(p, data)
+
+    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+        # a local temporary file, uploaded in one put
+        fs, p = self.fs(path)
+        with tempfile.TemporaryDirectory(prefix="dcpu-upload-") as d:
+            local = os.path.join(d, "data")
+            write(local)
+            fs.put_file(local, p)
+
+    def remove_file(self, path: str) -> None:
+        fs, p = self.fs(path)
+        if fs.exists(p):
+            fs.rm_file(p)
+
+    def remove_tree(self, path: str) -> None:
+        fs, p = self.fs(path)
+        fs.invalidate_cache(p)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+
+    def file_sizes(self, path: str) -> dict[str, int]:
+        fs, p = self.fs(path)
+        fs.invalidate_cache(p)
+        out = {full[len(p.rstrip("/")) + 1:]: int(info["size"])
+               for full, info in fs.find(p, detail=True).items()}
+        return dict(sorted(out.items()))
+
+    def dcp_writer(self, path: str):
+        return dcp_files.remote_classes()[0](path, **self.options)
+
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
+        if copies is not None and copies.keys:
+            raise ValueError(f"{path}: copies can wait only for memory-mapped files")
+        return dcp_files.remote_classes()[1](path, **self.options)

@@ -1,0 +1,108 @@
+"""Integrity: every file's size and CRC-32, computed while it is written and checked
+against the manifest's records when it is read.
+
+Sizes cost one listing and are checked on every load; CRC-32 costs a full read and is
+checked with ``verify=True`` (``CheckpointManager.verify``, ``dcp-universal verify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from typing import Callable, Mapping
+
+from dcp_universal.errors import IntegrityError
+from dcp_universal.format.manifest import FileRecord
+from dcp_universal.storage import Storage, join
+
+__all__ = ["Checksummed", "crc32_of", "check_files"]
+
+
+class _CrcStream:
+    """Passes writes through, keeping the CRC-32 and size of everything written."""
+
+    def __init__(self, inner) -> None:
+        self._inner, self.crc, self.size = inner, 0, 0
+
+    def write(self, data) -> int:
+        n = self._inner.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += memoryview(data).nbytes
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class Checksummed:
+    """Wraps a DCP writer's file system so every file's size and CRC-32 are computed
+    while it is written, never by reading it back.
+
+    Attributes:
+        files: file name -> :class:`FileRecord` of every file written through it.
+    """
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.files: dict[str, FileRecord] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with self._inner.create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            crc = _CrcStream(stream)
+            yield crc
+        self.files[os.path.basename(os.fspath(path))] = FileRecord(size=crc.size, crc32=crc.crc)
+
+    def rename(self, path, new_path) -> None:
+        self._inner.rename(path, new_path)
+        old = os.path.basename(os.fspath(path))
+        if old in self.files:
+            self.files[os.path.basename(os.fspath(new_path))] = self.files.pop(old)
+
+
+def crc32_of(store: Storage, path: str, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with store.open_read(path) as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
+                checksums: bool = False, prefixes: tuple[str, ...] = ("",),
+                progress: Callable[[int], None] | None = None) -> None:
+    """Compare the files under ``path`` whose names start with one of ``prefixes`` with
+    their records: sizes always (one listing), CRC-32 when ``checksums`` (a full read).
+    ``progress`` is called with each checked file's size.
+
+    Raises:
+        IntegrityError: naming the first missing, resized or corrupted file.
+    """
+    wanted = {rel: rec for rel, rec in files.items() if rel.startswith(prefixes)}
+    if not wanted:
+        return
+    found = store.file_sizes(path)
+    for rel, rec in sorted(wanted.items()):
+        full = join(path, rel)
+        if rel not in found:
+            raise IntegrityError(f"{full} is missing (the manifest lists {rec.size} bytes); "
+                                 "the checkpoint is damaged: load an earlier step")
+        if found[rel] != rec.size:
+            raise IntegrityError(
+                f"{full} has {found[rel]} bytes, the manifest says {rec.size}: the file "
+                "is truncated or was rewritten; load an earlier step")
+        if checksums and rec.crc32 is not None:
+            crc = crc32_of(store, full)
+            if crc != rec.crc32:
+                raise IntegrityError(
+                    f"{full} fails its checksum (crc32 {crc:08x}, manifest {rec.crc32:08x}): "
+                    "its bytes changed after the save; load an earlier step")
+        if progress is not None:
+            progress(rec.size)

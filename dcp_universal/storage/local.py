@@ -1,0 +1,109 @@
+"""The local file system, through ``os``: atomic writes by temp file, fsync and rename;
+data files read through memory maps (:mod:`.mapped`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Callable
+
+import torch
+
+from dcp_universal.storage import dcp_files
+from dcp_universal.storage.base import Storage, short_read
+from dcp_universal.storage.mapped import Copies, MappedFiles, MappedReader
+
+__all__ = ["LocalStorage"]
+
+
+def _replace_synced(tmp: str, path: str) -> None:
+    """fsync ``tmp``, rename it to ``path``, fsync the directory: the file appears whole."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class LocalStorage(Storage):
+    """A local file system, through ``os``; data files are read through memory maps."""
+
+    maps_files = True
+
+    def os_path(self, path: str) -> str:
+        """The operating system's path of ``path`` (itself here; a subclass may map)."""
+        return path
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.os_path(path))
+
+    def is_file(self, path: str) -> bool:
+        return os.path.isfile(self.os_path(path))
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.os_path(path)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(self.os_path(path))
+
+    def open_read(self, path: str):
+        return open(self.os_path(path), "rb")
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(self.os_path(path), "rb") as f:
+            return f.read()
+
+    def read_spans(self, path: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        _, whole = MappedFiles().get(self.os_path(path))
+        out = []
+        for start, n in spans:
+            if start + n > whole.numel():
+                raise short_read(path, start, n, whole.numel())
+            out.append(whole[start:start + n])
+        return out
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(self.os_path(path), exist_ok=True)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        self.write_atomic_with(path, lambda tmp: _write_file(tmp, data))
+
+    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+        local = self.os_path(path)
+        tmp = local + ".tmp"
+        write(tmp)
+        _replace_synced(tmp, local)
+
+    def remove_file(self, path: str) -> None:
+        try:
+            os.remove(self.os_path(path))
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self, path: str) -> None:
+        shutil.rmtree(self.os_path(path), ignore_errors=True)
+
+    def file_sizes(self, path: str) -> dict[str, int]:
+        top, out = self.os_path(path), {}
+        for dirpath, _, files in os.walk(top):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                out[os.path.relpath(full, top)] = os.path.getsize(full)
+        return dict(sorted(out.items()))
+
+    def dcp_writer(self, path: str):
+        return dcp_files.LocalWriter(self.os_path(path))
+
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
+        return MappedReader(self.os_path(path), copies, metadata)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)

@@ -1,0 +1,134 @@
+"""Writing one step and committing it.
+
+Atomicity policy: a step is committed by its ``manifest.json``, written by rank 0 after
+every rank finished writing every item; until then the directory is debris, which
+``steps()`` never lists and the next save removes. The manifest is written whole or not
+at all (:meth:`dcp_universal.storage.Storage.write_atomic`).
+
+:func:`convert` writes a checkpoint of any input format (:mod:`dcp_universal.sources`)
+as a committed step.
+
+A :class:`StepWriter` is used by every rank, in this order::
+
+    writer = StepWriter(store, root, step)
+    writer.prepare(overwrite=..., bases=...)   # collective (rank 0 acts, all agree)
+    writer.write(item, fn, group)              # collective as fn is; once per item
+    writer.commit(manifest, group)             # collective (gather, rank 0 commits)
+
+``group`` is the save's process group (an asynchronous save's own, on its background
+thread; ``None``: the default group).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dcp_universal import _comm, sources
+from dcp_universal.storage import dcp_io, steps
+from dcp_universal.format import manifest
+from dcp_universal.training.base_store import BaseStore, gather_records
+from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
+from dcp_universal.format.manifest import FileRecord, Manifest
+from dcp_universal.storage import Storage, join, normalize, storage_for
+
+__all__ = ["StepWriter", "convert"]
+
+
+class StepWriter:
+    """Writes the items of step ``step`` under ``root`` and commits it.
+
+    Attributes:
+        path: the step directory.
+        files: this rank's file records so far, relative to the step directory.
+        items: the item directories written.
+    """
+
+    def __init__(self, store: Storage, root: str, step: int) -> None:
+        self.store = store
+        self.root = root
+        self.step = step
+        self.path = manifest.step_path(root, step)
+        self.files: dict[str, FileRecord] = {}
+        self.items: dict[str, bool] = {}
+
+    def prepare(self, *, overwrite: bool, bases: BaseStore) -> None:
+        """Collective (``on_rank0``): refuse a committed step unless ``overwrite``;
+        remove the step's old directory, debris of crashed saves and unfinished bases.
+
+        Raises:
+            StepAlreadyExistsError: on every rank.
+        """
+        _comm.on_rank0(self._prepare, overwrite, bases)
+
+    def _prepare(self, overwrite: bool, bases: BaseStore) -> None:
+        if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
+            raise StepAlreadyExistsError(
+                f"step {self.step} is already committed at {self.path}; pass overwrite=True "
+                "to replace it, or save under another step number")
+        steps.remove_step(self.store, self.path)  # an overwritten step, or debris
+        for debris in steps.list_steps(self.store, self.root, committed=False):
+            self.store.remove_tree(manifest.step_path(self.root, debris))
+        bases.remove_unfinished()
+
+    def write(self, item: str, fn: Callable[[str, object], dict[str, FileRecord]],
+              group=None) -> None:
+        """Write ``item`` (e.g. ``model``) with ``fn(item_dir, group)``, which returns the
+        records of the files this rank wrote. Collective exactly as ``fn`` is."""
+        written = fn(join(self.path, item), group)
+        self.files.update({f"{item}/{name}": rec for name, rec in written.items()})
+        self.items[item] = True
+
+    def commit(self, m: Manifest, group=None) -> None:
+        """Collective on ``group``: gather every rank's file records (one
+        ``all_gather_object``), then rank 0 writes the manifest (``on_rank0``). Every
+        rank returns once the step is committed, or raises :class:`CheckpointIOError` if
+        the commit failed."""
+        m.files = gather_records(self.files, group=group)
+        m.items = {**self.items, **m.items}
+        _comm.on_rank0(self._commit, m, group=group)
+
+    def _commit(self, m: Manifest) -> None:
+        try:
+            steps.write_manifest(self.store, self.path, m)
+        except OSError as e:
+            raise CheckpointIOError(
+                f"step {self.step} was written but its commit failed ({type(e).__name__}: "
+                f"{e}); it is not committed and the next save removes it") from e
+
+
+def convert(src: str, root: str, *, step: int | None = None,
+            storage_options: dict | None = None) -> str:
+    """Write the model of ``src`` (any format :func:`~dcp_universal.sources.open_source`
+    reads: a legacy ``torch.save`` file, a Hugging Face directory, another tool's DCP
+    checkpoint, ...) as a committed step under ``root``; returns its path.
+
+    Not collective (one process). The step number defaults to the one the source records
+    (a legacy file's ``iter_num`` / ``global_step``), else 0. Optimizer state is not
+    converted: the seeds saved it by position, which cannot be matched to parameter names
+    safely; the step records ``optimizer: false``.
+    """
+    src, root = normalize(src), normalize(root)
+    source = sources.open_source(storage_for(src, storage_options), src)
+    if source.meta.get("adapter_only"):
+        raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
+                              "to convert; load it into a model with load_model instead")
+    if step is None:
+        step = int(source.meta.get("step") or 0)
+    store = storage_for(root, storage_options)
+    path = manifest.step_path(root, step)
+    if store.exists(join(path, manifest.MANIFEST)):
+        raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
+    tensors = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in sorted(source.keys.items())}
+    source.read(tensors, single_process=True)
+    written = dcp_io.save_state(store, tensors, join(path, manifest.MODEL_DIR),
+                                single_process=True)
+    m = Manifest(
+        step=step, world_size=1, merge="rank0",
+        dtypes=sorted({str(t.dtype) for t in tensors.values()}),
+        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
+        files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
+        legacy=source.meta.get("legacy"))
+    steps.write_manifest(store, path, m)
+    return path

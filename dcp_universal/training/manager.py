@@ -1,0 +1,465 @@
+"""CheckpointManager: numbered steps under one root.
+
+The manager coordinates; each part has a module of its own: the step layout and
+manifest (:mod:`~dcp_universal.format.manifest`), writing and committing a step
+(:mod:`~dcp_universal.training.commit`), the shared frozen base of LoRA runs
+(:mod:`~dcp_universal.training.base_store`), RNG and ``extra`` state
+(:mod:`~dcp_universal.training.training_state`), the model and the optimizer
+(:mod:`~dcp_universal.model_io`, :mod:`~dcp_universal.training.optim_io`) and retention
+(:mod:`~dcp_universal.training.retention`). Public methods validate every argument before the
+first byte is read or written, then call those parts.
+
+Concurrency contract: not thread-safe; multi-process safe (every rank of one job calls
+``save`` / ``load`` together); one job writes a root at a time, while any number of
+readers load committed steps. At most one asynchronous save is in flight: ``save``,
+``load``, ``prune``, ``wait`` and ``close`` first wait for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from dcp_universal import _comm
+from dcp_universal.format import manifest
+from dcp_universal.training import optim_io, retention, training_state
+from dcp_universal.storage import steps
+from dcp_universal.training.base_store import BaseStore
+from dcp_universal.training.commit import StepWriter
+from dcp_universal.errors import CheckpointError, NotACheckpointError
+from dcp_universal.storage.integrity import check_files
+from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
+from dcp_universal.format.manifest import Manifest
+from dcp_universal.model.plan import LoadReport, Staged
+from dcp_universal.model_io.save import check_merge
+from dcp_universal.training.snapshot import Snapshotter
+from dcp_universal.storage import normalize, storage_for
+from dcp_universal.model.view import ModelView
+
+__all__ = ["CheckpointManager", "SaveHandle"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Options:
+    """CheckpointManager's settings.
+
+    Attributes:
+        keep_last: keep this many newest committed steps whole.
+        keep_every: archive steps divisible by this: they keep their model and lose
+            their optimizer state (steps no policy keeps are deleted).
+        keep_best: keep this many steps with the best ``best_metric`` whole.
+        best_metric / best_mode: the ``save(metrics=...)`` key ranking ``keep_best``, and
+            whether lower ("min") or higher ("max") is better.
+        With no policy every step is kept. Retention runs after a commit and never
+        removes the newest step or a base a remaining step uses.
+        merge: how merged ``model/`` directories are written: "sharded" or "rank0".
+        merged_every: in LoRA runs, also write the merged ``model/`` every this many
+            steps (None: only when ``save(..., merged=True)``). Runs without adapters
+            always write ``model/``.
+        storage_options: fsspec options for remote roots (e.g. ``endpoint_url``).
+    """
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "min"
+    merge: str = "sharded"
+    merged_every: int | None = None
+    storage_options: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_best is not None and not self.best_metric:
+            raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
+        self.policies()  # validates the numbers
+        check_merge(self.merge)
+        if self.merged_every is not None and self.merged_every < 1:
+            raise ValueError(f"merged_every={self.merged_every}: must be >= 1")
+
+    def policies(self) -> list:
+        out: list = []
+        if self.keep_last is not None:
+            out.append(retention.KeepLast(self.keep_last))
+        if self.keep_every is not None:
+            out.append(retention.KeepEvery(self.keep_every))
+        if self.keep_best is not None:
+            out.append(retention.KeepBest(self.keep_best, self.best_metric, self.best_mode))
+        return out
+
+
+def _check_items(items: Iterable[Item]) -> tuple[Item, ...]:
+    items = tuple(items)
+    taken = {i.name for i in BUILTIN}
+    for item in items:
+        if not isinstance(item, Item):
+            raise TypeError(f"items: {item!r} is not a dcp_universal.training.items.Item")
+        name = item.name
+        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") \
+                or name == manifest.MANIFEST:
+            raise ValueError(f"items: {type(item).__name__}.name={name!r}: expected a directory "
+                             "name (no '/', not hidden, not manifest.json)")
+        if name in taken:
+            raise ValueError(f"items: two items named {name!r} (the library's own are "
+                             f"{sorted(i.name for i in BUILTIN)})")
+        taken.add(name)
+    return items
+
+
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step={step!r}: expected a non-negative integer")
+    return step
+
+
+class SaveHandle:
+    """An asynchronous save in flight (``save(..., blocking=False)``).
+
+    The state was staged when ``save`` returned; the write and the commit run in the
+    background. Its error, if any, is raised once: by :meth:`result`, or else by the
+    manager's next ``save``, ``load``, ``prune``, ``wait`` or ``close``.
+    """
+
+    def __init__(self, step: int, future: concurrent.futures.Future, stall_s: float) -> None:
+        self.step = step
+        self.stall_s = stall_s  # how long ``save`` blocked the caller
+        self._future = future
+        self._told = False
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, or failed)."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> str:
+        """The committed step's directory, once committed (``timeout`` seconds at most,
+        else ``TimeoutError``); raises the save's error."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"step {self.step} is still being written after {timeout} s") from None
+        except BaseException:
+            self._told = True
+            raise
+
+    def _settle(self) -> None:
+        """Wait; raise the error unless :meth:`result` already raised it."""
+        try:
+            self._future.result()
+        except BaseException:
+            if not self._told:
+                self._told = True
+                raise
+
+
+class CheckpointManager:
+    """Numbered training checkpoints under ``root``.
+
+    >>> mgr = CheckpointManager("runs/ckpt", keep_last=3)
+    >>> mgr.save(100, model, optimizer, extra={"lr_scheduler": sched, "train": counters})
+    >>> report = mgr.load(model, optimizer, extra={"lr_scheduler": sched, "train": counters})
+
+    ``save`` and ``load`` are collective: call them on every rank, in the same order.
+
+    Asynchronous saves stall the training loop only for the snapshot:
+
+    >>> with CheckpointManager("runs/ckpt") as mgr:
+    ...     for step in range(1, steps + 1):
+    ...         train_step()
+    ...         if step % 100 == 0:
+    ...             mgr.save(step, model, optimizer, blocking=False)
+    """
+
+    def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
+                 storage_options: dict | None = None, merged_every: int | None = None,
+                 keep_every: int | None = None, keep_best: int | None = None,
+                 best_metric: str | None = None, best_mode: str = "min",
+                 items: Iterable[Item] = ()) -> None:
+        self.root = normalize(root)
+        self._items = (*BUILTIN, *_check_items(items))
+        self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
+                                storage_options=storage_options, keep_every=keep_every,
+                                keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
+        self._store = storage_for(self.root, storage_options)
+        self._bases = BaseStore(self._store, self.root)
+        self._pending: SaveHandle | None = None
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        self._group = None  # the background thread's gloo group (collective to create)
+        self._snapshots = Snapshotter()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the block's exception wins; a save's failure is only logged
+            self.close()
+        except Exception as e:
+            logger.error("an asynchronous save failed while leaving the block: %s: %s",
+                         type(e).__name__, e)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error unless
+        its handle's ``result()`` already did. Not collective."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._settle()
+
+    def close(self) -> None:
+        """:meth:`wait`, then stop the background thread and free the staging buffers.
+        The manager still saves (blocking or not) after it; its background gloo group is
+        kept for that (freed with the default group at ``destroy_process_group``)."""
+        try:
+            self.wait()
+        finally:
+            if self._background is not None:
+                self._background.shutdown(wait=True)
+                self._background = None
+            self._snapshots = Snapshotter()
+
+    # ---- listing ----------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (read by the caller alone, not collective)."""
+        return steps.list_steps(self._store, self.root)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        return manifest.step_path(self.root, step)
+
+    def manifest(self, step: int) -> Manifest:
+        return steps.read_manifest(self._store, self.step_path(step))
+
+    # ---- saving -----------------------------------------------------------------------
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+             extra: dict | None = None, merged: bool | None = None, overwrite: bool = False,
+             metrics: dict[str, float] | None = None, blocking: bool = True) -> str | SaveHandle:
+        """Write and commit step ``step``; returns its directory.
+
+        Collective. Call order, every rank: prepare the step (rank 0 removes debris, all
+        agree); in LoRA runs the frozen base (once per content) and ``adapters/``; the
+        merged ``model/`` when written; ``optimizer/`` with the training state; the
+        commit (rank 0 writes the manifest, all agree); retention (rank 0, all agree).
+
+        Args:
+            extra: objects with ``state_dict()``/``load_state_dict()`` (or plain dicts)
+                saved with the training state. Objects that differ across ranks are
+                saved per rank.
+            merged: LoRA runs: also write the merged ``model/`` (default: the manager's
+                ``merged_every`` policy).
+            overwrite: replace an already committed ``step``.
+            metrics: numbers recorded in the manifest (``keep_best`` ranks by one).
+            blocking: ``False``: return a :class:`SaveHandle` once the state is staged
+                (a snapshot in host memory; model, optimizer and ``extra`` may change at
+                once) and write and commit in a background thread, whose collectives run
+                on a gloo group of their own. The commit is the same as a blocking
+                save's: the manifest is written after every rank's write finished, and
+                a failure on any rank commits nothing and reaches every rank. A LoRA
+                run's frozen base, when it must be written (once per content), is
+                written before ``save`` returns.
+
+        Raises:
+            StepAlreadyExistsError: ``step`` is committed and ``overwrite`` is False.
+            CheckpointIOError: a write or the commit failed on some rank (every rank
+                raises; nothing is committed).
+        """
+        _check_step(step)
+        extra = training_state.check_extra(extra)
+        try:
+            metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"metrics={metrics!r}: expected a dict of numbers") from None
+        if merged is None:
+            every = self.options.merged_every
+            merged = every is not None and step % every == 0
+        self.wait()
+        start = time.perf_counter()
+        if blocking:
+            return self._snapshot(step, model, optimizer, extra, bool(merged), overwrite,
+                                  metrics, None)(start, None)
+        if self._background is None:
+            self._group = self._group or _comm.new_gloo_group()
+            self._background = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="dcp-universal-save")
+        self._snapshots.begin()
+        finish = self._snapshot(step, model, optimizer, extra, bool(merged), overwrite, metrics,
+                                self._snapshots.copy)
+        self._snapshots.end()
+        stall = time.perf_counter() - start
+        if _comm.rank() == 0:
+            logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
+                        self._snapshots.nbytes / 1e6, stall)
+
+        def background() -> str:
+            with _comm.writes_only(self._group):
+                return finish(start, self._group)
+
+        self._pending = SaveHandle(step, self._background.submit(background), stall)
+        return self._pending
+
+    def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
+                  snapshot) -> Callable[[float], str]:
+        """Everything of a save that reads model, optimizer and ``extra`` (collective on
+        the caller's group: prepare, then every item's save: the base, factor gathers,
+        training state), with what the writes will read copied by ``snapshot``
+        (``None``: read in place, for a blocking save). Returns the writes and the
+        commit, ``finish(start, group)``: collective on ``group``, the default one
+        (``None``) for a blocking save, the background thread's own for an asynchronous
+        one, which runs nothing else (``_comm.writes_only``)."""
+        view = ModelView.of(model)
+        writer = StepWriter(self._store, self.root, step)
+        writer.prepare(overwrite=overwrite, bases=self._bases)
+        m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
+                     merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
+                     ties=[list(g) for g in view.ties])
+        ctx = SaveContext(view=view, optimizer=optimizer, extra=extra, store=self._store,
+                          manifest=m, merge=self.options.merge, merged=merged,
+                          bases=self._bases, snapshotter=snapshot)
+        writes = [(item.name, w) for item in self._items if (w := item.save(ctx)) is not None]
+        del ctx
+
+        def finish(start: float, group) -> str:
+            while writes:  # each write's data is freed once written
+                item, write = writes.pop(0)
+                writer.write(item, write, group)
+                del write
+            writer.commit(m, group)
+            _comm.on_rank0(self._retain, step, group=group)
+            if _comm.rank() == 0:
+                size = sum(f.size for f in m.files.values())
+                logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,
+                            time.perf_counter() - start)
+            return writer.path
+
+        return finish
+
+    def _retain(self, step: int) -> None:
+        try:
+            self._prune(dry_run=False)
+        except Exception as e:
+            raise CheckpointError(f"step {step} is committed, but retention failed "
+                                  f"({type(e).__name__}: {e}); the next save retries it") from e
+
+    def prune(self, *, dry_run: bool = False) -> retention.Decision:
+        """Apply the retention policies now (``save`` does after every commit).
+
+        Not collective: call it on one process only. Returns what was (or, with
+        ``dry_run``, would be) done.
+        """
+        self.wait()
+        return self._prune(dry_run=dry_run)
+
+    def _prune(self, *, dry_run: bool) -> retention.Decision:
+        manifests = {s: self.manifest(s) for s in self.steps()}
+        decision = retention.decide(self.options.policies(), manifests,
+                                    steps.list_bases(self._store, self.root))
+        if not dry_run:
+            retention.apply(decision, self.root, self._store, manifests)
+        return decision
+
+    # ---- loading ----------------------------------------------------------------------
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+             step: int | None = None, strict: bool = True, extra: dict | None = None,
+             hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = (),
+             verify: bool = False) -> LoadReport:
+        """Load step ``step`` (default: the latest committed) into any configuration.
+
+        Collective. Call order, every rank: rank 0 picks the step and tells every rank
+        (so a reader racing a writer loads one step everywhere); every rank reads the
+        manifest and checks what it was asked for; then the model's reads, the
+        optimizer's and the training state's (one ``dcp.load`` per directory, same order
+        everywhere); then everything is installed.
+
+        Args:
+            optimizer: restored by canonical parameter name (see ``LoadReport``).
+            extra: the same names as at save; each object gets its ``load_state_dict``.
+            hyperparams: ``"checkpoint"`` or ``"current"`` (lr, betas, ... of the
+                optimizer, when its param groups match the checkpoint's).
+            skip_per_rank: per-rank state ("rng", or an ``extra`` name saved per rank)
+                to leave as it is when the world size differs from the save's. Without
+                it such a load raises :class:`PerRankStateError` before touching
+                anything. An extra object may instead define
+                ``load_resharded_state_dicts(states: list)``, called with every saved
+                rank's state.
+            verify: also check every file's CRC-32 (sizes are always checked).
+
+        RNG state is restored (per rank) when an optimizer or ``extra`` is given. Nothing
+        is installed into the model, optimizer or ``extra`` objects unless every read
+        succeeded.
+        """
+        optim_io.check_hyperparams(hyperparams)
+        extra = training_state.check_extra(extra)
+        self.wait()
+        skip = set(skip_per_rank)
+        if not all(isinstance(s, str) for s in skip):
+            raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")
+        if step is not None:
+            _check_step(step)
+        step = _comm.on_rank0(self._pick_step, step)
+        return self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
+
+    def _pick_step(self, step: int | None) -> int:
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise NotACheckpointError(f"no committed step under {self.root}")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(
+                f"step={step} is not a committed step under {self.root}; committed: {steps}")
+        return step
+
+    def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify) -> LoadReport:
+        path = self.step_path(step)
+        m = steps.read_manifest(self._store, path)
+        ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra, path=path,
+                          manifest=m, store=self._store, strict=strict, verify=verify,
+                          hyperparams=hyperparams, skip_per_rank=skip)
+        for item in self._items:
+            item.check(ctx)
+        # Read everything first, install after: a failure halfway leaves the job untouched.
+        staged = Staged.combine([s for item in self._items if (s := item.stage(ctx)) is not None])
+        staged.commit()
+        unknown = sorted(k for k in m.items if k not in {i.name for i in self._items})
+        if unknown:
+            staged.report.notes.append(
+                f"step {step} holds items this manager does not read: {unknown} (not loaded; "
+                "pass CheckpointManager(items=[...]) the items that wrote them)")
+        if staged.facts.get("restored_base"):
+            self._bases.remember(ctx.view, staged.facts["restored_base"])
+        return staged.report
+
+    def verify(self, step: int | None = None, *,
+               progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Check every file of ``step`` (default: latest) and of its base: size and CRC-32.
+
+        Not collective. Returns ``{"files": n, "bytes": total}``; raises
+        :class:`IntegrityError` naming the first bad file. ``progress`` is called with
+        each checked file's size.
+        """
+        step = self.latest_step() if step is None else _check_step(step)
+        if step is None:
+            raise NotACheckpointError(f"no committed step under {self.root}")
+        path = self.step_path(step)
+        m = steps.read_manifest(self._store, path)
+        check_files(self._store, path, m.files, checksums=True, progress=progress)
+        records = list(m.files.values())
+        if m.base:
+            check_files(self._store, manifest.base_path(path, m), m.base_files or {},
+                        checksums=True, progress=progress)
+            records += list((m.base_files or {}).values())
+        return {"files": len(records), "bytes": sum(r.size for r in records)}

@@ -1,0 +1,137 @@
+"""Retention: which committed steps to keep, archive or delete.
+
+A policy is a small object; the manager combines the ones it was given. A step that any
+policy keeps whole is kept whole; one that is only archived keeps its model (``model/``,
+or ``adapters/`` plus its base) and loses ``optimizer/``; every other step is deleted.
+The newest committed step is always kept whole.
+
+Deletion is ordered so that a kill at any point leaves only debris, never a step that
+claims files it no longer has: a step loses its manifest before its files, an archived
+step gets its rewritten manifest before ``optimizer/`` goes (and a later prune removes an
+``optimizer/`` such a kill left behind), and a base loses its ``files.json`` (which marks
+it complete) before its data. Bases are removed when no remaining committed step names
+them, with or without a policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from dcp_universal.format import manifest
+from dcp_universal.storage import steps
+from dcp_universal.format.manifest import Manifest
+from dcp_universal.storage import Storage, join
+
+__all__ = ["KeepLast", "KeepEvery", "KeepBest", "Decision", "decide", "apply"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepLast:
+    """Keep the ``n`` newest committed steps whole."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"keep_last={self.n}: must be >= 1 (the newest step is always kept)")
+
+    def keep(self, manifests: dict[int, Manifest]) -> set[int]:
+        return set(sorted(manifests)[-self.n:])
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepEvery:
+    """Archive every step divisible by ``k``: its model stays, its optimizer goes
+    (seed 004's archival policy)."""
+
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"keep_every={self.k}: must be >= 1")
+
+    def archive(self, manifests: dict[int, Manifest]) -> set[int]:
+        return {s for s in manifests if s % self.k == 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``n`` steps with the best ``metric`` (recorded by ``save(metrics=...)``)
+    whole; steps without the metric never count as best."""
+
+    n: int
+    metric: str
+    mode: str = "min"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"keep_best={self.n}: must be >= 1")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"best_mode={self.mode!r}: expected 'min' or 'max'")
+
+    def keep(self, manifests: dict[int, Manifest]) -> set[int]:
+        scored = [(m.metrics[self.metric], s) for s, m in manifests.items()
+                  if self.metric in m.metrics]
+        scored.sort(reverse=self.mode == "max")
+        return {s for _, s in scored[: self.n]}
+
+
+@dataclasses.dataclass
+class Decision:
+    keep: list[int]  # kept whole
+    archive: list[int]  # to archive now (lose optimizer/)
+    delete: list[int]
+    delete_bases: list[str]
+    archived: list[int] = dataclasses.field(default_factory=list)  # archived before
+
+
+def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str]) -> Decision:
+    """What ``policies`` do to committed steps ``manifests`` (step -> manifest)."""
+    steps = sorted(manifests)
+    if not steps:
+        return Decision([], [], [], [])
+    keep, archived = ({steps[-1]}, set()) if policies else (set(steps), set())
+    for p in policies:
+        keep |= p.keep(manifests) if hasattr(p, "keep") else set()
+        archived |= p.archive(manifests) if hasattr(p, "archive") else set()
+    archived -= keep
+    remaining = keep | archived
+    delete = [s for s in steps if s not in remaining]
+    to_archive = sorted(s for s in archived if manifests[s].has(manifest.OPTIMIZER_DIR))
+    before = sorted(s for s in remaining if manifests[s].archived)
+    used = {manifests[s].base for s in remaining}
+    return Decision(sorted(keep - set(before)), to_archive, delete,
+                    [b for b in bases if b not in used], before)
+
+
+def _archived(m: Manifest) -> Manifest:
+    """``m`` as an archived step's manifest: no optimizer state, no ``optimizer/`` files."""
+    opt = manifest.OPTIMIZER_DIR
+    return dataclasses.replace(
+        m, items={**m.items, opt: False}, archived=True,
+        files={k: v for k, v in m.files.items() if k not in m.files_under(opt)})
+
+
+def apply(decision: Decision, root: str, store: Storage,
+          manifests: dict[int, Manifest]) -> None:
+    """Carry out ``decision``; safe to kill at any point (see the module docstring)."""
+    for step in decision.delete:
+        steps.remove_step(store, manifest.step_path(root, step))
+    for step in decision.archive:
+        path = manifest.step_path(root, step)
+        steps.write_manifest(store, path, _archived(manifests[step]))
+        store.remove_tree(join(path, manifest.OPTIMIZER_DIR))
+    for step in decision.archived:
+        # an archive killed between its manifest and its optimizer/ left the directory
+        opt = join(manifest.step_path(root, step), manifest.OPTIMIZER_DIR)
+        if store.exists(opt):
+            store.remove_tree(opt)
+    for base in decision.delete_bases:
+        steps.remove_base(store, join(root, base))
+    if decision.delete or decision.archive or decision.delete_bases:
+        logger.info("retention: deleted steps %s, archived %s, deleted bases %s",
+                    decision.delete, decision.archive, decision.delete_bases)
