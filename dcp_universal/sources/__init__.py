@@ -5,10 +5,10 @@ A *format* is a class that says whether a path is its kind (:meth:`Format.detect
 and opens it (:meth:`Format.open`) into a :class:`Source`. Formats are asked in
 registration order (:func:`register_format`), and ``load_model``, ``export_hf``,
 ``inspect`` and ``convert`` all go through :func:`open_source`, so a path that one of
-them reads is read the same way by all. The package registers: a legacy ``torch.save``
-file (:mod:`~dcp_universal.interop.legacy`), a committed step (:mod:`~dcp_universal.sources.step`),
-a DCP directory, this library's or another tool's (:mod:`~dcp_universal.sources.dcp`), a
-PEFT adapter directory (:mod:`~dcp_universal.interop.peft`) and a Hugging Face safetensors
+them reads is read the same way by all. The package registers: a legacy
+``torch.save`` file (:mod:`~dcp_universal.interop.legacy`), a committed step
+(:mod:`.step`), a DCP directory, this library's or another tool's (:mod:`.dcp`), a PEFT
+adapter directory (:mod:`~dcp_universal.interop.peft`) and a Hugging Face safetensors
 directory (:mod:`~dcp_universal.interop.safetensors`). A new format is one module::
 
     >>> class NpzFormat(Format):

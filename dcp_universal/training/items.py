@@ -74,7 +74,7 @@ class SaveContext:
         merge: how merged weights are written ("sharded" or "rank0").
         merged: also write a merged ``model/`` (LoRA runs).
         bases: the root's frozen-base store.
-        snapshotter: an asynchronous save's ``Stager.copy`` (``None``: a blocking save).
+        snapshotter: an asynchronous save's ``Snapshotter.copy`` (``None``: a blocking save).
     """
 
     view: ModelView
