@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
-           "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError"]
+           "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
+           "UnsafeCheckpointError"]
 
 
 class CheckpointError(Exception):
@@ -54,3 +55,9 @@ class StepAlreadyExistsError(CheckpointError, ValueError):
 class PerRankStateError(CheckpointError):
     """Per-rank training state cannot follow a change of world size (see
     ``CheckpointManager.load``'s ``skip_per_rank``). Raised before anything is read."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint asks for something this library does not do for a file it cannot
+    trust: a path that leaves its root or directory, or state that only runs as code
+    (``trusted=True`` reads such state where that is possible)."""

@@ -83,6 +83,8 @@ def _prune(args) -> int:
     verb = "would " if args.dry_run else ""
     print(f"{args.root}: {verb}keep steps {d.keep}, {verb}archive (drop optimizer/) {d.archive}, "
           f"{verb}delete steps {d.delete} and bases {d.delete_bases}")
+    for step, why in sorted(d.unreadable.items()):
+        print(f"  kept step {step}: its manifest cannot be read ({why})")
     return 0
 
 

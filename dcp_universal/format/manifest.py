@@ -20,12 +20,14 @@ import dataclasses
 import json
 import re
 import time
+import zlib
 from typing import Any
 
 import torch
 
 from dcp_universal._version import __version__
-from dcp_universal.errors import FormatVersionError, ManifestError
+from dcp_universal.errors import (FormatVersionError, IntegrityError, ManifestError,
+                                  UnsafeCheckpointError)
 from dcp_universal._paths import join, parent
 
 __all__ = [
@@ -113,7 +115,23 @@ def records_to_json(records: dict[str, FileRecord]) -> dict:
 def records_from_json(d: Any, where: str) -> dict[str, FileRecord]:
     if not isinstance(d, dict):
         raise _fail(where, "an object of file records", d)
+    for name in d:
+        inside(name, where)
     return {name: FileRecord.from_json(rec, f"{where}[{name!r}]") for name, rec in d.items()}
+
+
+def inside(relative: str, where: str) -> str:
+    """``relative`` itself, if it names a file below its directory (a relative path
+    with no ``..`` part, no backslash, no drive), else :class:`UnsafeCheckpointError`:
+    a name read from a checkpoint never leads outside it."""
+    parts = relative.split("/")
+    if (not relative or relative.startswith("/") or "\\" in relative or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UnsafeCheckpointError(
+            f"{where} names {relative!r}, which is not a file inside the checkpoint: a "
+            "checkpoint never refers outside its directory -> the file was written by "
+            "another tool or edited; do not load it")
+    return relative
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -313,6 +331,7 @@ class Manifest:
             elif hasattr(value, "to_json"):
                 value = value.to_json()
             out[f.name] = value
+        out["content_crc32"] = _content_crc32(json.loads(json.dumps(out)))
         return json.dumps(out, indent=1, sort_keys=True)
 
     @classmethod
@@ -342,7 +361,8 @@ class Manifest:
         for name, value in items.items():
             _get(items, name, bool, f"{where}.items", "a boolean")
         mesh, adapters = d.get("mesh"), d.get("adapters")
-        return cls(
+        metrics = _get(d, "metrics", dict, where, "an object", optional=True, default={}) or {}
+        parsed = cls(
             format_version=d["format_version"],
             step=_get(d, "step", int, where, "an integer step"),
             world_size=_get(d, "world_size", int, where, "an integer world size"),
@@ -353,12 +373,13 @@ class Manifest:
             merge=_get(d, "merge", str, where, "'sharded' or 'rank0'"),
             dtypes=_get(d, "dtypes", list, where, "a list of dtype names"),
             items=dict(items),
-            base=_get(d, "base", str, where, "a base directory name", optional=True),
+            base=_base_name(_get(d, "base", str, where, "a base directory name",
+                                 optional=True), f"{where}.base"),
             adapters=Adapters.from_json(adapters, f"{where}.adapters") if adapters else None,
             training_state=TrainingState.from_json(
                 _get(d, "training_state", dict, where, "an object"), f"{where}.training_state"),
-            metrics={k: float(v) for k, v in
-                     _get(d, "metrics", dict, where, "an object", optional=True, default={}).items()},
+            metrics={k: float(_get(metrics, k, (int, float), f"{where}.metrics", "a number"))
+                     for k in metrics},
             files=records_from_json(d.get("files", {}), f"{where}.files"),
             base_files=(records_from_json(d["base_files"], f"{where}.base_files")
                         if d.get("base_files") is not None else None),
@@ -366,6 +387,34 @@ class Manifest:
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
             ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
         )
+        _check_content(d, where)  # after the fields: a wrong type is named as such
+        return parsed
+
+
+def _base_name(name: str | None, where: str) -> str | None:
+    if name is not None and not _BASE_RE.match(name):
+        raise UnsafeCheckpointError(
+            f"{where} is {name!r}, expected a base directory name 'base-<hex>' beside the "
+            "step: a manifest never points outside its root -> the manifest was edited or "
+            "written by another tool; do not load it")
+    return name
+
+
+def _content_crc32(d: dict) -> int:
+    """CRC-32 of a manifest's fields (all but the checksum itself), in a canonical
+    JSON spelling, so any edit of a field after the commit shows."""
+    body = {k: v for k, v in d.items() if k != "content_crc32"}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _check_content(d: dict, where: str) -> None:
+    if "content_crc32" not in d:  # written before manifests carried one
+        return
+    if d["content_crc32"] != _content_crc32(d):
+        raise IntegrityError(
+            f"{where} fails its own checksum (content_crc32): a field was changed after "
+            "the step was committed, which can change what the step loads -> load an "
+            "earlier step, or restore this manifest from a copy")
 
 
 def _ties_from_json(d: Any, where: str) -> list[list[str]]:

@@ -61,8 +61,22 @@ def safetensors_files(store: Storage, path: str) -> list[str]:
     """The data files of an HF directory: the index's files, else ``model.safetensors``."""
     index = join(path, manifest.HF_INDEX)
     if store.exists(index):
-        weight_map = json.loads(store.read_bytes(index)).get("weight_map", {})
-        return sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(store.read_bytes(index)).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index ({e}) -> "
+                                  "restore it from the model's source") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not an object of file names")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            manifest.inside(name, f"{index} (weight_map)")
+        missing = [f for f in files if not store.exists(join(path, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are not in {path}: "
+                                  f"{missing[:4]} -> copy the whole directory again")
+        return files
     return [manifest.HF_SINGLE]
 
 
@@ -78,12 +92,20 @@ class SafetensorsReader(StorageReader):
     def _read_headers(self) -> None:
         for name in safetensors_files(self.store, self.path):
             full = join(self.path, name)
+            size = self.store.size(full)
             with self.store.open_read(full) as f:
                 n = int.from_bytes(f.read(8), "little")
+                if n > size - 8:
+                    raise CheckpointError(
+                        f"{full} is not a safetensors file: its header says {n} bytes, the "
+                        f"file holds {size} -> it is damaged or of another format")
                 try:
                     header = json.loads(f.read(n))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise CheckpointError(f"{full} is not a safetensors file ({e})") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{full} is not a safetensors file (its header is "
+                                      f"a {type(header).__name__}, not an object)")
             for key, info in header.items():
                 if key == "__metadata__":
                     continue

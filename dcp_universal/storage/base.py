@@ -38,6 +38,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def is_file(self, path: str) -> bool: ...
 
+    def is_link(self, path: str) -> bool:
+        """True if ``path`` is a symbolic link (object stores have none)."""
+        return False
+
     @abc.abstractmethod
     def listdir(self, path: str) -> list[str]:
         """Names directly under ``path`` (empty if it does not exist)."""

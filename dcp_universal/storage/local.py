@@ -43,6 +43,9 @@ class LocalStorage(Storage):
     def is_file(self, path: str) -> bool:
         return os.path.isfile(self.os_path(path))
 
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(self.os_path(path))
+
     def listdir(self, path: str) -> list[str]:
         try:
             return sorted(os.listdir(self.os_path(path)))

@@ -22,13 +22,16 @@ def list_steps(store: Storage, root: str, *, committed: bool = True) -> list[int
     out = []
     for name in store.listdir(root):
         step = step_of_name(name)
-        if step is not None and (MANIFEST in store.listdir(join(root, name))) == committed:
+        if step is None or store.is_link(join(root, name)):
+            continue  # a link leads outside the root: never listed, so never removed
+        if (MANIFEST in store.listdir(join(root, name))) == committed:
             out.append(step)
     return sorted(out)
 
 
 def list_bases(store: Storage, root: str) -> list[str]:
-    return [n for n in store.listdir(root) if is_base_name(n)]
+    return [n for n in store.listdir(root)
+            if is_base_name(n) and not store.is_link(join(root, n))]
 
 
 def read_manifest(store: Storage, step_dir: str) -> Manifest:
@@ -48,7 +51,11 @@ def write_manifest(store: Storage, step_dir: str, manifest: Manifest) -> None:
 
 
 def remove_step(store: Storage, step_dir: str) -> None:
-    """Uncommit first (manifest), then delete: a kill halfway leaves only debris."""
+    """Uncommit first (manifest), then delete: a kill halfway leaves only debris. A step
+    path that is a link loses the link only: nothing outside the root is touched."""
+    if store.is_link(step_dir):
+        store.remove_file(step_dir)
+        return
     store.remove_file(join(step_dir, MANIFEST))
     store.remove_tree(step_dir)
 
@@ -73,6 +80,9 @@ def write_base_files(store: Storage, base_dir: str, records: dict[str, FileRecor
 
 
 def remove_base(store: Storage, base_dir: str) -> None:
-    """Mark incomplete first (``files.json``), then delete."""
+    """Mark incomplete first (``files.json``), then delete (a link: the link only)."""
+    if store.is_link(base_dir):
+        store.remove_file(base_dir)
+        return
     store.remove_file(join(base_dir, BASE_FILES))
     store.remove_tree(base_dir)

@@ -29,7 +29,9 @@ from dcp_universal import _comm, sources
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
 from dcp_universal.training.base_store import BaseStore, gather_records
-from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
+                                  StepAlreadyExistsError)
+from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import FileRecord, Manifest
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
@@ -90,6 +92,18 @@ class StepWriter:
         _comm.on_rank0(self._commit, m, group=group)
 
     def _commit(self, m: Manifest) -> None:
+        # Never commit a step that lost a file between its write and now (another job's
+        # cleanup, a deleted bucket recreated empty): every file the manifest lists must
+        # be there with its size. One listing, local and remote alike.
+        try:
+            check_files(self.store, self.path, m.files)
+            if m.base:
+                check_files(self.store, manifest.base_path(self.path, m), m.base_files or {})
+        except IntegrityError as e:
+            raise CheckpointIOError(
+                f"step {self.step} was written, but before its commit a file it wrote was "
+                f"gone or changed ({e}); it is not committed -> is another job writing to "
+                f"{self.root}? The next save removes this step's debris") from e
         try:
             steps.write_manifest(self.store, self.path, m)
         except OSError as e:

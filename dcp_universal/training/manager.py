@@ -77,12 +77,21 @@ class _Options:
     storage_options: dict | None = None
 
     def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every", "keep_best", "merged_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name}={value!r}: expected a positive whole number (or "
+                                 "None to turn it off)")
         if self.keep_best is not None and not self.best_metric:
             raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
-        self.policies()  # validates the numbers
+        if self.best_metric is not None and not isinstance(self.best_metric, str):
+            raise ValueError(f"best_metric={self.best_metric!r}: expected a metric name (str)")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ValueError(f"storage_options={self.storage_options!r}: expected a dict of "
+                             "fsspec options, e.g. {'endpoint_url': ...}")
+        self.policies()  # validates the rest
         check_merge(self.merge)
-        if self.merged_every is not None and self.merged_every < 1:
-            raise ValueError(f"merged_every={self.merged_every}: must be >= 1")
 
     def policies(self) -> list:
         out: list = []
@@ -363,9 +372,17 @@ class CheckpointManager:
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> retention.Decision:
-        manifests = {s: self.manifest(s) for s in self.steps()}
+        manifests, unreadable = {}, {}
+        for s in self.steps():
+            try:
+                manifests[s] = self.manifest(s)
+            except CheckpointError as e:  # kept and reported; the others are still pruned
+                unreadable[s] = f"{type(e).__name__}: {e}"
         decision = retention.decide(self.options.policies(), manifests,
-                                    steps.list_bases(self._store, self.root))
+                                    steps.list_bases(self._store, self.root),
+                                    unreadable=unreadable)
+        for s, why in sorted(unreadable.items()):
+            logger.warning("retention keeps step %d, whose manifest it cannot read (%s)", s, why)
         if not dry_run:
             retention.apply(decision, self.root, self._store, manifests)
         return decision

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 from dcp_universal.format import manifest
@@ -74,8 +75,9 @@ class KeepBest:
             raise ValueError(f"best_mode={self.mode!r}: expected 'min' or 'max'")
 
     def keep(self, manifests: dict[int, Manifest]) -> set[int]:
+        # NaN (a diverged step) ranks nowhere: it never displaces a real best
         scored = [(m.metrics[self.metric], s) for s, m in manifests.items()
-                  if self.metric in m.metrics]
+                  if self.metric in m.metrics and not math.isnan(m.metrics[self.metric])]
         scored.sort(reverse=self.mode == "max")
         return {s for _, s in scored[: self.n]}
 
@@ -87,13 +89,22 @@ class Decision:
     delete: list[int]
     delete_bases: list[str]
     archived: list[int] = dataclasses.field(default_factory=list)  # archived before
+    #: steps whose manifest cannot be read: kept (and their bases), never ranked
+    unreadable: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
-def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str]) -> Decision:
-    """What ``policies`` do to committed steps ``manifests`` (step -> manifest)."""
+def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str], *,
+           unreadable: dict[int, str] | None = None) -> Decision:
+    """What ``policies`` do to committed steps ``manifests`` (step -> manifest).
+
+    ``unreadable``: committed steps whose manifest could not be read (step -> why): they
+    are kept and reported, and every base is kept while any exists (which one such a
+    step uses is unknown); the other steps are decided as usual.
+    """
+    unreadable = dict(unreadable or {})
     steps = sorted(manifests)
     if not steps:
-        return Decision([], [], [], [])
+        return Decision([], [], [], [], unreadable=unreadable)
     keep, archived = ({steps[-1]}, set()) if policies else (set(steps), set())
     for p in policies:
         keep |= p.keep(manifests) if hasattr(p, "keep") else set()
@@ -104,8 +115,9 @@ def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str]
     to_archive = sorted(s for s in archived if manifests[s].has(manifest.OPTIMIZER_DIR))
     before = sorted(s for s in remaining if manifests[s].archived)
     used = {manifests[s].base for s in remaining}
-    return Decision(sorted(keep - set(before)), to_archive, delete,
-                    [b for b in bases if b not in used], before)
+    delete_bases = [] if unreadable else [b for b in bases if b not in used]
+    return Decision(sorted(keep - set(before)), to_archive, delete, delete_bases, before,
+                    unreadable)
 
 
 def _archived(m: Manifest) -> Manifest:

@@ -67,9 +67,9 @@ def test_composed_load_equals_merged_model_dir(tmp_path):
     mgr.save(1, model, opt, merged=True)
     os.rename(tmp_path / "step-00000001" / "model", tmp_path / "merged")
     manifest_path = tmp_path / "step-00000001" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["items"].pop("model")
-    manifest_path.write_text(json.dumps(manifest))
+    manifest = mgr.manifest(1)
+    manifest.items.pop("model")
+    manifest_path.write_text(manifest.to_json())
     a, b = tiny.make("plain", seed=1), tiny.make("plain", seed=2)
     load_model(a, str(tmp_path / "merged"))
     load_model(b, mgr.step_path(1))

@@ -181,6 +181,7 @@ def test_public_surface_exports_errors_apply_lora_and_version():
     assert dcp_universal.__version__ == version("dcp-universal")
     assert issubclass(dcp_universal.StepAlreadyExistsError, dcp_universal.CheckpointError)
     assert issubclass(dcp_universal.PerRankStateError, dcp_universal.CheckpointError)
+    assert issubclass(dcp_universal.UnsafeCheckpointError, dcp_universal.CheckpointError)
 
 
 def test_design_public_names_are_importable():

@@ -1,0 +1,173 @@
+"""Trust, one process: nothing read or removed outside the root, no broken step
+committed, retention that cannot be fooled or blocked by one bad manifest, and
+arguments checked (issue "Trust"). Each case failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import tiny
+from dcp_universal import (CheckpointIOError, CheckpointManager, IntegrityError,
+                           UnsafeCheckpointError, export_hf, load_model)
+from dcp_universal.format import manifest as manifest_mod
+from dcp_universal.training.commit import StepWriter
+from train_loop import Data, build, train
+
+
+def _trained(variant="lora4"):
+    torch.manual_seed(0)
+    model, opt, sched = build(variant, "none", 1)
+    tiny.randomize_adapters(model, seed=3)
+    train(model, opt, sched, Data(0), {"step": 0}, 1)
+    return model, opt
+
+
+def _rewrite(path, edit) -> None:
+    """Edit a manifest as an attacker would, with a correct content checksum."""
+    d = json.loads(open(path).read())
+    edit(d)
+    d["content_crc32"] = manifest_mod._content_crc32(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def test_a_manifest_naming_a_base_outside_the_root_is_refused(tmp_path):
+    model, opt = _trained()
+    for root in ("a", "b"):
+        CheckpointManager(str(tmp_path / root)).save(1, model, opt)
+    other = next(n for n in os.listdir(tmp_path / "b") if n.startswith("base-"))
+    _rewrite(tmp_path / "a" / "step-00000001" / "manifest.json",
+             lambda d: d.update(base=f"../b/{other}"))
+    shutil.rmtree(tmp_path / "a" / other)  # were it followed, b's base would load
+    target, topt = build("lora4", "none", 1, seed=5)[:2]
+    with pytest.raises(UnsafeCheckpointError, match="base-<hex>"):
+        CheckpointManager(str(tmp_path / "a")).load(target, topt)
+    with pytest.raises(UnsafeCheckpointError):
+        CheckpointManager(str(tmp_path / "a")).verify(1)
+
+
+def test_a_manifest_file_name_outside_the_step_is_refused(tmp_path):
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, model, opt)
+    _rewrite(tmp_path / "step-00000001" / "manifest.json",
+             lambda d: d["files"].update({"../../x": {"size": 1, "crc32": 0}}))
+    with pytest.raises(UnsafeCheckpointError, match="not a file inside the checkpoint"):
+        mgr.load(tiny.make("plain"))
+
+
+def test_an_edited_manifest_fails_its_own_checksum(tmp_path):
+    model, opt = _trained()
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, model, opt)
+    path = tmp_path / "step-00000001" / "manifest.json"
+    d = json.loads(path.read_text())
+    d["adapters"]["sites"]["blocks.0.q"][0]["scale"] *= 10  # loads different weights
+    path.write_text(json.dumps(d))
+    target = tiny.make("plain", seed=4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(IntegrityError, match="fails its own checksum"):
+        load_model(target, str(tmp_path / "step-00000001"))
+    with pytest.raises(IntegrityError, match="fails its own checksum"):
+        mgr.verify(1)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_an_hf_index_cannot_lead_outside_its_directory(tmp_path):
+    src = tiny.make("plain", seed=1)
+    from dcp_universal import save_model
+
+    save_model(src, str(tmp_path / "m"))
+    out = export_hf(str(tmp_path / "m"), str(tmp_path / "hf"), max_shard_size=2000)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    first = sorted(set(d["weight_map"].values()))[0]
+    os.makedirs(tmp_path / "elsewhere")
+    shutil.copy(tmp_path / "hf" / first, tmp_path / "elsewhere" / "x.safetensors")
+    key = next(k for k, v in d["weight_map"].items() if v == first)
+    d["weight_map"][key] = "../elsewhere/x.safetensors"
+    index.write_text(json.dumps(d))
+    with pytest.raises(UnsafeCheckpointError, match="elsewhere"):
+        load_model(tiny.make("plain"), out)
+    d["weight_map"][key] = "model-99999-of-99999.safetensors"
+    index.write_text(json.dumps(d))
+    with pytest.raises(Exception, match="names shard files that are not in"):
+        load_model(tiny.make("plain"), out)
+
+
+def test_a_safetensors_header_longer_than_its_file_is_a_clear_error(tmp_path):
+    from dcp_universal import CheckpointError
+
+    os.makedirs(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(int(1e15).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match="its header says 1000000000000000 bytes"):
+        load_model(tiny.make("plain"), str(tmp_path / "hf"))
+
+
+def test_retention_never_follows_a_symlinked_step_out_of_the_root(tmp_path):
+    model, opt = _trained("plain")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "manifest.json").write_text("precious")
+    root = tmp_path / "root"
+    mgr = CheckpointManager(str(root), keep_last=1)
+    mgr.save(1, model, opt)
+    os.symlink(outside, root / "step-00000000")  # looks like an old step
+    mgr.save(2, model, opt)
+    mgr.prune()
+    assert (outside / "manifest.json").read_text() == "precious"
+    assert mgr.steps() == [2]
+    with pytest.raises(Exception):  # and an overwrite of that step number removes the link only
+        mgr.save(0, model, opt)
+    mgr.save(0, model, opt, overwrite=True)
+    assert (outside / "manifest.json").read_text() == "precious"
+
+
+def test_keep_best_is_not_fooled_by_nan_and_one_bad_manifest_does_not_block_retention(tmp_path):
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path), keep_best=1, best_metric="loss")
+    for step, loss in enumerate([math.nan, 0.5, 0.3, 0.9], start=1):
+        mgr.save(step, model, opt, metrics={"loss": loss})
+    assert mgr.steps() == [3, 4]  # the best (0.3) and the newest; NaN ranks nowhere
+    _rewrite(tmp_path / "step-00000004" / "manifest.json",
+             lambda d: d["metrics"].update(loss="low"))
+    mgr.save(5, model, opt, metrics={"loss": 0.2})  # not "retention failed"
+    mgr.save(6, model, opt, metrics={"loss": 0.8})
+    assert mgr.steps() == [4, 5, 6]  # step 4 cannot be read: kept and reported
+    decision = mgr.prune(dry_run=True)
+    assert list(decision.unreadable) == [4] and "metrics.loss" in decision.unreadable[4]
+
+
+@pytest.mark.parametrize("kwargs", [dict(keep_last="3"), dict(keep_last=2.5),
+                                    dict(keep_last=True), dict(keep_every=0),
+                                    dict(merged_every=False), dict(storage_options="x")])
+def test_options_of_the_wrong_type_are_refused(tmp_path, kwargs):
+    with pytest.raises(ValueError, match=list(kwargs)[0]):
+        CheckpointManager(str(tmp_path), **kwargs)
+
+
+def test_a_step_that_lost_a_file_before_its_commit_is_not_committed(tmp_path, monkeypatch):
+    """Another job's cleanup (or a bucket deleted and recreated) removes a file after it
+    was written: the commit checks every listed file first and refuses."""
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, model, opt)
+    real = StepWriter.commit
+
+    def commit(self, m, group=None):
+        shutil.rmtree(os.path.join(self.path, "model"))
+        return real(self, m, group)
+
+    monkeypatch.setattr(StepWriter, "commit", commit)
+    with pytest.raises(CheckpointIOError, match="before its commit a file it wrote was gone"):
+        mgr.save(2, model, opt)
+    monkeypatch.undo()
+    assert mgr.steps() == [1]
+    plain = tiny.make("plain", seed=3)
+    mgr.load(plain)  # the last good step is intact
