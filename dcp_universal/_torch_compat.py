@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
+__all__ = ["metadata_path", "fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
            "version_counter", "checkpoint_failures", "quiet_single_process_warning",
            "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed", "fsspec_of"]
 
@@ -38,6 +38,17 @@ def fsspec_reader_writer() -> tuple[type, type]:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     return FsspecReader, FsspecWriter
+
+
+def metadata_path(reader, rank=None):
+    """Where DCP's ``FileSystemReader`` (or ``FsspecReader``) reads ``.metadata`` from
+    (``rank``: a per-rank metadata file).
+
+    Private: ``_get_metadata_path``; the public ``read_metadata`` also unpickles the
+    file with ``pickle.load``, which runs whatever code the file names, so the library
+    reads the bytes itself (:func:`dcp_universal.format.torch_formats.dcp_metadata`).
+    """
+    return reader._get_metadata_path(rank)
 
 
 def pickled_storage_dtype(name: str) -> torch.dtype | None:

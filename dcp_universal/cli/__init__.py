@@ -34,7 +34,7 @@ def _human(n: int) -> str:
 def _inspect(args) -> int:
     start = time.perf_counter()  # inspect reads metadata only: a time, no bar
     path = normalize(args.path)
-    source = sources.open_source(storage_for(path), path)
+    source = sources.open_source(storage_for(path), path, sources.Want(trusted=args.trusted))
     rows, total, count = [], 0, 0
     for key, info in sorted(source.keys.items()):
         nbytes = math.prod(info.shape) * info.dtype.itemsize
@@ -92,7 +92,7 @@ def _convert(args) -> int:
     from dcp_universal.training.commit import convert
 
     progress = Progress(None, "convert", enabled=False)  # one read, one write: no bar
-    path = convert(args.src, args.root, step=args.step)
+    path = convert(args.src, args.root, step=args.step, trusted=args.trusted)
     src = normalize(args.src)
     store = storage_for(src)
     progress(store.size(src) if store.is_file(src) else sum(store.file_sizes(src).values()))
@@ -108,12 +108,13 @@ def _export(args) -> int:
         if args.dtype or args.config:
             raise CheckpointError("--dtype and --config apply to --format hf only")
         start = time.perf_counter()
-        out = export_peft(args.src, args.out)
+        out = export_peft(args.src, args.out, trusted=args.trusted)
         print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter) in "
               f"{time.perf_counter() - start:.2f} s")
         return 0
     progress = Progress(None, "export", enabled=not args.quiet)
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                    trusted=args.trusted,
                     config=args.config, progress=progress)
     print(f"exported {args.src} to {out} (Hugging Face safetensors): {progress.close()}")
     return 0
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the model's config.json, copied beside the weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_export)
+    for p in sub.choices.values():
+        p.add_argument("--trusted", action="store_true",
+                       help="read pickles in the checkpoint as they are (runs code from the "
+                            "files: only for checkpoints you trust)")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -9,6 +9,9 @@ that writes through torch's public API (``tests/unit/test_torch_formats.py``).
   and the caller reads the record with ``torch.load(weights_only=True)``.
 * **DCP's storage records** (``_StorageInfo``, private to DCP): where a chunk lies (file,
   byte range) and whether load transforms apply; read only through :func:`dcp_record`.
+* **Pickles a checkpoint carries** (DCP's ``.metadata``, older training-state blobs):
+  read by :func:`restricted_loads`, which builds plain data only and refuses anything
+  that would run code (:class:`~dcp_universal.errors.UnsafeCheckpointError`).
 
 :class:`Stored` is a tensor over raw bytes (a memory map's or fetched ones), what both
 readers hand to the copies.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import importlib
 import io
 import math
 import pickle
@@ -26,11 +30,13 @@ import struct
 from typing import Any, Mapping
 
 import torch
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from dcp_universal import _torch_compat
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointError, IntegrityError, UnsafeCheckpointError
 
-__all__ = ["Stored", "Layout", "torch_save_layout", "DcpRecord", "dcp_record"]
+__all__ = ["Stored", "Layout", "torch_save_layout", "DcpRecord", "dcp_record",
+           "restricted_loads", "dcp_metadata", "numpy_safe_globals"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,3 +324,102 @@ def dcp_record(storage_data: Mapping, index) -> DcpRecord:
     info = storage_data[index]
     return DcpRecord(str(info.relative_path), int(info.offset), int(info.length),
                      bool(info.transform_descriptors), info)
+
+
+# ---- pickles a checkpoint carries, read without running code ---------------------------
+#
+# DCP's ``.metadata`` is a pickle of its own classes, and this library's training state
+# used to be plain pickles. A pickle names the callables it calls; these unpicklers call
+# only the ones listed here (constructors of plain data: containers, DCP's metadata
+# records, torch sizes and dtypes, numpy arrays) and refuse anything else with
+# UnsafeCheckpointError before it runs.
+
+_CONTAINERS = {("builtins", n) for n in ("set", "frozenset", "slice", "complex", "bytearray",
+                                         "range")} | {("collections", "OrderedDict")}
+_DCP_METADATA = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("torch", "Size"), ("torch.serialization", "_get_layout")}
+_NUMPY = {(m, n) for m in ("numpy._core.multiarray", "numpy.core.multiarray")
+          for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+# a tensor in a plain pickle: its storage is a torch.save archive, read here with
+# torch.load(weights_only=True) instead of torch's own (unrestricted) helper
+_TENSOR = {("torch._utils", "_rebuild_tensor_v2")}
+
+
+def _storage_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class _Restricted(pickle.Unpickler):
+    def __init__(self, data: bytes, allowed: set, what: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._allowed, self._what = allowed, what
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes") and _TENSOR <= self._allowed:
+            return _storage_from_bytes
+        if ((module, name) in self._allowed or _torch_constant(module, name)
+                or module == "numpy.dtypes" and name.endswith("DType")
+                and _NUMPY <= self._allowed):
+            return getattr(importlib.import_module(module), name)
+        raise UnsafeCheckpointError(
+            f"{self._what} holds a {module}.{name}, which is not plain data: reading it would "
+            "run code from the checkpoint -> load it with trusted=True (CLI: --trusted) only "
+            "if you trust whoever wrote it")
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"{self._what} is not a plain pickle (persistent id "
+                                    f"{pid!r}) -> load it with trusted=True only if you "
+                                    "trust whoever wrote it")
+
+
+def _torch_constant(module: str, name: str) -> bool:
+    return module == "torch" and isinstance(
+        getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+
+
+def restricted_loads(data: bytes, what: str, *, tensors: bool = False,
+                     numpy: bool = False, dcp_metadata: bool = False):
+    """``pickle.loads(data)`` that builds only plain data (containers, and what the flags
+    add: tensors, numpy arrays, DCP's metadata records), else
+    :class:`~dcp_universal.errors.UnsafeCheckpointError` naming the object."""
+    allowed = set(_CONTAINERS)
+    allowed |= _TENSOR if tensors else set()
+    allowed |= _NUMPY if numpy else set()
+    allowed |= _DCP_METADATA if dcp_metadata else set()
+    try:
+        return _Restricted(data, allowed, what).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # whatever a damaged pickle makes the unpickler raise
+        raise IntegrityError(f"{what} cannot be read ({type(e).__name__}: {e}): it is "
+                             "damaged -> load an earlier checkpoint") from e
+
+
+def dcp_metadata(reader, *, rank=None, trusted: bool = False):
+    """What DCP's ``FileSystemReader.read_metadata`` returns, from a pickle read with
+    :func:`restricted_loads` (DCP's records only) unless ``trusted``."""
+    path = _torch_compat.metadata_path(reader, rank)
+    with reader.fs.create_stream(path, "rb") as f:
+        data = f.read()
+    md = (pickle.loads(data) if trusted
+          else restricted_loads(data, f"DCP metadata {path}", dcp_metadata=True))
+    if getattr(md, "storage_meta", None) is None:
+        md.storage_meta = StorageMeta()
+    md.storage_meta.load_id = reader.load_id
+    return md
+
+
+def numpy_safe_globals() -> list:
+    """numpy's array types for ``torch.load(weights_only=True)`` (numpy RNG states),
+    or nothing without numpy."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype,
+            *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"}]

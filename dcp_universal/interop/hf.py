@@ -135,7 +135,7 @@ def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
 
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
               storage_options: dict | None = None, config: str | dict | None = None,
-              progress: Callable[[int], None] | None = None) -> str:
+              progress: Callable[[int], None] | None = None, trusted: bool = False) -> str:
     """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
 
     Args:
@@ -152,6 +152,7 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
             (``tie_word_embeddings``) and the checkpoint tied them, ``lm_head.weight`` is
             left out, as ``save_pretrained`` does; their values must be equal.
         progress: called with the tensor bytes of each shard this rank wrote.
+        trusted: read pickles in ``src`` as they are (default: plain data only).
 
     Collective when called under a process group (every rank, same arguments). Call
     order, every rank: each writes its own shards; one ``all_true`` (a failure on any
@@ -163,7 +164,7 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
     cast = _dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    source = sources.open_source(store, src)
+    source = sources.open_source(store, src, sources.Want(trusted=trusted))
     if source.meta.get("adapter_only"):
         raise CheckpointError(
             f"{src} is an adapter without base weights; export_hf writes a whole model -> "

@@ -340,7 +340,8 @@ def _layout_by_names(term: manifest.AdapterTerm) -> str:
         "model with export_hf instead")
 
 
-def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> str:
+def export_peft(src: str, out: str, *, storage_options: dict | None = None,
+                trusted: bool = False) -> str:
     """Write the adapters of the LoRA step ``src`` as a PEFT LoRA adapter in ``out``.
 
     Not collective: call it in one process. Returns ``out``.
@@ -358,7 +359,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> s
         raise CheckpointError(f"{src} is not a LoRA step (its manifest records no adapters); "
                               "export_peft needs the adapters of a LoRA run")
     adapters_dir = join(src, manifest.ADAPTERS_DIR)
-    meta = dcp_io.read_metadata(store, adapters_dir).state_dict_metadata
+    meta = dcp_io.read_metadata(store, adapters_dir, trusted=trusted).state_dict_metadata
     factor_keys = m.adapters.factor_keys()
     trained = sorted(k for k in meta if k not in factor_keys)
     if trained:
@@ -368,7 +369,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None) -> s
             "with export_hf, or train with only the adapters unfrozen")
     full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype)
             for k in sorted(factor_keys)}
-    dcp_io.load_state(store, full, adapters_dir, single_process=True)
+    dcp_io.load_state(store, full, adapters_dir, single_process=True, trusted=trusted)
 
     tensors, ranks, scales, layouts = {}, {}, {}, {}
     for site, terms in sorted(m.adapters.sites.items()):

@@ -85,7 +85,7 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
                prefix: str | None = None, storage_options: dict | None = None,
-               verify: bool = False, stage: bool = True) -> LoadReport:
+               verify: bool = False, stage: bool = True, trusted: bool = False) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
@@ -122,24 +122,29 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     Tied weights: a target that ties two names (``lm_head.weight`` and the token
     embedding) takes them only when the checkpoint's values are equal, and keeps the tie;
     otherwise :class:`~dcp_universal.CheckpointMismatchError`, model untouched.
+
+    Untrusted checkpoints: nothing in the files runs as code unless ``trusted=True``
+    (DCP's ``.metadata`` is read with an allow-list of DCP's own records); anything
+    that would raises :class:`~dcp_universal.UnsafeCheckpointError`, model untouched.
     """
     path = normalize(path)
     staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
-                         stage=stage, store=storage_for(path, storage_options), prefix=prefix)
+                         stage=stage, store=storage_for(path, storage_options), prefix=prefix,
+                         trusted=trusted)
     staged.commit()
     return staged.report
 
 
 def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage: bool,
                 store: Storage, step_manifest: Manifest | None = None,
-                prefix: str | None = None) -> Staged:
+                prefix: str | None = None, trusted: bool = False) -> Staged:
     """Plan and read a model load; the returned commit installs it (collective: one
     read per directory, in the same order on every rank). ``step_manifest``: ``path``
     is a committed step whose manifest the caller has read (so it is not read twice)."""
     start = time.perf_counter()
     _check_materialized(view)
     source = sources.open_source(store, path, sources.Want(
-        target=view, prefix=prefix, verify=verify, manifest=step_manifest))
+        target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
     if source.loader is not None:
         return source.loader(view, strict=strict)
     source = source.sharing(view.ties)

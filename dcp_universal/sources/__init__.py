@@ -82,6 +82,7 @@ class DcpDir(Dir):
     path: str
     metadata: Metadata | None = None
     reader_of: dcp_io.ReaderOf | None = None
+    trusted: bool = False
 
     @property
     def desc(self) -> str:
@@ -94,7 +95,8 @@ class DcpDir(Dir):
     def load(self, state, *, single_process, copies) -> None:
         metadata = self.metadata if self.reader_of is None else None
         dcp_io.load_state(self.store, state, self.path, single_process=single_process,
-                          copies=copies, metadata=metadata, reader_of=self.reader_of)
+                          copies=copies, metadata=metadata, reader_of=self.reader_of,
+                          trusted=self.trusted)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,7 +120,7 @@ class MemoryDir(Dir):
 
 def dir_entries(d: DcpDir) -> tuple[dict[str, TensorInfo], list[str], Metadata]:
     """``(tensor key -> info, non-tensor keys, metadata)`` of a directory DCP reads."""
-    meta = dcp_io.read_metadata(d.store, d.path, reader_of=d.reader_of)
+    meta = dcp_io.read_metadata(d.store, d.path, reader_of=d.reader_of, trusted=d.trusted)
     tensors, other = {}, []
     for k, m in meta.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
@@ -290,12 +292,15 @@ class Want:
         prefix: the model's subtree in a checkpoint written by another tool.
         verify: check the files' CRC-32 where the format records them.
         manifest: the step's manifest, when the caller read it already.
+        trusted: read pickles in the checkpoint as they are (default: plain data only,
+            :class:`~dcp_universal.errors.UnsafeCheckpointError` otherwise).
     """
 
     target: ModelView | None = None
     prefix: str | None = None
     verify: bool = False
     manifest: Manifest | None = None
+    trusted: bool = False
 
 
 class Format(abc.ABC):

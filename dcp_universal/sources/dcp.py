@@ -70,7 +70,8 @@ class DcpFormat(Format):
         return model_dir(store, path) is not None
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        return dir_source(store, DcpDir(store, model_dir(store, path)), want)
+        return dir_source(store, DcpDir(store, model_dir(store, path), trusted=want.trusted),
+                          want)
 
 
 register_format(DcpFormat())

@@ -34,9 +34,9 @@ class StepFormat(Format):
         return source.replace(ties=tuple(tuple(g) for g in m.ties))
 
 
-def _opened(store: Storage, path: str) -> tuple[DcpDir, dict]:
-    infos, _, meta = dir_entries(DcpDir(store, path))
-    return DcpDir(store, path, meta), infos
+def _opened(store: Storage, path: str, trusted: bool) -> tuple[DcpDir, dict]:
+    infos, _, meta = dir_entries(DcpDir(store, path, trusted=trusted))
+    return DcpDir(store, path, meta, trusted=trusted), infos
 
 
 def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
@@ -46,12 +46,13 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         check_files(store, path, m.files, checksums=want.verify,
                     prefixes=tuple(f"{i}/" for i in items))
 
-    merged = Want(target=view)
+    merged = Want(target=view, trusted=want.trusted)
+    model_dir = DcpDir(store, join(path, manifest.MODEL_DIR), trusted=want.trusted)
     if m.adapters is None:
         checked(manifest.MODEL_DIR)
-        return dir_source(store, DcpDir(store, join(path, manifest.MODEL_DIR)), merged)
-    base, base_keys = _opened(store, manifest.base_path(path, m))
-    adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR))
+        return dir_source(store, model_dir, merged)
+    base, base_keys = _opened(store, manifest.base_path(path, m), want.trusted)
+    adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR), want.trusted)
     sites = m.adapters.sites
     factor_keys = m.adapters.factor_keys()
     same_adapters = view is not None and (
@@ -67,7 +68,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
                       meta={"restored_base": m.base})
     if m.has(manifest.MODEL_DIR):
         checked(manifest.MODEL_DIR)
-        return dir_source(store, DcpDir(store, join(path, manifest.MODEL_DIR)), merged)
+        return dir_source(store, model_dir, merged)
     checked(manifest.ADAPTERS_DIR)
     trained = {k: Entry(i, adapters, k) for k, i in step_keys.items() if k not in factor_keys}
     return Source(

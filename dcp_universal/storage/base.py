@@ -95,10 +95,12 @@ class Storage(abc.ABC):
         computed tensors (:class:`~dcp_universal.storage.dcp_files.OwnFiles`)."""
 
     @abc.abstractmethod
-    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
+                   trusted: bool = False):
         """A DCP ``StorageReader`` of the directory ``path``. ``copies``: keys whose copy
         waits for the load's commit (only where :attr:`maps_files`); ``metadata``: the
-        directory's, when the caller has read it already."""
+        directory's, when the caller has read it already; ``trusted``: read DCP's
+        ``.metadata`` with plain ``pickle`` (default: an allow-list of DCP's records)."""
 
 
 def short_read(path: str, start: int, n: int, have: int) -> IntegrityError:

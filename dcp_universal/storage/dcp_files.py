@@ -24,7 +24,7 @@ from torch.futures import Future
 from dcp_universal import _torch_compat
 from dcp_universal.errors import IntegrityError
 from dcp_universal.storage.mapped import Copies, byte_view, parse_record, take_read
-from dcp_universal.format.torch_formats import dcp_record, torch_save_layout
+from dcp_universal.format.torch_formats import dcp_metadata, dcp_record, torch_save_layout
 
 __all__ = ["OwnFiles", "LocalWriter", "remote_classes", "COMPUTED_FILE_BYTES",
            "RANGED_BATCH_BYTES", "PROBE_BYTES", "PART_BYTES", "PART_MIN_SKIP"]
@@ -103,6 +103,11 @@ def remote_classes():
         then a read of the rows it needs; a record that is not a plain tensor is read
         whole.
         """
+
+        trusted = False  # unpickle .metadata without the allow-list
+
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted)
 
         def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool,
                                   *args, **kwargs) -> None:

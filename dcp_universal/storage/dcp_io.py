@@ -11,16 +11,20 @@ path and the first failing rank's cause, so every rank raises and none waits.
 from __future__ import annotations
 
 import contextlib
+import io
+import pickle
 from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
-from dcp_universal.errors import CheckpointIOError
+from dcp_universal.errors import CheckpointIOError, UnsafeCheckpointError
+from dcp_universal.format.torch_formats import numpy_safe_globals
 from dcp_universal.storage.integrity import Checksummed
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage.mapped import Copies
@@ -36,6 +40,8 @@ def _io_errors(doing: str, path: str):
     except CheckpointException as e:
         failures = _torch_compat.checkpoint_failures(e)
         rank, cause = failures[0] if failures else (None, e)
+        if isinstance(cause, UnsafeCheckpointError):  # refused, not failed: say so as such
+            raise UnsafeCheckpointError(f"{path} (rank {rank}): {cause}") from e
         raise CheckpointIOError(
             f"{doing} {path} failed on rank(s) {[r for r, _ in failures] or '?'}: rank {rank}: "
             f"{type(cause).__name__}: {cause}") from e
@@ -74,9 +80,28 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
 ReaderOf = Callable[[str, "Copies | None", "Metadata | None"], object]
 
 
+class _PlainBytesPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that a byte item (a non-tensor entry, which DCP reads
+    with ``torch.load(weights_only=False)``) must first load as plain data with
+    ``torch.load(weights_only=True)``; otherwise UnsafeCheckpointError, before it runs."""
+
+    def load_bytes(self, read_item, value) -> None:
+        data = value.read()
+        what = f"entry {read_item.dest_index.fqn!r}"
+        try:
+            with torch.serialization.safe_globals(numpy_safe_globals()):
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{what} is not plain data ({str(e).splitlines()[0][:120]}): reading it would "
+                "run code from the checkpoint -> load with trusted=True (CLI: --trusted) "
+                "only if you trust whoever wrote it") from None
+        super().load_bytes(read_item, io.BytesIO(data))
+
+
 def load_state(store: Storage, state: dict, path: str, *, single_process: bool = False,
                copies: Copies | None = None, metadata: Metadata | None = None,
-               reader_of: ReaderOf | None = None, group=None) -> None:
+               reader_of: ReaderOf | None = None, group=None, trusted: bool = False) -> None:
     """``dcp.load`` into ``state`` (in place) from the directory ``path``.
 
     Collective on ``group``: every rank calls it with the same ``path``, in the same
@@ -88,11 +113,16 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
     format's directory). ``copies``: the keys in ``copies.keys`` are not written during
     the load; their copies wait in ``copies`` for its ``run()`` (memory-mapped files
     only). ``metadata``: ``path``'s, when the caller has read it already.
+
+    Nothing in the directory runs as code unless ``trusted``: DCP's ``.metadata`` is
+    read with an allow-list of DCP's records, byte items must be plain data
+    (:class:`~dcp_universal.errors.UnsafeCheckpointError` otherwise).
     """
     alone = single_process or not _comm.is_distributed()
     if not alone:
         _comm.check_group(group, f"dcp.load of {path}")
-    reader = (reader_of or store.dcp_reader)(path, copies, metadata)
+    reader = (reader_of(path, copies, metadata) if reader_of is not None
+              else store.dcp_reader(path, copies, metadata, trusted=trusted))
     if alone and hasattr(reader, "read_whole") and all(
             isinstance(v, torch.Tensor) and not isinstance(v, DTensor) for v in state.values()):
         # one process, whole tensors: no plan to agree on, so DCP's planning is skipped
@@ -102,11 +132,16 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
         except OSError as e:
             raise CheckpointIOError(f"reading {path} failed: {type(e).__name__}: {e}") from e
     with _torch_compat.quiet_single_process_warning(), _io_errors("reading", path):
-        dcp.load(state, storage_reader=reader, process_group=group, no_dist=alone)
+        dcp.load(state, storage_reader=reader, process_group=group, no_dist=alone,
+                 planner=None if trusted else _PlainBytesPlanner())
 
 
-def read_metadata(store: Storage, path: str, *, reader_of: ReaderOf | None = None) -> Metadata:
+def read_metadata(store: Storage, path: str, *, reader_of: ReaderOf | None = None,
+                  trusted: bool = False) -> Metadata:
     """DCP's metadata of the directory ``path`` (not collective: every caller reads
-    it), through its storage's reader or ``reader_of``'s."""
+    it), through its storage's reader (an allow-list of DCP's records unless
+    ``trusted``) or ``reader_of``'s."""
+    reader = (reader_of(path, None, None) if reader_of is not None
+              else store.dcp_reader(path, trusted=trusted))
     with _io_errors("reading", path):
-        return (reader_of or store.dcp_reader)(path, None, None).read_metadata()
+        return reader.read_metadata()

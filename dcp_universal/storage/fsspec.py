@@ -107,7 +107,10 @@ class FsspecStorage(Storage):
     def dcp_writer(self, path: str):
         return dcp_files.remote_classes()[0](path, **self.options)
 
-    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
+                   trusted: bool = False):
         if copies is not None and copies.keys:
             raise ValueError(f"{path}: copies can wait only for memory-mapped files")
-        return dcp_files.remote_classes()[1](path, **self.options)
+        reader = dcp_files.remote_classes()[1](path, **self.options)
+        reader.trusted = trusted
+        return reader

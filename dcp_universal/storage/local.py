@@ -103,8 +103,9 @@ class LocalStorage(Storage):
     def dcp_writer(self, path: str):
         return dcp_files.LocalWriter(self.os_path(path))
 
-    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None):
-        return MappedReader(self.os_path(path), copies, metadata)
+    def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
+                   trusted: bool = False):
+        return MappedReader(self.os_path(path), copies, metadata, trusted=trusted)
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -38,7 +38,8 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
-from dcp_universal.format.torch_formats import DcpRecord, Stored, dcp_record, torch_save_layout
+from dcp_universal.format.torch_formats import (DcpRecord, Stored, dcp_metadata, dcp_record,
+                                                torch_save_layout)
 
 __all__ = ["Copies", "MappedFiles", "byte_view", "MappedReader", "pair", "parse_record",
            "read_whole", "take_read"]
@@ -172,7 +173,7 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
     checkpoint this does not handle (records written through DCP's load transforms):
     the caller then uses ``dcp.load``.
     """
-    md = metadata if metadata is not None else FileSystemReader(path).read_metadata()
+    md = metadata if metadata is not None else dcp_metadata(FileSystemReader(path))
     if any(dcp_record(md.storage_data, index).transformed for index in md.storage_data):
         return False
     files, paths = MappedFiles(), {}
@@ -210,19 +211,20 @@ class MappedReader(FileSystemReader):
     """
 
     def __init__(self, path: str, copies: Copies | None = None,
-                 metadata: Metadata | None = None) -> None:
+                 metadata: Metadata | None = None, *, trusted: bool = False) -> None:
         super().__init__(path)
+        self.trusted = trusted  # unpickle .metadata without the allow-list
         self.copies = copies if copies is not None else Copies()
         self._dir = path
         self._metadata = metadata  # read already while planning: not parsed again
 
     def read_whole(self, state: dict[str, torch.Tensor]) -> bool:
         """:func:`read_whole` of this directory (one process, whole plain tensors)."""
-        return read_whole(self._dir, state, self.copies, self._metadata)
+        return read_whole(self._dir, state, self.copies, self._metadata or self.read_metadata())
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None or kwargs.get("rank") is not None:
-            return super().read_metadata(*args, **kwargs)
+            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted)
         md = self._metadata  # as the parent's: tagged with this load's id
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()

@@ -113,7 +113,7 @@ class StepWriter:
 
 
 def convert(src: str, root: str, *, step: int | None = None,
-            storage_options: dict | None = None) -> str:
+            storage_options: dict | None = None, trusted: bool = False) -> str:
     """Write the model of ``src`` (any format :func:`~dcp_universal.sources.open_source`
     reads: a legacy ``torch.save`` file, a Hugging Face directory, another tool's DCP
     checkpoint, ...) as a committed step under ``root``; returns its path.
@@ -124,7 +124,8 @@ def convert(src: str, root: str, *, step: int | None = None,
     safely; the step records ``optimizer: false``.
     """
     src, root = normalize(src), normalize(root)
-    source = sources.open_source(storage_for(src, storage_options), src)
+    source = sources.open_source(storage_for(src, storage_options), src,
+                                 sources.Want(trusted=trusted))
     if source.meta.get("adapter_only"):
         raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
                               "to convert; load it into a model with load_model instead")

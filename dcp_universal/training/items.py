@@ -108,6 +108,7 @@ class LoadContext:
     verify: bool
     hyperparams: str
     skip_per_rank: set[str]
+    trusted: bool = False
 
     @property
     def training(self) -> bool:
@@ -167,7 +168,8 @@ class ModelItem(Item):
 
     def stage(self, ctx: LoadContext) -> Staged:
         return stage_model(ctx.view, ctx.path, strict=ctx.strict, verify=ctx.verify,
-                           stage=True, store=ctx.store, step_manifest=ctx.manifest)
+                           stage=True, store=ctx.store, step_manifest=ctx.manifest,
+                           trusted=ctx.trusted)
 
 
 class OptimizerItem(Item):
@@ -201,10 +203,12 @@ class OptimizerItem(Item):
         parts = []
         if ctx.optimizer is not None:
             parts.append(optim_io.stage_optimizer(ctx.view, ctx.optimizer, opt_dir,
-                                                  hyperparams=ctx.hyperparams, store=ctx.store))
+                                                  hyperparams=ctx.hyperparams, store=ctx.store,
+                                                  trusted=ctx.trusted))
         if ctx.training:
             parts.append(training_state.stage(ctx.manifest, opt_dir, ctx.extra,
-                                              ctx.skip_per_rank, ctx.store))
+                                              ctx.skip_per_rank, ctx.store,
+                                              trusted=ctx.trusted))
         return Staged.combine(parts) if parts else None
 
 

@@ -184,14 +184,22 @@ class CheckpointManager:
     ...         train_step()
     ...         if step % 100 == 0:
     ...             mgr.save(step, model, optimizer, blocking=False)
+
+    ``items``: a run's own step items (:mod:`dcp_universal.training.items`).
+    ``trusted``: loads read pickles in the checkpoints as they are; by default they
+    build plain data only (tensors, containers, numbers, numpy arrays, DCP's records)
+    and anything else raises :class:`~dcp_universal.UnsafeCheckpointError`.
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
                  storage_options: dict | None = None, merged_every: int | None = None,
                  keep_every: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min",
-                 items: Iterable[Item] = ()) -> None:
+                 items: Iterable[Item] = (), trusted: bool = False) -> None:
         self.root = normalize(root)
+        if not isinstance(trusted, bool):
+            raise ValueError(f"trusted={trusted!r}: expected True or False")
+        self.trusted = trusted
         self._items = (*BUILTIN, *_check_items(items))
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
                                 storage_options=storage_options, keep_every=keep_every,
@@ -445,7 +453,7 @@ class CheckpointManager:
         m = steps.read_manifest(self._store, path)
         ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra, path=path,
                           manifest=m, store=self._store, strict=strict, verify=verify,
-                          hyperparams=hyperparams, skip_per_rank=skip)
+                          hyperparams=hyperparams, skip_per_rank=skip, trusted=self.trusted)
         for item in self._items:
             item.check(ctx)
         # Read everything first, install after: a failure halfway leaves the job untouched.

@@ -17,13 +17,13 @@ dropped. All three land in the :class:`~dcp_universal.LoadReport`.
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dcp_universal.format import state as state_blobs
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError
 from dcp_universal.model.plan import LoadReport, Staged
@@ -88,27 +88,29 @@ def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[s
                         f"neither 0-dim nor the parameter's {tuple(p.shape)}: it cannot be "
                         "resharded by name; dcp_universal supports element-wise optimizers "
                         "(SGD, Adam, AdamW, ...)")
-    out[META_KEY] = pickle.dumps({"param_groups": groups, "scalars": scalars,
-                                  "ties": [list(g) for g in view.ties]})
+    out[META_KEY] = state_blobs.dumps({"param_groups": groups, "scalars": scalars,
+                                       "ties": [list(g) for g in view.ties]})
     return out
 
 
-def _read_meta(opt_dir: str, store: Storage) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
-    md = dcp_io.read_metadata(store, opt_dir).state_dict_metadata
+def _read_meta(opt_dir: str, store: Storage, trusted: bool
+               ) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
+    md = dcp_io.read_metadata(store, opt_dir, trusted=trusted).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
-    dcp_io.load_state(store, box, opt_dir)
+    dcp_io.load_state(store, box, opt_dir, trusted=trusted)
     by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
             name, _, state_key = key[len(_STATE):].rpartition("/")
             by_param.setdefault(name, {})[state_key] = m
-    return pickle.loads(box[META_KEY]), by_param
+    return state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}",
+                             trusted=trusted), by_param
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    hyperparams: str, store: Storage) -> Staged:
+                    hyperparams: str, store: Storage, trusted: bool = False) -> Staged:
     """Read the saved state into new tensors; the returned commit installs it, and its
     report says what was restored, fresh and dropped.
 
@@ -122,7 +124,7 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
     check_hyperparams(hyperparams)
     names = _param_names(view, optimizer)
     _warn_frozen(optimizer, names)
-    meta, saved = _read_meta(opt_dir, store)
+    meta, saved = _read_meta(opt_dir, store, trusted)
     report = LoadReport()
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
@@ -154,7 +156,7 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in source_of))
     report.optimizer_restored.extend(restored)
     if to_read:
-        dcp_io.load_state(store, to_read, opt_dir)
+        dcp_io.load_state(store, to_read, opt_dir, trusted=trusted)
     groups = _groups_rule(optimizer, names, meta["param_groups"], report, hyperparams)
 
     def commit() -> None:

@@ -1,7 +1,8 @@
 """Training state beside the optimizer in ``optimizer/``: RNG, ``extra`` objects, and
 the rule for per-rank state.
 
-On disk (keys of the ``optimizer/`` DCP directory, values pickled bytes)::
+On disk (keys of the ``optimizer/`` DCP directory, values bytes: ``torch.save``
+archives, read back as plain data only, :mod:`dcp_universal.format.state`)::
 
     train/extra/<name>       state_dict() of an extra object equal on every rank
     train/rank-<r>/<name>    per-rank state: "rng", and extras that differ across ranks
@@ -21,7 +22,8 @@ import torch
 
 from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
-from dcp_universal.errors import CheckpointError, PerRankStateError
+from dcp_universal.errors import CheckpointError, PerRankStateError, UnsafeCheckpointError
+from dcp_universal.format import state as state_blobs
 from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.storage import Storage
@@ -80,14 +82,15 @@ def collect(extra: dict) -> tuple[dict[str, Any], TrainingState]:
     state equal on every rank from per-rank state), in sorted name order.
     """
     rank = _comm.rank()
-    state: dict[str, Any] = {f"{_RANK}{rank}/{RNG}": pickle.dumps(_rng_state())}
+    state: dict[str, Any] = {f"{_RANK}{rank}/{RNG}": state_blobs.dumps(_rng_state())}
     per_rank = [RNG]
     for name, obj in sorted(extra.items()):
-        blob = pickle.dumps(_state_of(obj))
-        if all(b == blob for b in _comm.all_gather_object(blob)):
-            state[f"{_EXTRA}{name}"] = blob
+        value = _state_of(obj)
+        same = pickle.dumps(value)  # equal on every rank: saved once
+        if all(b == same for b in _comm.all_gather_object(same)):
+            state[f"{_EXTRA}{name}"] = state_blobs.dumps(value)
         else:
-            state[f"{_RANK}{rank}/{name}"] = blob
+            state[f"{_RANK}{rank}/{name}"] = state_blobs.dumps(value)
             per_rank.append(name)
     return state, TrainingState(extra=sorted(extra), per_rank=per_rank)
 
@@ -114,10 +117,11 @@ def check_load(m: Manifest, extra: dict, skip: set[str]) -> None:
 
 
 def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
-          store: Storage) -> Staged:
-    """Read the training state; the returned commit installs it.
+          store: Storage, *, trusted: bool = False) -> Staged:
+    """Read and decode the training state (plain data only unless ``trusted``:
+    :mod:`dcp_universal.format.state`); the returned commit installs it.
 
-    Collective: one ``dcp.load`` of ``opt_dir``, every rank.
+    Collective: one ``dcp.load`` of ``opt_dir`` and one ``all_true``, every rank.
     """
     skip = set(skip)
     per_rank = set(m.training_state.per_rank)
@@ -142,18 +146,30 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
     else:
         report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
                             f"{_comm.world_size()})")
-    dcp_io.load_state(store, wanted, opt_dir)
+    dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
+    # decoded before the commit, and agreed on: a blob refused on one rank fails all
+    error, values = None, {}
+    try:
+        values = {k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}",
+                                       trusted=trusted) for k, v in wanted.items()}
+    except CheckpointError as e:
+        error = e
+    if not _comm.all_true(error is None):
+        if error is not None:
+            raise error
+        raise UnsafeCheckpointError(f"the training state in {opt_dir} was refused on another "
+                                    "rank (its error names the entry); nothing was loaded")
 
     def commit() -> None:
         for name, obj in sorted(extra.items()):
             if name not in per_rank:
-                _load_into(obj, pickle.loads(wanted[f"{_EXTRA}{name}"]))
+                _load_into(obj, values[f"{_EXTRA}{name}"])
             elif same_world:
-                _load_into(obj, pickle.loads(wanted[f"{_RANK}{rank}/{name}"]))
+                _load_into(obj, values[f"{_RANK}{rank}/{name}"])
             elif name not in skip:
                 obj.load_resharded_state_dicts(
-                    [pickle.loads(wanted[f"{_RANK}{r}/{name}"]) for r in range(saved_world)])
+                    [values[f"{_RANK}{r}/{name}"] for r in range(saved_world)])
         if same_world:
-            _set_rng_state(pickle.loads(wanted[f"{_RANK}{rank}/{RNG}"]))
+            _set_rng_state(values[f"{_RANK}{rank}/{RNG}"])
 
     return Staged(report, commit)

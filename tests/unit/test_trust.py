@@ -171,3 +171,135 @@ def test_a_step_that_lost_a_file_before_its_commit_is_not_committed(tmp_path, mo
     assert mgr.steps() == [1]
     plain = tiny.make("plain", seed=3)
     mgr.load(plain)  # the last good step is intact
+
+
+# ---- no code from a checkpoint -------------------------------------------------------
+
+class Payload:
+    """What an attacker pickles: unpickling it creates the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_payload_in_dcp_metadata_never_runs(tmp_path):
+    import pickle
+
+    from dcp_universal import CheckpointError, save_model
+    from dcp_universal.cli import main
+
+    save_model(tiny.make("plain", seed=1), str(tmp_path / "m"))
+    meta_path = tmp_path / "m" / ".metadata"
+    md = pickle.loads(meta_path.read_bytes())
+    marker = tmp_path / "pwned"
+    md.storage_meta = Payload(marker)
+    meta_path.write_bytes(pickle.dumps(md))
+    target = tiny.make("plain", seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(UnsafeCheckpointError, match="io.open, which is not plain data.*trusted=True"):
+        load_model(target, str(tmp_path / "m"))
+    with pytest.raises(UnsafeCheckpointError):
+        export_hf(str(tmp_path / "m"), str(tmp_path / "hf"))
+    assert main(["inspect", str(tmp_path / "m")]) == 2
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf2")]) == 2
+    assert not marker.exists()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    try:  # trusted: the file's code runs, as the caller asked
+        load_model(target, str(tmp_path / "m"), trusted=True)
+    except (CheckpointError, AttributeError, TypeError):
+        pass
+    assert marker.exists()
+
+
+def _replace_entry(mgr, step, key, value):
+    """Rewrite a step's optimizer/ with ``key`` set to ``value`` and the manifest's
+    records (and checksum) updated, as an attacker with write access would."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from dcp_universal.format.manifest import FileRecord
+
+    opt_dir = os.path.join(mgr.step_path(step), "optimizer")
+    md = FileSystemReader(opt_dir).read_metadata()
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             if isinstance(m, TensorStorageMetadata) else b"" for k, m in
+             md.state_dict_metadata.items()}
+    dcp.load(state, checkpoint_id=opt_dir, no_dist=True)
+    state[key] = value
+    shutil.rmtree(opt_dir)
+    dcp.save(state, checkpoint_id=opt_dir, no_dist=True)
+    m = mgr.manifest(step)
+    m.files = {k: v for k, v in m.files.items() if not k.startswith("optimizer/")}
+    for name in os.listdir(opt_dir):
+        m.files[f"optimizer/{name}"] = FileRecord(size=os.path.getsize(os.path.join(opt_dir, name)))
+    with open(os.path.join(mgr.step_path(step), "manifest.json"), "w") as f:
+        f.write(m.to_json())
+
+
+@pytest.mark.parametrize("key, as_bytes", [("train/extra/train", False),
+                                           ("optim/meta", True), ("train/rank-0/rng", True)])
+def test_a_payload_in_optimizer_state_never_runs(tmp_path, key, as_bytes):
+    import pickle
+
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, model, opt, extra={"train": {"step": 1}})
+    marker = tmp_path / "pwned"
+    # a byte item DCP would unpickle itself, or a blob (bytes) the library decodes
+    _replace_entry(mgr, 1, key, pickle.dumps(Payload(marker)) if as_bytes else Payload(marker))
+    target, topt = build("plain", "none", 1, seed=7)[:2]
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    counters = {"step": 0}
+    with pytest.raises(UnsafeCheckpointError, match="trusted=True"):
+        CheckpointManager(str(tmp_path)).load(target, topt, extra={"train": counters})
+    assert not marker.exists()
+    assert counters == {"step": 0} and not topt.state
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+class NumpyRng:
+    """A data loader's numpy RNG, as training loops keep one."""
+
+    def __init__(self, seed) -> None:
+        import numpy as np
+
+        self.rng = np.random.RandomState(seed)
+
+    def state_dict(self):
+        return {"numpy": self.rng.get_state(), "epoch": 3}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["numpy"])
+
+
+@pytest.mark.parametrize("old_blobs", [False, True])
+def test_ordinary_training_state_loads_without_trusted(tmp_path, monkeypatch, old_blobs):
+    """LR scheduler, counters, torch / python / numpy RNG: plain data, no trusted=True
+    needed; blobs written before this format (plain pickles) still load."""
+    import pickle
+    import random
+
+    from dcp_universal.format import state as state_blobs
+
+    if old_blobs:
+        monkeypatch.setattr(state_blobs, "dumps", pickle.dumps)
+    model, opt, sched = build("plain", "none", 1)
+    train(model, opt, sched, Data(0), {"step": 0}, 2)
+    data = NumpyRng(5)
+    data.rng.rand(7)
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(2, model, opt, extra={"sched": sched, "train": {"step": 2}, "data": data})
+    want_np, want_py, want_torch = data.rng.rand(3), random.random(), torch.rand(3)
+    monkeypatch.undo()
+
+    target, topt, tsched = build("plain", "none", 1, seed=9)
+    tdata, counters = NumpyRng(0), {}
+    CheckpointManager(str(tmp_path)).load(target, topt, extra={
+        "sched": tsched, "train": counters, "data": tdata})
+    assert counters == {"step": 2} and tsched.state_dict() == sched.state_dict()
+    assert (tdata.rng.rand(3) == want_np).all()
+    assert random.random() == want_py and torch.equal(torch.rand(3), want_torch)
