@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "all_true",
+__all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "agreed", "all_true",
            "all_gather_object", "new_gloo_group", "writes_only", "check_group",
            "on_caller_thread"]
 
@@ -150,6 +150,36 @@ def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     return result
 
 
+def agreed(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` on every rank and agree on the outcome before anyone
+    goes on: if it raised on any rank, every rank raises (its own exception, or the
+    first failing rank's class and message, prefixed with that rank).
+
+    Collective: one ``all_gather_object``. Wrap in it whatever can fail on one rank
+    only (a file read, a pickle) before the next collective, so no rank waits for the
+    process group's timeout while another has already given up.
+    """
+    check_group(group, f"agreed({getattr(fn, '__name__', fn)})")
+    result, error, told = None, None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:
+        error = e
+        told = _portable(e, traceback.format_exc())
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return result
+    outcomes = all_gather_object(told, group=group)
+    failed = [(r, t) for r, t in enumerate(outcomes) if t is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, (blob, module, qualname, message, trace) = failed[0]
+        raise _rebuild((None, module, qualname, f"rank {r}: {message}", trace), r)
+    return result
+
+
 def _portable(e: Exception, trace: str) -> tuple:
     """What other ranks need to raise ``e`` again: the exception itself when it pickles,
     and always its class, message and traceback text."""
@@ -162,7 +192,7 @@ def _portable(e: Exception, trace: str) -> tuple:
     return blob, cls.__module__, cls.__qualname__, str(e), trace
 
 
-def _rebuild(told: tuple) -> Exception:
+def _rebuild(told: tuple, rank: int = 0) -> Exception:
     blob, module, qualname, message, trace = told
     exc = None
     if blob is not None:
@@ -178,7 +208,7 @@ def _rebuild(told: tuple) -> Exception:
                 exc = cls.__new__(cls, message)
         except Exception:
             exc = RuntimeError(f"{module}.{qualname}: {message}")
-    note = "raised on rank 0:\n" + trace.rstrip()
+    note = f"raised on rank {rank}:\n" + trace.rstrip()
     if hasattr(exc, "add_note"):
         exc.add_note(note)
     else:  # Python 3.10: no notes; keep the traceback text in the message

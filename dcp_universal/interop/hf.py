@@ -164,15 +164,19 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
     cast = _dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    source = sources.open_source(store, src, sources.Want(trusted=trusted))
-    if source.meta.get("adapter_only"):
-        raise CheckpointError(
-            f"{src} is an adapter without base weights; export_hf writes a whole model -> "
-            "export the LoRA step it came from, or load base and adapter into a model and "
-            "save_model() it first")
-    cfg = _read_config(config, storage_options)
-    # written once, as save_pretrained does
-    source = source.without(_tied_duplicates(source, cfg))
+
+    def opened() -> tuple[sources.Source, dict | None]:  # agreed on by every rank below
+        source = sources.open_source(store, src, sources.Want(trusted=trusted))
+        if source.meta.get("adapter_only"):
+            raise CheckpointError(
+                f"{src} is an adapter without base weights; export_hf writes a whole model "
+                "-> export the LoRA step it came from, or load base and adapter into a model "
+                "and save_model() it first")
+        cfg = _read_config(config, storage_options)
+        # written once, as save_pretrained does
+        return source.without(_tied_duplicates(source, cfg)), cfg
+
+    source, cfg = _comm.agreed(opened)
 
     def out_dtype(key: str) -> torch.dtype:
         d = source.keys[key].dtype

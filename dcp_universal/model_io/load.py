@@ -142,14 +142,22 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
     read per directory, in the same order on every rank). ``step_manifest``: ``path``
     is a committed step whose manifest the caller has read (so it is not read twice)."""
     start = time.perf_counter()
-    _check_materialized(view)
-    source = sources.open_source(store, path, sources.Want(
-        target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
-    if source.loader is not None:
+
+    def planned():  # every read of metadata and the plan, agreed on before any data read
+        _check_materialized(view)
+        source = sources.open_source(store, path, sources.Want(
+            target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
+        if source.loader is not None:
+            return source, None
+        source = source.sharing(view.ties)
+        return source, plan_load(source.keys, _infos(view.tensors),
+                                 adapters=_infos(view.adapter_tensors),
+                                 structural_names=view.structural, strict=strict,
+                                 source=source.desc)
+
+    source, plan = _comm.agreed(planned)
+    if plan is None:
         return source.loader(view, strict=strict)
-    source = source.sharing(view.ties)
-    plan = plan_load(source.keys, _infos(view.tensors), adapters=_infos(view.adapter_tensors),
-                     structural_names=view.structural, strict=strict, source=source.desc)
     targets = {**view.tensors, **view.adapter_tensors}
     read = set(plan.reads.values())
     ties = [tuple(k for k in g if k in read) for g in view.ties]

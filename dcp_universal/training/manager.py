@@ -450,12 +450,19 @@ class CheckpointManager:
 
     def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify) -> LoadReport:
         path = self.step_path(step)
-        m = steps.read_manifest(self._store, path)
-        ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra, path=path,
-                          manifest=m, store=self._store, strict=strict, verify=verify,
-                          hyperparams=hyperparams, skip_per_rank=skip, trusted=self.trusted)
-        for item in self._items:
-            item.check(ctx)
+
+        def prepare() -> LoadContext:  # per-rank reads and checks, agreed on below
+            ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra,
+                              path=path, manifest=steps.read_manifest(self._store, path),
+                              store=self._store, strict=strict, verify=verify,
+                              hyperparams=hyperparams, skip_per_rank=skip,
+                              trusted=self.trusted)
+            for item in self._items:
+                item.check(ctx)
+            return ctx
+
+        ctx = _comm.agreed(prepare)
+        m = ctx.manifest
         # Read everything first, install after: a failure halfway leaves the job untouched.
         staged = Staged.combine([s for item in self._items if (s := item.stage(ctx)) is not None])
         staged.commit()

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError
@@ -95,7 +96,7 @@ def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[s
 
 def _read_meta(opt_dir: str, store: Storage, trusted: bool
                ) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
-    md = dcp_io.read_metadata(store, opt_dir, trusted=trusted).state_dict_metadata
+    md = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}

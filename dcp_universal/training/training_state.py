@@ -86,8 +86,19 @@ def collect(extra: dict) -> tuple[dict[str, Any], TrainingState]:
     per_rank = [RNG]
     for name, obj in sorted(extra.items()):
         value = _state_of(obj)
-        same = pickle.dumps(value)  # equal on every rank: saved once
-        if all(b == same for b in _comm.all_gather_object(same)):
+        try:
+            same, error = pickle.dumps(value), None  # equal on every rank: saved once
+        except Exception as e:  # told to every rank by the gather below: no rank waits
+            same, error = None, f"{type(e).__name__}: {e}"
+        gathered = _comm.all_gather_object((same, error))
+        failed = [(r, err) for r, (_, err) in enumerate(gathered) if err is not None]
+        if failed:
+            raise TypeError(
+                f"extra[{name!r}].state_dict() cannot be saved on rank(s) "
+                f"{[r for r, _ in failed]} ({failed[0][1]}): it must be picklable data "
+                "(numbers, strings, containers, tensors) -> drop what cannot be pickled "
+                "(locks, open files, generators) from its state_dict()")
+        if all(b == same for b, _ in gathered):
             state[f"{_EXTRA}{name}"] = state_blobs.dumps(value)
         else:
             state[f"{_RANK}{rank}/{name}"] = state_blobs.dumps(value)
