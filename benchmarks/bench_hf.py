@@ -83,7 +83,7 @@ def main() -> None:
                  no_dist=True)
 
     def export_once():
-        export_hf(mdir, os.path.join(work, "hf2"), config=cfg.to_dict())
+        export_hf(mdir, os.path.join(work, "hf2"), config=cfg.to_dict(), overwrite=True)
 
     def copy_once():
         shutil.copytree(mdir, os.path.join(work, "copy"), dirs_exist_ok=True)

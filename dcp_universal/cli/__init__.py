@@ -108,13 +108,13 @@ def _export(args) -> int:
         if args.dtype or args.config:
             raise CheckpointError("--dtype and --config apply to --format hf only")
         start = time.perf_counter()
-        out = export_peft(args.src, args.out, trusted=args.trusted)
+        out = export_peft(args.src, args.out, trusted=args.trusted, overwrite=args.overwrite)
         print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter) in "
               f"{time.perf_counter() - start:.2f} s")
         return 0
     progress = Progress(None, "export", enabled=not args.quiet)
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                    trusted=args.trusted,
+                    trusted=args.trusted, overwrite=args.overwrite,
                     config=args.config, progress=progress)
     print(f"exported {args.src} to {out} (Hugging Face safetensors): {progress.close()}")
     return 0
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", help="cast floating-point weights, e.g. bfloat16")
     p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     p.add_argument("--config", help="the model's config.json, copied beside the weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_export)
     for p in sub.choices.values():

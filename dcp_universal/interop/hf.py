@@ -135,14 +135,16 @@ def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
 
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
               storage_options: dict | None = None, config: str | dict | None = None,
-              progress: Callable[[int], None] | None = None, trusted: bool = False) -> str:
+              progress: Callable[[int], None] | None = None, trusted: bool = False,
+              overwrite: bool = False) -> str:
     """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
 
     Args:
         src: a model directory, a committed step directory (a LoRA step without
             ``model/`` is merged from base plus adapters) or a legacy ``torch.save`` file.
-        out: the output directory (local or an fsspec URL); existing files of the same
-            names are replaced.
+        out: the output directory (local or an fsspec URL). One that already holds an
+            export (safetensors files, an index) is refused unless ``overwrite``, which
+            removes that export first (index first); other files there are kept.
         dtype: cast floating-point tensors (``torch.bfloat16`` or ``"bfloat16"``);
             ``None`` keeps the saved dtypes.
         max_shard_size: the largest output file, e.g. ``"5GB"`` (transformers' default).
@@ -153,11 +155,18 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
             left out, as ``save_pretrained`` does; their values must be equal.
         progress: called with the tensor bytes of each shard this rank wrote.
         trusted: read pickles in ``src`` as they are (default: plain data only).
+        overwrite: replace an earlier export in ``out``.
+
+    A killed export never looks complete: the file that makes a directory an HF export
+    (the index, or the single ``model.safetensors``) is written last, each file whole or
+    not at all.
 
     Collective when called under a process group (every rank, same arguments). Call
-    order, every rank: each writes its own shards; one ``all_true`` (a failure on any
-    rank raises on every rank, and no index is written); rank 0 writes the index and the
-    config and tells every rank how it went (``_comm.on_rank0``). Returns ``out``.
+    order, every rank: the source is opened and agreed on (``_comm.agreed``); rank 0
+    clears an earlier export (``overwrite``) and writes the config (``on_rank0``); each
+    rank writes its own shards; one ``all_true`` (a failure on any rank raises on every
+    rank, and no index is written); rank 0 writes the index (``on_rank0``). Returns
+    ``out``.
     """
     start = time.perf_counter()
     src, out = normalize(src), normalize(out)
@@ -187,9 +196,9 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     shards = _shards(sizes, max_bytes)
     names = [_shard_name(i, len(shards)) for i in range(len(shards))]
     rank, world = _comm.rank(), _comm.world_size()
+    _comm.on_rank0(_prepare_out, out_store, out, overwrite, cfg)
     error = None
     try:
-        out_store.makedirs(out)
         for i, keys in enumerate(shards):
             if i % world == rank:
                 _write_shard(out_store, source, keys, join(out, names[i]), out_dtype)
@@ -208,15 +217,35 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
             out_store.write_atomic(join(out, manifest.HF_INDEX),
-                               json.dumps(index, indent=2, sort_keys=True).encode())
-        if cfg is not None:
-            out_store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
+                                   json.dumps(index, indent=2, sort_keys=True).encode())
         logger.info("exported %s to %s: %d tensors, %d files, %.1f MB in %.2f s", src, out,
                     len(sizes), len(shards), sum(sizes.values()) / 1e6,
                     time.perf_counter() - start)
 
     _comm.on_rank0(finish)
     return out
+
+
+def _is_export_file(name: str) -> bool:
+    return name == manifest.HF_INDEX or name == CONFIG or (
+        name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _prepare_out(store: Storage, out: str, overwrite: bool, cfg: dict | None) -> None:
+    """Rank 0: refuse (or, ``overwrite``, remove) an earlier export in ``out``, its index
+    first so it never looks complete while half removed; then write the config."""
+    earlier = sorted(n for n in store.listdir(out) if _is_export_file(n))
+    if earlier and not overwrite:
+        raise CheckpointError(
+            f"{out} already holds an export ({', '.join(earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}): writing over it could mix two exports "
+            "-> pass overwrite=True (CLI: --overwrite) to replace it, or export to an "
+            "empty directory")
+    for name in sorted(earlier, key=lambda n: n != manifest.HF_INDEX):
+        store.remove_file(join(out, name))
+    store.makedirs(out)
+    if cfg is not None:
+        store.write_atomic(join(out, CONFIG), json.dumps(cfg, indent=2).encode())
 
 
 @torch.no_grad()

@@ -341,7 +341,7 @@ def _layout_by_names(term: manifest.AdapterTerm) -> str:
 
 
 def export_peft(src: str, out: str, *, storage_options: dict | None = None,
-                trusted: bool = False) -> str:
+                trusted: bool = False, overwrite: bool = False) -> str:
     """Write the adapters of the LoRA step ``src`` as a PEFT LoRA adapter in ``out``.
 
     Not collective: call it in one process. Returns ``out``.
@@ -392,7 +392,15 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         ranks[site] = int(a.shape[0])
         scales[site] = t.scale
     config = _config(ranks, scales, layouts)
+    earlier = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if out_store.exists(join(out, n))]
+    if earlier and not overwrite:
+        raise CheckpointError(f"{out} already holds an adapter ({', '.join(earlier)}) -> pass "
+                              "overwrite=True (CLI: --overwrite) to replace it, or export to "
+                              "an empty directory")
+    for name in earlier:  # the config first: without it the directory is no adapter
+        out_store.remove_file(join(out, name))
     out_store.makedirs(out)
+    # the config last: a killed export is never taken for an adapter
     out_store.write_atomic(join(out, ADAPTER_WEIGHTS), save(tensors, metadata={"format": "pt"}))
     out_store.write_atomic(join(out, ADAPTER_CONFIG), json.dumps(config, indent=2).encode())
     return out

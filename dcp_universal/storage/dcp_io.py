@@ -11,6 +11,7 @@ path and the first failing rank's cause, so every rank raises and none waits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import pickle
 from typing import Callable
@@ -42,6 +43,11 @@ def _io_errors(doing: str, path: str):
         rank, cause = failures[0] if failures else (None, e)
         if isinstance(cause, UnsafeCheckpointError):  # refused, not failed: say so as such
             raise UnsafeCheckpointError(f"{path} (rank {rank}): {cause}") from e
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            raise CheckpointIOError(
+                f"{doing} {path} failed on rank(s) {[r for r, _ in failures]}: the disk is "
+                f"full (rank {rank}: {cause}) -> free space there, or save to another "
+                "root; nothing was committed") from e
         raise CheckpointIOError(
             f"{doing} {path} failed on rank(s) {[r for r, _ in failures] or '?'}: rank {rank}: "
             f"{type(cause).__name__}: {cause}") from e
@@ -68,12 +74,11 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
         _comm.check_group(group, f"dcp.save of {path}")
     writer = store.dcp_writer(path)
     writer.own_file_keys = frozenset(own_file_keys)
-    if checksums:
-        _torch_compat.wrap_writer_fs(writer, Checksummed)
+    _torch_compat.wrap_writer_fs(writer, lambda fs: Checksummed(fs, crc=checksums))
     with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
         dcp.save(state, storage_writer=writer, planner=planner, process_group=group,
                  no_dist=alone)
-    return dict(getattr(writer.fs, "files", {}))
+    return dict(writer.fs.files) if checksums else {}
 
 
 #: ``reader_of(path, copies, metadata)``: a DCP ``StorageReader`` of a directory

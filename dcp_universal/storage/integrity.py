@@ -20,14 +20,21 @@ __all__ = ["Checksummed", "crc32_of", "check_files"]
 
 
 class _CrcStream:
-    """Passes writes through, keeping the CRC-32 and size of everything written."""
+    """Passes writes through, keeping the size (and, ``crc``, the CRC-32) of everything
+    written, and the first ``OSError`` a write raised."""
 
-    def __init__(self, inner) -> None:
-        self._inner, self.crc, self.size = inner, 0, 0
+    def __init__(self, inner, crc: bool) -> None:
+        self._inner, self._crc, self.crc, self.size = inner, crc, 0, 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
-        n = self._inner.write(data)
-        self.crc = zlib.crc32(data, self.crc)
+        try:
+            n = self._inner.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        if self._crc:
+            self.crc = zlib.crc32(data, self.crc)
         self.size += memoryview(data).nbytes
         return n
 
@@ -37,14 +44,18 @@ class _CrcStream:
 
 class Checksummed:
     """Wraps a DCP writer's file system so every file's size and CRC-32 are computed
-    while it is written, never by reading it back.
+    while it is written, never by reading it back (``crc=False``: sizes only).
+
+    A write's ``OSError`` (a full disk) surfaces as itself: torch.save's archive writer
+    turns it into an opaque ``unexpected pos`` error, which is replaced by the original.
 
     Attributes:
         files: file name -> :class:`FileRecord` of every file written through it.
     """
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, crc: bool = True) -> None:
         self._inner = inner
+        self._crc = crc
         self.files: dict[str, FileRecord] = {}
 
     def __getattr__(self, name):
@@ -56,9 +67,15 @@ class Checksummed:
             if "w" not in mode:
                 yield stream
                 return
-            crc = _CrcStream(stream)
-            yield crc
-        self.files[os.path.basename(os.fspath(path))] = FileRecord(size=crc.size, crc32=crc.crc)
+            crc = _CrcStream(stream, self._crc)
+            try:
+                yield crc
+            except Exception as e:
+                if crc.error is not None and crc.error is not e:
+                    raise crc.error from e
+                raise
+        self.files[os.path.basename(os.fspath(path))] = FileRecord(
+            size=crc.size, crc32=crc.crc if self._crc else None)
 
     def rename(self, path, new_path) -> None:
         self._inner.rename(path, new_path)

@@ -65,6 +65,10 @@ class StepWriter:
         _comm.on_rank0(self._prepare, overwrite, bases)
 
     def _prepare(self, overwrite: bool, bases: BaseStore) -> None:
+        if self.store.is_file(self.root):
+            raise CheckpointError(f"checkpoint root {self.root} is a file: a root is a "
+                                  "directory (or a URL prefix) that holds step-<n>/ "
+                                  "directories -> pass another path")
         if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
             raise StepAlreadyExistsError(
                 f"step {self.step} is already committed at {self.path}; pass overwrite=True "

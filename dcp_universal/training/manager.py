@@ -17,9 +17,11 @@ readers load committed steps. At most one asynchronous save is in flight: ``save
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import logging
+import sys
 import time
 from typing import Callable, Iterable
 
@@ -224,6 +226,21 @@ class CheckpointManager:
             logger.error("an asynchronous save failed while leaving the block: %s: %s",
                          type(e).__name__, e)
 
+    def _at_exit(self) -> None:
+        """At interpreter exit, an asynchronous save nobody waited for: the interpreter
+        let it finish (its thread is joined first); a failure is printed, naming the
+        step, instead of vanishing with the process."""
+        pending = self._pending
+        if pending is None or pending._told:
+            return
+        try:
+            pending._future.result()
+        except BaseException as e:
+            print(f"dcp_universal: the asynchronous save of step {pending.step} under "
+                  f"{self.root} failed and is not committed ({type(e).__name__}: {e}); call "
+                  "mgr.wait() or mgr.close() before exiting to get this as an exception",
+                  file=sys.stderr, flush=True)
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; raise its error unless
         its handle's ``result()`` already did. Not collective."""
@@ -311,6 +328,7 @@ class CheckpointManager:
             self._group = self._group or _comm.new_gloo_group()
             self._background = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="dcp-universal-save")
+            atexit.register(self._at_exit)
         self._snapshots.begin()
         finish = self._snapshot(step, model, optimizer, extra, bool(merged), overwrite, metrics,
                                 self._snapshots.copy)

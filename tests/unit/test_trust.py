@@ -303,3 +303,141 @@ def test_ordinary_training_state_loads_without_trusted(tmp_path, monkeypatch, ol
     assert counters == {"step": 2} and tsched.state_dict() == sched.state_dict()
     assert (tdata.rng.rand(3) == want_np).all()
     assert random.random() == want_py and torch.equal(torch.rand(3), want_torch)
+
+
+def test_an_export_never_mixes_with_an_earlier_one_and_a_killed_one_never_looks_complete(
+        tmp_path, monkeypatch):
+    from dcp_universal import CheckpointError, NotACheckpointError, save_model
+    from dcp_universal.interop import hf
+
+    src, other = tiny.make("plain", seed=1), tiny.make("plain", seed=2)
+    save_model(src, str(tmp_path / "a"))
+    save_model(other, str(tmp_path / "b"))
+    out = str(tmp_path / "hf")
+    export_hf(str(tmp_path / "a"), out, max_shard_size=2000)  # sharded, with an index
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")    # the user's own file
+    with pytest.raises(CheckpointError, match="already holds an export.*overwrite=True"):
+        export_hf(str(tmp_path / "b"), out)
+    export_hf(str(tmp_path / "b"), out, overwrite=True)      # one file: the stale index goes
+    assert sorted(os.listdir(out)) == ["model.safetensors", "tokenizer.json"]
+    got = tiny.make("plain", seed=3)
+    load_model(got, out)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in got.state_dict().items())
+
+    real, calls = hf._write_shard, []
+
+    def dies_on_the_second_shard(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("killed")
+        return real(*args)
+
+    monkeypatch.setattr(hf, "_write_shard", dies_on_the_second_shard)
+    with pytest.raises(OSError, match="killed"):
+        export_hf(str(tmp_path / "a"), str(tmp_path / "hf2"), max_shard_size=2000)
+    with pytest.raises(NotACheckpointError):  # shards without their index: no export
+        load_model(tiny.make("plain"), str(tmp_path / "hf2"))
+
+
+def test_export_peft_refuses_to_write_over_an_adapter_unless_asked(tmp_path):
+    from dcp_universal import CheckpointError, apply_lora, export_peft
+
+    model = apply_lora(tiny.make("plain", seed=1).requires_grad_(False), rank=2, alpha=4.0,
+                       targets=["q"])
+    tiny.randomize_adapters(model, seed=3)
+    step = CheckpointManager(str(tmp_path / "run")).save(1, model)
+    out = export_peft(step, str(tmp_path / "adapter"))
+    with pytest.raises(CheckpointError, match="already holds an adapter"):
+        export_peft(step, out)
+    assert export_peft(step, out, overwrite=True) == out
+
+
+_EXIT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import tiny
+from dcp_universal import CheckpointManager
+from dcp_universal.training.items import Item
+
+class Broken(Item):
+    name = "broken"
+    def save(self, ctx):
+        def write(path, group):
+            raise OSError("the disk went away")
+        return write
+
+items = [Broken()] if {fail!r} else []
+mgr = CheckpointManager({root!r}, items=items)
+mgr.save(1, tiny.make("plain", seed=0), blocking=False)
+# no wait(), no close(): the process just ends
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_async_save_in_flight_at_exit_finishes_or_says_so(tmp_path, fail):
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(tmp_path / "run")
+    script = _EXIT_SCRIPT.format(tests=tests, fail=fail, root=root)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    steps = CheckpointManager(root).steps()
+    if fail:
+        assert steps == []
+        assert "asynchronous save of step 1" in done.stderr and "not committed" in done.stderr
+        assert "the disk went away" in done.stderr
+    else:
+        assert steps == [1] and "failed" not in done.stderr, done.stderr
+
+
+def test_a_full_disk_says_so_and_commits_nothing(tmp_path, monkeypatch):
+    import contextlib
+    import errno
+
+    from dcp_universal import CheckpointError
+    from dcp_universal.storage.local import LocalStorage
+
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, model, opt)
+
+    class FullDisk:
+        """The writer's file system once the disk is full: writes fail with ENOSPC."""
+
+        def __init__(self, inner) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with self._inner.create_stream(path, mode) as stream:
+                class Stream:
+                    def write(self, data):
+                        raise OSError(errno.ENOSPC, "No space left on device")
+
+                    def __getattr__(self, name):
+                        return getattr(stream, name)
+
+                yield Stream() if "w" in mode else stream
+
+    real = LocalStorage.dcp_writer
+
+    def dcp_writer(self, path):
+        writer = real(self, path)
+        writer.fs = FullDisk(writer.fs)
+        return writer
+
+    monkeypatch.setattr(LocalStorage, "dcp_writer", dcp_writer)
+    with pytest.raises(CheckpointIOError, match="the disk is full.*No space left on device"):
+        mgr.save(2, model, opt)
+    monkeypatch.undo()
+    assert mgr.steps() == [1]
+    mgr.load(tiny.make("plain", seed=4))  # the last good step is intact
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        CheckpointManager(str(tmp_path / "afile")).save(1, model, opt)
