@@ -4,8 +4,8 @@ from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
                                   FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError, PerRankStateError,
-                                  StepAlreadyExistsError, UnsafeCheckpointError,
-                                  UnsupportedAdapterError)
+                                  RootBusyError, StepAlreadyExistsError,
+                                  UnsafeCheckpointError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
 # Input formats register themselves on import, in the order they are asked: a legacy
 # file, a committed step, a DCP directory, a PEFT adapter directory, a Hugging Face one.
@@ -40,5 +40,6 @@ __all__ = [
     "StepAlreadyExistsError",
     "UnsupportedAdapterError",
     "UnsafeCheckpointError",
+    "RootBusyError",
     "__version__",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
            "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
-           "UnsafeCheckpointError"]
+           "UnsafeCheckpointError", "RootBusyError"]
 
 
 class CheckpointError(Exception):
@@ -61,3 +61,8 @@ class UnsafeCheckpointError(CheckpointError):
     """The checkpoint asks for something this library does not do for a file it cannot
     trust: a path that leaves its root or directory, or state that only runs as code
     (``trusted=True`` reads such state where that is possible)."""
+
+
+class RootBusyError(CheckpointError):
+    """Another live job holds the root's writer lease: two jobs writing one root would
+    delete each other's unfinished files (see ``dcp_universal.training.lease``)."""

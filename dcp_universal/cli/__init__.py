@@ -79,7 +79,10 @@ def _prune(args) -> int:
         raise CheckpointError("prune needs a policy: --keep-last, --keep-every and/or --keep-best")
     mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_every=args.keep_every,
                             keep_best=args.keep_best, best_metric=args.metric, best_mode=args.mode)
-    d = mgr.prune(dry_run=args.dry_run)
+    try:
+        d = mgr.prune(dry_run=args.dry_run)
+    finally:
+        mgr.close()  # releases the root's writer lease
     verb = "would " if args.dry_run else ""
     print(f"{args.root}: {verb}keep steps {d.keep}, {verb}archive (drop optimizer/) {d.archive}, "
           f"{verb}delete steps {d.delete} and bases {d.delete_bases}")

@@ -72,7 +72,14 @@ class FsspecStorage(Storage):
         return out
 
     def makedirs(self, path: str) -> None:
-        pass
+        # Only a file system with real directories needs them made. Never on an object
+        # store: s3fs's makedirs creates a missing bucket, which would hide a bucket
+        # deleted under a running job.
+        from fsspec.implementations.local import LocalFileSystem
+
+        fs, p = self.fs(path)
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(p, exist_ok=True)
 
     def write_atomic(self, path: str, data: bytes) -> None:
         fs, p = self.fs(path)

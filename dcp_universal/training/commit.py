@@ -29,6 +29,7 @@ from dcp_universal import _comm, sources
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
 from dcp_universal.training.base_store import BaseStore, gather_records
+from dcp_universal.training.lease import Lease
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
@@ -55,20 +56,24 @@ class StepWriter:
         self.files: dict[str, FileRecord] = {}
         self.items: dict[str, bool] = {}
 
-    def prepare(self, *, overwrite: bool, bases: BaseStore) -> None:
-        """Collective (``on_rank0``): refuse a committed step unless ``overwrite``;
-        remove the step's old directory, debris of crashed saves and unfinished bases.
+    def prepare(self, *, overwrite: bool, bases: BaseStore, lease: Lease | None = None) -> None:
+        """Collective (``on_rank0``): take or renew the root's writer ``lease``; refuse a
+        committed step unless ``overwrite``; remove the step's old directory, debris of
+        crashed saves and unfinished bases (only under the lease: never another job's).
 
         Raises:
+            RootBusyError: another live job writes the root (on every rank).
             StepAlreadyExistsError: on every rank.
         """
-        _comm.on_rank0(self._prepare, overwrite, bases)
+        _comm.on_rank0(self._prepare, overwrite, bases, lease)
 
-    def _prepare(self, overwrite: bool, bases: BaseStore) -> None:
+    def _prepare(self, overwrite: bool, bases: BaseStore, lease: Lease | None) -> None:
         if self.store.is_file(self.root):
             raise CheckpointError(f"checkpoint root {self.root} is a file: a root is a "
                                   "directory (or a URL prefix) that holds step-<n>/ "
                                   "directories -> pass another path")
+        if lease is not None:
+            lease.acquire()
         if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
             raise StepAlreadyExistsError(
                 f"step {self.step} is already committed at {self.path}; pass overwrite=True "

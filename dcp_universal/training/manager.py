@@ -10,8 +10,9 @@ manifest (:mod:`~dcp_universal.format.manifest`), writing and committing a step
 first byte is read or written, then call those parts.
 
 Concurrency contract: not thread-safe; multi-process safe (every rank of one job calls
-``save`` / ``load`` together); one job writes a root at a time, while any number of
-readers load committed steps. At most one asynchronous save is in flight: ``save``,
+``save`` / ``load`` together); one job writes a root at a time (enforced: a writer
+lease, :mod:`~dcp_universal.training.lease`), while any number of readers load
+committed steps. At most one asynchronous save is in flight: ``save``,
 ``load``, ``prune``, ``wait`` and ``close`` first wait for it.
 """
 
@@ -37,6 +38,7 @@ from dcp_universal.training.commit import StepWriter
 from dcp_universal.errors import CheckpointError, NotACheckpointError
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
+from dcp_universal.training.lease import Lease
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.model_io.save import check_merge
@@ -191,23 +193,32 @@ class CheckpointManager:
     ``trusted``: loads read pickles in the checkpoints as they are; by default they
     build plain data only (tensors, containers, numbers, numpy arrays, DCP's records)
     and anything else raises :class:`~dcp_universal.UnsafeCheckpointError`.
+    ``lease_ttl``: one job writes a root at a time (:mod:`dcp_universal.training.lease`):
+    a save or prune takes the root's writer lease, renewed while the job lives; another
+    job is refused with :class:`~dcp_universal.RootBusyError` until the lease is
+    released (``close()``, exit) or not renewed for this many seconds.
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
                  storage_options: dict | None = None, merged_every: int | None = None,
                  keep_every: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min",
-                 items: Iterable[Item] = (), trusted: bool = False) -> None:
+                 items: Iterable[Item] = (), trusted: bool = False,
+                 lease_ttl: float = 120.0) -> None:
         self.root = normalize(root)
         if not isinstance(trusted, bool):
             raise ValueError(f"trusted={trusted!r}: expected True or False")
         self.trusted = trusted
+        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) \
+                or not lease_ttl > 0:
+            raise ValueError(f"lease_ttl={lease_ttl!r}: expected seconds (> 0)")
         self._items = (*BUILTIN, *_check_items(items))
         self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
                                 storage_options=storage_options, keep_every=keep_every,
                                 keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
         self._store = storage_for(self.root, storage_options)
         self._bases = BaseStore(self._store, self.root)
+        self._lease = Lease(self._store, self.root, ttl=lease_ttl)
         self._pending: SaveHandle | None = None
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
         self._group = None  # the background thread's gloo group (collective to create)
@@ -259,6 +270,7 @@ class CheckpointManager:
                 self._background.shutdown(wait=True)
                 self._background = None
             self._snapshots = Snapshotter()
+            self._lease.release()
 
     # ---- listing ----------------------------------------------------------------------
 
@@ -356,7 +368,7 @@ class CheckpointManager:
         one, which runs nothing else (``_comm.writes_only``)."""
         view = ModelView.of(model)
         writer = StepWriter(self._store, self.root, step)
-        writer.prepare(overwrite=overwrite, bases=self._bases)
+        writer.prepare(overwrite=overwrite, bases=self._bases, lease=self._lease)
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
                      merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
                      ties=[list(g) for g in view.ties])
@@ -395,6 +407,8 @@ class CheckpointManager:
         ``dry_run``, would be) done.
         """
         self.wait()
+        if not dry_run:
+            self._lease.acquire()  # a pruner writes too: never beside another job
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> retention.Decision:

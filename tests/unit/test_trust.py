@@ -441,3 +441,75 @@ def test_a_full_disk_says_so_and_commits_nothing(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         CheckpointManager(str(tmp_path / "afile")).save(1, model, opt)
+
+
+# ---- one writer per root ---------------------------------------------------------------
+
+def _lease_of_another_job(root, *, host=None, pid=None, age=0.0, ttl=120.0):
+    """The lease file another job would have written."""
+    import socket
+    import time
+
+    from dcp_universal.training import lease
+
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, lease.LEASE_FILE), "w") as f:
+        json.dump({"owner": "another-job", "host": host or socket.gethostname(),
+                   "pid": pid if pid is not None else os.getppid(),
+                   "started": lease._started(pid if pid is not None else os.getppid()),
+                   "renewed_unix": time.time() - age, "ttl_s": ttl}, f)
+
+
+def test_a_second_job_writing_the_same_root_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from dcp_universal import RootBusyError
+    from dcp_universal.training import lease
+
+    model, opt = _trained("plain")
+    root = str(tmp_path / "run")
+    mgr = CheckpointManager(root)
+    mgr.save(1, model, opt)
+    _lease_of_another_job(root)  # a live job (our parent process) took it over meanwhile
+    with pytest.raises(RootBusyError, match="being written by another job.*pid"):
+        mgr.save(2, model, opt)
+    with pytest.raises(RootBusyError):
+        CheckpointManager(root, keep_last=1).prune()
+    assert mgr.steps() == [1]
+    mgr.load(tiny.make("plain", seed=2))  # readers need no lease
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    _lease_of_another_job(root, pid=int(dead))  # its process is gone: taken over at once
+    mgr.save(2, model, opt)
+    _lease_of_another_job(root, host="elsewhere", age=200.0)  # not renewed for > ttl
+    mgr.save(3, model, opt)
+    _lease_of_another_job(root, host="elsewhere", age=10.0)  # alive on another host
+    with pytest.raises(RootBusyError, match=r"expires 1[01][0-9] s from now"):
+        mgr.save(4, model, opt)
+    os.remove(os.path.join(root, lease.LEASE_FILE))
+    mgr.save(4, model, opt)
+    assert mgr.steps() == [1, 2, 3, 4]
+
+
+def test_the_lease_is_renewed_while_the_job_lives_and_released_by_close(tmp_path):
+    import time
+
+    from dcp_universal import RootBusyError
+    from dcp_universal.training.lease import Lease
+
+    model, opt = _trained("plain")
+    for root in (str(tmp_path / "run"), "memory://lease-test/run"):  # disk and object store
+        mgr = CheckpointManager(root, lease_ttl=1.0)
+        mgr.save(1, model, opt)
+        other = Lease(mgr._store, mgr.root, ttl=1.0)
+        other.owner = "another-job"
+        time.sleep(2.5)  # longer than the ttl: renewed meanwhile (every ttl / 4)
+        with pytest.raises(RootBusyError):
+            other.acquire()
+        mgr.close()
+        other.acquire()  # released: the next job takes it at once
+        other.release()
+        assert not mgr._store.exists(other.path)
+    mgr._store.remove_tree("memory://lease-test")
