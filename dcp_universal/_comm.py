@@ -129,13 +129,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     rank 0 failed. ``fn``'s result must be picklable.
     """
     check_group(group, f"on_rank0({getattr(fn, '__name__', fn)})")
-    result, error, told = None, None, None
-    if rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as e:
-            error = e
-            told = _portable(e, traceback.format_exc())
+    result, error, told = _attempt(fn, args, kwargs) if rank() == 0 else (None, None, None)
     if not is_distributed():
         if error is not None:
             raise error
@@ -160,12 +154,7 @@ def agreed(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     process group's timeout while another has already given up.
     """
     check_group(group, f"agreed({getattr(fn, '__name__', fn)})")
-    result, error, told = None, None, None
-    try:
-        result = fn(*args, **kwargs)
-    except Exception as e:
-        error = e
-        told = _portable(e, traceback.format_exc())
+    result, error, told = _attempt(fn, args, kwargs)
     if not is_distributed():
         if error is not None:
             raise error
@@ -178,6 +167,14 @@ def agreed(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
         r, (blob, module, qualname, message, trace) = failed[0]
         raise _rebuild((None, module, qualname, f"rank {r}: {message}", trace), r)
     return result
+
+
+def _attempt(fn, args, kwargs) -> tuple:
+    """``(result, exception, what other ranks need to raise it)`` of one call."""
+    try:
+        return fn(*args, **kwargs), None, None
+    except Exception as e:
+        return None, e, _portable(e, traceback.format_exc())
 
 
 def _portable(e: Exception, trace: str) -> tuple:

@@ -22,7 +22,7 @@ import torch
 
 from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
-from dcp_universal.errors import CheckpointError, PerRankStateError, UnsafeCheckpointError
+from dcp_universal.errors import CheckpointError, PerRankStateError
 from dcp_universal.format import state as state_blobs
 from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
@@ -132,7 +132,7 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
     """Read and decode the training state (plain data only unless ``trusted``:
     :mod:`dcp_universal.format.state`); the returned commit installs it.
 
-    Collective: one ``dcp.load`` of ``opt_dir`` and one ``all_true``, every rank.
+    Collective: one ``dcp.load`` of ``opt_dir`` and one ``all_gather_object``, every rank.
     """
     skip = set(skip)
     per_rank = set(m.training_state.per_rank)
@@ -159,17 +159,9 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
                             f"{_comm.world_size()})")
     dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
-    error, values = None, {}
-    try:
-        values = {k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}",
-                                       trusted=trusted) for k, v in wanted.items()}
-    except CheckpointError as e:
-        error = e
-    if not _comm.all_true(error is None):
-        if error is not None:
-            raise error
-        raise UnsafeCheckpointError(f"the training state in {opt_dir} was refused on another "
-                                    "rank (its error names the entry); nothing was loaded")
+    values = _comm.agreed(lambda: {
+        k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}", trusted=trusted)
+        for k, v in wanted.items()})
 
     def commit() -> None:
         for name, obj in sorted(extra.items()):
