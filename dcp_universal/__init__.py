@@ -2,6 +2,7 @@
 
 from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
+                                  CheckpointTimeoutError,
                                   FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError, PerRankStateError,
                                   RootBusyError, StepAlreadyExistsError,
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointIOError",
+    "CheckpointTimeoutError",
     "FormatVersionError",
     "IntegrityError",
     "ManifestError",

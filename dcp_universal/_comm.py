@@ -9,23 +9,47 @@ asynchronous save runs its writes and commit on a gloo group of its own, passed 
 explicitly. That thread marks itself (:func:`writes_only`), and any collective there on
 another group, or any gather of the model (:func:`on_caller_thread`), raises instead of
 interleaving with the training loop's collectives.
+
+Timeouts. Every collective operation of the package (a save, a load, an export) runs in
+:func:`operation`, which resolves ``group=None`` to a gloo group of its own whose
+collectives time out after the operation's ``timeout`` (the default group's timeout is
+the job's, 30 minutes with gloo and often more with NCCL). Each rank posts its progress
+(how many collectives of the operation it has reached, and what it was doing) to the
+default group's store; a rank whose collective times out, or whose peer closed the
+connection, reads that board and raises :class:`~dcp_universal.errors.CheckpointTimeoutError`
+naming the ranks it waited for. The commit of a step is claimed in the store
+(:func:`claim_commit`) against a rank that gave up (:func:`_give_up`), atomically, so a
+stalled rank 0 that wakes up commits nothing once another rank said nothing was
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
+import itertools
+import json
+import math
 import pickle
 import threading
+import time
 import traceback
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from dcp_universal import _torch_compat
+from dcp_universal.errors import CheckpointError, CheckpointTimeoutError
+
 __all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "agreed", "all_true",
            "all_gather_object", "new_gloo_group", "writes_only", "check_group",
-           "on_caller_thread"]
+           "on_caller_thread", "operation", "resolve_group", "check_timeout", "claim_commit", "progress",
+           "DEFAULT_TIMEOUT_S"]
+
+#: Default ``timeout`` of every collective operation, in seconds (see README, "Timeouts").
+DEFAULT_TIMEOUT_S = 600.0
 
 T = TypeVar("T")
 
@@ -64,13 +88,236 @@ def on_caller_thread(what: str) -> None:
             "which must read what its save() snapshotted) -> report it")
 
 
-def new_gloo_group():
-    """Collective (default group): a new gloo group of every rank, or ``None`` without a
-    process group. gloo runs on CPU tensors whatever the default backend is, as DCP's
-    background saves require."""
+def new_gloo_group(timeout: float = DEFAULT_TIMEOUT_S):
+    """Collective (default group): a new gloo group of every rank whose collectives time
+    out after ``timeout`` seconds, or ``None`` without a process group. gloo runs on CPU
+    tensors whatever the default backend is, as DCP's background saves require."""
     if not is_distributed():
         return None
-    return dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+    _groups[id(group)] = _Group(f"g{next(_made)}", timeout)
+    return group
+
+
+def check_timeout(timeout, what: str = "timeout") -> float:
+    """``timeout`` as seconds (``None``: the default); ValueError unless a positive number."""
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"{what}={timeout!r}: expected a positive number of seconds "
+                         f"(default {DEFAULT_TIMEOUT_S:g})")
+    return float(timeout)
+
+
+class _Group:
+    """What the package knows of one of its gloo groups (same on every rank)."""
+
+    def __init__(self, tag: str, timeout: float) -> None:
+        self.tag = tag
+        self.timeout = timeout
+        self.ops = 0  # operations begun on it: the same count on every rank
+
+
+_groups: dict[int, _Group] = {}  # id(process group) -> _Group
+_made = itertools.count()
+_caller_groups: dict[tuple, object] = {}  # (id(default group), timeout) -> process group
+
+
+class _Op:
+    """One collective operation on this thread: its group and its progress board."""
+
+    def __init__(self, what: str, group=None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.what, self.timeout = what, timeout
+        self.marks = 0
+        self._pg = None
+        if group is not None:
+            self._begin(group)
+
+    @property
+    def pg(self):
+        """The operation's group, made (collective, default group) at its first use:
+        every rank's first collective of the operation."""
+        if self._pg is None:
+            key = (id(dist.group.WORLD), self.timeout)
+            if key not in _caller_groups:
+                _caller_groups[key] = new_gloo_group(self.timeout)
+            self._begin(_caller_groups[key])
+        return self._pg
+
+    def _begin(self, pg) -> None:
+        info = _groups.get(id(pg))
+        if info is None:
+            info = _groups[id(pg)] = _Group(f"x{next(_made)}", DEFAULT_TIMEOUT_S)
+        info.ops += 1
+        self._pg, self.info, self.seq, self.timeout = pg, info, info.ops, info.timeout
+        store = _torch_compat.default_store()
+        self.store = None if store is None else dist.PrefixStore(
+            f"dcp_universal/{info.tag}/", store)
+        self.mark(f"began the {self.what}")
+
+    def mark(self, label: str, advance: bool = True) -> None:
+        """Post this rank's progress: ``label`` is what it does now; ``advance``: it
+        passed one more point that every rank passes (a collective, a write's end)."""
+        if self._pg is None:  # nothing collective yet: nobody waits for this rank
+            return
+        self.marks += int(advance)
+        if self.store is not None:
+            try:
+                self.store.set(f"board/{rank()}",
+                               json.dumps([self.seq, self.marks, time.time(), label]))
+            except Exception:  # the board only explains a timeout; never fail for it
+                pass
+
+    def board(self) -> dict[int, list]:
+        """Every other rank's last post: ``{rank: [op, marks, time, label]}``."""
+        out: dict[int, list] = {}
+        if self._pg is None or self.store is None:
+            return out
+        for r in range(world_size()):
+            if r == rank():
+                continue
+            try:
+                if self.store.check([f"board/{r}"]):
+                    out[r] = json.loads(self.store.get(f"board/{r}"))
+            except Exception:
+                pass
+        return out
+
+    def fate(self, desired: str) -> str:
+        """Set this operation's fate to ``desired`` unless it is set already (atomic in
+        the store); returns the fate. Without a store: ``desired``."""
+        if self._pg is None or self.store is None:
+            return desired
+        try:
+            return self.store.compare_set(f"fate/{self.seq}", "", desired).decode()
+        except Exception:
+            return desired
+
+
+def progress(label: str) -> None:
+    """Post this rank's progress in the current operation (nothing outside one)."""
+    op = getattr(_thread, "op", None)
+    if op is not None:
+        op.mark(label)
+
+
+def resolve_group(group):
+    """``group``, or for ``None`` the current operation's group (else the default one)."""
+    if group is None:
+        op = getattr(_thread, "op", None)
+        if op is not None:
+            return op.pg
+    return group
+
+
+def _known(group):
+    """What :func:`resolve_group` would return, without making a group: ``None`` for
+    an operation whose group is not made yet (its thread is a caller's, never marked
+    :func:`writes_only`)."""
+    op = getattr(_thread, "op", None)
+    if group is None and op is not None and op._pg is not None:
+        return op._pg
+    return group
+
+
+@contextlib.contextmanager
+def operation(what: str, timeout: float | None = None, *, group=None) -> Iterator[None]:
+    """Run one collective operation of the package (``what``: "save of step 5") on this
+    thread.
+
+    Collective (every rank, same ``what`` and ``timeout``). The first operation with a
+    given ``timeout`` makes its gloo group (:func:`new_gloo_group`, on the default
+    group, at the operation's first collective); ``group`` passes one made already (an
+    asynchronous save's). Inside, every
+    ``group=None`` of this module (and of ``dcp_io``) means the operation's group. An
+    operation inside another one is part of it (the outer group and timeout). A
+    collective that times out or loses its peer raises
+    :class:`~dcp_universal.errors.CheckpointTimeoutError` naming the ranks waited for.
+    """
+    outer = getattr(_thread, "op", None)
+    if outer is not None or not is_distributed():
+        yield
+        return
+    op = _thread.op = _Op(what, group, check_timeout(timeout))
+    try:
+        yield
+    except CheckpointTimeoutError:
+        raise
+    except Exception as e:
+        if _lost_peer(e) is None:
+            raise
+        raise _give_up(op, e) from e
+    finally:
+        del _thread.op
+
+
+# what gloo says when a collective waited too long or its peer is gone
+_PEER_LOST = ("timed out waiting", "connection closed by peer", "connection reset by peer",
+              "broken pipe", "pair closure", "socket timeout")
+
+
+def _lost_peer(e: BaseException) -> BaseException | None:
+    """The collective failure (a gloo timeout or a closed connection) behind ``e``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, RuntimeError) and not isinstance(e, CheckpointError)
+                and any(p in str(e).lower() for p in _PEER_LOST)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _give_up(op: _Op, e: BaseException) -> CheckpointTimeoutError:
+    """This rank stops waiting in ``op``: mark the operation failed (so a stalled rank 0
+    commits nothing when it wakes up) and describe whom it waited for."""
+    cause = _lost_peer(e)
+    fate = op.fate(f"abandoned by rank {rank()}")
+    me = (op.seq, op.marks)
+    board = op.board()
+    now = time.time()
+    behind = sorted(r for r in range(world_size())
+                    if r != rank() and (r not in board or tuple(board[r][:2]) < me))
+
+    def seen(r: int) -> str:
+        if r not in board:
+            return f"rank {r} (no progress posted)"
+        seq, _, t, label = board[r]
+        where = label if seq == op.seq else f"an earlier operation ({label})"
+        return f"rank {r} (last seen {now - t:.0f} s ago: {where})"
+
+    if behind:
+        head = (f"{op.what}: rank {rank()} waited longer than timeout={op.timeout:g} s for "
+                f"rank(s) {behind} and gave up: " + "; ".join(seen(r) for r in behind))
+    else:
+        ahead = sorted(board)
+        head = (f"{op.what}: rank {rank()} fell behind, and the other ranks stopped waiting "
+                f"for it (timeout={op.timeout:g} s; "
+                + "; ".join(seen(r) for r in ahead) + ")")
+    if fate.startswith("commit"):
+        told = (f"Rank 0 had begun committing when this rank gave up: the {op.what} is "
+                "committed if rank 0 finished it (check the latest step)")
+    else:
+        told = "Nothing was committed, and a rank that wakes up later commits nothing either"
+    return CheckpointTimeoutError(
+        f"{head}. {told}. The collective said: {str(cause).splitlines()[0][:200]}. This "
+        "job's checkpoint connections are closed now -> restart the job (torchrun "
+        "restarts it) and look at the rank(s) named; if the storage is only slow, pass a "
+        "larger timeout=")
+
+
+def claim_commit() -> None:
+    """Rank 0, right before it commits the current operation's result: claim the commit
+    in the store, or raise CheckpointTimeoutError if another rank has given up."""
+    op = getattr(_thread, "op", None)
+    if op is None:
+        return
+    fate = op.fate("commit")
+    if fate != "commit":
+        raise CheckpointTimeoutError(
+            f"{op.what}: not committed: {fate} (it waited longer than timeout="
+            f"{op.timeout:g} s for this rank, which stalled) -> restart the job")
 
 
 def is_distributed() -> bool:
@@ -87,16 +334,20 @@ def world_size() -> int:
 
 def barrier(*, group=None) -> None:
     """Collective: returns once every rank has called it."""
+    group = resolve_group(group)
     check_group(group, "barrier")
     if is_distributed():
+        progress("waiting in a barrier")
         dist.barrier(group=group)
 
 
 def all_true(flag: bool, *, group=None) -> bool:
     """Collective: True on every rank iff ``flag`` is true on every rank."""
+    group = resolve_group(group)
     check_group(group, "all_true")
     if not is_distributed():
         return flag
+    progress("waiting to agree")
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
@@ -104,9 +355,11 @@ def all_true(flag: bool, *, group=None) -> bool:
 
 def all_gather_object(obj: Any, *, group=None) -> list[Any]:
     """Collective: every rank's ``obj``, by rank (``[obj]`` without a process group)."""
+    group = resolve_group(group)
     check_group(group, "all_gather_object")
     if not is_distributed():
         return [obj]
+    progress("waiting in a gather")
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj, group=group)
     return out
@@ -128,14 +381,25 @@ def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     manifest, check a step, prune), and none is left waiting in a later collective when
     rank 0 failed. ``fn``'s result must be picklable.
     """
-    check_group(group, f"on_rank0({getattr(fn, '__name__', fn)})")
+    check_group(_known(group), f"on_rank0({getattr(fn, '__name__', fn)})")
+    if rank() == 0:
+        op = getattr(_thread, "op", None)
+        if op is not None:
+            op.mark(f"running {getattr(fn, '__name__', 'a step')} on rank 0", advance=False)
     result, error, told = _attempt(fn, args, kwargs) if rank() == 0 else (None, None, None)
     if not is_distributed():
         if error is not None:
             raise error
         return result
+    group = resolve_group(group)  # after fn: the operation's group is made at its first use
+    progress(f"waiting for rank 0 ({getattr(fn, '__name__', 'a step')})")
     box = [(result if error is None else None, told)]
-    dist.broadcast_object_list(box, src=0, group=group)
+    try:
+        dist.broadcast_object_list(box, src=0, group=group)
+    except Exception:
+        if error is not None:  # rank 0's own failure says more than the broadcast's
+            raise error from None
+        raise
     if error is not None:
         raise error
     result, told = box[0]
@@ -153,8 +417,9 @@ def agreed(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     only (a file read, a pickle) before the next collective, so no rank waits for the
     process group's timeout while another has already given up.
     """
-    check_group(group, f"agreed({getattr(fn, '__name__', fn)})")
+    check_group(_known(group), f"agreed({getattr(fn, '__name__', fn)})")
     result, error, told = _attempt(fn, args, kwargs)
+    group = resolve_group(group)
     if not is_distributed():
         if error is not None:
             raise error

@@ -160,3 +160,14 @@ WRAPPER_CLASSES: list[tuple[tuple[str, ...], str]] = [
     (("torch.distributed.fsdp.fully_sharded_data_parallel.FullyShardedDataParallel",),
      "_fsdp_wrapped_module"),
 ]
+
+
+def default_store():
+    """The default process group's key-value store (torch keeps it private), or
+    ``None`` when there is none."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # no default group, or a torch without the helper
+        return None

@@ -66,3 +66,10 @@ class UnsafeCheckpointError(CheckpointError):
 class RootBusyError(CheckpointError):
     """Another live job holds the root's writer lease: two jobs writing one root would
     delete each other's unfinished files (see ``dcp_universal.training.lease``)."""
+
+
+class CheckpointTimeoutError(CheckpointError, TimeoutError):
+    """A rank waited longer than the operation's ``timeout`` for the others (one stalled
+    or stopped), or found that another rank had given up waiting for it. The message
+    names the rank(s) waited for and says whether anything was committed. The job's
+    checkpoint group is closed afterwards: restart the job."""

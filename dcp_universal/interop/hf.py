@@ -136,7 +136,7 @@ def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
               storage_options: dict | None = None, config: str | dict | None = None,
               progress: Callable[[int], None] | None = None, trusted: bool = False,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, timeout: float = _comm.DEFAULT_TIMEOUT_S) -> str:
     """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
 
     Args:
@@ -156,6 +156,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         progress: called with the tensor bytes of each shard this rank wrote.
         trusted: read pickles in ``src`` as they are (default: plain data only).
         overwrite: replace an earlier export in ``out``.
+        timeout: the longest any rank waits for the others (seconds); then every
+            waiting rank raises :class:`~dcp_universal.CheckpointTimeoutError`.
 
     A killed export never looks complete: the file that makes a directory an HF export
     (the index, or the single ``model.safetensors``) is written last, each file whole or
@@ -168,6 +170,15 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     rank, and no index is written); rank 0 writes the index (``on_rank0``). Returns
     ``out``.
     """
+    timeout = _comm.check_timeout(timeout)
+    with _comm.operation(f"export_hf of {src}", timeout):
+        return _export_hf(src, out, dtype=dtype, max_shard_size=max_shard_size,
+                          storage_options=storage_options, config=config, progress=progress,
+                          trusted=trusted, overwrite=overwrite)
+
+
+def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, progress, trusted,
+               overwrite) -> str:
     start = time.perf_counter()
     src, out = normalize(src), normalize(out)
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)

@@ -85,7 +85,8 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
                prefix: str | None = None, storage_options: dict | None = None,
-               verify: bool = False, stage: bool = True, trusted: bool = False) -> LoadReport:
+               verify: bool = False, stage: bool = True, trusted: bool = False,
+               timeout: float = _comm.DEFAULT_TIMEOUT_S) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
     Works for any configuration: plain / DDP / FSDP2 on any world size, with or without
@@ -126,12 +127,17 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     Untrusted checkpoints: nothing in the files runs as code unless ``trusted=True``
     (DCP's ``.metadata`` is read with an allow-list of DCP's own records); anything
     that would raises :class:`~dcp_universal.UnsafeCheckpointError`, model untouched.
+
+    ``timeout``: the longest any rank waits for the others (seconds); then every waiting
+    rank raises :class:`~dcp_universal.CheckpointTimeoutError`, model untouched.
     """
+    timeout = _comm.check_timeout(timeout)
     path = normalize(path)
-    staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
-                         stage=stage, store=storage_for(path, storage_options), prefix=prefix,
-                         trusted=trusted)
-    staged.commit()
+    with _comm.operation(f"load_model of {path}", timeout):
+        staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
+                             stage=stage, store=storage_for(path, storage_options),
+                             prefix=prefix, trusted=trusted)
+        staged.commit()
     return staged.report
 
 

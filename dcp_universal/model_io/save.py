@@ -58,7 +58,8 @@ class _MergingSavePlanner(DefaultSavePlanner):
 
 
 def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
-               storage_options: dict | None = None) -> None:
+               storage_options: dict | None = None,
+               timeout: float = _comm.DEFAULT_TIMEOUT_S) -> None:
     """Write ``model`` as one universal model DCP directory at ``path``.
 
     Collective: call on every rank of the process group (or in a single process with no
@@ -70,12 +71,16 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
         merge: ``"sharded"`` merges on each rank's own shards (default);
             ``"rank0"`` gathers the full state to rank 0's CPU, merges and writes there.
         storage_options: fsspec options when ``path`` is a URL (``s3://...``).
+        timeout: the longest any rank waits for the others (seconds); then every
+            waiting rank raises :class:`~dcp_universal.CheckpointTimeoutError`.
     """
     check_merge(merge)
+    timeout = _comm.check_timeout(timeout)
     path = normalize(path)
-    # a bare model directory has no manifest to record checksums in
-    write_model(ModelView.of(model), path, merge, storage_for(path, storage_options),
-                checksums=False)
+    with _comm.operation(f"save_model to {path}", timeout):
+        # a bare model directory has no manifest to record checksums in
+        write_model(ModelView.of(model), path, merge, storage_for(path, storage_options),
+                    checksums=False)
 
 
 def write_model(view: ModelView, path: str, merge: str, store: Storage, *,

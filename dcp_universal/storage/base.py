@@ -80,6 +80,11 @@ class Storage(abc.ABC):
         (``write(tmp_path)``): no copy of the data in memory."""
 
     @abc.abstractmethod
+    def create_new(self, path: str, data: bytes) -> bool:
+        """Write ``path`` whole unless it exists, atomically against every other
+        writer (two processes racing: exactly one gets True); False if it existed."""
+
+    @abc.abstractmethod
     def remove_file(self, path: str) -> None: ...
 
     @abc.abstractmethod

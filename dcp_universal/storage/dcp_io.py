@@ -53,6 +53,21 @@ def _io_errors(doing: str, path: str):
             f"{type(cause).__name__}: {cause}") from e
 
 
+def _post_when_done(obj, method: str, label: str) -> None:
+    """Post ``label`` as this rank's progress once ``obj.method`` (DCP's write or read of
+    this rank's part, before DCP's next collective) has finished: a rank that stalls
+    inside it is then the one behind (``_comm``'s board)."""
+    run = getattr(obj, method)
+
+    def posted(*args, **kwargs):
+        future = run(*args, **kwargs)
+        future.wait()
+        _comm.progress(label)
+        return future
+
+    setattr(obj, method, posted)
+
+
 def save_state(store: Storage, state: dict, path: str, *, planner=None,
                own_file_keys=frozenset(), checksums: bool = True,
                single_process: bool = False, group=None) -> dict[str, FileRecord]:
@@ -70,9 +85,13 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
         ``checksums``).
     """
     alone = single_process or not _comm.is_distributed()
+    group = _comm.resolve_group(group)
     if not alone:
         _comm.check_group(group, f"dcp.save of {path}")
     writer = store.dcp_writer(path)
+    if not alone:
+        _comm.progress(f"writing its part of {path}")
+        _post_when_done(writer, "write_data", f"wrote its part of {path}, waiting for the others")
     writer.own_file_keys = frozenset(own_file_keys)
     _torch_compat.wrap_writer_fs(writer, lambda fs: Checksummed(fs, crc=checksums))
     with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
@@ -124,10 +143,14 @@ def load_state(store: Storage, state: dict, path: str, *, single_process: bool =
     (:class:`~dcp_universal.errors.UnsafeCheckpointError` otherwise).
     """
     alone = single_process or not _comm.is_distributed()
+    group = _comm.resolve_group(group)
     if not alone:
         _comm.check_group(group, f"dcp.load of {path}")
     reader = (reader_of(path, copies, metadata) if reader_of is not None
               else store.dcp_reader(path, copies, metadata, trusted=trusted))
+    if not alone:
+        _comm.progress(f"reading its part of {path}")
+        _post_when_done(reader, "read_data", f"read its part of {path}, waiting for the others")
     if alone and hasattr(reader, "read_whole") and all(
             isinstance(v, torch.Tensor) and not isinstance(v, DTensor) for v in state.values()):
         # one process, whole tensors: no plan to agree on, so DCP's planning is skipped

@@ -3,17 +3,45 @@ ranged reads of exactly the bytes wanted (:mod:`.dcp_files`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import Callable
 
 import torch
 
+from dcp_universal.errors import CheckpointError, CheckpointIOError
 from dcp_universal.storage import dcp_files
 from dcp_universal.storage.base import Storage, short_read
 from dcp_universal.storage.mapped import Copies, byte_view
 
 __all__ = ["FsspecStorage"]
+
+# what a caller handles itself: a missing file, the package's own errors, bad arguments
+_PASSED_ON = (FileNotFoundError, CheckpointError, TypeError, ValueError, AttributeError)
+
+
+def _told(doing: str):
+    """``method(self, path, ...)``'s failures of the store (a refused connection, a 5xx
+    after the retries, denied access: botocore's errors are not even ``OSError``) become
+    :class:`~dcp_universal.CheckpointIOError` naming the operation, the path and the fix."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, path, *args, **kwargs):
+            try:
+                return method(self, path, *args, **kwargs)
+            except _PASSED_ON:
+                raise
+            except Exception as e:
+                err = CheckpointIOError(
+                    f"{doing} {path} failed: {type(e).__name__}: {e} -> check that the store "
+                    "is reachable and the job may use it (storage_options: endpoint_url, "
+                    "credentials; the network), then retry")
+                err.errno = getattr(e, "errno", None)
+                raise err from e
+        return run
+    return wrap
 
 
 class FsspecStorage(Storage):
@@ -26,16 +54,19 @@ class FsspecStorage(Storage):
 
         return url_to_fs(path, **self.options)
 
+    @_told("looking for")
     def exists(self, path: str) -> bool:
         fs, p = self.fs(path)
         fs.invalidate_cache(p.rsplit("/", 1)[0])
         return fs.exists(p)
 
+    @_told("looking at")
     def is_file(self, path: str) -> bool:
         fs, p = self.fs(path)
         fs.invalidate_cache(p.rsplit("/", 1)[0])
         return fs.isfile(p)
 
+    @_told("listing")
     def listdir(self, path: str) -> list[str]:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)
@@ -44,18 +75,22 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return []
 
+    @_told("asking the size of")
     def size(self, path: str) -> int:
         fs, p = self.fs(path)
         return int(fs.size(p))
 
+    @_told("opening")
     def open_read(self, path: str):
         fs, p = self.fs(path)
         return fs.open(p, "rb")
 
+    @_told("reading")
     def read_bytes(self, path: str) -> bytes:
         fs, p = self.fs(path)
         return fs.cat_file(p)
 
+    @_told("reading")
     def read_spans(self, path: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         if not spans:
             return []
@@ -71,6 +106,7 @@ class FsspecStorage(Storage):
             out.append(byte_view(data))
         return out
 
+    @_told("making")
     def makedirs(self, path: str) -> None:
         # Only a file system with real directories needs them made. Never on an object
         # store: s3fs's makedirs creates a missing bucket, which would hide a bucket
@@ -81,29 +117,46 @@ class FsspecStorage(Storage):
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(p, exist_ok=True)
 
+    @_told("writing")
     def write_atomic(self, path: str, data: bytes) -> None:
         fs, p = self.fs(path)
         fs.pipe_file(p, data)
 
     def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
         # a local temporary file, uploaded in one put
-        fs, p = self.fs(path)
         with tempfile.TemporaryDirectory(prefix="dcpu-upload-") as d:
             local = os.path.join(d, "data")
-            write(local)
-            fs.put_file(local, p)
+            write(local)  # its own errors are its own, not the store's
+            self._upload(path, local)
 
+    @_told("uploading")
+    def _upload(self, path: str, local: str) -> None:
+        fs, p = self.fs(path)
+        fs.put_file(local, p)
+
+    @_told("creating")
+    def create_new(self, path: str, data: bytes) -> bool:
+        fs, p = self.fs(path)
+        try:  # S3: a conditional PUT (If-None-Match: *)
+            fs.pipe_file(p, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    @_told("removing")
     def remove_file(self, path: str) -> None:
         fs, p = self.fs(path)
         if fs.exists(p):
             fs.rm_file(p)
 
+    @_told("removing")
     def remove_tree(self, path: str) -> None:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)
         if fs.exists(p):
             fs.rm(p, recursive=True)
 
+    @_told("listing")
     def file_sizes(self, path: str) -> dict[str, int]:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)

@@ -3,8 +3,10 @@ data files read through memory maps (:mod:`.mapped`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import uuid
 from typing import Callable
 
 import torch
@@ -21,7 +23,11 @@ def _replace_synced(tmp: str, path: str) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    _sync_dir(os.path.dirname(path))
+
+
+def _sync_dir(path: str) -> None:
+    dir_fd = os.open(path or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -79,9 +85,34 @@ class LocalStorage(Storage):
 
     def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
         local = self.os_path(path)
-        tmp = local + ".tmp"
-        write(tmp)
-        _replace_synced(tmp, local)
+        tmp = f"{local}.{uuid.uuid4().hex[:12]}.tmp"  # two processes writing one file
+        try:
+            write(tmp)
+            _replace_synced(tmp, local)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+    def create_new(self, path: str, data: bytes) -> bool:
+        local = self.os_path(path)
+        tmp = f"{local}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            _write_file(tmp, data)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.link(tmp, local)  # atomic, and refuses an existing name
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if os.path.exists(os.path.dirname(local)):
+                return False  # the winner cleared this loser's temporary file
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        _sync_dir(os.path.dirname(local))
+        return True
 
     def remove_file(self, path: str) -> None:
         try:

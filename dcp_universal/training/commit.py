@@ -113,6 +113,7 @@ class StepWriter:
                 f"step {self.step} was written, but before its commit a file it wrote was "
                 f"gone or changed ({e}); it is not committed -> is another job writing to "
                 f"{self.root}? The next save removes this step's debris") from e
+        _comm.claim_commit()  # unless another rank gave up waiting for this one
         try:
             steps.write_manifest(self.store, self.path, m)
         except OSError as e:

@@ -10,9 +10,15 @@ crashed or was killed) is taken over. Readers (loads) need no lease.
 The owner is the process (every manager of one process shares its lease). A lease whose
 process is gone is taken over at once when it is on this host (a job restarted by
 torchrun on the same node resumes without waiting); from another host, after ``ttl``.
-The lease is released by ``close()`` and at interpreter exit. The file is written whole
-(temp + rename locally, one PUT on an object store) and read back after writing, so of
-two jobs racing for a free root one wins and the other is refused.
+The lease is released by ``close()`` and at interpreter exit.
+
+Races. A free root is taken by creating the file only if it does not exist
+(:meth:`~dcp_universal.storage.Storage.create_new`: a hard link locally, a conditional
+PUT on S3), so of two jobs racing for it exactly one wins. An abandoned lease is taken
+over by creating ``writer.lease.taken-<key>`` the same way first (``key`` names that
+holder's acquisition), so of two jobs taking over the same dead holder exactly one wins;
+the holder, if it was only slow, sees the marker before its next renewal and stops
+renewing, and its next save is refused. The winner then rewrites ``writer.lease``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import atexit
 import json
 import logging
 import os
+import hashlib
 import socket
 import threading
 import time
@@ -73,6 +80,7 @@ class Lease:
         self.store, self.root, self.ttl = store, root, float(ttl)
         self.path = join(root, LEASE_FILE)
         self.owner = _OWNER
+        self._acquired: str | None = None  # this holder's acquisition (kept by renewals)
         self._held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,39 +94,69 @@ class Lease:
         except (ValueError, UnicodeDecodeError):  # torn or foreign: treat as abandoned
             return None
 
-    def _write(self) -> None:
-        self.store.makedirs(self.root)
-        self.store.write_atomic(self.path, json.dumps({
-            "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": _started(os.getpid()), "renewed_unix": time.time(),
-            "ttl_s": self.ttl}).encode())
+    def _content(self) -> bytes:
+        return json.dumps({
+            "owner": self.owner, "acquired": self._acquired, "host": socket.gethostname(),
+            "pid": os.getpid(), "started": _started(os.getpid()), "renewed_unix": time.time(),
+            "ttl_s": self.ttl}).encode()
+
+    def _marker(self, held: dict) -> str:
+        """The file whose creation takes over the acquisition ``held``."""
+        # a lease without "acquired" (an older writer's): that very renewal
+        which = held.get("acquired") or f"{held.get('pid')}/{held.get('renewed_unix')}"
+        key = hashlib.sha256(f"{held.get('owner')}/{which}".encode())
+        return f"{self.path}.taken-{key.hexdigest()[:16]}"
+
+    def _busy(self, held: dict | None, why: str = "") -> RootBusyError:
+        held = held or {}
+        age = time.time() - float(held.get("renewed_unix", 0) or 0)
+        ttl = float(held.get("ttl_s", self.ttl) or self.ttl)
+        return RootBusyError(
+            f"{self.root} is being written by another job (host {held.get('host')!r}, pid "
+            f"{held.get('pid')}, lease renewed {age:.0f} s ago{why}): two writers would "
+            "delete each other's files -> save to another root, or stop that job; if it is "
+            f"dead, its lease expires {max(0.0, ttl - age):.0f} s from now (or remove "
+            f"{self.path})")
 
     def acquire(self) -> None:
         """Take or renew the lease; raise :class:`RootBusyError` if another live job
         holds it."""
         held = self._read()
-        if held is not None and held.get("owner") != self.owner:
-            age = time.time() - float(held.get("renewed_unix", 0))
-            if age < float(held.get("ttl_s", self.ttl)) and not _gone(held):
-                raise RootBusyError(
-                    f"{self.root} is being written by another job (host "
-                    f"{held.get('host')!r}, pid {held.get('pid')}, lease renewed {age:.0f} s "
-                    "ago): two writers would delete each other's files -> save to another "
-                    "root, or stop that job; if it is dead, its lease expires "
-                    f"{max(0.0, float(held.get('ttl_s', self.ttl)) - age):.0f} s from now "
-                    f"(or remove {self.path})")
-            logger.warning("taking over the writer lease of %s from a job not seen for "
-                           "%.0f s (host %s, pid %s)", self.root, age, held.get("host"),
+        if held is not None and held.get("owner") == self.owner:  # this process's
+            self._acquired = held.get("acquired")
+            if self.store.exists(self._marker(held)):
+                raise self._busy(None, "; this job's lease was taken over after it was not "
+                                 "renewed for its ttl")
+            self.store.write_atomic(self.path, self._content())
+        elif held is None:
+            self._acquired = uuid.uuid4().hex
+            self.store.makedirs(self.root)
+            if not self.store.create_new(self.path, self._content()):
+                raise self._busy(self._read(), "; it took the lease at the same moment")
+        else:
+            age = time.time() - float(held.get("renewed_unix", 0) or 0)
+            if age < float(held.get("ttl_s", self.ttl) or self.ttl) and not _gone(held):
+                raise self._busy(held)
+            self._acquired = uuid.uuid4().hex
+            if not self.store.create_new(self._marker(held), self._content()):
+                raise self._busy(self._read(), "; it took over the abandoned lease at the "
+                                 "same moment")
+            logger.warning("took over the writer lease of %s from a job not seen for %.0f s "
+                           "(host %s, pid %s)", self.root, age, held.get("host"),
                            held.get("pid"))
-        self._write()
-        again = self._read()
-        if again is None or again.get("owner") != self.owner:
-            raise RootBusyError(f"{self.root}: another job took the writer lease at the same "
-                                "moment -> save to another root, or stop that job")
+            self.store.write_atomic(self.path, self._content())
+        self._clear_debris()
         if not self._held:
             self._held = True
             self._start_renewing()
             atexit.register(self.release)
+
+    def _clear_debris(self) -> None:
+        """Holding the lease: remove temporary lease files of killed writers (on disk)."""
+        prefix = LEASE_FILE + "."
+        for name in self.store.listdir(self.root):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                self.store.remove_file(join(self.root, name))
 
     def _start_renewing(self) -> None:
         self._stop.clear()
@@ -130,12 +168,13 @@ class Lease:
         while not self._stop.wait(self.ttl / 4):
             try:
                 held = self._read()
-                if held is not None and held.get("owner") != self.owner:
-                    logger.error("the writer lease of %s was taken by another job (host %s); "
-                                 "this job's next save will be refused", self.root,
-                                 held.get("host"))
+                if held is None or held.get("owner") != self.owner \
+                        or self.store.exists(self._marker(held)):
+                    logger.error("the writer lease of %s was released or taken by another job "
+                                 "(%s); this job's next save takes it again or is refused",
+                                 self.root, "none" if held is None else held.get("host"))
                     return
-                self._write()
+                self.store.write_atomic(self.path, self._content())
             except Exception as e:  # a flaky store: the next round tries again
                 logger.warning("renewing the writer lease of %s failed: %s", self.root, e)
 

@@ -197,6 +197,10 @@ class CheckpointManager:
     a save or prune takes the root's writer lease, renewed while the job lives; another
     job is refused with :class:`~dcp_universal.RootBusyError` until the lease is
     released (``close()``, exit) or not renewed for this many seconds.
+    ``timeout``: the longest any rank waits for the others inside a save or load
+    (seconds, default 600), asynchronous saves included; then every waiting rank raises
+    :class:`~dcp_universal.CheckpointTimeoutError` naming the rank(s) it waited for, and
+    nothing is committed. Give every rank the same value.
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
@@ -204,8 +208,9 @@ class CheckpointManager:
                  keep_every: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min",
                  items: Iterable[Item] = (), trusted: bool = False,
-                 lease_ttl: float = 120.0) -> None:
+                 lease_ttl: float = 120.0, timeout: float = _comm.DEFAULT_TIMEOUT_S) -> None:
         self.root = normalize(root)
+        self.timeout = _comm.check_timeout(timeout)
         if not isinstance(trusted, bool):
             raise ValueError(f"trusted={trusted!r}: expected True or False")
         self.trusted = trusted
@@ -332,17 +337,23 @@ class CheckpointManager:
             every = self.options.merged_every
             merged = every is not None and step % every == 0
         self.wait()
+        with _comm.operation(f"save of step {step}", self.timeout):
+            return self._save(step, model, optimizer, extra, bool(merged), overwrite, metrics,
+                              blocking)
+
+    def _save(self, step, model, optimizer, extra, merged, overwrite, metrics,
+              blocking) -> str | SaveHandle:
         start = time.perf_counter()
         if blocking:
-            return self._snapshot(step, model, optimizer, extra, bool(merged), overwrite,
+            return self._snapshot(step, model, optimizer, extra, merged, overwrite,
                                   metrics, None)(start, None)
         if self._background is None:
-            self._group = self._group or _comm.new_gloo_group()
+            self._group = self._group or _comm.new_gloo_group(self.timeout)
             self._background = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="dcp-universal-save")
             atexit.register(self._at_exit)
         self._snapshots.begin()
-        finish = self._snapshot(step, model, optimizer, extra, bool(merged), overwrite, metrics,
+        finish = self._snapshot(step, model, optimizer, extra, merged, overwrite, metrics,
                                 self._snapshots.copy)
         self._snapshots.end()
         stall = time.perf_counter() - start
@@ -351,7 +362,8 @@ class CheckpointManager:
                         self._snapshots.nbytes / 1e6, stall)
 
         def background() -> str:
-            with _comm.writes_only(self._group):
+            with _comm.writes_only(self._group), _comm.operation(
+                    f"save of step {step} (in the background)", group=self._group):
                 return finish(start, self._group)
 
         self._pending = SaveHandle(step, self._background.submit(background), stall)
@@ -466,8 +478,9 @@ class CheckpointManager:
             raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")
         if step is not None:
             _check_step(step)
-        step = _comm.on_rank0(self._pick_step, step)
-        return self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
+        with _comm.operation("load" if step is None else f"load of step {step}", self.timeout):
+            step = _comm.on_rank0(self._pick_step, step)
+            return self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
 
     def _pick_step(self, step: int | None) -> int:
         steps = self.steps()

@@ -513,3 +513,93 @@ def test_the_lease_is_renewed_while_the_job_lives_and_released_by_close(tmp_path
         other.release()
         assert not mgr._store.exists(other.path)
     mgr._store.remove_tree("memory://lease-test")
+
+
+def _race_for_the_lease(root, options, go, out):
+    """One job: once every job is ready, at the time in the file ``go``, try to take
+    ``root``'s lease; write the outcome to ``out``."""
+    import time
+
+    from dcp_universal import RootBusyError
+    from dcp_universal.storage import storage_for
+    from dcp_universal.training.lease import Lease
+
+    lease = Lease(storage_for(root, options), root, ttl=120.0)
+    lease.store.exists(root)  # connected
+    open(out + ".ready", "w").close()
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    time.sleep(max(0.0, float(open(go).read()) - time.time()))
+    try:
+        lease.acquire()
+        outcome = "won"
+    except RootBusyError:
+        outcome = "refused"
+    with open(out, "w") as f:
+        f.write(outcome)
+    time.sleep(1.0)  # hold it while the others look
+    os._exit(0)  # no release at exit: the parent reads the file
+
+
+# Two of the four (holder, store) pairs: each store's create-only write and each way to
+# the lease (a free root; an abandoned lease's takeover marker) is raced once. Each
+# case spawns four interpreters (torch's import: most of its ~13 s).
+@pytest.mark.parametrize("where,holder", [("local", "dead"), ("s3", "none")])
+def test_of_jobs_racing_for_one_root_exactly_one_gets_the_lease(tmp_path, request, where, holder):
+    import multiprocessing
+    import subprocess
+    import sys
+    import time
+
+    from dcp_universal.storage import storage_for
+    from dcp_universal.training import lease
+
+    if where == "s3":
+        base, options = request.getfixturevalue("s3")
+        root = f"{base}/race-{holder}-{os.getpid()}-{time.time_ns()}"
+    else:
+        root, options = str(tmp_path / "run"), None
+    if holder == "dead":  # a crashed job's lease, on this host: every racer may take it over
+        dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+        store = storage_for(root, options)
+        store.makedirs(root)
+        store.write_atomic(f"{root}/{lease.LEASE_FILE}", json.dumps(
+            {"owner": "crashed", "acquired": "x", "host": __import__("socket").gethostname(),
+             "pid": dead, "renewed_unix": time.time(), "ttl_s": 120.0}).encode())
+    ctx = multiprocessing.get_context("spawn")
+    go = str(tmp_path / "go")
+    outs = [str(tmp_path / f"out-{i}") for i in range(4)]
+    procs = [ctx.Process(target=_race_for_the_lease, args=(root, options, go, o))
+             for o in outs]
+    for p in procs:
+        p.start()
+    deadline = time.time() + 120
+    while not all(os.path.exists(o + ".ready") for o in outs) and time.time() < deadline:
+        time.sleep(0.05)
+    with open(go + ".tmp", "w") as f:
+        f.write(str(time.time() + 0.3))
+    os.replace(go + ".tmp", go)
+    for p in procs:
+        p.join(60)
+    outcomes = sorted(open(o).read() for o in outs)
+    assert outcomes == ["refused"] * 3 + ["won"], outcomes
+    held = json.loads(storage_for(root, options).read_bytes(f"{root}/{lease.LEASE_FILE}"))
+    assert held["owner"] != "crashed"
+
+
+def test_a_store_that_answers_no_request_gives_a_checkpoint_error_saying_what_to_check():
+    pytest.importorskip("s3fs")
+    from dcp_universal import CheckpointIOError, load_model
+
+    dead = {"endpoint_url": "http://127.0.0.1:9", "key": "testing", "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    model = tiny.make("plain", seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointIOError, match="s3://ckpt/run/step-00000001.*failed: "
+                       "EndpointConnectionError.*check that the store is reachable"):
+        load_model(model, "s3://ckpt/run/step-00000001", storage_options=dead)
+    with pytest.raises(CheckpointIOError, match="listing s3://ckpt/run failed"):
+        CheckpointManager("s3://ckpt/run", storage_options=dead).load(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
