@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
-from dcp_universal.errors import CheckpointIOError, UnsafeCheckpointError
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, NotACheckpointError,
+                                  UnsafeCheckpointError)
 from dcp_universal.format.torch_formats import numpy_safe_globals
 from dcp_universal.storage.integrity import Checksummed
 from dcp_universal.format.manifest import FileRecord
@@ -51,6 +52,13 @@ def _io_errors(doing: str, path: str):
         raise CheckpointIOError(
             f"{doing} {path} failed on rank(s) {[r for r, _ in failures] or '?'}: rank {rank}: "
             f"{type(cause).__name__}: {cause}") from e
+    except FileNotFoundError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise NotACheckpointError(
+            f"{doing} {path} failed: {e.filename or e} does not exist (removed while it was "
+            "read? retention or another job's prune deletes old steps) -> check the path, "
+            "or load a step that is still committed") from e
 
 
 def _post_when_done(obj, method: str, label: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import faulty
+import tiny
 from dcp_universal import CheckpointManager, CheckpointMismatchError, load_model
 from dcp_universal.cli import main as cli
 from dcp_universal.errors import (CheckpointIOError, FormatVersionError, IntegrityError, ManifestError,
@@ -134,3 +135,17 @@ def test_io_failure_in_the_middle_of_a_load_leaves_everything_untouched(saved, m
     monkeypatch.delenv("FAULTY_PATTERN")
     report = CheckpointManager(root).load(target, topt)  # the same load, storage healthy
     assert report.optimizer_restored
+
+
+def test_a_directory_whose_metadata_vanishes_while_it_is_read_says_so(tmp_path):
+    """A reader racing retention: the step was there when it was found, and its
+    ``.metadata`` is gone when DCP reads it. NotACheckpointError (a CheckpointError),
+    not a raw FileNotFoundError."""
+    from dcp_universal import NotACheckpointError, save_model
+    from dcp_universal.storage import dcp_io, storage_for
+
+    path = str(tmp_path / "model")
+    save_model(tiny.make("plain", seed=1), path)
+    os.remove(os.path.join(path, ".metadata"))
+    with pytest.raises(NotACheckpointError, match=r"\.metadata does not exist \(removed while"):
+        dcp_io.read_metadata(storage_for(path), path)
