@@ -105,7 +105,10 @@ def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
     wanted = {rel: rec for rel, rec in files.items() if rel.startswith(prefixes)}
     if not wanted:
         return
-    found = store.file_sizes(path)
+    try:
+        found = store.file_sizes(path)
+    except FileNotFoundError:  # the directory, or the whole bucket, is gone
+        found = {}
     for rel, rec in sorted(wanted.items()):
         full = join(path, rel)
         if rel not in found:

@@ -84,6 +84,7 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
     mgr = CheckpointManager(fresh_prefix(url), storage_options=options)
     merged_step = mgr.save(1, model, opt, merged=True)   # model/ beside adapters/ and optimizer/
     lora_step = mgr.save(2, model, opt)                   # base + adapters only
+    mgr.close()  # releases the root's writer lease while the server is up
     x = torch.randn(3, 256)
     with torch.no_grad():
         want = model(x)

@@ -173,6 +173,42 @@ def test_a_step_that_lost_a_file_before_its_commit_is_not_committed(tmp_path, mo
     mgr.load(plain)  # the last good step is intact
 
 
+
+def test_a_bucket_deleted_during_a_save_on_s3_commits_nothing_and_is_not_recreated(
+        s3, monkeypatch):
+    """The bucket is deleted after the step's files were written: the save raises, no
+    step is committed, and the library never recreated the bucket (s3fs's makedirs
+    would, leaving a 'committed' step without its files)."""
+    import uuid
+
+    import boto3
+
+    _, options = s3
+    bucket = f"doomed-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3", endpoint_url=options["endpoint_url"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=bucket)
+    model, opt = _trained("plain")
+    mgr = CheckpointManager(f"s3://{bucket}/run", storage_options=options)
+    mgr.save(1, model, opt)
+    real = StepWriter.commit
+
+    def commit(self, m, group=None):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+        client.delete_bucket(Bucket=bucket)
+        return real(self, m, group)
+
+    monkeypatch.setattr(StepWriter, "commit", commit)
+    with pytest.raises(CheckpointIOError):
+        mgr.save(2, model, opt)
+    monkeypatch.undo()
+    buckets = [b["Name"] for b in client.list_buckets()["Buckets"]]
+    assert bucket not in buckets, "the library recreated the deleted bucket"
+    mgr.close()
+
+
 # ---- no code from a checkpoint -------------------------------------------------------
 
 class Payload:
