@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from dcp_universal._registry import Registry
+from dcp_universal.errors import UnsupportedAdapterError
 
 __all__ = ["AdapterKind", "Term", "Site", "register", "registered", "kind_of", "find_sites",
            "adapter_config", "is_conv1d", "LAYOUTS"]
@@ -173,8 +174,28 @@ class Site:
                 for p, _ in self.base.named_parameters()}
 
 
+def _refuse_prompt_learning(model: nn.Module) -> None:
+    configs = getattr(model, "peft_config", None)  # a PeftModel's adapters, by name
+    if not isinstance(configs, dict):
+        return
+    for name, cfg in sorted(configs.items()):
+        if getattr(cfg, "is_prompt_learning", False):
+            kind = getattr(getattr(cfg, "peft_type", None), "value", cfg.__class__.__name__)
+            raise UnsupportedAdapterError(
+                f"PEFT adapter {name!r} is {kind} (prompt learning): its virtual tokens live "
+                "outside the model's weights, so a checkpoint of the weights would load as the "
+                "untuned base -> save it with PEFT's save_pretrained(), or tune with LoRA")
+
+
 def find_sites(model: nn.Module, module_names: dict[nn.Module, str]) -> list[Site]:
-    """Every adapter in ``model``, sorted by canonical name (a collective-safe order)."""
+    """Every adapter in ``model``, sorted by canonical name (a collective-safe order).
+
+    Raises:
+        UnsupportedAdapterError: a prompt-learning PEFT adapter (prefix, prompt or
+            p-tuning): its virtual tokens are not weights of the model, so no save of the
+            model's weights could hold what it computes.
+    """
+    _refuse_prompt_learning(model)
     sites = []
     for module, name in module_names.items():
         kind = kind_of(module)

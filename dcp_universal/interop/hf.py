@@ -57,12 +57,32 @@ def parse_size(size: int | str) -> int:
 
 
 def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    """The floating dtype ``dtype`` names (None: keep each tensor's)."""
+    if dtype is None:
+        return None
+    found = dtype if isinstance(dtype, torch.dtype) else getattr(
+        torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(found, torch.dtype):
         raise ValueError(f"dtype={dtype!r}: expected a torch dtype or its name, e.g. 'bfloat16'")
+    if not found.is_floating_point:
+        # a cast to an integer type truncates every weight (most to 0): never an export
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating-point type: a cast would truncate the weights "
+            "-> export as 'bfloat16', 'float16' or 'float32' and quantize with a quantizer")
     return found
+
+
+def _config_with_dtype(cfg: dict | None, cast: torch.dtype | None) -> dict | None:
+    """``cfg`` saying the exported dtype, so ``from_pretrained`` builds the model in it:
+    ``dtype`` (transformers 5) and ``torch_dtype`` (earlier releases) when present."""
+    if cfg is None or cast is None:
+        return cfg
+    name = str(cast).removeprefix("torch.")
+    out = dict(cfg)
+    out["dtype"] = name
+    if "torch_dtype" in out:
+        out["torch_dtype"] = name
+    return out
 
 
 def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -145,7 +165,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         out: the output directory (local or an fsspec URL). One that already holds an
             export (safetensors files, an index) is refused unless ``overwrite``, which
             removes that export first (index first); other files there are kept.
-        dtype: cast floating-point tensors (``torch.bfloat16`` or ``"bfloat16"``);
+        dtype: cast floating-point tensors (``torch.bfloat16`` or ``"bfloat16"``), and
+            say so in the written config (``dtype``); a non-floating dtype is refused.
             ``None`` keeps the saved dtypes.
         max_shard_size: the largest output file, e.g. ``"5GB"`` (transformers' default).
         storage_options: fsspec options for ``src`` and ``out``.
@@ -192,7 +213,7 @@ def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, prog
                 f"{src} is an adapter without base weights; export_hf writes a whole model "
                 "-> export the LoRA step it came from, or load base and adapter into a model "
                 "and save_model() it first")
-        cfg = _read_config(config, storage_options)
+        cfg = _config_with_dtype(_read_config(config, storage_options), cast)
         # written once, as save_pretrained does
         return source.without(_tied_duplicates(source, cfg)), cfg
 

@@ -114,6 +114,12 @@ class PeftLoRAKind(adapters.AdapterKind):
                     "similar) whose update is not W + scale * B @ A; merge it with PEFT's "
                     "merge_and_unload() before saving"
                 )
+            if getattr(module, "lora_bias", {}).get(a, False):
+                raise UnsupportedAdapterError(
+                    f"PEFT adapter {a!r} on {type(module).__name__} has lora_bias=True: its "
+                    "lora_B bias adds to the layer's output, which a merge into W would drop; "
+                    "merge it with PEFT's merge_and_unload() before saving, or train with "
+                    "lora_bias=False")
             if kind == "Linear" and module.fan_in_fan_out:
                 # a Conv1D base (GPT-2) stores W as (in, out): delta = (B @ A).T = A.T @ B.T
                 out.append(Term(left=module.lora_A[a].weight, right=module.lora_B[a].weight,

@@ -147,6 +147,7 @@ def plan_load(
     report = LoadReport()
     reads: dict[str, str] = {}
     missing, mismatched = [], {}
+    casts: dict[tuple, list[str]] = {}  # (checkpoint dtype, model dtype) -> keys
     for key, info in target.items():
         ck = checkpoint.get(key)
         if ck is None:
@@ -162,7 +163,10 @@ def plan_load(
         else:
             report.loaded.append(key)
         if ck.dtype != info.dtype:
-            report.notes.append(f"{key}: checkpoint {ck.dtype} cast to the model's {info.dtype}")
+            casts.setdefault((ck.dtype, info.dtype), []).append(key)
+    for (was, now), keys in casts.items():  # one line per pair of dtypes, not per key
+        shown = keys[0] if len(keys) == 1 else f"{len(keys)} tensors ({keys[0]}, ...)"
+        report.notes.append(f"{shown}: checkpoint {was} cast to the model's {now}")
     for key in sorted(adapters):
         ck = checkpoint.get(key)
         if ck is not None and tuple(ck.shape) == tuple(adapters[key].shape):

@@ -1,0 +1,100 @@
+"""The hand-off's edges (issue "every PEFT configuration and every export, exact or
+refused"): adapter variants this library cannot merge are refused before anything is
+written, and exports never write what the model is not."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_models import llama, logits, max_diff, peft, transformers, with_lora
+from dcp_universal import (CheckpointManager, UnsupportedAdapterError, export_hf, load_model,
+                           save_model)
+from dcp_universal.cli import main as cli
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_lora_bias_is_refused_before_anything_is_written(tmp_path):
+    """PEFT ``lora_bias=True`` gives lora_B a bias: a merge into W would drop it (the
+    logits differed by 0.43 before)."""
+    model = with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"], lora_bias=True)
+    with pytest.raises(UnsupportedAdapterError, match="lora_bias=True"):
+        save_model(model, str(tmp_path / "m"))
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    with pytest.raises(UnsupportedAdapterError, match="lora_bias=True"):
+        mgr.save(1, model)
+    mgr.close()
+    assert not (tmp_path / "m").exists() and mgr.steps() == []
+
+
+@pytest.mark.parametrize("config", ["prefix", "prompt"])
+def test_prompt_learning_is_refused_on_save_and_load(tmp_path, config):
+    """Prefix and prompt tuning keep their virtual tokens outside the weights: a save of
+    the weights would load as the untuned base (0.79 from the tuned model before)."""
+    make = {"prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+            "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)}
+    tuned = peft.get_peft_model(llama(tied=False), make[config]())
+    with pytest.raises(UnsupportedAdapterError, match="prompt learning"):
+        save_model(tuned, str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+    save_model(llama(tied=False, seed=5), str(tmp_path / "plain"))
+    before = _state(tuned)
+    with pytest.raises(UnsupportedAdapterError, match="prompt learning"):
+        load_model(tuned, str(tmp_path / "plain"))
+    assert _same(tuned, before)
+
+
+@pytest.mark.parametrize("dtype", ["int8", torch.int32, "bool"])
+def test_export_to_a_non_floating_dtype_is_refused(tmp_path, dtype):
+    """A cast to int8 wrote every weight as 0 with exit status 0 before."""
+    src = str(tmp_path / "m")
+    save_model(llama(tied=False), src)
+    with pytest.raises(ValueError, match="not a floating-point type"):
+        export_hf(src, str(tmp_path / "hf"), dtype=dtype)
+    assert not (tmp_path / "hf").exists()
+    if dtype == "int8":
+        assert cli(["export", src, str(tmp_path / "hf-cli"), "--dtype", "int8"]) != 0
+        assert not os.path.exists(tmp_path / "hf-cli" / "model.safetensors")
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_export_writes_its_dtype_into_the_config(tmp_path, key):
+    """``from_pretrained`` builds the model in the config's dtype: an export cast to
+    bfloat16 with a config saying float32 loaded as an fp32 model before."""
+    model = llama(tied=False)
+    src = str(tmp_path / "m")
+    save_model(model, src)
+    cfg = model.config.to_dict()
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    cfg[key] = "float32"
+    out = export_hf(src, str(tmp_path / "hf"), dtype="bfloat16", config=cfg)
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["dtype"] == "bfloat16" and written.get(key) == "bfloat16"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert loaded.dtype == torch.bfloat16
+    assert max_diff(logits(loaded), logits(model.to(torch.bfloat16))) == 0.0
+
+
+def test_a_dtype_change_of_many_keys_is_one_note(tmp_path):
+    """Loading bf16 weights into an fp32 model noted every key before."""
+    source = llama(tied=False).to(torch.bfloat16)
+    save_model(source, str(tmp_path / "m"))
+    target = llama(tied=False, seed=9)
+    report = load_model(target, str(tmp_path / "m"))
+    casts = [n for n in report.notes if "cast to the model's" in n]
+    n = len(source.state_dict())
+    assert casts == [f"{n} tensors (model.embed_tokens.weight, ...): checkpoint torch.bfloat16 cast to "
+                     "the model's torch.float32"], report.notes
+    want = source.state_dict()
+    assert all(torch.equal(v, want[k].float()) for k, v in target.state_dict().items()
+               if "rotary" not in k)  # bf16 -> fp32 is exact; inv_freq is the model's own
