@@ -179,18 +179,26 @@ class Adapters:
         layouts: canonical module name -> its base weight's layout, as its kind declares
             it (``linear``, ``conv1d``, ``embedding``); exports to other tools' adapter
             formats follow it. Empty in steps written before it was recorded.
+        idle: canonical keys of adapter tensors the step holds that added nothing to the
+            saved model's function: adapters inactive, disabled or already merged into
+            the base when it was saved (PEFT's ``set_adapter``,
+            ``disable_adapter_layers``, ``merge_adapter``). Restored into a target whose
+            same adapters are idle too; never merged. Empty in steps written before.
     """
 
     kinds: list[str]
     modules: dict[str, dict]
     sites: dict[str, list[AdapterTerm]]
     layouts: dict[str, str] = dataclasses.field(default_factory=dict)
+    idle: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         out = {"kinds": list(self.kinds), "modules": self.modules,
                "sites": {n: [t.to_json() for t in terms] for n, terms in self.sites.items()}}
         if self.layouts:
             out["layouts"] = dict(self.layouts)
+        if self.idle:
+            out["idle"] = sorted(self.idle)
         return out
 
     @classmethod
@@ -206,10 +214,18 @@ class Adapters:
                    sites={n: [AdapterTerm.from_json(t, f"{where}.sites[{n!r}]") for t in terms]
                           for n, terms in sites.items()},
                    layouts=_get(d, "layouts", dict, where, "an object of module -> layout",
-                                optional=True, default={}) or {})
+                                optional=True, default={}) or {},
+                   idle=_idle(d, where))
 
     def factor_keys(self) -> set[str]:
         return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}
+
+
+def _idle(d: dict, where: str) -> list[str]:
+    idle = _get(d, "idle", list, where, "a list of tensor keys", optional=True, default=[]) or []
+    if not all(isinstance(k, str) for k in idle):
+        raise _fail(f"{where}.idle", "a list of tensor keys", idle)
+    return idle
 
 
 class _ListsRecord:

@@ -141,9 +141,17 @@ class ModelView:
                                scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed)
 
         config = adapters.adapter_config(self.sites)
-        return Adapters(kinds=config["kinds"], modules=config["modules"],
-                        sites={s.name: [term(t) for t in s.terms()] for s in self.sites},
-                        layouts=config["layouts"])
+        sites = {s.name: [term(t) for t in s.terms()] for s in self.sites}
+        active = {k for terms in sites.values() for t in terms for k in (t.left, t.right)}
+        return Adapters(kinds=config["kinds"], modules=config["modules"], sites=sites,
+                        layouts=config["layouts"],
+                        idle=sorted(set(self.adapter_tensors) - active))
+
+    def active_factor_keys(self) -> set[str]:
+        """Canonical keys of the factors of every update the model adds now (active,
+        enabled, unmerged adapters)."""
+        return {self.param_keys[id(f)] for s in self.sites for t in s.terms()
+                for f in (t.left, t.right)}
 
     def mesh(self) -> Mesh | None:
         for t in self.tensors.values():

@@ -9,6 +9,7 @@ sizes always, CRC-32 with ``verify``.
 
 from __future__ import annotations
 
+from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.format import manifest
 from dcp_universal.storage import steps
 from dcp_universal.sources.dcp import dir_source
@@ -54,13 +55,15 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
     base, base_keys = _opened(store, manifest.base_path(path, m), want.trusted)
     adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR), want.trusted)
     sites = m.adapters.sites
-    factor_keys = m.adapters.factor_keys()
+    factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
     same_adapters = view is not None and (
         {s.name for s in view.sites} == set(sites)
-        and set(view.adapter_tensors) == factor_keys
-        and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape for k in factor_keys))
+        and set(view.adapter_tensors) == factor_keys | idle
+        and all(tuple(view.adapter_tensors[k].shape) == step_keys[k].shape
+                for k in factor_keys | idle))
     check_files(store, base.path, m.base_files or {}, checksums=want.verify)
     if same_adapters:
+        _check_same_updates(path, view.active_factor_keys(), factor_keys)
         checked(manifest.ADAPTERS_DIR)
         return Source(desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()},
                                           **{k: Entry(i, adapters, k) for k, i in step_keys.items()}},
@@ -70,12 +73,36 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         checked(manifest.MODEL_DIR)
         return dir_source(store, model_dir, merged)
     checked(manifest.ADAPTERS_DIR)
-    trained = {k: Entry(i, adapters, k) for k, i in step_keys.items() if k not in factor_keys}
+    trained = {k: Entry(i, adapters, k) for k, i in step_keys.items()
+               if k not in factor_keys and k not in idle}
+    merging = {name: terms for name, terms in sites.items() if terms}
+    notes = [f"merged {len(merging)} adapters into base {m.base} while loading" if merging
+             else f"base {m.base} loaded; no adapter was active when the step was saved"]
+    if idle:
+        notes.append(f"not merged: {len(idle)} tensors of adapters that were inactive, "
+                     f"disabled or merged into the base when the step was saved ({min(idle)}, "
+                     "...)")
     return Source(
         desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()}, **trained},
-        deltas={f"{name}.weight": tuple(terms) for name, terms in sites.items()},
+        deltas={f"{name}.weight": tuple(terms) for name, terms in merging.items()},
         factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
-        notes=(f"merged {len(sites)} adapters into base {m.base} while loading",))
+        notes=tuple(notes))
+
+
+def _check_same_updates(path: str, target: set[str], saved: set[str]) -> None:
+    """An exact restore computes the saved function only if the target's adapters add
+    the same updates the saved ones did (the same adapters active, enabled, unmerged)."""
+    if target == saved:
+        return
+    now, then = sorted(target - saved), sorted(saved - target)
+    raise CheckpointMismatchError(
+        f"{path} holds the model's adapters, but they were not adding the same updates when "
+        f"it was saved: active in the target only: {now[:4]}{' ...' if len(now) > 4 else ''}; "
+        f"active in the step only: {then[:4]}{' ...' if len(then) > 4 else ''}. Restoring "
+        "them would compute another function -> make the target's adapters match the saved "
+        "run first (PEFT: set_adapter(...) for the adapter that was active, merge_adapter() "
+        "if it was merged, disable_adapter_layers() if disabled), or load into a model "
+        "without these adapters to get the saved model's function merged")
 
 
 register_format(StepFormat(), before="dcp")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_models import llama, logits, max_diff, peft, transformers, with_lora
-from dcp_universal import (CheckpointManager, UnsupportedAdapterError, export_hf, load_model,
+from dcp_universal import (CheckpointManager, CheckpointMismatchError, UnsupportedAdapterError,
+                           export_hf, load_model,
                            save_model)
 from dcp_universal.cli import main as cli
 
@@ -98,3 +99,88 @@ def test_a_dtype_change_of_many_keys_is_one_note(tmp_path):
     want = source.state_dict()
     assert all(torch.equal(v, want[k].float()) for k, v in target.state_dict().items()
                if "rotary" not in k)  # bf16 -> fp32 is exact; inv_freq is the model's own
+
+
+def _two_adapters(seed: int, active: str = "a"):
+    """A tiny Llama with PEFT adapters "a" and "b" (random factors), ``active`` on."""
+    model = peft.get_peft_model(llama(tied=False, seed=seed), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.set_adapter(active)
+    return model.eval()
+
+
+def test_two_adapters_restore_each_as_it_was_and_a_merge_uses_the_active_one(tmp_path):
+    """Before: the base took a's update, b sat on top of it (1.26 after set_adapter)."""
+    source = _two_adapters(seed=1)
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, source)
+    mgr.close()
+    target = _two_adapters(seed=2)
+    report = mgr.load(target)
+    assert "restored base" in " ".join(report.notes)
+    assert max_diff(logits(target), logits(source)) < 1e-5
+    source.set_adapter("b"), target.set_adapter("b")
+    assert max_diff(logits(target), logits(source)) < 1e-5
+    source.set_adapter("a")
+    # into a plain model: a merged, b (inactive) left out and said so
+    plain = llama(tied=False, seed=3)
+    report = mgr.load(plain)
+    assert max_diff(logits(plain), logits(source)) < 1e-5
+    assert any(n.startswith("not merged: ") and "inactive" in n for n in report.notes), report.notes
+    # into the same adapters with b active: another function, refused, untouched
+    other = _two_adapters(seed=4, active="b")
+    before = _state(other)
+    with pytest.raises(CheckpointMismatchError, match="set_adapter"):
+        mgr.load(other)
+    assert _same(other, before)
+
+
+def test_a_merged_adapter_is_saved_as_what_the_model_computes(tmp_path):
+    """Before: merge_adapter(), save, load into a fresh PEFT model applied the update twice
+    (0.27)."""
+    source = with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"])
+    want = logits(source)
+    source.merge_adapter()
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, source)
+    mgr.close()
+    fresh = with_lora(llama(tied=False, seed=5), target_modules=["q_proj", "v_proj"], seed=6)
+    before = _state(fresh)
+    with pytest.raises(CheckpointMismatchError, match="merge_adapter"):
+        mgr.load(fresh)
+    assert _same(fresh, before)
+    fresh.merge_adapter()  # the same layout: merged too
+    mgr.load(fresh)
+    assert max_diff(logits(fresh), want) < 1e-5
+    fresh.unmerge_adapter(), source.unmerge_adapter()
+    assert max_diff(logits(fresh), logits(source)) < 1e-5
+    plain = llama(tied=False, seed=7)
+    mgr.load(plain)
+    assert max_diff(logits(plain), want) < 1e-5
+
+
+def test_disabled_adapters_are_restored_not_reset(tmp_path):
+    """Before: a step saved after disable_adapter_layers() resumed with the adapters reset
+    ("8 fresh")."""
+    source = with_lora(llama(tied=False), target_modules=["q_proj", "v_proj"])
+    source.base_model.disable_adapter_layers()
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, source)
+    mgr.close()
+    target = with_lora(llama(tied=False, seed=5), target_modules=["q_proj", "v_proj"], seed=6)
+    target.base_model.disable_adapter_layers()
+    report = mgr.load(target)
+    assert not report.fresh
+    assert max_diff(logits(target), logits(source)) < 1e-5
+    source.base_model.enable_adapter_layers(), target.base_model.enable_adapter_layers()
+    assert max_diff(logits(target), logits(source)) < 1e-5
+    plain = llama(tied=False, seed=7)
+    mgr.load(plain)
+    source.base_model.disable_adapter_layers()
+    assert max_diff(logits(plain), logits(source)) < 1e-5
