@@ -118,7 +118,7 @@ def _export(args) -> int:
     progress = Progress(None, "export", enabled=not args.quiet)
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     trusted=args.trusted, overwrite=args.overwrite,
-                    config=args.config, progress=progress)
+                    config=args.config, progress=progress, prefix=args.prefix)
     print(f"exported {args.src} to {out} (Hugging Face safetensors): {progress.close()}")
     return 0
 
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="largest output file (default 5GB)")
     p.add_argument("--config", help="the model's config.json, copied beside the weights")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.add_argument("--prefix", default=None, help="hf: the model's subtree in another tool's "
+                   "checkpoint, e.g. app.model. (default: found beside other state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_export)
     for p in sub.choices.values():

@@ -156,7 +156,8 @@ def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
 def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5GB",
               storage_options: dict | None = None, config: str | dict | None = None,
               progress: Callable[[int], None] | None = None, trusted: bool = False,
-              overwrite: bool = False, timeout: float = _comm.DEFAULT_TIMEOUT_S) -> str:
+              overwrite: bool = False, timeout: float = _comm.DEFAULT_TIMEOUT_S,
+              prefix: str | None = None) -> str:
     """Write the merged model of ``src`` to ``out`` as Hugging Face safetensors.
 
     Args:
@@ -179,6 +180,10 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
         overwrite: replace an earlier export in ``out``.
         timeout: the longest any rank waits for the others (seconds); then every
             waiting rank raises :class:`~dcp_universal.CheckpointTimeoutError`.
+        prefix: the model's subtree in a checkpoint written by another tool (e.g.
+            ``"app.model."``). ``None``: a checkpoint that keeps other state beside its
+            model (torchtitan's optimizer, ``{"app": {"model", "optim"}}``) exports the
+            model's subtree alone, its keys made canonical; never the other state.
 
     A killed export never looks complete: the file that makes a directory an HF export
     (the index, or the single ``model.safetensors``) is written last, each file whole or
@@ -195,11 +200,11 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
     with _comm.operation(f"export_hf of {src}", timeout):
         return _export_hf(src, out, dtype=dtype, max_shard_size=max_shard_size,
                           storage_options=storage_options, config=config, progress=progress,
-                          trusted=trusted, overwrite=overwrite)
+                          trusted=trusted, overwrite=overwrite, prefix=prefix)
 
 
 def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, progress, trusted,
-               overwrite) -> str:
+               overwrite, prefix) -> str:
     start = time.perf_counter()
     src, out = normalize(src), normalize(out)
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
@@ -207,7 +212,8 @@ def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, prog
     max_bytes = parse_size(max_shard_size)
 
     def opened() -> tuple[sources.Source, dict | None]:  # agreed on by every rank below
-        source = sources.open_source(store, src, sources.Want(trusted=trusted))
+        source = sources.open_source(store, src, sources.Want(trusted=trusted, prefix=prefix,
+                                                               model_only=True))
         if source.meta.get("adapter_only"):
             raise CheckpointError(
                 f"{src} is an adapter without base weights; export_hf writes a whole model "

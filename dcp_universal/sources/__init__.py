@@ -294,6 +294,10 @@ class Want:
         manifest: the step's manifest, when the caller read it already.
         trusted: read pickles in the checkpoint as they are (default: plain data only,
             :class:`~dcp_universal.errors.UnsafeCheckpointError` otherwise).
+        model_only: with no target, the model alone: a checkpoint that keeps other
+            state beside its model (torchtitan's optimizer, ``{"app": {"model",
+            "optim"}}``) gives the model's subtree, canonical, found as a load finds it
+            (or under ``prefix``); exports set it.
     """
 
     target: ModelView | None = None
@@ -301,6 +305,7 @@ class Want:
     verify: bool = False
     manifest: Manifest | None = None
     trusted: bool = False
+    model_only: bool = False
 
 
 class Format(abc.ABC):

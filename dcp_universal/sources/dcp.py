@@ -42,14 +42,21 @@ def model_dir(store: Storage, path: str) -> str | None:
 
 
 def dir_source(store: Storage, d: DcpDir, want: Want, *, notes: tuple[str, ...] = ()) -> Source:
-    """The model in the directory ``d``: with no target (an export) its keys as they
-    are; otherwise resolved onto the target's canonical names (:func:`foreign.resolve`),
+    """The model in the directory ``d``: with no target its keys as they are (an
+    export, ``model_only``: the model's subtree beside other state, or under
+    ``prefix``, made canonical: :func:`foreign.model_only`); otherwise resolved onto the target's canonical names (:func:`foreign.resolve`),
     and other tools' adapter factors handled by the registered factor rules."""
     infos, other, meta = dir_entries(d)
     if d.reader_of is None:  # planning read it: the load need not parse it again
         d = dataclasses.replace(d, metadata=meta)
     if want.target is None:
-        return Source.in_directory(d.path, d, infos, notes=notes, meta={"other_keys": other})
+        res = foreign.model_only(infos, other, prefix=want.prefix, desc=d.path) \
+            if want.model_only else None
+        if res is None:
+            return Source.in_directory(d.path, d, infos, notes=notes, meta={"other_keys": other})
+        return Source.in_directory(d.path, d, {name: infos[raw] for name, raw in res.raw_of.items()},
+                                   raw_of=res.raw_of, notes=(*notes, *res.notes),
+                                   meta={"other_keys": other})
     res = foreign.resolve(infos, other, set(want.target.tensors), prefix=want.prefix,
                           desc=d.path)
     source = Source.in_directory(d.path, d, {name: infos[raw] for name, raw in res.raw_of.items()},

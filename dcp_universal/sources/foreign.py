@@ -189,3 +189,68 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
         notes.append(f"{len(hidden)} PEFT modules_to_save originals not read (the trained "
                      "copies are the model's weights)")
     return Resolution(raw_of, other, hidden, prefix, notes)
+
+
+def _children(keys: list[str], prefix: str) -> set[str]:
+    return {k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)}
+
+
+def _beside_other_state(keys: list[str]) -> tuple[str, str] | None:
+    """``(level, model prefix)`` when the checkpoint keeps other state (an optimizer,
+    a scheduler, ...) beside its model: ``level`` is where the other state's names are
+    (torchtitan: ``""``; ``{"app": {"model", "optim"}}``: ``"app."``), the model is the
+    rest of that level, or its single ``model`` subtree. None when there is no such
+    state (every key is the model's)."""
+    level = ""
+    while True:
+        children = _children(keys, level)
+        if children & OTHER_STATE_NAMES:
+            rest = children - OTHER_STATE_NAMES
+            return level, (f"{level}model." if rest == {"model"} else level)
+        if len(children) != 1:
+            return None
+        level += children.pop() + "."
+        if not any(k.startswith(level) for k in keys):  # a single leaf key
+            return None
+
+
+def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix: str | None,
+               desc: str) -> Resolution | None:
+    """The model's keys, canonical, when no target says which they are (an export):
+    under ``prefix`` when given, else beside other state found as :func:`resolve` lists
+    it (:func:`_beside_other_state`). None: every key is the model's, as it is."""
+    keys = sorted(tensor_keys)
+    notes = []
+    if prefix is not None:
+        prefix = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
+        if not any(k.startswith(prefix) for k in keys):
+            tops = sorted({k.split(".")[0] for k in keys})
+            raise CheckpointMismatchError(
+                f"checkpoint {desc} has no tensor under prefix {prefix!r}; its top-level "
+                f"names are {tops[:12]} -> pass one of them as prefix, or none to let the "
+                "model be found beside other state")
+        level, mine = prefix, [k for k in keys if k.startswith(prefix)]
+        if prefix:
+            notes.append(f"model keys read under prefix {prefix!r} (given)")
+    else:
+        found = _beside_other_state(keys)
+        if found is None:
+            return None
+        level, prefix = found
+        mine = [k for k in keys if k.startswith(prefix)
+                and k[len(level):].split(".")[0] not in OTHER_STATE_NAMES]
+        if prefix:
+            notes.append(f"model keys read under prefix {prefix!r} (found beside other state)")
+    raw_of, hidden = _mapped(mine, prefix, canonical=True)
+    taken = set(raw_of.values()) | set(hidden)
+    other = sorted(k for k in keys if k not in taken) + sorted(other_keys)
+    if other:
+        groups: dict[str, int] = {}
+        for k in other:
+            groups[_top(k, level)] = groups.get(_top(k, level), 0) + 1
+        shown = ", ".join(f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items()))
+        notes.append(f"other state in the checkpoint, not the model's: {shown}")
+    if hidden:
+        notes.append(f"{len(hidden)} PEFT modules_to_save originals left out (the trained "
+                     "copies are the model's weights)")
+    return Resolution(raw_of, other, hidden, prefix, notes)

@@ -219,6 +219,33 @@ def test_torchtitan_layout_loads_with_other_state_noted(tmp_path):
     assert not report.dropped
 
 
+@pytest.mark.parametrize("layout", ["titan", "app", "app-given"])
+def test_export_of_another_tools_checkpoint_takes_exactly_the_model(tmp_path, layout):
+    """export_hf of a torchtitan-layout or {"app": {...}} DCP checkpoint wrote 149 keys,
+    optimizer moments included, into model.safetensors before."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from dcp_universal import export_hf
+
+    src = llama(tied=False, seed=1)
+    opt = _trained(src)
+    ref = logits(src)
+    if layout == "titan":
+        state = _titan_state(src, opt)
+    else:
+        msd, osd = get_state_dict(src, opt)
+        state = {"app": {"model": msd, "optim": osd}}
+    _plain_dcp(state, tmp_path / "ckpt")
+    out = export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), config=src.config.to_dict(),
+                    prefix="app.model." if layout == "app-given" else None)
+    with safe_open(f"{out}/model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(src.state_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert max_diff(logits(loaded), ref) == 0.0
+
+
 def test_tutorial_nested_layout_finds_the_prefix_or_takes_it(tmp_path):
     src = llama(tied=False, seed=1)
     opt = _trained(src)
