@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import math
 import re
 from typing import Iterable
@@ -62,6 +63,8 @@ from dcp_universal.model.view import ModelView, local_block
 __all__ = ["PeftLoRAKind", "PeftFactors", "peft_factors", "read_peft_config", "peft_scale",
            "peft_transposed", "merge_terms", "PeftAdapterFormat", "export_peft",
            "stage_adapter", "ADAPTER_WEIGHTS", "ADAPTER_CONFIG"]
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -352,9 +355,13 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
 
     Not collective: call it in one process. Returns ``out``.
 
+    Weights the run trained outside the adapters (a classification head, norms left
+    trainable) are written as PEFT writes ``modules_to_save``: under their own names,
+    their modules listed in the config's ``modules_to_save``. Adapters that were not
+    active when the step was saved are left out (a warning names them).
+
     Raises:
-        CheckpointError: ``src`` is not a LoRA step, or it trained weights that PEFT's
-            adapter format cannot hold.
+        CheckpointError: ``src`` is not a LoRA step, or no adapter was active in it.
         UnsupportedAdapterError: a module with several updates, or an unknown kind.
     """
     save = safetensors_torch("export_peft").save
@@ -366,19 +373,26 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
                               "export_peft needs the adapters of a LoRA run")
     adapters_dir = join(src, manifest.ADAPTERS_DIR)
     meta = dcp_io.read_metadata(store, adapters_dir, trusted=trusted).state_dict_metadata
-    factor_keys = m.adapters.factor_keys()
-    trained = sorted(k for k in meta if k not in factor_keys)
-    if trained:
+    factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
+    if not factor_keys:
         raise CheckpointError(
-            f"{src} also trained {len(trained)} weights outside the adapters (e.g. "
-            f"{trained[:3]}), which a PEFT LoRA adapter cannot hold; export the merged model "
-            "with export_hf, or train with only the adapters unfrozen")
+            f"{src} holds adapters, but none was active when it was saved (disabled, or "
+            "merged into the base): its model is the base alone -> export_hf it")
+    # trained weights outside the adapters go where PEFT keeps them: modules_to_save
+    trained = sorted(k for k in meta if k not in factor_keys and k not in idle)
     full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype)
-            for k in sorted(factor_keys)}
+            for k in sorted(factor_keys | set(trained))}
     dcp_io.load_state(store, full, adapters_dir, single_process=True, trusted=trusted)
+    if idle:
+        logger.warning("export_peft of %s: %d tensors of adapters that were not active when "
+                       "it was saved are left out (e.g. %s); the adapter holds the active one",
+                       src, len(idle), min(idle))
 
-    tensors, ranks, scales, layouts = {}, {}, {}, {}
+    tensors = {f"{_PREFIX}{k}": full[k].contiguous() for k in trained}
+    ranks, scales, layouts = {}, {}, {}
     for site, terms in sorted(m.adapters.sites.items()):
+        if not terms:  # an idle site: nothing of it is exported
+            continue
         if len(terms) != 1:
             raise UnsupportedAdapterError(
                 f"{site!r} carries {len(terms)} active updates; a PEFT adapter holds one per "
@@ -398,6 +412,8 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         ranks[site] = int(a.shape[0])
         scales[site] = t.scale
     config = _config(ranks, scales, layouts)
+    if trained:
+        config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in trained})
     earlier = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if out_store.exists(join(out, n))]
     if earlier and not overwrite:
         raise CheckpointError(f"{out} already holds an adapter ({', '.join(earlier)}) -> pass "

@@ -12,7 +12,7 @@ import torch
 
 from hf_models import llama, logits, max_diff, peft, transformers, with_lora
 from dcp_universal import (CheckpointManager, CheckpointMismatchError, UnsupportedAdapterError,
-                           export_hf, load_model,
+                           export_hf, export_peft, load_model,
                            save_model)
 from dcp_universal.cli import main as cli
 
@@ -184,3 +184,65 @@ def test_disabled_adapters_are_restored_not_reset(tmp_path):
     mgr.load(plain)
     source.base_model.disable_adapter_layers()
     assert max_diff(logits(plain), logits(source)) < 1e-5
+
+
+def _seq_cls(seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        num_labels=3, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(cfg).eval()
+
+
+@torch.no_grad()
+def _scores(model) -> torch.Tensor:
+    from hf_models import tokens
+    return model(tokens() % 60 + 1).logits.float()
+
+
+def test_export_peft_of_a_seq_cls_model_keeps_its_head_in_modules_to_save(tmp_path):
+    """PEFT adds modules_to_save=["score"] to a SEQ_CLS model itself; export_peft refused
+    it ("trained weights outside the adapters") before."""
+    source = peft.get_peft_model(_seq_cls(seed=1), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # trained adapters and a trained head copy
+        for name, p in source.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    source.eval()
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    step = mgr.save(1, source)
+    mgr.close()
+    out = export_peft(step, str(tmp_path / "adapter"))
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert config["modules_to_save"] == ["score"]
+    loaded = peft.PeftModel.from_pretrained(_seq_cls(seed=1), out).eval()
+    assert max_diff(_scores(loaded), _scores(source)) < 1e-5
+    # and the adapter loads back into a PEFT model of the same layout
+    again = peft.get_peft_model(_seq_cls(seed=1), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).eval()
+    load_model(again, out)
+    assert max_diff(_scores(again), _scores(source)) < 1e-5
+
+
+def test_export_peft_of_an_apply_lora_run_with_trainable_norms(tmp_path):
+    """The README's way (apply_lora leaves norms and the head trainable): export_peft
+    refused it before; now the trained non-adapter weights go into modules_to_save."""
+    from dcp_universal.lora import apply_lora
+
+    source = apply_lora(llama(tied=False), rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if p.requires_grad:  # adapters, norms, embedding and head: all trained
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    step = mgr.save(1, source)
+    mgr.close()
+    out = export_peft(step, str(tmp_path / "adapter"))
+    assert "model.norm" in json.load(open(os.path.join(out, "adapter_config.json")))[
+        "modules_to_save"]
+    loaded = peft.PeftModel.from_pretrained(llama(tied=False), out).eval()
+    assert max_diff(logits(loaded), logits(source)) < 1e-5
