@@ -187,6 +187,24 @@ def _refuse_prompt_learning(model: nn.Module) -> None:
                 "untuned base -> save it with PEFT's save_pretrained(), or tune with LoRA")
 
 
+#: PEFT initialisations that change the base weights (PiSSA, OLoRA, ...): the trained
+#: factors then complete the residual base the model holds, not the original one
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+
+
+def base_changing_inits(model: nn.Module) -> dict[str, str]:
+    """Adapter name -> its PEFT ``init_lora_weights`` where that changed the base."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return {}
+    out = {}
+    for name, cfg in configs.items():
+        init = getattr(cfg, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+            out[name] = init
+    return out
+
+
 def find_sites(model: nn.Module, module_names: dict[nn.Module, str]) -> list[Site]:
     """Every adapter in ``model``, sorted by canonical name (a collective-safe order).
 

@@ -374,6 +374,15 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
     adapters_dir = join(src, manifest.ADAPTERS_DIR)
     meta = dcp_io.read_metadata(store, adapters_dir, trusted=trusted).state_dict_metadata
     factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
+    rebased = sorted({c["init_lora_weights"] for c in m.adapters.modules.values()
+                      if isinstance(c, dict) and "init_lora_weights" in c})
+    if rebased:
+        raise CheckpointError(
+            f"{src}: the adapters were initialised with init_lora_weights={rebased[0]!r}, which "
+            "changed the base weights: the trained factors complete the residual base this "
+            "step holds, not the original model, so PeftModel.from_pretrained(original base) "
+            "would compute another function -> export the merged model with export_hf, or "
+            "convert with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)")
     if not factor_keys:
         raise CheckpointError(
             f"{src} holds adapters, but none was active when it was saved (disabled, or "

@@ -141,6 +141,13 @@ class ModelView:
                                scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed)
 
         config = adapters.adapter_config(self.sites)
+        inits = adapters.base_changing_inits(self.model)
+        for s in self.sites:  # a PEFT adapter whose initialisation changed the base
+            used = sorted({inits[a] for a in getattr(s.module, "active_adapters", ())
+                           if a in inits})
+            if used:
+                config["modules"][s.name] = {**config["modules"][s.name],
+                                             "init_lora_weights": used[0]}
         sites = {s.name: [term(t) for t in s.terms()] for s in self.sites}
         active = {k for terms in sites.values() for t in terms for k in (t.left, t.right)}
         return Adapters(kinds=config["kinds"], modules=config["modules"], sites=sites,

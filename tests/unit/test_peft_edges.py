@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_models import llama, logits, max_diff, peft, transformers, with_lora
-from dcp_universal import (CheckpointManager, CheckpointMismatchError, UnsupportedAdapterError,
+from dcp_universal import (CheckpointError, CheckpointManager, CheckpointMismatchError,
+                           UnsupportedAdapterError,
                            export_hf, export_peft, load_model,
                            save_model)
 from dcp_universal.cli import main as cli
@@ -245,4 +246,28 @@ def test_export_peft_of_an_apply_lora_run_with_trainable_norms(tmp_path):
     assert "model.norm" in json.load(open(os.path.join(out, "adapter_config.json")))[
         "modules_to_save"]
     loaded = peft.PeftModel.from_pretrained(llama(tied=False), out).eval()
+    assert max_diff(logits(loaded), logits(source)) < 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_that_changed_the_base_is_not_exported_for_the_original_base(tmp_path, init):
+    """PiSSA / OLoRA factors complete a residual base: exported as a plain LoRA for the
+    original base they were off by 0.03-0.29 before. The step itself is exact."""
+    source = peft.get_peft_model(llama(tied=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)).eval()
+    with torch.no_grad():  # training moves the factors
+        for name, p in source.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05)
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    step = mgr.save(1, source)
+    mgr.close()
+    with pytest.raises(CheckpointError, match=f"init_lora_weights='{init}'"):
+        export_peft(step, str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+    plain = llama(tied=False, seed=4)
+    mgr.load(plain)  # the merged model is what the run computed
+    assert max_diff(logits(plain), logits(source)) < 1e-5
+    out = export_hf(step, str(tmp_path / "hf"), config=source.config.to_dict())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert max_diff(logits(loaded), logits(source)) < 1e-5
