@@ -184,6 +184,9 @@ class Adapters:
             the base when it was saved (PEFT's ``set_adapter``,
             ``disable_adapter_layers``, ``merge_adapter``). Restored into a target whose
             same adapters are idle too; never merged. Empty in steps written before.
+        buffers: canonical keys of buffers the step's ``adapters/`` holds beside the
+            trained weights (BART's ``final_logits_bias``, BatchNorm statistics): state,
+            not trained parameters. Empty in steps written before.
     """
 
     kinds: list[str]
@@ -191,6 +194,7 @@ class Adapters:
     sites: dict[str, list[AdapterTerm]]
     layouts: dict[str, str] = dataclasses.field(default_factory=dict)
     idle: list[str] = dataclasses.field(default_factory=list)
+    buffers: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict:
         out = {"kinds": list(self.kinds), "modules": self.modules,
@@ -199,6 +203,8 @@ class Adapters:
             out["layouts"] = dict(self.layouts)
         if self.idle:
             out["idle"] = sorted(self.idle)
+        if self.buffers:
+            out["buffers"] = sorted(self.buffers)
         return out
 
     @classmethod
@@ -215,17 +221,17 @@ class Adapters:
                           for n, terms in sites.items()},
                    layouts=_get(d, "layouts", dict, where, "an object of module -> layout",
                                 optional=True, default={}) or {},
-                   idle=_idle(d, where))
+                   idle=_keys(d, "idle", where), buffers=_keys(d, "buffers", where))
 
     def factor_keys(self) -> set[str]:
         return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}
 
 
-def _idle(d: dict, where: str) -> list[str]:
-    idle = _get(d, "idle", list, where, "a list of tensor keys", optional=True, default=[]) or []
-    if not all(isinstance(k, str) for k in idle):
-        raise _fail(f"{where}.idle", "a list of tensor keys", idle)
-    return idle
+def _keys(d: dict, field: str, where: str) -> list[str]:
+    keys = _get(d, field, list, where, "a list of tensor keys", optional=True, default=[]) or []
+    if not all(isinstance(k, str) for k in keys):
+        raise _fail(f"{where}.{field}", "a list of tensor keys", keys)
+    return keys
 
 
 class _ListsRecord:

@@ -387,11 +387,20 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         raise CheckpointError(
             f"{src} holds adapters, but none was active when it was saved (disabled, or "
             "merged into the base): its model is the base alone -> export_hf it")
-    # trained weights outside the adapters go where PEFT keeps them: modules_to_save
+    # trained weights outside the adapters go where PEFT keeps them: modules_to_save,
+    # each module whole (its buffers too); a buffer of a module with no trained weight
+    # (BART's final_logits_bias) is the base model's own state, not the run's
     trained = sorted(k for k in meta if k not in factor_keys and k not in idle)
+    buffers = set(m.adapters.buffers)
+    saved = {k.rsplit(".", 1)[0] for k in trained if k not in buffers and "." in k}
+    left_out = [k for k in trained if k in buffers and k.rsplit(".", 1)[0] not in saved]
+    trained = [k for k in trained if k not in left_out]
     full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype)
             for k in sorted(factor_keys | set(trained))}
     dcp_io.load_state(store, full, adapters_dir, single_process=True, trusted=trusted)
+    if left_out:
+        logger.info("export_peft of %s: buffers of modules without trained weights left out "
+                    "(the base model holds them): %s", src, left_out[:6])
     if idle:
         logger.warning("export_peft of %s: %d tensors of adapters that were not active when "
                        "it was saved are left out (e.g. %s); the adapter holds the active one",

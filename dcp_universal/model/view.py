@@ -152,7 +152,15 @@ class ModelView:
         active = {k for terms in sites.values() for t in terms for k in (t.left, t.right)}
         return Adapters(kinds=config["kinds"], modules=config["modules"], sites=sites,
                         layouts=config["layouts"],
-                        idle=sorted(set(self.adapter_tensors) - active))
+                        idle=sorted(set(self.adapter_tensors) - active),
+                        buffers=self.trainable_buffers())
+
+    def trainable_buffers(self) -> list[str]:
+        """Buffers among :meth:`trainable_tensors` (state, not trained parameters); a
+        name tied to a parameter is a parameter."""
+        params = set(self.params)
+        params.update(k for g in self.ties if params.intersection(g) for k in g)
+        return sorted(k for k in self.tensors if k not in self.frozen and k not in params)
 
     def active_factor_keys(self) -> set[str]:
         """Canonical keys of the factors of every update the model adds now (active,

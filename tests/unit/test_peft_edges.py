@@ -271,3 +271,34 @@ def test_an_adapter_that_changed_the_base_is_not_exported_for_the_original_base(
     out = export_hf(step, str(tmp_path / "hf"), config=source.config.to_dict())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert max_diff(logits(loaded), logits(source)) < 1e-5
+
+
+def _bart(seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.BartConfig(
+        vocab_size=61, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+        decoder_ffn_dim=24, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+@torch.no_grad()
+def _bart_logits(model) -> torch.Tensor:
+    from hf_models import tokens
+    x = tokens() % 58 + 3
+    return model(input_ids=x, decoder_input_ids=x).logits.float()
+
+
+def test_export_peft_of_bart_leaves_its_buffer_to_the_base(tmp_path):
+    """BART's final_logits_bias is a buffer, never trained: export_peft refused BART as
+    'trained weights outside the adapters' before."""
+    source = with_lora(_bart(seed=1), target_modules=["q_proj", "v_proj"])
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    step = mgr.save(1, source)
+    mgr.close()
+    assert "final_logits_bias" in mgr.manifest(1).adapters.buffers
+    out = export_peft(step, str(tmp_path / "adapter"))
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["modules_to_save"] is None
+    loaded = peft.PeftModel.from_pretrained(_bart(seed=1), out).eval()
+    assert max_diff(_bart_logits(loaded), _bart_logits(source)) < 1e-5
