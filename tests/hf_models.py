@@ -1,5 +1,6 @@
 """Tiny configurations of the models people fine-tune, built in-process with random
-weights (nothing is downloaded): Llama (tied and untied) and GPT-2 (Conv1D, tied)."""
+weights (nothing is downloaded): Llama (tied and untied), Qwen2 (tied), GPT-2 (Conv1D,
+tied), and the encoder-decoders T5 and BART, whose tie groups have four names."""
 
 from __future__ import annotations
 
@@ -29,6 +30,40 @@ def gpt2(*, tied: bool = True, seed: int = 0):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def qwen2(*, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def t5(*, seed: int = 0):
+    """T5 binds shared, encoder/decoder embed_tokens and lm_head to one tensor (whatever
+    tie_word_embeddings says, in transformers 5)."""
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                                num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+def bart(*, seed: int = 0, tied: bool = True):
+    torch.manual_seed(seed)
+    cfg = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+        decoder_ffn_dim=24, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, tie_word_embeddings=tied)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+def config_of(model) -> dict:
+    """The config.json that save_pretrained would write (with ``architectures``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {**base.config.to_dict(), "architectures": [type(base).__name__]}
+
+
 def with_lora(model, *, seed: int = 1, **config):
     """PEFT LoRA on ``model`` with every adapter factor random (so merges are not no-ops)."""
     config.setdefault("r", 4)
@@ -49,6 +84,13 @@ def tokens(batch: int = 2, length: int = 7) -> torch.Tensor:
 @torch.no_grad()
 def logits(model) -> torch.Tensor:
     return model(tokens()).logits.float()
+
+
+@torch.no_grad()
+def seq2seq_logits(model) -> torch.Tensor:
+    """An encoder-decoder's logits (token ids above BART's specials)."""
+    x = tokens() % (VOCAB - 3) + 3
+    return model(input_ids=x, decoder_input_ids=x).logits.float()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -49,6 +49,9 @@ METADATA_FILE = ".metadata"  # written by DCP, last, when a DCP directory is com
 # Hugging Face safetensors, as transformers' save_pretrained names them
 HF_SINGLE = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
+# beside a save_model directory's DCP files: what DCP's metadata cannot say (tie groups);
+# written before DCP's .metadata, so every complete model directory has it
+MODEL_INFO = "dcp_universal.json"
 
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _BASE_RE = re.compile(r"^base-[0-9a-f]+$")
@@ -444,6 +447,25 @@ def _ties_from_json(d: Any, where: str) -> list[list[str]]:
             isinstance(g, list) and all(isinstance(k, str) for k in g) for g in d):
         raise _fail(where, "a list of lists of names", d)
     return [list(g) for g in d]
+
+
+def model_info_to_json(ties) -> bytes:
+    """The :data:`MODEL_INFO` file of a model directory."""
+    return json.dumps({"format_version": FORMAT_VERSION,
+                       "ties": [sorted(g) for g in ties]}, indent=1).encode()
+
+
+def model_info_from_json(data: bytes, where: str) -> list[list[str]]:
+    """The tie groups recorded in a :data:`MODEL_INFO` file (a file from anyone: checked)."""
+    try:
+        d = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{where} is not JSON ({e}): the model directory is damaged -> "
+                            "save the model again") from None
+    if not isinstance(d, dict):
+        raise _fail(where, "an object", d)
+    _get(d, "format_version", int, where, "an integer")
+    return _ties_from_json(d.get("ties", []), f"{where}.ties")
 
 
 # ---- layout ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dcp_universal import _comm, sources
 from dcp_universal.format import manifest
 from dcp_universal.errors import CheckpointError, CheckpointIOError, CheckpointMismatchError
 from dcp_universal.interop.safetensors import safetensors_torch
+from dcp_universal.model.view import ModelView
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
 __all__ = ["export_hf", "parse_size"]
@@ -120,34 +121,87 @@ def _read_config(config, storage_options: dict | None) -> dict | None:
 _TIED_OUTPUT = "lm_head.weight"
 
 
+def transformers_ties(config: dict, **changes) -> list[tuple[str, ...]] | None:
+    """The groups of names that transformers binds to one tensor in the model that
+    ``config`` (with ``changes``) describes: its ``architectures[0]`` built on the meta
+    device (no memory, no download), tie groups found by identity. ``None`` when that
+    cannot be known here (transformers not installed, no or unknown architecture)."""
+    arch = (config.get("architectures") or [None])[0]
+    try:
+        import transformers
+        cls = getattr(transformers, arch) if isinstance(arch, str) else None
+        if cls is None:
+            return None
+        built = transformers.AutoConfig.for_model(**{**config, **changes})
+        with torch.device("meta"):
+            model = cls(built)
+    except Exception as e:  # an old transformers, a config it cannot build: unknown
+        logger.debug("tie groups of %s not known from transformers: %s", arch, e)
+        return None
+    return ModelView.of(model).ties
+
+
+def _equal_classes(source: sources.Source, group: list[str]) -> list[list[str]]:
+    """``group`` split into classes of names holding equal values, largest first."""
+    values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in group}
+    source.read(values, single_process=True)
+    classes: list[list[str]] = []
+    for k in group:
+        same = next((c for c in classes if torch.equal(values[c[0]], values[k])), None)
+        same.append(k) if same is not None else classes.append([k])
+    return sorted(classes, key=len, reverse=True)
+
+
+def _tie_fix(config: dict, group: list[str]) -> str:
+    """What makes a checkpoint whose ``group`` differs exportable, for this architecture."""
+    unpeft = ("export the adapters unmerged with export_peft (the base stays tied and "
+              "PEFT adds each update on top, as in training)")
+    untied = transformers_ties(config, tie_word_embeddings=False)
+    if untied is None:
+        return (f"set \"tie_word_embeddings\": false in the config.json you export with, if "
+                f"this architecture unties them (T5 does not), or {unpeft}")
+    if any(len(set(group) & set(g)) > 1 for g in untied):
+        arch = config["architectures"][0]
+        return (f"{arch} ties these names whatever tie_word_embeddings says, so no merged "
+                f"export of this checkpoint computes the trained model -> {unpeft}")
+    return f"set \"tie_word_embeddings\": false in the config.json you export with, or {unpeft}"
+
+
 def _tied_duplicates(source: sources.Source, config: dict | None) -> list[str]:
-    """With a config that ties the embeddings, the names transformers will share one
-    tensor for must hold equal values (else CheckpointMismatchError, before anything is
-    written). Returns the names to leave out, as save_pretrained does: ``lm_head.weight``
-    when it equals its partner, the name the checkpoint tied it to, or (a checkpoint
-    that records no ties, such as a model directory) a tensor of its shape and dtype."""
-    if not (config or {}).get("tie_word_embeddings", False):
+    """The names to leave out of an export with ``config``, as save_pretrained does
+    (``lm_head.weight`` when tied), after checking that every group of names transformers
+    will load one tensor for holds one value (else CheckpointMismatchError naming the
+    members that differ and a fix for this architecture, before anything is written).
+
+    The groups are asked of transformers (:func:`transformers_ties`) when it can say;
+    otherwise, with ``tie_word_embeddings``, they are the checkpoint's recorded ones and
+    ``lm_head.weight`` with a partner: the name recorded with it or, when the checkpoint
+    records no ties, a tensor of its shape and dtype holding its value."""
+    config = config or {}
+    present = lambda g: [k for k in g if k in source.keys]  # noqa: E731
+    asked = transformers_ties(config)
+    if asked is not None:
+        groups = [(present(g), True) for g in asked]
+    elif config.get("tie_word_embeddings", False):
+        groups = [(present(g), True) for g in source.ties]
+        if _TIED_OUTPUT in source.keys and not any(_TIED_OUTPUT in g for g, _ in groups):
+            twins = [k for k, info in source.keys.items()
+                     if k != _TIED_OUTPUT and info == source.keys[_TIED_OUTPUT]]
+            # recorded without a tie: the model never tied them; unrecorded: a partner
+            groups.append(([_TIED_OUTPUT, *twins], bool(source.meta.get("ties_recorded"))))
+    else:
         return []
-    groups = [[k for k in g if k in source.keys] for g in source.ties]
-    if _TIED_OUTPUT in source.keys and not any(_TIED_OUTPUT in g for g in groups):
-        twins = [k for k, info in source.keys.items()
-                 if k != _TIED_OUTPUT and info == source.keys[_TIED_OUTPUT]]
-        if twins:
-            groups.append([_TIED_OUTPUT, *twins])
     drop = []
-    for group in (g for g in groups if len(g) > 1):
-        values = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in group}
-        source.read(values, single_process=True)
-        first = group[0]
-        equal = [k for k in group[1:] if torch.equal(values[k], values[first])]
-        recorded = any(set(group) <= set(g) for g in source.ties)
-        if recorded and len(equal) < len(group) - 1 or not recorded and not equal:
-            other = next(k for k in group[1:] if k not in equal)
+    for group, every in (g for g in groups if len(g[0]) > 1):
+        classes = _equal_classes(source, group)
+        held = classes[0] if every else next((c for c in classes if _TIED_OUTPUT in c), [])
+        if len(classes) > 1 and (every or len(held) < 2):
+            parts = " | ".join(", ".join(c) for c in classes)
             raise CheckpointMismatchError(
-                f"{source.desc}: {first!r} and {other!r} differ (as when an adapter was merged "
-                "into one of them, or the model never tied them), but the config has "
-                "tie_word_embeddings=true, so transformers would load one tensor for both -> "
-                "set \"tie_word_embeddings\": false in the config.json you export with")
+                f"{source.desc}: transformers will load one tensor for {', '.join(group)} "
+                f"with this config, but the checkpoint holds {len(classes)} different values "
+                f"for them ({parts}), as when an adapter was merged into some of them or the "
+                f"model never tied them -> {_tie_fix(config, group)}")
         if _TIED_OUTPUT in group:
             drop.append(_TIED_OUTPUT)
     return drop

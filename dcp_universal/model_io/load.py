@@ -56,31 +56,40 @@ def _check_materialized(view: ModelView) -> None:
 
 @torch.no_grad()
 def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], desc: str) -> None:
-    """Raise unless the checkpoint's values for every tie group are equal (collective when
-    ``ties`` is not empty: one ``all_gather_object``; ``ties`` are the same on every rank).
+    """Raise unless the checkpoint holds one value for every name of each tie group
+    (collective when ``ties`` is not empty: one ``all_gather_object``; ``ties`` are the
+    same on every rank).
 
-    They differ when an adapter was merged into one of the tied names: a tied target
+    They differ when an adapter was merged into some of the tied names: a tied target
     holds one tensor and cannot compute that model.
     """
     if not ties:
         return
-    diffs = []
+    diffs = []  # per group, per member after the first: its largest difference from it
     for group in ties:
         first = local_block(buffers[group[0]])[0].float()
-        d = max((float((local_block(buffers[k])[0].float() - first).abs().max())
-                 if first.numel() else 0.0) for k in group[1:])
-        diffs.append(d)
-    everywhere = [max(ds) for ds in zip(*_comm.all_gather_object(diffs))]
-    bad = [(g, d) for g, d in zip(ties, everywhere) if d != 0.0]
+        diffs.append([float((local_block(buffers[k])[0].float() - first).abs().max())
+                      if first.numel() else 0.0 for k in group[1:]])
+    gathered = _comm.all_gather_object(diffs)
+    bad = []
+    for i, group in enumerate(ties):
+        d = [max(rank[i][j] for rank in gathered) for j in range(len(group) - 1)]
+        if any(d):
+            bad.append((group, [k for k, x in zip(group[1:], d) if x], max(d)))
     if bad:
-        pairs = "; ".join(f"{' and '.join(repr(k) for k in g)} differ by up to {d:.4g}"
-                          for g, d in bad)
+        group, differ, most = bad[0]
+        same = [k for k in group if k not in differ]
         raise CheckpointMismatchError(
             f"checkpoint {desc} does not match the model (nothing was loaded): the model ties "
-            f"{' and '.join(repr(k) for k in bad[0][0])} into one tensor, but the checkpoint "
-            f"holds different values for them ({pairs}), as when an adapter was merged into "
-            "one of them -> untie them in the target (e.g. transformers' "
-            "tie_word_embeddings=False) and load again")
+            f"{', '.join(repr(k) for k in group)} into one tensor, but the checkpoint holds "
+            f"other values for {', '.join(repr(k) for k in differ)} than for "
+            f"{', '.join(repr(k) for k in same)} (by up to {most:.4g}"
+            f"{f'; {len(bad) - 1} more groups differ' if len(bad) > 1 else ''}), as when an "
+            "adapter was merged into some of them -> untie them in the target where the "
+            "architecture allows it (transformers: tie_word_embeddings=False; T5 stays tied "
+            "whatever its config says), or load a LoRA step into a model with the adapters "
+            "it was saved with (same targets and ranks), which restores base and adapters "
+            "exactly without merging")
 
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,

@@ -1,9 +1,11 @@
 """save_model: the universal model format over DCP.
 
 A model directory is a plain DCP checkpoint whose keys are canonical names and whose
-adapted weights hold ``W + scale * B @ A``. With ``merge="sharded"`` the merge happens in
-:class:`_MergingSavePlanner.resolve_data`, one write item at a time, on the rank that
-writes that item; only the small adapter factors are gathered beforehand.
+adapted weights hold ``W + scale * B @ A``, with a small JSON file beside
+(:data:`~dcp_universal.format.manifest.MODEL_INFO`: the model's tie groups). With
+``merge="sharded"`` the merge happens in :class:`_MergingSavePlanner.resolve_data`, one
+write item at a time, on the rank that writes that item; only the small adapter factors
+are gathered beforehand.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from torch.distributed.tensor import DTensor
 from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
 from dcp_universal.adapters import merge
+from dcp_universal.format import manifest
 from dcp_universal.format.manifest import FileRecord
-from dcp_universal.storage import Storage, normalize, storage_for
+from dcp_universal.storage import Storage, join, normalize, storage_for
 from dcp_universal.model.view import ModelView
 
 __all__ = ["save_model", "write_model", "model_writer", "MERGE_MODES", "check_merge"]
@@ -78,9 +81,16 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
     timeout = _comm.check_timeout(timeout)
     path = normalize(path)
     with _comm.operation(f"save_model to {path}", timeout):
+        view, store = ModelView.of(model), storage_for(path, storage_options)
+        # what DCP's metadata cannot hold (tie groups), written before DCP's .metadata
+        _comm.on_rank0(_write_info, store, path, view)
         # a bare model directory has no manifest to record checksums in
-        write_model(ModelView.of(model), path, merge, storage_for(path, storage_options),
-                    checksums=False)
+        write_model(view, path, merge, store, checksums=False)
+
+
+def _write_info(store: Storage, path: str, view: ModelView) -> None:
+    store.makedirs(path)
+    store.write_atomic(join(path, manifest.MODEL_INFO), manifest.model_info_to_json(view.ties))
 
 
 def write_model(view: ModelView, path: str, merge: str, store: Storage, *,

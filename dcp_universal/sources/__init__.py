@@ -156,7 +156,9 @@ class Source:
             holds the terms' tensors).
         factors: canonical key -> where an adapter factor of ``deltas`` is.
         notes: what a load report should say about the source.
-        ties: groups of names that were one tensor at save (a step's manifest).
+        ties: groups of names that were one tensor at save (a step's manifest, a model
+            directory's record); ``meta["ties_recorded"]`` says the source records
+            them (an empty ``ties`` is then known, not unknown).
         meta: what the format knows beyond tensors (``restored_base``: the LoRA base a
             step restores exactly; ``other_keys``: non-tensor entries; a legacy file's
             metadata; ...).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from dcp_universal.errors import ManifestError
 from dcp_universal.sources import foreign
 from dcp_universal.format import manifest
 from dcp_universal.sources import DcpDir, Format, Source, Want, dir_entries, register_format
@@ -77,8 +78,30 @@ class DcpFormat(Format):
         return model_dir(store, path) is not None
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        return dir_source(store, DcpDir(store, model_dir(store, path), trusted=want.trusted),
-                          want)
+        d = model_dir(store, path)
+        source = dir_source(store, DcpDir(store, d, trusted=want.trusted), want)
+        ties = _recorded_ties(store, d)
+        if ties is None or want.prefix is not None:
+            return source
+        ties = tuple(g for g in (tuple(k for k in g if k in source.entries) for g in ties)
+                     if len(g) > 1)
+        return source.replace(ties=ties, meta={**source.meta, "ties_recorded": True})
+
+
+_MODEL_INFO_LIMIT = 1 << 20
+
+
+def _recorded_ties(store: Storage, d: str) -> list[list[str]] | None:
+    """The tie groups a save_model directory records (None: a directory written by
+    another tool, or before they were recorded)."""
+    info = join(d, manifest.MODEL_INFO)
+    if not store.exists(info):
+        return None
+    if store.size(info) > _MODEL_INFO_LIMIT:
+        raise ManifestError(
+            f"{info} is {store.size(info)} bytes, over the {_MODEL_INFO_LIMIT} a model "
+            "directory's tie record can be: it was not written by dcp_universal -> remove it")
+    return manifest.model_info_from_json(store.read_bytes(info), info)
 
 
 register_format(DcpFormat())

@@ -32,7 +32,8 @@ class StepFormat(Format):
     def open(self, store: Storage, path: str, want: Want) -> Source:
         m = want.manifest if want.manifest is not None else steps.read_manifest(store, path)
         source = _step_source(store, path, want, m)
-        return source.replace(ties=tuple(tuple(g) for g in m.ties))
+        return source.replace(ties=tuple(tuple(g) for g in m.ties),
+                              meta={**source.meta, "ties_recorded": True})
 
 
 def _opened(store: Storage, path: str, trusted: bool) -> tuple[DcpDir, dict]:

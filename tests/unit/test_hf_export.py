@@ -93,7 +93,7 @@ def test_tied_config_refuses_a_model_that_never_tied(tmp_path):
     """A model directory records no ties: lm_head.weight must equal a tensor of its shape."""
     untied = llama(tied=False, seed=1)
     save_model(untied, str(tmp_path / "m"))
-    with pytest.raises(CheckpointMismatchError, match="'lm_head.weight' and 'model.embed_tokens.weight' differ.*tie_word_embeddings"):
+    with pytest.raises(CheckpointMismatchError, match=r"2 different values for them \(lm_head.weight \| model.embed_tokens.weight\).*tie_word_embeddings"):
         export_hf(str(tmp_path / "m"), str(tmp_path / "hf"),
                   config={**untied.config.to_dict(), "tie_word_embeddings": True})
     assert not (tmp_path / "hf").exists() or not os.listdir(tmp_path / "hf")

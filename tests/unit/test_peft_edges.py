@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from hf_models import llama, logits, max_diff, peft, transformers, with_lora
+from hf_models import (bart, llama, logits, max_diff, peft, seq2seq_logits, transformers,
+                       with_lora)
 from dcp_universal import (CheckpointError, CheckpointManager, CheckpointMismatchError,
                            UnsupportedAdapterError,
                            export_hf, export_peft, load_model,
@@ -166,6 +167,25 @@ def test_a_merged_adapter_is_saved_as_what_the_model_computes(tmp_path):
     assert max_diff(logits(plain), want) < 1e-5
 
 
+def test_export_peft_writes_every_adapter_under_its_name(tmp_path):
+    """The active adapter at the root (what the run computed), each inactive one in a
+    folder named after it, as PEFT's save_pretrained writes a non-default adapter; it
+    was left out with a warning before."""
+    source = _two_adapters(seed=1)
+    step = CheckpointManager(str(tmp_path / "run")).save(1, source)
+    out = export_peft(step, str(tmp_path / "adapter"))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "b"]
+    loaded = peft.PeftModel.from_pretrained(llama(tied=False, seed=1), out).eval()
+    assert max_diff(logits(loaded), logits(source)) < 1e-5
+    b = json.load(open(os.path.join(out, "b", "adapter_config.json")))
+    assert (b["r"], b["lora_alpha"], b["target_modules"][0]) == (2, 4, "model.layers.0.self_attn.o_proj")
+    loaded.load_adapter(os.path.join(out, "b"), adapter_name="b")
+    loaded.set_adapter("b"), source.set_adapter("b")
+    assert max_diff(logits(loaded), logits(source)) < 1e-5
+    with pytest.raises(CheckpointError, match="already holds an adapter"):
+        export_peft(step, out)
+
+
 def test_disabled_adapters_are_restored_not_reset(tmp_path):
     """Before: a step saved after disable_adapter_layers() resumed with the adapters reset
     ("8 fresh")."""
@@ -273,32 +293,15 @@ def test_an_adapter_that_changed_the_base_is_not_exported_for_the_original_base(
     assert max_diff(logits(loaded), logits(source)) < 1e-5
 
 
-def _bart(seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.BartConfig(
-        vocab_size=61, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
-        decoder_ffn_dim=24, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
-        eos_token_id=2, decoder_start_token_id=2)
-    return transformers.BartForConditionalGeneration(cfg).eval()
-
-
-@torch.no_grad()
-def _bart_logits(model) -> torch.Tensor:
-    from hf_models import tokens
-    x = tokens() % 58 + 3
-    return model(input_ids=x, decoder_input_ids=x).logits.float()
-
-
 def test_export_peft_of_bart_leaves_its_buffer_to_the_base(tmp_path):
     """BART's final_logits_bias is a buffer, never trained: export_peft refused BART as
     'trained weights outside the adapters' before."""
-    source = with_lora(_bart(seed=1), target_modules=["q_proj", "v_proj"])
+    source = with_lora(bart(seed=1), target_modules=["q_proj", "v_proj"])
     mgr = CheckpointManager(str(tmp_path / "run"))
     step = mgr.save(1, source)
     mgr.close()
     assert "final_logits_bias" in mgr.manifest(1).adapters.buffers
     out = export_peft(step, str(tmp_path / "adapter"))
     assert json.load(open(os.path.join(out, "adapter_config.json")))["modules_to_save"] is None
-    loaded = peft.PeftModel.from_pretrained(_bart(seed=1), out).eval()
-    assert max_diff(_bart_logits(loaded), _bart_logits(source)) < 1e-5
+    loaded = peft.PeftModel.from_pretrained(bart(seed=1), out).eval()
+    assert max_diff(seq2seq_logits(loaded), seq2seq_logits(source)) < 1e-5
