@@ -357,8 +357,11 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
 
     Weights the run trained outside the adapters (a classification head, norms left
     trainable) are written as PEFT writes ``modules_to_save``: under their own names,
-    their modules listed in the config's ``modules_to_save``. Adapters that were not
-    active when the step was saved are left out (a warning names them).
+    their modules listed in the config's ``modules_to_save``. The adapter that was
+    active when the step was saved is written to ``out`` itself, so that
+    ``PeftModel.from_pretrained(base, out)`` computes the saved model; each PEFT adapter
+    that was not active is written to ``out/<its name>/``, as PEFT's ``save_pretrained``
+    writes a non-default adapter (``load_adapter(out + "/b", adapter_name="b")``).
 
     Raises:
         CheckpointError: ``src`` is not a LoRA step, or no adapter was active in it.
@@ -395,21 +398,18 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
     saved = {k.rsplit(".", 1)[0] for k in trained if k not in buffers and "." in k}
     left_out = [k for k in trained if k in buffers and k.rsplit(".", 1)[0] not in saved]
     trained = [k for k in trained if k not in left_out]
+    inactive = _inactive_adapters(m.adapters, idle)
     full = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype)
-            for k in sorted(factor_keys | set(trained))}
+            for k in sorted(factor_keys | set(trained) | {k for f in inactive for k in f.keys})}
     dcp_io.load_state(store, full, adapters_dir, single_process=True, trusted=trusted)
     if left_out:
         logger.info("export_peft of %s: buffers of modules without trained weights left out "
                     "(the base model holds them): %s", src, left_out[:6])
-    if idle:
-        logger.warning("export_peft of %s: %d tensors of adapters that were not active when "
-                       "it was saved are left out (e.g. %s); the adapter holds the active one",
-                       src, len(idle), min(idle))
 
     tensors = {f"{_PREFIX}{k}": full[k].contiguous() for k in trained}
     ranks, scales, layouts = {}, {}, {}
     for site, terms in sorted(m.adapters.sites.items()):
-        if not terms:  # an idle site: nothing of it is exported
+        if not terms:  # an idle site: nothing of it is active
             continue
         if len(terms) != 1:
             raise UnsupportedAdapterError(
@@ -432,18 +432,66 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
     config = _config(ranks, scales, layouts)
     if trained:
         config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in trained})
-    earlier = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if out_store.exists(join(out, n))]
+    written = {out: (tensors, config)}
+    for name, factors in sorted(_by_adapter(inactive).items()):
+        written[join(out, name)] = _peft_adapter(m.adapters, name, factors, full, src)
+    earlier = [join(d, n) for d in written for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+               if out_store.exists(join(d, n))]
     if earlier and not overwrite:
         raise CheckpointError(f"{out} already holds an adapter ({', '.join(earlier)}) -> pass "
                               "overwrite=True (CLI: --overwrite) to replace it, or export to "
                               "an empty directory")
-    for name in earlier:  # the config first: without it the directory is no adapter
-        out_store.remove_file(join(out, name))
-    out_store.makedirs(out)
-    # the config last: a killed export is never taken for an adapter
-    out_store.write_atomic(join(out, ADAPTER_WEIGHTS), save(tensors, metadata={"format": "pt"}))
-    out_store.write_atomic(join(out, ADAPTER_CONFIG), json.dumps(config, indent=2).encode())
+    for path in sorted(earlier, key=lambda p: not p.endswith(ADAPTER_CONFIG)):
+        out_store.remove_file(path)  # configs first: without one a directory is no adapter
+    # the inactive adapters first and each config last: a killed export is never taken
+    # for an adapter, and out itself is one only when everything is in place
+    for d, (ts, cfg) in sorted(written.items(), key=lambda kv: kv[0] == out):
+        out_store.makedirs(d)
+        out_store.write_atomic(join(d, ADAPTER_WEIGHTS), save(ts, metadata={"format": "pt"}))
+        out_store.write_atomic(join(d, ADAPTER_CONFIG), json.dumps(cfg, indent=2).encode())
+    if inactive:
+        logger.info("export_peft of %s: the active adapter in %s, inactive ones in %s", src,
+                    out, ", ".join(d for d in written if d != out))
     return out
+
+
+def _inactive_adapters(adapters: manifest.Adapters, idle: set[str]) -> list[PeftFactors]:
+    """The PEFT adapters among a step's idle tensors (inactive when it was saved)."""
+    found = peft_factors(idle)
+    unknown = idle - {k for f in found for k in f.keys}
+    if unknown:
+        raise UnsupportedAdapterError(
+            f"the step holds inactive adapter tensors that are no PEFT LoRA factors "
+            f"({sorted(unknown)[:4]}): export_peft cannot write them -> export_hf the merged "
+            "model")
+    return found
+
+
+def _by_adapter(factors: list[PeftFactors]) -> dict[str, list[PeftFactors]]:
+    out: dict[str, list[PeftFactors]] = {}
+    for f in factors:
+        out.setdefault(f.adapter, []).append(f)
+    return out
+
+
+def _peft_adapter(adapters: manifest.Adapters, name: str, factors: list[PeftFactors],
+                  full: dict[str, torch.Tensor], src: str) -> tuple[dict, dict]:
+    """The files of the inactive PEFT adapter ``name``: its factors under PEFT's names
+    without the adapter name, and its config (rank and scale as its modules recorded)."""
+    tensors, ranks, scales, layouts = {}, {}, {}, {}
+    for f in factors:
+        a, b = full[f.a], full[f.b]
+        suffix = (("lora_embedding_A", "lora_embedding_B") if f.embedding
+                  else ("lora_A.weight", "lora_B.weight"))
+        tensors[f"{_PREFIX}{f.site}.{suffix[0]}"] = a.contiguous()
+        tensors[f"{_PREFIX}{f.site}.{suffix[1]}"] = b.contiguous()
+        scaling = (adapters.modules.get(f.site) or {}).get("scaling", {})
+        if name not in scaling:
+            raise CheckpointError(f"{src}: the scale of inactive adapter {name!r} at {f.site!r} "
+                                  "is not recorded -> export_hf the merged model")
+        ranks[f.site], scales[f.site] = int(a.shape[0]), float(scaling[name])
+        layouts[f.site] = adapters.layouts.get(f.site) or ("embedding" if f.embedding else "linear")
+    return tensors, _config(ranks, scales, layouts)
 
 
 def _config(ranks: dict[str, int], scales: dict[str, float], layouts: dict[str, str]) -> dict:
