@@ -87,9 +87,9 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
             f"{f'; {len(bad) - 1} more groups differ' if len(bad) > 1 else ''}), as when an "
             "adapter was merged into some of them -> untie them in the target where the "
             "architecture allows it (transformers: tie_word_embeddings=False; T5 stays tied "
-            "whatever its config says), or load a LoRA step into a model with the adapters "
-            "it was saved with (same targets and ranks), which restores base and adapters "
-            "exactly without merging")
+            "whatever its config says), or load a LoRA step into a model with an adapter of "
+            "at least the saved rank on each tied module, which carries the update without "
+            "merging it (the same adapters restore exactly)")
 
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,

@@ -9,9 +9,11 @@ sizes always, CRC-32 with ``verify``.
 
 from __future__ import annotations
 
+import torch
+
 from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.format import manifest
-from dcp_universal.storage import steps
+from dcp_universal.storage import dcp_io, steps
 from dcp_universal.sources.dcp import dir_source
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import Manifest
@@ -77,17 +79,70 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
     trained = {k: Entry(i, adapters, k) for k, i in step_keys.items()
                if k not in factor_keys and k not in idle}
     merging = {name: terms for name, terms in sites.items() if terms}
-    notes = [f"merged {len(merging)} adapters into base {m.base} while loading" if merging
-             else f"base {m.base} loaded; no adapter was active when the step was saved"]
+    carried, notes = {}, []
+    if view is not None:
+        carried = _carry_tied(view, merging, adapters, step_keys)
+        merging = {n: t for n, t in merging.items() if n not in carried}
+        notes += [f"carried the adapter of {n} (rank {r}) into the target's rank {r2}, adding "
+                  "the same update: its base is tied to other names, so it was not merged"
+                  for n, (r, r2, _) in sorted(carried.items())]
+    notes.insert(0, f"merged {len(merging)} adapters into base {m.base} while loading"
+                 if merging else f"base {m.base} loaded" if carried
+                 else f"base {m.base} loaded; no adapter was active when the step was saved")
     if idle:
         notes.append(f"not merged: {len(idle)} tensors of adapters that were inactive, "
                      f"disabled or merged into the base when the step was saved ({min(idle)}, "
                      "...)")
+    padded = {k: t for _, _, tensors in carried.values() for k, t in tensors.items()}
+    if padded:
+        trained.update(Source.in_memory(path, padded).entries)
     return Source(
         desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()}, **trained},
         deltas={f"{name}.weight": tuple(terms) for name, terms in merging.items()},
         factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
         notes=tuple(notes))
+
+
+def _rank(info, transposed: bool, side: int) -> int:
+    """The rank of a factor shaped ``info.shape`` (``side``: the rank's axis untransposed)."""
+    return info.shape[1 - side] if transposed else info.shape[side]
+
+
+def _carry_tied(view, merging: dict, adapters: DcpDir, step_keys: dict) -> dict:
+    """Adapters that cannot be merged because the target ties their base weight to other
+    names (a LoRA on a tied embedding): when the target has one adapter of at least the
+    saved rank there, the saved factors padded with zeros and rescaled to the target's
+    scale add the same update. ``{site: (saved rank, target rank, {key: tensor})}``; a
+    site not carried is merged (and a tied target then refuses the load)."""
+    out = {}
+    for name, terms in merging.items():
+        site = next((s for s in view.sites if s.name == name), None)
+        if len(view.tie_of(f"{name}.weight")) < 2 or site is None or len(terms) != 1:
+            continue
+        now = site.terms()
+        if len(now) != 1 or now[0].scale == 0:
+            continue
+        saved, t = terms[0], now[0]
+        lkey, rkey = view.param_keys[id(t.left)], view.param_keys[id(t.right)]
+        r = _rank(step_keys[saved.left], saved.left_t, 1)
+        r2 = _rank(t.left, t.left_transposed, 1)
+        if r2 < r or _rank(step_keys[saved.right], saved.right_t, 0) != r:
+            continue
+        full = {k: torch.empty(step_keys[k].shape, dtype=step_keys[k].dtype)
+                for k in (saved.left, saved.right)}
+        dcp_io.load_state(adapters.store, full, adapters.path, single_process=True,
+                          metadata=adapters.metadata, trusted=adapters.trusted)
+        left = full[saved.left].T if saved.left_t else full[saved.left]      # (rows, r)
+        right = full[saved.right].T if saved.right_t else full[saved.right]  # (r, cols)
+        pl = left.new_zeros((left.shape[0], r2))
+        pl[:, :r] = left * (saved.scale / t.scale)
+        pr = right.new_zeros((r2, right.shape[1]))
+        pr[:r] = right
+        pl, pr = (pl.T if t.left_transposed else pl), (pr.T if t.right_transposed else pr)
+        if pl.shape != t.left.shape or pr.shape != t.right.shape:
+            continue
+        out[name] = (r, r2, {lkey: pl.contiguous(), rkey: pr.contiguous()})
+    return out
 
 
 def _check_same_updates(path: str, target: set[str], saved: set[str]) -> None:

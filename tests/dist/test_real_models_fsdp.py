@@ -90,6 +90,14 @@ def _gpt2_and_tied(rank, world_size, root):
     except CheckpointMismatchError as e:
         raised = str(e)
     untouched = all(torch.equal(v.full_tensor(), before[k]) for k, v in target.state_dict().items())
+    # into another rank: the adapter on the tied head is carried (padded), not merged
+    with CheckpointManager(f"{root}/tied-run") as mgr:
+        mgr.save(1, tied_src)
+        bigger = with_lora(llama(tied=True, seed=3), target_modules=["q_proj", "lm_head"],
+                           r=8, lora_alpha=16, seed=5)
+        _shard(bigger, bigger.base_model.model.model.layers, world_size)
+        notes = mgr.load(bigger).notes
+    carried = (logits(bigger), [n for n in notes if n.startswith("carried")])
 
     plain = llama(tied=False, seed=1)
     _shard(plain, plain.model.layers, world_size)
@@ -103,14 +111,18 @@ def _gpt2_and_tied(rank, world_size, root):
     osd = get_optimizer_state_dict(plain, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
     dcp.save({**plain.state_dict(), "optimizer": osd, "train_state": {"step": 1}},
              checkpoint_id=f"{root}/titan")
-    return raised, untouched, ref
+    return raised, untouched, ref, carried
 
 
 def test_gpt2_conv1d_and_tied_targets_and_titan_layout_under_fsdp2(tmp_path):
     root = str(tmp_path)
-    raised, untouched, titan_ref = harness.run(_gpt2_and_tied, 2, root)[0]
+    raised, untouched, titan_ref, (carried, notes) = harness.run(_gpt2_and_tied, 2, root)[0]
     assert "tie_word_embeddings=False" in raised
     assert untouched
+    tied_ref = logits(with_lora(llama(tied=True), target_modules=["q_proj", "lm_head"]))
+    assert max_diff(carried, tied_ref) < ATOL
+    assert notes == ["carried the adapter of lm_head (rank 4) into the target's rank 8, adding "
+                     "the same update: its base is tied to other names, so it was not merged"]
 
     targets = ["c_attn", "c_proj", "c_fc"]
     ref_model = with_lora(gpt2(), target_modules=targets, fan_in_fan_out=True)

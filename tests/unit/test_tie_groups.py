@@ -147,3 +147,28 @@ def test_a_damaged_tie_record_is_refused(tmp_path):
     (tmp_path / "m" / manifest.MODEL_INFO).write_text('{"format_version": 1, "ties": "x"}')
     with pytest.raises(ManifestError, match="ties: expected a list of lists of names"):
         load_model(llama(tied=True), str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("build,targets", [(qwen2, ["q_proj", "embed_tokens"]),
+                                           (t5, ["q", "embed_tokens"])])
+def test_a_tied_adapter_resumes_into_a_larger_rank_and_is_refused_into_a_smaller(
+        tmp_path, build, targets):
+    """Another LoRA rank merges the saved adapters into the base, which a tied embedding
+    cannot hold. The tied adapter is carried instead: its factors padded with zeros and
+    rescaled to the target's alpha add the same update (exact); the other adapters merge.
+    A smaller rank cannot hold the update: refused, untouched."""
+    out = seq2seq_logits if build is t5 else logits
+    source = with_lora(build(), target_modules=targets)
+    ref = out(source)
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, source)
+    bigger = with_lora(build(seed=6), target_modules=targets, r=8, lora_alpha=32, seed=7)
+    report = mgr.load(bigger)
+    assert max_diff(out(bigger), ref) < 1e-5
+    assert any(n.startswith("carried the adapter of ") and "(rank 4) into the target's rank 8" in n
+               for n in report.notes), report.notes
+    smaller = with_lora(build(seed=6), target_modules=targets, r=2, seed=7)
+    before = _state(smaller)
+    with pytest.raises(CheckpointMismatchError, match="into one tensor"):
+        mgr.load(smaller)
+    assert _untouched(smaller, before)
