@@ -124,6 +124,30 @@ def _top(key: str, prefix: str) -> str:
     return ".".join(parts[:n + 1])
 
 
+def _given_prefix(keys: list[str], prefix: str, desc: str, instead: str) -> str:
+    """``prefix`` as a key prefix (ending in a dot); a checkpoint with no tensor under it
+    is refused, listing its top-level names (``instead``: the caller's other way)."""
+    prefix = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
+    if not any(k.startswith(prefix) for k in keys):
+        tops = sorted({k.split(".")[0] for k in keys})
+        raise CheckpointMismatchError(
+            f"checkpoint {desc} has no tensor under prefix {prefix!r} (nothing was read); "
+            f"its top-level names are {tops[:12]} -> pass one of them as prefix, or "
+            f"{instead}")
+    return prefix
+
+
+def _other_state_note(other: list[str], level: str, what: str) -> str | None:
+    """One note for the state beside the model, grouped by where it lives."""
+    if not other:
+        return None
+    groups: dict[str, int] = {}
+    for k in other:
+        groups[_top(k, level)] = groups.get(_top(k, level), 0) + 1
+    shown = ", ".join(f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items()))
+    return f"other state in the checkpoint, {what}: {shown}"
+
+
 def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[str],
             *, prefix: str | None, desc: str) -> Resolution:
     """Map ``tensor_keys`` onto canonical names for a target whose model keys (adapters
@@ -142,13 +166,7 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
     keys = sorted(tensor_keys)
     notes = []
     if prefix is not None:
-        prefix = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
-        if not any(k.startswith(prefix) for k in keys):
-            tops = sorted({k.split(".")[0] for k in keys})
-            raise CheckpointMismatchError(
-                f"checkpoint {desc} has no tensor under prefix {prefix!r} (nothing was "
-                f"loaded); its top-level names are {tops[:12]} -> pass one of them as prefix, "
-                "or prefix=None to let the loader find it")
+        prefix = _given_prefix(keys, prefix, desc, "prefix=None to let the loader find it")
         raw_of, hidden = _mapped(keys, prefix, canonical=True)
         if prefix:
             notes.append(f"model keys read under prefix {prefix!r} (given)")
@@ -179,12 +197,7 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
             other.append(k)
             del raw_of[name]
     other = sorted(other) + sorted(other_keys)
-    if other:
-        groups: dict[str, int] = {}
-        for k in other:
-            groups[_top(k, prefix)] = groups.get(_top(k, prefix), 0) + 1
-        shown = ", ".join(f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items()))
-        notes.append(f"other state in the checkpoint, not read by a model load: {shown}")
+    notes += filter(None, [_other_state_note(other, prefix, "not read by a model load")])
     if hidden:
         notes.append(f"{len(hidden)} PEFT modules_to_save originals not read (the trained "
                      "copies are the model's weights)")
@@ -222,13 +235,8 @@ def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix:
     keys = sorted(tensor_keys)
     notes = []
     if prefix is not None:
-        prefix = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
-        if not any(k.startswith(prefix) for k in keys):
-            tops = sorted({k.split(".")[0] for k in keys})
-            raise CheckpointMismatchError(
-                f"checkpoint {desc} has no tensor under prefix {prefix!r}; its top-level "
-                f"names are {tops[:12]} -> pass one of them as prefix, or none to let the "
-                "model be found beside other state")
+        prefix = _given_prefix(keys, prefix, desc,
+                               "none to let the model be found beside other state")
         level, mine = prefix, [k for k in keys if k.startswith(prefix)]
         if prefix:
             notes.append(f"model keys read under prefix {prefix!r} (given)")
@@ -244,12 +252,7 @@ def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix:
     raw_of, hidden = _mapped(mine, prefix, canonical=True)
     taken = set(raw_of.values()) | set(hidden)
     other = sorted(k for k in keys if k not in taken) + sorted(other_keys)
-    if other:
-        groups: dict[str, int] = {}
-        for k in other:
-            groups[_top(k, level)] = groups.get(_top(k, level), 0) + 1
-        shown = ", ".join(f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items()))
-        notes.append(f"other state in the checkpoint, not the model's: {shown}")
+    notes += filter(None, [_other_state_note(other, level, "not the model's")])
     if hidden:
         notes.append(f"{len(hidden)} PEFT modules_to_save originals left out (the trained "
                      "copies are the model's weights)")
