@@ -41,6 +41,7 @@ from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
+from dcp_universal.model_io.load import stage_model
 from dcp_universal.model_io.save import check_merge
 from dcp_universal.training.snapshot import Snapshotter
 from dcp_universal.storage import normalize, storage_for
@@ -444,8 +445,17 @@ class CheckpointManager:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              step: int | None = None, strict: bool = True, extra: dict | None = None,
              hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = (),
-             verify: bool = False) -> LoadReport:
+             verify: bool = False, init_from: str | None = None,
+             init_storage_options: dict | None = None) -> LoadReport | None:
         """Load step ``step`` (default: the latest committed) into any configuration.
+
+        A root with no committed step (a job's first start) loads nothing and returns
+        ``None``, or, with ``init_from``, loads the model alone from that path and
+        returns its report (optimizer, RNG and ``extra`` stay as they are: a fine-tune
+        starting from pre-trained weights). ``init_from`` is anything
+        :func:`~dcp_universal.load_model` reads: a step or model directory, a Hugging
+        Face safetensors directory, a ``torch.save`` file. Once the root holds a
+        committed step it is resumed and ``init_from`` is not read.
 
         Collective. Call order, every rank: rank 0 picks the step and tells every rank
         (so a reader racing a writer loads one step everywhere); every rank reads the
@@ -465,6 +475,9 @@ class CheckpointManager:
                 ``load_resharded_state_dicts(states: list)``, called with every saved
                 rank's state.
             verify: also check every file's CRC-32 (sizes are always checked).
+            init_from: where the model starts when the root has no committed step.
+            init_storage_options: fsspec options for ``init_from`` (default: the
+                manager's ``storage_options``).
 
         RNG state is restored (per rank) when an optimizer or ``extra`` is given. Nothing
         is installed into the model, optimizer or ``extra`` objects unless every read
@@ -478,16 +491,38 @@ class CheckpointManager:
             raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")
         if step is not None:
             _check_step(step)
+        if init_from is not None and not isinstance(init_from, str):
+            raise ValueError(f"init_from={init_from!r}: expected a path or URL (str)")
         with _comm.operation("load" if step is None else f"load of step {step}", self.timeout):
             step = _comm.on_rank0(self._pick_step, step)
-            return self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
+            if step is None:
+                return self._initial(model, init_from, init_storage_options, strict, verify)
+            report = self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
+            if init_from is not None:
+                report.notes.append(f"resumed step {step}; init_from={init_from} not read")
+            return report
 
-    def _pick_step(self, step: int | None) -> int:
+    def _initial(self, model, init_from, storage_options, strict, verify) -> LoadReport | None:
+        """A root without a committed step: nothing, or the model from ``init_from``."""
+        if init_from is None:
+            if _comm.rank() == 0:
+                logger.info("no committed step under %s: nothing loaded (a first start)",
+                            self.root)
+            return None
+        path = normalize(init_from)
+        options = self.options.storage_options if storage_options is None else storage_options
+        staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
+                             stage=True, store=storage_for(path, options),
+                             trusted=self.trusted)
+        staged.commit()
+        staged.report.notes.append(f"no committed step under {self.root}: the model starts "
+                                   f"from {path} (optimizer and training state fresh)")
+        return staged.report
+
+    def _pick_step(self, step: int | None) -> int | None:
         steps = self.steps()
         if step is None:
-            if not steps:
-                raise NotACheckpointError(f"no committed step under {self.root}")
-            return steps[-1]
+            return steps[-1] if steps else None
         if step not in steps:
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {steps}")

@@ -45,8 +45,7 @@ def test_not_a_checkpoint(tmp_path, saved):
     for path in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(NotACheckpointError, match=str(path)):
             load_model(target, str(path))
-        with pytest.raises(NotACheckpointError, match="no committed step"):
-            CheckpointManager(str(path)).load(target, topt)
+        assert CheckpointManager(str(path)).load(target, topt) is None  # a first start
     assert_same(target, topt, before)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tiny
-from dcp_universal import CheckpointError, CheckpointManager, load_model
+from dcp_universal import CheckpointError, CheckpointManager, load_model, save_model
 from dcp_universal import StepAlreadyExistsError
 from train_loop import Data, build, moments, train
 
@@ -195,9 +195,32 @@ def test_extra_state_and_rng_restore_in_one_process(tmp_path):
         mgr.load(target, topt, extra={"data": Data(0)})
 
 
-def test_load_without_steps_says_so(tmp_path):
-    with pytest.raises(CheckpointError, match="no committed step"):
-        CheckpointManager(str(tmp_path)).load(tiny.make())
+def test_a_first_start_loads_nothing_or_the_initial_weights(tmp_path):
+    """An empty root: load returns None (torchtitan's load returns False there), or with
+    init_from loads the model alone; once a step is committed, init_from is not read."""
+    model, opt = tiny.make(), None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    assert mgr.load(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="step=3 is not a committed step"):
+        mgr.load(model, step=3)
+
+    pretrained = tiny.make(seed=5)
+    save_model(pretrained, str(tmp_path / "pretrained"))
+    model = tiny.make(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    report = mgr.load(model, opt, init_from=str(tmp_path / "pretrained"))
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"] == {}  # fresh: a fine-tune's first start
+    assert any(n.startswith("no committed step under") for n in report.notes)
+    assert mgr.steps() == []  # nothing written
+
+    mgr.save(1, model, opt)
+    other = tiny.make(seed=2)
+    report = mgr.load(other, init_from=str(tmp_path / "missing"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
+    assert any("init_from=" in n and "not read" in n for n in report.notes)
 
 
 def test_base_is_hashed_once_while_frozen_weights_are_unchanged(tmp_path, monkeypatch):
