@@ -468,12 +468,12 @@ class CheckpointManager:
             extra: the same names as at save; each object gets its ``load_state_dict``.
             hyperparams: ``"checkpoint"`` or ``"current"`` (lr, betas, ... of the
                 optimizer, when its param groups match the checkpoint's).
-            skip_per_rank: per-rank state ("rng", or an ``extra`` name saved per rank)
-                to leave as it is when the world size differs from the save's. Without
-                it such a load raises :class:`PerRankStateError` before touching
-                anything. An extra object may instead define
-                ``load_resharded_state_dicts(states: list)``, called with every saved
-                rank's state.
+            skip_per_rank: ``extra`` names saved per rank to leave as they are when the
+                world size differs from the save's. Without it such a load raises
+                :class:`PerRankStateError` before touching anything. An extra object
+                may instead define ``load_resharded_state_dicts(states: list)``, called
+                with every saved rank's state. The RNG is always left as it is on
+                another world size (a report note); ``"rng"`` here is accepted.
             verify: also check every file's CRC-32 (sizes are always checked).
             init_from: where the model starts when the root has no committed step.
             init_storage_options: fsspec options for ``init_from`` (default: the

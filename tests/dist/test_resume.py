@@ -108,7 +108,7 @@ def test_optimizer_state_follows_parameters_by_name(transfers, source, target):
     saved_moments, saved_out = saved[source]
     got, report, y, untouched, message = loaded[(source, target)]
     torch.testing.assert_close(y, saved_out, atol=1e-5, rtol=0)  # same function, 2 -> 3 ranks
-    assert untouched and "skip_per_rank" in message and "'rng'" in message
+    assert untouched and "skip_per_rank=['data']" in message  # the RNG is no obstacle
 
     for name in report.optimizer_restored:  # moments equal after a gather, bit for bit
         assert got[name].keys() == saved_moments[name].keys()
