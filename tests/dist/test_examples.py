@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from hf_models import llama, logits, max_diff, peft, transformers
