@@ -42,10 +42,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 def safetensors_torch(who: str):
     """``safetensors.torch`` (the ``hf`` extra), or a CheckpointError saying how to get it."""
     try:
+        import numpy  # noqa: F401  (safetensors' writer imports it only when it writes)
         import safetensors.torch
-    except ImportError:
-        raise CheckpointError(f"{who} needs safetensors, which is not installed: "
-                              "pip install 'dcp-universal[hf]'") from None
+    except ImportError as e:
+        raise CheckpointError(f"{who} needs {e.name or 'safetensors'}, which is not installed: "
+                              "install the hf extra (from a clone of dcp_universal: "
+                              "pip install -e '.[hf]')") from None
     return safetensors.torch
 
 

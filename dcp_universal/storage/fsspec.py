@@ -52,7 +52,12 @@ class FsspecStorage(Storage):
         """``(fsspec filesystem, path inside it)``."""
         from fsspec.core import url_to_fs
 
-        return url_to_fs(path, **self.options)
+        try:
+            return url_to_fs(path, **self.options)
+        except ImportError as e:  # fsspec knows the scheme, its backend is not installed
+            extra = " -> install the s3 extra (from a clone: pip install -e '.[s3]')" \
+                if path.startswith(("s3://", "s3a://")) else ""
+            raise CheckpointError(f"{path}: {e}{extra}") from None
 
     @_told("looking for")
     def exists(self, path: str) -> bool:
