@@ -1,59 +1,133 @@
-"""The ``dcp-universal`` command.
+"""dcp-universal: inspect, verify, prune, convert and export checkpoints from the shell.
 
-    dcp-universal inspect PATH     per key: name, shape, dtype, bytes; totals (any format)
-    dcp-universal verify STEP      every file of a step and its base: size and CRC-32
+    dcp-universal inspect PATH     a root (its steps), a step, a model, HF or PEFT directory,
+                                   a torch.save file: keys (canonical), shapes, dtypes, bytes
+    dcp-universal verify PATH      a step, or every step of a root: sizes and CRC-32
     dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
     dcp-universal convert SRC ROOT a checkpoint of another format -> a committed step
     dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
+
+Every command takes ``--storage-options JSON`` (fsspec options for URLs, e.g.
+``'{"endpoint_url": "http://127.0.0.1:9000"}'``), ``--trusted`` and ``--debug`` (the
+traceback of an error). Sizes are in decimal units (kB, MB, GB) throughout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
+import re
 import sys
 import time
 
-from dcp_universal.format import manifest
+import torch
+
 from dcp_universal import sources
-from dcp_universal.errors import CheckpointError
-from dcp_universal.cli.progress import Progress
-from dcp_universal.storage import normalize, storage_for
+from dcp_universal.sources import foreign
+from dcp_universal._version import __version__
+from dcp_universal.errors import CheckpointError, NotACheckpointError
+from dcp_universal.cli.progress import Progress, human
+from dcp_universal.format import manifest
+from dcp_universal.storage import normalize, steps, storage_for
 
 __all__ = ["main"]
 
+DESCRIPTION = ("Inspect, verify, prune, convert and export universal checkpoints (and every "
+               "format load_model reads).")
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+# Python argument names in library errors -> the flags a CLI user typed
+_FLAGS = {"keep_last": "--keep-last", "keep_every": "--keep-every", "keep_best": "--keep-best",
+          "best_metric": "--metric", "best_mode": "--mode", "dtype": "--dtype",
+          "max_shard_size": "--max-shard-size", "prefix": "--prefix", "step": "--step",
+          "storage_options": "--storage-options", "config": "--config",
+          "overwrite": "--overwrite", "trusted": "--trusted"}
+_FLAG_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
+
+
+def _as_flags(message: str) -> str:
+    return _FLAG_RE.sub(lambda m: _FLAGS[m[1]] + " ", message)
+
+
+def _json_options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): expected an object such as "
+                                         "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, found {text!r}")
+    return value
+
+
+def _store(args, path: str):
+    return storage_for(path, args.storage_options)
 
 
 def _inspect(args) -> int:
     start = time.perf_counter()  # inspect reads metadata only: a time, no bar
     path = normalize(args.path)
-    source = sources.open_source(storage_for(path), path, sources.Want(trusted=args.trusted))
+    store = _store(args, path)
+    try:
+        source = sources.open_source(store, path, sources.Want(trusted=args.trusted))
+    except NotACheckpointError:
+        if store.exists(path) and steps.list_steps(store, path):
+            return _inspect_root(store, path, start)
+        raise
     rows, total, count = [], 0, 0
+    # an adapter's files keep PEFT's root (base_model.model.): shown under canonical names
+    name = foreign.canonical_key if source.meta.get("adapter_only") else (lambda k: k)
     for key, info in sorted(source.keys.items()):
         nbytes = math.prod(info.shape) * info.dtype.itemsize
-        rows.append((key, "x".join(map(str, info.shape)) or "()",
+        rows.append((name(key) or key, "x".join(map(str, info.shape)) or "()",
                      str(info.dtype).removeprefix("torch."), str(nbytes)))
         total += nbytes
         count += math.prod(info.shape)
     rows += [(key, "-", "bytes", "-") for key in sorted(source.meta.get("other_keys", ()))]
     rows.sort()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(("key", "shape", "dtype", "bytes"))]
     print(f"{source.desc}")
     for note in source.notes:
         print(f"  ({note})")
-    header = ("key", "shape", "dtype", "bytes")
-    for row in (header, *rows):
-        print("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    print(f"total: {len(rows)} keys, {count:,} elements, {total:,} bytes ({_human(total)}); "
+    _table(("key", "shape", "dtype", "bytes"), rows, right=(3,))
+    print(f"total: {len(rows)} keys, {count:,} elements, {total:,} bytes ({human(total)}); "
           f"metadata read in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right=()) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    for row in (header, *rows):
+        print("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+
+
+def _inspect_root(store, root: str, start: float) -> int:
+    """A checkpoint root: its committed steps (items, bytes, metrics), the latest marked,
+    and the bases the LoRA steps share."""
+    committed = steps.list_steps(store, root)
+    rows, bases = [], {}
+    for step in committed:
+        m = steps.read_manifest(store, manifest.step_path(root, step))
+        items = [i for i in manifest.ITEMS if m.has(i)] + sorted(
+            i for i in m.items if i not in manifest.ITEMS and m.has(i))
+        size = sum(r.size for r in m.files.values())
+        if m.base:
+            bases.setdefault(m.base, (sum(r.size for r in (m.base_files or {}).values()), []))
+            bases[m.base][1].append(step)
+        rows.append((f"{step}{' (latest)' if step == committed[-1] else ''}",
+                     " ".join(items) + (" (archived)" if m.archived else ""),
+                     str(m.world_size), human(size),
+                     " ".join(f"{k}={v:g}" for k, v in sorted(m.metrics.items())) or "-"))
+    print(f"{root}: {len(committed)} committed steps, latest {committed[-1]}")
+    _table(("step", "items", "ranks", "size", "metrics"), rows, right=(2, 3))
+    for name, (size, used) in sorted(bases.items()):
+        print(f"{name}: {human(size)}, the frozen base of steps {used}")
+    pending = steps.list_steps(store, root, committed=False)
+    if pending:
+        print(f"uncommitted (a save in progress or killed): steps {pending}")
+    print(f"read in {time.perf_counter() - start:.2f} s")
     return 0
 
 
@@ -61,14 +135,31 @@ def _verify(args) -> int:
     from dcp_universal.training.manager import CheckpointManager
 
     path = normalize(args.path)
+    store = _store(args, path)
+    if not store.exists(path):
+        raise CheckpointError(f"{path} does not exist")
     parts = manifest.split_step_path(path)
-    if parts is None:
-        raise CheckpointError(f"{path} is not a step directory (expected <root>/step-<number>)")
-    root, step = parts
-    progress = Progress(None, "verify", enabled=not args.quiet)
-    result = CheckpointManager(root).verify(step, progress=progress)
+    if parts is not None and store.exists(f"{path}/{manifest.MANIFEST}"):
+        root, wanted = parts[0], [parts[1]]
+    elif steps.list_steps(store, path):
+        root, wanted = path, steps.list_steps(store, path)
+    else:
+        raise CheckpointError(
+            f"{path} carries no checksums: only committed steps (<root>/step-<number>, with "
+            f"{manifest.MANIFEST}) record them, and this is none nor a root holding any "
+            "(a save_model directory, an HF or PEFT directory or a torch.save file has none; "
+            "their sizes are checked when they load)")
+    mgr = CheckpointManager(root, storage_options=args.storage_options)
+    total = 0
+    for step in wanted:
+        m = mgr.manifest(step)
+        total += sum(r.size for r in m.files.values()) + sum(
+            r.size for r in (m.base_files or {}).values())
+    progress = Progress(total, "verify", enabled=not args.quiet)
+    files = sum(mgr.verify(step, progress=progress)["files"] for step in wanted)
     done = progress.close()
-    print(f"{path}: OK ({result['files']} files, sizes and CRC-32; {done})")
+    what = path if len(wanted) == 1 else f"{path}: steps {wanted}"
+    print(f"{what}: OK ({files} files, sizes and CRC-32; {done})")
     return 0
 
 
@@ -77,8 +168,17 @@ def _prune(args) -> int:
 
     if args.keep_last is None and args.keep_every is None and args.keep_best is None:
         raise CheckpointError("prune needs a policy: --keep-last, --keep-every and/or --keep-best")
-    mgr = CheckpointManager(args.root, keep_last=args.keep_last, keep_every=args.keep_every,
-                            keep_best=args.keep_best, best_metric=args.metric, best_mode=args.mode)
+    root = normalize(args.root)
+    store = _store(args, root)
+    if not store.exists(root):
+        raise CheckpointError(f"{root} does not exist")
+    if not (steps.list_steps(store, root) or steps.list_steps(store, root, committed=False)
+            or steps.list_bases(store, root)):
+        raise CheckpointError(f"{root} holds no checkpoint (no step-<number> directory, no "
+                              "base): pass the root a CheckpointManager wrote")
+    mgr = CheckpointManager(root, keep_last=args.keep_last, keep_every=args.keep_every,
+                            keep_best=args.keep_best, best_metric=args.metric,
+                            best_mode=args.mode, storage_options=args.storage_options)
     try:
         d = mgr.prune(dry_run=args.dry_run)
     finally:
@@ -95,9 +195,10 @@ def _convert(args) -> int:
     from dcp_universal.training.commit import convert
 
     progress = Progress(None, "convert", enabled=False)  # one read, one write: no bar
-    path = convert(args.src, args.root, step=args.step, trusted=args.trusted)
+    path = convert(args.src, args.root, step=args.step, trusted=args.trusted,
+                   storage_options=args.storage_options)
     src = normalize(args.src)
-    store = storage_for(src)
+    store = _store(args, src)
     progress(store.size(src) if store.is_file(src) else sum(store.file_sizes(src).values()))
     print(f"wrote {path} from {args.src}: {progress.close()}")
     return 0
@@ -111,29 +212,50 @@ def _export(args) -> int:
         if args.dtype or args.config:
             raise CheckpointError("--dtype and --config apply to --format hf only")
         start = time.perf_counter()
-        out = export_peft(args.src, args.out, trusted=args.trusted, overwrite=args.overwrite)
+        out = export_peft(args.src, args.out, trusted=args.trusted, overwrite=args.overwrite,
+                          storage_options=args.storage_options)
         print(f"exported the adapters of {args.src} to {out} (PEFT LoRA adapter) in "
               f"{time.perf_counter() - start:.2f} s")
         return 0
     progress = Progress(None, "export", enabled=not args.quiet)
     out = export_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                     trusted=args.trusted, overwrite=args.overwrite,
-                    config=args.config, progress=progress, prefix=args.prefix)
+                    config=args.config, progress=progress, prefix=args.prefix,
+                    storage_options=args.storage_options)
     print(f"exported {args.src} to {out} (Hugging Face safetensors): {progress.close()}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dcp-universal", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="list a model checkpoint's keys, shapes, dtypes and sizes")
-    p.add_argument("path", help="a step, a model directory, an HF or PEFT directory, a torch.save file")
-    p.set_defaults(func=_inspect)
-    p = sub.add_parser("verify", help="check every file of a step (and its base): size and CRC-32")
-    p.add_argument("path", help="a step directory, <root>/step-<number>")
+    parser = argparse.ArgumentParser(
+        prog="dcp-universal", description=DESCRIPTION,
+        epilog="Run 'dcp-universal COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version",
+                        version=f"dcp-universal {__version__} (torch {torch.__version__})")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-options", type=_json_options, default=None, metavar="JSON",
+                        help="fsspec options for URLs (s3://...), a JSON object, e.g. "
+                             "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'")
+    common.add_argument("--trusted", action="store_true",
+                        help="read pickles in the checkpoint as they are (runs code from the "
+                             "files: only for checkpoints you trust)")
+    common.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func):
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("inspect", "list a checkpoint's keys (canonical names), shapes, dtypes and "
+                "sizes; for a root, its steps", _inspect)
+    p.add_argument("path", help="a root, a step, a model directory, an HF or PEFT directory, "
+                                "a torch.save file (local path or URL)")
+    p = command("verify", "check sizes and CRC-32 of every file of a step (and its base), or "
+                "of every step of a root", _verify)
+    p.add_argument("path", help="a step directory (<root>/step-<number>) or a root")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_verify)
-    p = sub.add_parser("prune", help="apply a retention policy to a checkpoint root")
+    p = command("prune", "apply a retention policy to a checkpoint root", _prune)
     p.add_argument("root")
     p.add_argument("--keep-last", type=int, help="keep the N newest steps whole")
     p.add_argument("--keep-every", type=int, help="archive steps divisible by K (model only)")
@@ -141,14 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", help="metric recorded by save(metrics=...), e.g. val_loss")
     p.add_argument("--mode", choices=["min", "max"], default="min")
     p.add_argument("--dry-run", action="store_true", help="print what would happen")
-    p.set_defaults(func=_prune)
-    p = sub.add_parser("convert", help="turn a checkpoint of another format into a step directory")
-    p.add_argument("src", help="ckpt.pt (any torch.save layout of the seeds), an HF directory, "
-                               "another tool's DCP checkpoint")
+    p = command("convert", "turn a checkpoint of another format into a committed step", _convert)
+    p.add_argument("src", help="a torch.save file (nanoGPT ckpt.pt, NAME-model.pt, ...), an HF "
+                               "directory, another tool's DCP checkpoint")
     p.add_argument("root", help="checkpoint root to write <root>/step-<N> into")
-    p.add_argument("--step", type=int, help="step number (default: the file's iter_num/global_step)")
-    p.set_defaults(func=_convert)
-    p = sub.add_parser("export", help="write HF safetensors (merged) or a PEFT LoRA adapter")
+    p.add_argument("--step", type=int,
+                   help="step number (default: the file's iter_num / global_step, else 0)")
+    p = command("export", "write HF safetensors (merged) or a PEFT LoRA adapter", _export)
     p.add_argument("src", help="a model directory or a step directory (a LoRA step is merged)")
     p.add_argument("out", help="the output directory")
     p.add_argument("--format", choices=["hf", "peft"], default="hf")
@@ -159,17 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None, help="hf: the model's subtree in another tool's "
                    "checkpoint, e.g. app.model. (default: found beside other state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_export)
-    for p in sub.choices.values():
-        p.add_argument("--trusted", action="store_true",
-                       help="read pickles in the checkpoint as they are (runs code from the "
-                            "files: only for checkpoints you trust)")
     args = parser.parse_args(argv)
+    # the library's warnings (a converted file without a step number, ...) reach the user
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dcp-universal: %(levelname)s: %(message)s"))
+    library = logging.getLogger("dcp_universal")
+    library.addHandler(handler)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:
-        print(f"dcp-universal: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("dcp-universal: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        known = isinstance(e, (CheckpointError, ValueError, OSError))
+        print(f"dcp-universal: error: {'' if known else type(e).__name__ + ': '}"
+              f"{_as_flags(str(e))}", file=sys.stderr)
+        if not known:
+            print("dcp-universal: (run again with --debug for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        library.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,8 @@ def export_hf(src: str, out: str, *, dtype=None, max_shard_size: int | str = "5G
             weights so that ``from_pretrained(out)`` works. When it ties the embeddings
             (``tie_word_embeddings``) and the checkpoint tied them, ``lm_head.weight`` is
             left out, as ``save_pretrained`` does; their values must be equal.
-        progress: called with the tensor bytes of each shard this rank wrote.
+        progress: called with the tensor bytes of each shard this rank wrote; if it
+            has ``set_total(n)``, that is called first with this rank's total.
         trusted: read pickles in ``src`` as they are (default: plain data only).
         overwrite: replace an earlier export in ``out``.
         timeout: the longest any rank waits for the others (seconds); then every
@@ -288,6 +289,9 @@ def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, prog
     shards = _shards(sizes, max_bytes)
     names = [_shard_name(i, len(shards)) for i in range(len(shards))]
     rank, world = _comm.rank(), _comm.world_size()
+    if hasattr(progress, "set_total"):
+        progress.set_total(sum(sizes[k] for i, keys in enumerate(shards) if i % world == rank
+                               for k in keys))
     _comm.on_rank0(_prepare_out, out_store, out, overwrite, cfg)
     error = None
     try:

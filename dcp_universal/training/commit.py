@@ -21,6 +21,7 @@ thread; ``None``: the default group).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -37,6 +38,8 @@ from dcp_universal.format.manifest import FileRecord, Manifest
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
 __all__ = ["StepWriter", "convert"]
+
+logger = logging.getLogger(__name__)
 
 
 class StepWriter:
@@ -140,6 +143,9 @@ def convert(src: str, root: str, *, step: int | None = None,
         raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
                               "to convert; load it into a model with load_model instead")
     if step is None:
+        if source.meta.get("step") is None:
+            logger.warning("%s records no step number (iter_num / global_step): written as "
+                           "step 0; pass step=N (CLI: --step N) to number it", src)
         step = int(source.meta.get("step") or 0)
     store = storage_for(root, storage_options)
     path = manifest.step_path(root, step)

@@ -139,7 +139,7 @@ def test_export_and_verify_report_bytes_time_and_throughput(tmp_path, capsys):
     assert cli(["export", step, str(tmp_path / "hf2"), "--format", "hf", "--quiet"]) == 0
     out = capsys.readouterr().out
     total = sum(t.numel() * t.element_size() for t in src.state_dict().values())
-    assert f"{total:,} bytes in " in out and " MB/s)" in out
+    assert f"{total:,} bytes ({total / 1e3:.1f} kB) in " in out and " MB/s)" in out
     assert cli(["verify", step, "--quiet"]) == 0
     assert "MB/s" in capsys.readouterr().out
 
@@ -150,11 +150,14 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     p = Progress(100, "x")  # pytest's stderr is not a terminal: no bar
     p(60)
     p(40)
-    assert p._bar is None and p.close().startswith("100 bytes in ")
+    assert p._bar is None and p.close().startswith("100 bytes (100 B) in ")
     monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
-    p = Progress(100, "x")
-    p(100)
-    assert p._bar is not None and p._bar.n == 100
+    p = Progress(None, "x")
+    p.set_total(2_000_000)  # learnt once the source is open: a percentage and a time left
+    p(1_000_000)
+    assert p._bar is not None and p._bar.n == 1_000_000 and p._bar.total == 2_000_000
+    shown = str(p._bar)
+    assert "50%" in shown and "1.00M/2.00M" in shown and "<" in shown, shown  # decimal units, ETA
     p.close()
     assert Progress(100, "x", enabled=False)._bar is None
 

@@ -92,7 +92,7 @@ def test_convert_writes_a_committed_step_every_loader_reads(tmp_path, capsys):
                tmp_path / "ckpt.pt")
     assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root")]) == 0
     size = (tmp_path / "ckpt.pt").stat().st_size
-    assert f": {size:,} bytes in " in capsys.readouterr().out  # bytes, time, throughput
+    assert f": {size:,} bytes ({size / 1e3:.1f} kB) in " in capsys.readouterr().out  # bytes, time, rate
     mgr = CheckpointManager(str(tmp_path / "root"))
     assert mgr.steps() == [250]
     manifest = mgr.manifest(250)
