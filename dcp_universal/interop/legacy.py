@@ -1,9 +1,9 @@
-"""The seeds' ``torch.save`` checkpoints, read directly (no conversion step).
+"""Legacy ``torch.save`` checkpoints (nanoGPT and similar), read directly (no conversion step).
 
 Recognised files:
 
 * nanoGPT-style ``ckpt.pt``: ``{"model", "optimizer", "model_args", "iter_num",
-  "best_val_loss", "config"}``, keys possibly under ``_orig_mod.`` and with the seeds'
+  "best_val_loss", "config"}``, keys possibly under ``_orig_mod.`` and with the
   LoRA layout (``x.main_weight.weight``, ``x.lora_A.weight``, ``x.lora_B.weight``);
 * ``{"model_state_dict": ...}`` / ``{"state_dict": ...}`` dicts, or a bare state dict;
 * separated ``NAME-model.pt`` / ``NAME-optimizer.pt`` pairs (either file may be named).
@@ -161,7 +161,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class LegacyFormat(Format):
-    """A ``torch.save`` file of the seeds' layouts, read whole into memory."""
+    """A legacy ``torch.save`` file, read whole into memory."""
 
     name = "legacy"
     looks_like = f"a torch.save file ({', '.join(_SUFFIXES)})"
@@ -172,7 +172,7 @@ class LegacyFormat(Format):
     def open(self, store: Storage, path: str, want: Want) -> Source:
         ck = read_legacy(store, path)
         note = f"read legacy file {ck.path}" + (
-            f"; merged seed-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
+            f"; merged main_weight-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
         step = next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta),
                     None)
         return Source.in_memory(ck.path, ck.model, notes=(note,), meta={

@@ -47,7 +47,7 @@ class KeepLast:
 @dataclasses.dataclass(frozen=True)
 class KeepEvery:
     """Archive every step divisible by ``k``: its model stays, its optimizer goes
-    (seed 004's archival policy)."""
+    (an archival policy: old steps keep their model, lose their optimizer)."""
 
     k: int
 

@@ -41,7 +41,7 @@ def test_nanogpt_ckpt_with_compile_prefix_and_seed_lora_layout(tmp_path, target)
     model = tiny.make(target, seed=9)
     report = load_model(model, str(tmp_path / "ckpt.pt"))
     torch.testing.assert_close(_out(model), ref, atol=1e-5, rtol=0)
-    assert any("merged seed-layout LoRA into 2 weights" in n for n in report.notes)
+    assert any("merged main_weight-layout LoRA into 2 weights" in n for n in report.notes)
 
 
 @pytest.mark.parametrize("layout", ["model_state_dict", "state_dict", "bare", "separated"])
