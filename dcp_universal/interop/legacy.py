@@ -21,13 +21,17 @@ import pickle
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dcp_universal.sources import foreign
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.model.plan import LoadReport, Staged
+from dcp_universal.model.view import ModelView, local_block
 from dcp_universal.sources import Format, Source, Want, register_format
 from dcp_universal.storage import Storage
 
-__all__ = ["LegacyCheckpoint", "LegacyFormat", "is_legacy_file", "read_legacy"]
+__all__ = ["LegacyCheckpoint", "MainWeightLoRA", "LegacyFormat", "is_legacy_file",
+           "read_legacy", "stage_legacy_optimizer"]
 
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict")
@@ -38,6 +42,23 @@ class LegacyCheckpoint:
     optimizer: dict | None
     meta: dict[str, Any]  # everything else: model_args, iter_num, config, ...
     merged: list[str]  # canonical keys that had a LoRA update merged in
+    # the unmerged form: frozen weights (main_weight under the layer's own name) and
+    # the LoRA factors of each merged layer, for a target with the same adapters
+    base: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    factors: dict[str, "MainWeightLoRA"] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MainWeightLoRA:
+    """One layer's adapter in the ``main_weight`` layout: ``delta = alpha / r * B @ A``
+    (Linear: ``A (r, in)``, ``B (out, r)``) or ``alpha / r * A @ B.T`` (Embedding:
+    ``A (num, r)``, ``B (dim, r)``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    scale: float
+    embedding: bool
 
 
 def is_legacy_file(store: Storage, path: str) -> bool:
@@ -77,19 +98,22 @@ def _find_alpha(meta: dict[str, Any]) -> float | None:
     return None
 
 
-def _merge_seed_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str):
-    out, merged = {}, []
+def _merge_main_weight_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str):
+    """``(merged state dict, merged keys, base state dict, factors)`` of a state dict in
+    the ``main_weight`` layout."""
+    out, base, merged, factors = {}, {}, [], {}
     stems = {k[: -len(".main_weight.weight")] for k in sd if k.endswith(".main_weight.weight")}
     for key, value in sd.items():
         stem = next((s for s in stems if key.startswith(s + ".")), None)
         if stem is None:
-            out[key] = value
+            out[key] = base[key] = value
             continue
         rest = key[len(stem) + 1:]
         if rest.startswith("main_weight."):
             out[f"{stem}.{rest[len('main_weight.'):]}"] = value
+            base[f"{stem}.{rest[len('main_weight.'):]}"] = value
         elif not rest.startswith(("lora_A.", "lora_B.")):
-            out[key] = value
+            out[key] = base[key] = value
     for stem in sorted(stems):
         w = sd[f"{stem}.main_weight.weight"]
         a, b = sd.get(f"{stem}.lora_A.weight"), sd.get(f"{stem}.lora_B.weight")
@@ -100,9 +124,9 @@ def _merge_seed_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str
                 f"{path} holds LoRA weights ({stem}.lora_A/lora_B) but no lora_alpha in its "
                 "model_args or config; the merge scale alpha / r is unknown")
         if b.shape == (w.shape[0], a.shape[0]) and a.shape[1] == w.shape[1]:
-            r, delta = a.shape[0], b.double() @ a.double()  # Linear: A (r, in), B (out, r)
+            r, delta, emb = a.shape[0], b.double() @ a.double(), False  # Linear
         elif a.shape[0] == w.shape[0] and b.shape == (w.shape[1], a.shape[1]):
-            r, delta = a.shape[1], a.double() @ b.double().T  # Embedding: A (num, r), B (dim, r)
+            r, delta, emb = a.shape[1], a.double() @ b.double().T, True  # Embedding
         else:
             raise CheckpointError(
                 f"{path}: cannot merge {stem}: main_weight {tuple(w.shape)}, lora_A "
@@ -110,7 +134,8 @@ def _merge_seed_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str
                 "Embedding LoRA layout")
         out[f"{stem}.weight"] = (w.double() + (alpha / r) * delta).to(w.dtype)
         merged.append(f"{stem}.weight")
-    return out, merged
+        factors[stem] = MainWeightLoRA(a, b, r, alpha / r, emb)
+    return out, merged, base, factors
 
 
 def read_legacy(store: Storage, path: str) -> LegacyCheckpoint:
@@ -146,8 +171,9 @@ def read_legacy(store: Storage, path: str) -> LegacyCheckpoint:
         if name in canonical:
             raise CheckpointError(f"{model_path}: keys {k!r} and another both mean {name!r}")
         canonical[name] = v
-    model, merged = _merge_seed_lora(canonical, _find_alpha(meta), model_path)
-    return LegacyCheckpoint(model_path, model, optimizer, meta, merged)
+    model, merged, base, factors = _merge_main_weight_lora(canonical, _find_alpha(meta),
+                                                           model_path)
+    return LegacyCheckpoint(model_path, model, optimizer, meta, merged, base, factors)
 
 
 def _jsonable(value: Any) -> Any:
@@ -171,14 +197,180 @@ class LegacyFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         ck = read_legacy(store, path)
-        note = f"read legacy file {ck.path}" + (
-            f"; merged main_weight-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
         step = next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta),
                     None)
-        return Source.in_memory(ck.path, ck.model, notes=(note,), meta={
-            "step": step,
-            "legacy": {"source": ck.path, "merged_lora": ck.merged,
-                       "meta": _jsonable({k: v for k, v in ck.meta.items() if k != "optimizer"})}})
+        meta = {"step": step, "optimizer": ck.optimizer,
+                "legacy": {"source": ck.path, "merged_lora": ck.merged,
+                           "meta": _jsonable({k: v for k, v in ck.meta.items()
+                                              if k != "optimizer"})}}
+        exact = _into_own_adapters(ck, want.target) if want.target is not None else None
+        if exact is not None:
+            tensors, layout = exact
+            note = (f"read legacy file {ck.path}; restored its main_weight-layout LoRA of "
+                    f"{len(ck.factors)} layers into the model's adapters exactly")
+            return Source.in_memory(ck.path, tensors, notes=(note,),
+                                    meta={**meta, "layout": layout})
+        note = f"read legacy file {ck.path}" + (
+            f"; merged main_weight-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
+        return Source.in_memory(ck.path, ck.model, notes=(note,), meta=meta)
+
+
+_OWN_KIND = "dcp_universal.lora"
+
+
+def _into_own_adapters(ck: LegacyCheckpoint, view) -> tuple[dict, dict] | None:
+    """The file's tensors for a target whose adapters are the library's own LoRA layers on
+    exactly the file's LoRA layers, each of the same rank: base weights as they are and
+    the factors in the layers' orientation, rescaled to the target's scale.
+    ``(tensors, layout)``: layout maps each factor key to ``(transposed, ratio)`` (how
+    its optimizer state relates to the file's). ``None``: no such target (merged)."""
+    sites = {s.name: s for s in view.sites}
+    if not ck.factors or set(sites) != set(ck.factors) or any(
+            s.kind.name != _OWN_KIND for s in sites.values()):
+        return None
+    tensors, layout = dict(ck.base), {}
+    for stem, f in ck.factors.items():
+        module = sites[stem].module
+        is_embedding = isinstance(module.base_layer, torch.nn.Embedding)
+        if module.rank != f.rank or is_embedding != f.embedding:
+            return None
+        ratio = f.scale / module.scale
+        b = f.b.T if f.embedding else f.b  # own Embedding: B (r, dim); Linear as the file
+        tensors[f"{stem}.lora_A"] = f.a
+        tensors[f"{stem}.lora_B"] = (b * ratio).contiguous() if ratio != 1.0 else b.contiguous()
+        layout[f"{stem}.lora_A"] = (False, 1.0)
+        layout[f"{stem}.lora_B"] = (f.embedding, ratio)
+    return tensors, layout
 
 
 register_format(LegacyFormat(), before="step")
+
+
+# ---- a legacy optimizer state: saved by position, mapped onto a target optimizer ----------
+
+def _saved_groups(saved: Any, desc: str) -> list[dict]:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(
+            f"{desc}: its optimizer entry is not an optimizer.state_dict() (expected "
+            "{'state': {...}, 'param_groups': [{'params': [...], ...}]}); load the model "
+            "alone (no optimizer) or re-save the optimizer's state_dict()")
+    return groups
+
+
+def _local(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (shaped like the whole ``param``) as ``param`` holds it: its own block of
+    a DTensor, without a collective (every rank read the whole file)."""
+    if not isinstance(param, DTensor):
+        return value
+    block, offsets = local_block(param)
+    part = value[tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))]
+    return DTensor.from_local(part.to(block.device), param.device_mesh, param.placements,
+                              shape=param.shape, stride=param.stride(), run_check=False)
+
+
+def stage_legacy_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, saved: Any, *,
+                           fresh: set[str], layout: dict, hyperparams: str,
+                           desc: str) -> Staged:
+    """The optimizer state of a legacy file (an ``optimizer.state_dict()``: state keyed
+    by parameter ids), mapped onto ``optimizer``'s parameters: by the ``param_names``
+    torch records when the optimizer was built from named parameters, else by position
+    across the param groups (empty groups hold no position: ``[392, 0]`` saved fits
+    ``[392]``). Every state tensor must have its parameter's shape (``layout``: a factor
+    stored transposed, or rescaled, in the file; a rescaled one starts fresh); any
+    ambiguity or mismatch raises :class:`CheckpointMismatchError` naming the first
+    parameter that does not fit, before anything changes. ``fresh``: parameters the
+    model load initialised (their saved state is not theirs). Not collective."""
+    groups = _saved_groups(saved, desc)
+    names = {id(p): view.param_keys.get(id(p)) for g in optimizer.param_groups for p in g["params"]}
+    if None in names.values():
+        raise CheckpointError("the optimizer holds tensors that are not parameters of the model "
+                              "passed with it; build it from this model's parameters")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    sizes = ([len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups])
+    saved_names = None
+    if groups and all(isinstance(g.get("param_names"), list) for g in groups):
+        saved_names = [foreign.canonical_key(n) or n for g in groups for n in g["param_names"]]
+    if saved_names is not None:
+        by_name = dict(zip(saved_names, ids))
+        pairs = [(p, by_name.get(names[id(p)])) for p in params]
+        how = "matched by the parameter names the file records"
+        unmatched = [names[id(p)] for p, sid in pairs if sid is None]
+        if unmatched:
+            raise CheckpointMismatchError(
+                f"{desc}: its optimizer has no state for {unmatched[0]!r} (of {len(unmatched)} "
+                f"parameters the optimizer holds that the file does not name, e.g. "
+                f"{unmatched[:3]}) -> build the optimizer from the parameters the saved run "
+                "trained, or load the model alone (no optimizer)")
+    else:
+        if len(ids) != len(params):
+            first = names[id(params[len(ids)])] if len(params) > len(ids) else \
+                f"saved parameter id {ids[len(params)]} (position {len(params)})"
+            raise CheckpointMismatchError(
+                f"{desc}: its optimizer holds state for {len(ids)} parameters (param groups of "
+                f"{sizes[0]}), the optimizer given holds {len(params)} ({sizes[1]}); the file "
+                "records no parameter names, so they are matched by position and cannot be "
+                f"here (the first without a counterpart: {first}) -> build the optimizer as "
+                "the saved run did: its trainable parameters, in model order (LoRA: "
+                "[p for p in model.parameters() if p.requires_grad]), or load the model alone")
+        pairs = list(zip(params, ids))
+        how = ("matched by position across the param groups (the file records no parameter "
+               "names)")
+    state, report = {}, LoadReport()
+    for pos, (p, sid) in enumerate(pairs):
+        name = names[id(p)]
+        transposed, ratio = layout.get(name, (False, 1.0))
+        entry = saved["state"].get(sid)
+        if not isinstance(entry, dict) or not entry or name in fresh:
+            # no state saved, or the model load initialised the parameter (another LoRA
+            # rank): whatever was saved at this position is not its state
+            report.optimizer_fresh.append(name)
+            continue
+        values = {}
+        for key, v in entry.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                v = v.T if transposed else v
+                if tuple(v.shape) != tuple(p.shape):
+                    raise CheckpointMismatchError(
+                        f"{desc}: the optimizer state of saved parameter id {sid} ({key} "
+                        f"{tuple(v.shape)}) does not fit {name!r} {tuple(p.shape)}, the "
+                        f"parameter it maps to (position {pos}) -> "
+                        "build the optimizer from the same parameters in the same order as "
+                        "the saved run (its trainable ones, in model order), or load the "
+                        "model alone")
+                values[key] = v
+            else:
+                values[key] = v
+        if ratio != 1.0:  # a factor rescaled to the target's alpha: its moments are not
+            report.optimizer_fresh.append(name)
+            continue
+        state[pos] = values
+        report.optimizer_restored.append(name)
+    dropped = sorted(set(saved["state"]) - {sid for _, sid in pairs})
+    report.optimizer_dropped.extend(f"saved parameter id {i}" for i in dropped)
+    by_size = [g for g in groups if g["params"]]
+    current = [g for g in optimizer.param_groups]
+    restore = hyperparams == "checkpoint" and saved_names is None and \
+        [len(g["params"]) for g in by_size] == [len(g["params"]) for g in current]
+    report.notes.append(
+        f"optimizer state from {desc}: {how}; saved param groups of {sizes[0]} parameters, "
+        f"the optimizer's of {sizes[1]}; " + (
+            "hyperparameters restored from the file's non-empty groups" if restore
+            else "the optimizer's own groups and hyperparameters stand"))
+
+    def commit() -> None:
+        out_groups, pos = [], 0
+        for i, g in enumerate(current):
+            keep = {k: v for k, v in (by_size[i] if restore else g).items()
+                    if k not in ("params", "param_names")}
+            if "param_names" in g:
+                keep["param_names"] = g["param_names"]
+            out_groups.append({**keep, "params": list(range(pos, pos + len(g["params"])))})
+            pos += len(g["params"])
+        local = {i: {k: _local(v, params[i]) if isinstance(v, torch.Tensor) and v.dim() > 0
+                     else v for k, v in values.items()} for i, values in state.items()}
+        optimizer.load_state_dict({"state": local, "param_groups": out_groups})
+
+    return Staged(report, commit)

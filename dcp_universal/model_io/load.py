@@ -213,4 +213,8 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage
             logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,
                         plan.report.summary())
 
-    return Staged(plan.report, commit, {"restored_base": source.meta.get("restored_base")})
+    # what a caller may restore beside the model: a legacy file's optimizer state and how
+    # the file's tensors relate to the model's (dcp_universal.interop.legacy)
+    return Staged(plan.report, commit, {"restored_base": source.meta.get("restored_base"),
+                                        "legacy_optimizer": source.meta.get("optimizer"),
+                                        "layout": source.meta.get("layout") or {}})

@@ -132,9 +132,10 @@ def convert(src: str, root: str, *, step: int | None = None,
     checkpoint, ...) as a committed step under ``root``; returns its path.
 
     Not collective (one process). The step number defaults to the one the source records
-    (a legacy file's ``iter_num`` / ``global_step``), else 0. Optimizer state is not
-    converted: the seeds saved it by position, which cannot be matched to parameter names
-    safely; the step records ``optimizer: false``.
+    (a legacy file's ``iter_num`` / ``global_step``), else 0. A legacy file's optimizer
+    state is not converted: it is keyed by position, which only the model it belongs to
+    can turn into names (resume it with ``mgr.load(model, optimizer, init_from=src)``);
+    a warning says so, and the step records ``optimizer: false``.
     """
     src, root = normalize(src), normalize(root)
     source = sources.open_source(storage_for(src, storage_options), src,
@@ -147,6 +148,10 @@ def convert(src: str, root: str, *, step: int | None = None,
             logger.warning("%s records no step number (iter_num / global_step): written as "
                            "step 0; pass step=N (CLI: --step N) to number it", src)
         step = int(source.meta.get("step") or 0)
+    if source.meta.get("optimizer"):
+        logger.warning("%s holds optimizer state, which convert does not write: it is keyed "
+                       "by position, which only its model can turn into parameter names -> "
+                       "resume it with mgr.load(model, optimizer, init_from=%r)", src, src)
     store = storage_for(root, storage_options)
     path = manifest.step_path(root, step)
     if store.exists(join(path, manifest.MANIFEST)):

@@ -41,6 +41,7 @@ from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
+from dcp_universal.interop import legacy
 from dcp_universal.model_io.load import stage_model
 from dcp_universal.model_io.save import check_merge
 from dcp_universal.training.snapshot import Snapshotter
@@ -451,11 +452,15 @@ class CheckpointManager:
 
         A root with no committed step (a job's first start) loads nothing and returns
         ``None``, or, with ``init_from``, loads the model alone from that path and
-        returns its report (optimizer, RNG and ``extra`` stay as they are: a fine-tune
-        starting from pre-trained weights). ``init_from`` is anything
+        returns its report (RNG and ``extra`` stay as they are: a fine-tune starting
+        from pre-trained weights). ``init_from`` is anything
         :func:`~dcp_universal.load_model` reads: a step or model directory, a Hugging
-        Face safetensors directory, a ``torch.save`` file. Once the root holds a
-        committed step it is resumed and ``init_from`` is not read.
+        Face safetensors directory, a ``torch.save`` file. A ``torch.save`` file's
+        optimizer state (``optimizer.state_dict()``, keyed by position) is mapped onto
+        ``optimizer`` (:func:`~dcp_universal.interop.legacy.stage_legacy_optimizer`:
+        every shape checked, a mismatch refused); from other sources the optimizer
+        starts fresh. Once the root holds a committed step it is resumed and
+        ``init_from`` is not read.
 
         Collective. Call order, every rank: rank 0 picks the step and tells every rank
         (so a reader racing a writer loads one step everywhere); every rank reads the
@@ -496,13 +501,15 @@ class CheckpointManager:
         with _comm.operation("load" if step is None else f"load of step {step}", self.timeout):
             step = _comm.on_rank0(self._pick_step, step)
             if step is None:
-                return self._initial(model, init_from, init_storage_options, strict, verify)
+                return self._initial(model, optimizer, init_from, init_storage_options,
+                                     strict, verify, hyperparams)
             report = self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
             if init_from is not None:
                 report.notes.append(f"resumed step {step}; init_from={init_from} not read")
             return report
 
-    def _initial(self, model, init_from, storage_options, strict, verify) -> LoadReport | None:
+    def _initial(self, model, optimizer, init_from, storage_options, strict, verify,
+                 hyperparams) -> LoadReport | None:
         """A root without a committed step: nothing, or the model from ``init_from``."""
         if init_from is None:
             if _comm.rank() == 0:
@@ -511,12 +518,19 @@ class CheckpointManager:
             return None
         path = normalize(init_from)
         options = self.options.storage_options if storage_options is None else storage_options
-        staged = stage_model(ModelView.of(model), path, strict=strict, verify=verify,
-                             stage=True, store=storage_for(path, options),
-                             trusted=self.trusted)
+        view = ModelView.of(model)
+        staged = stage_model(view, path, strict=strict, verify=verify, stage=True,
+                             store=storage_for(path, options), trusted=self.trusted)
+        saved = staged.facts.get("legacy_optimizer")
+        what = "optimizer and training state fresh"
+        if optimizer is not None and saved is not None:  # a torch.save file's optimizer
+            staged = Staged.combine([staged, _comm.agreed(lambda: legacy.stage_legacy_optimizer(
+                view, optimizer, saved, fresh=set(staged.report.fresh),
+                layout=staged.facts["layout"], hyperparams=hyperparams, desc=path))])
+            what = "its optimizer state mapped onto the optimizer; training state fresh"
         staged.commit()
         staged.report.notes.append(f"no committed step under {self.root}: the model starts "
-                                   f"from {path} (optimizer and training state fresh)")
+                                   f"from {path} ({what})")
         return staged.report
 
     def _pick_step(self, step: int | None) -> int | None:
