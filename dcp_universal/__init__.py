@@ -18,10 +18,12 @@ from dcp_universal.model.plan import LoadReport
 from dcp_universal.model_io.load import load_model
 from dcp_universal.model_io.save import save_model
 from dcp_universal.training.manager import CheckpointManager, SaveHandle
+from dcp_universal.training.sampler import ResumableSampler
 
 __all__ = [
     "CheckpointManager",
     "SaveHandle",
+    "ResumableSampler",
     "save_model",
     "load_model",
     "LoadReport",
