@@ -5,7 +5,6 @@ loop consumed even when a DataLoader prefetches."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from dcp_universal import CheckpointError, ResumableSampler
