@@ -61,10 +61,16 @@ def model_shape(size_mb: float, hidden: int) -> tuple[int, int]:
     return vocab, n_layers
 
 
-# ---- the seeds' LoRA merge --------------------------------------------------------
+# ---- a LoRA merge of a gathered state dict (the torch.save baseline) -----------------------
 
-_LORA_KEYS = (".lora_A", ".lora_B")
+_LORA_KEYS = (".lora_A", ".lora_B", ".lora_A.weight", ".lora_B.weight")
 _BASE_INFIX = ".base_layer."
+
+
+def _factor(state: dict[str, torch.Tensor], module: str, name: str) -> torch.Tensor | None:
+    """The own LoRA's factor ``name`` of ``module``: a Linear module's weight, or a bare
+    parameter (Embedding)."""
+    return state.get(f"{module}.{name}.weight", state.get(f"{module}.{name}"))
 
 
 @torch.no_grad()
@@ -81,14 +87,14 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
         if _BASE_INFIX in key:
             module, _, leaf = key.rpartition(_BASE_INFIX)
             if leaf == "weight":
-                missing = [k for k in (f"{module}.lora_A", f"{module}.lora_B") if k not in state]
-                if missing:
-                    raise KeyError(f"{key!r}: no {missing} in the state dict to merge with")
-                value = value + scale * (state[f"{module}.lora_B"] @ state[f"{module}.lora_A"])
+                a, b = _factor(state, module, "lora_A"), _factor(state, module, "lora_B")
+                if a is None or b is None:
+                    raise KeyError(f"{key!r}: no lora_A / lora_B of {module} in the state "
+                                   "dict to merge with")
+                value = value + scale * (b @ a)
             key = f"{module}.{leaf}"
         merged[key] = value
     return merged
-
 
 
 # ---- measuring -----------------------------------------------------------------------

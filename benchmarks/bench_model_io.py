@@ -124,7 +124,7 @@ def _randomize_lora_b(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed * 1000 + dist.get_rank())
     for m in model.modules():
         if isinstance(m, LoRALinear):
-            local = m.lora_B.to_local()
+            local = m.lora_B.weight.to_local()
             local.copy_(torch.randn(local.shape, generator=gen) * 1e-2)
 
 

@@ -1,7 +1,8 @@
 """The library's own LoRA layers.
 
 ``LoRALinear`` computes ``base(x) + scale * x @ A.T @ B.T`` with ``A: (rank, in)`` and
-``B: (out, rank)``; its merged weight is ``W + scale * B @ A``.
+``B: (out, rank)`` (the weights of its ``lora_A`` / ``lora_B`` Linear modules, which a
+tensor-parallel plan can name); its merged weight is ``W + scale * B @ A``.
 
 ``LoRAEmbedding`` computes ``base(x) + scale * A[x] @ B`` with ``A: (num_embeddings,
 rank)`` and ``B: (rank, embedding_dim)``; its merged weight is ``W + scale * A @ B``.
@@ -28,20 +29,15 @@ __all__ = ["LoRALinear", "LoRAEmbedding", "apply_lora", "LoRAKind"]
 
 
 class _LoRALayer(nn.Module):
-    """A frozen base layer plus a trainable rank-``rank`` update ``scale * lora_A, lora_B``
-    (shaped ``a_shape`` and ``b_shape``; ``B`` starts at zero)."""
+    """A frozen base layer plus a trainable rank-``rank`` update of scale ``alpha / rank``."""
 
-    def __init__(self, base_layer: nn.Module, *, rank: int, alpha: float, a_shape: tuple,
-                 b_shape: tuple) -> None:
+    def __init__(self, base_layer: nn.Module, *, rank: int, alpha: float) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.base_layer = base_layer
         self.rank = rank
         self.alpha = float(alpha)
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(a_shape, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=w.dtype, device=w.device))
 
     @property
     def scale(self) -> float:
@@ -52,25 +48,37 @@ class _LoRALayer(nn.Module):
 
 
 class LoRALinear(_LoRALayer):
-    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update."""
+    """A frozen ``nn.Linear`` plus a trainable rank-``rank`` update.
+
+    The factors are ``nn.Linear`` modules, as PEFT's are, so a tensor-parallel plan can
+    name them: under a ``ColwiseParallel`` base, ``lora_B`` is ``ColwiseParallel`` and
+    ``lora_A`` stays replicated; under a ``RowwiseParallel`` base, ``lora_A`` is
+    ``RowwiseParallel`` and ``lora_B`` stays replicated. Their canonical names are
+    ``<layer>.lora_A`` and ``<layer>.lora_B`` (the ``.weight`` dropped), as before.
+    """
 
     def __init__(self, base_layer: nn.Linear, *, rank: int, alpha: float) -> None:
+        super().__init__(base_layer, rank=rank, alpha=alpha)
         out_f, in_f = base_layer.weight.shape
-        super().__init__(base_layer, rank=rank, alpha=alpha, a_shape=(rank, in_f),
-                         b_shape=(out_f, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        like = dict(dtype=base_layer.weight.dtype, device=base_layer.weight.device)
+        self.lora_A = nn.Linear(in_f, rank, bias=False, **like)
+        self.lora_B = nn.Linear(rank, out_f, bias=False, **like)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scale
 
 
 class LoRAEmbedding(_LoRALayer):
     """A frozen ``nn.Embedding`` plus a trainable rank-``rank`` update."""
 
     def __init__(self, base_layer: nn.Embedding, *, rank: int, alpha: float) -> None:
+        super().__init__(base_layer, rank=rank, alpha=alpha)
         num, dim = base_layer.weight.shape
-        super().__init__(base_layer, rank=rank, alpha=alpha, a_shape=(num, rank),
-                         b_shape=(rank, dim))
+        w = base_layer.weight
+        self.lora_A = nn.Parameter(torch.empty((num, rank), dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros((rank, dim), dtype=w.dtype, device=w.device))
         nn.init.normal_(self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,12 +148,19 @@ class LoRAKind(adapters.AdapterKind):
 
     def terms(self, module):
         if isinstance(module, LoRALinear):
-            return [adapters.Term(left=module.lora_B, right=module.lora_A, scale=module.scale)]
+            return [adapters.Term(left=module.lora_B.weight, right=module.lora_A.weight,
+                                  scale=module.scale)]
         return [adapters.Term(left=module.lora_A, right=module.lora_B, scale=module.scale)]
 
     def reset(self, module):
         with torch.no_grad():
-            module.lora_B.zero_()
+            (module.lora_B.weight if isinstance(module, LoRALinear) else module.lora_B).zero_()
+
+    def canonical_key(self, module, local_key):
+        # LoRALinear's factor modules: "lora_A.weight" is canonically "lora_A"
+        if isinstance(module, LoRALinear) and local_key in ("lora_A.weight", "lora_B.weight"):
+            return local_key[: -len(".weight")]
+        return super().canonical_key(module, local_key)
 
     def config(self, module):
         return {"rank": module.rank, "alpha": module.alpha}

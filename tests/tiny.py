@@ -105,7 +105,8 @@ def reference_merge(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, LoRAEmbedding)):
             name = name.replace("_checkpoint_wrapped_module.", "").removeprefix("module.")
-            A, B, W = full(m.lora_A), full(m.lora_B), full(m.base_layer.weight)
+            factor = lambda f: f.weight if isinstance(f, nn.Module) else f  # noqa: E731
+            A, B, W = full(factor(m.lora_A)), full(factor(m.lora_B)), full(m.base_layer.weight)
             delta = B @ A if isinstance(m, LoRALinear) else A @ B
             out[f"{name}.weight"] = (W + m.scale * delta).float()
     return out

@@ -163,9 +163,11 @@ class Site:
         return self.kind.terms(self.module)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The adapter's own parameters (everything outside the base layer), by local name."""
+        """The adapter's own parameters (everything outside the base layer), by their
+        canonical local names (the kind's :meth:`AdapterKind.canonical_key`)."""
         prefix = self.kind.base_attr(self.module) + "."
-        return {n: p for n, p in self.module.named_parameters() if not n.startswith(prefix)}
+        return {self.kind.canonical_key(self.module, n): p
+                for n, p in self.module.named_parameters() if not n.startswith(prefix)}
 
     def structural_names(self) -> dict[str, str]:
         """Canonical base parameter key -> the same key with the base infix kept."""

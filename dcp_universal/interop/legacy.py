@@ -295,7 +295,13 @@ def stage_legacy_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, sa
         saved_names = [foreign.canonical_key(n) or n for g in groups for n in g["param_names"]]
     if saved_names is not None:
         by_name = dict(zip(saved_names, ids))
-        pairs = [(p, by_name.get(names[id(p)])) for p in params]
+        # the file names parameters as its model did: canonical, or this model's own
+        # names made canonical by the string rules (own LoRA: "q.lora_A.weight")
+        aliases = {id(p): {names[id(p)], foreign.canonical_key(raw) or raw}
+                   for raw, p in view.model.named_parameters(remove_duplicate=False)
+                   if id(p) in names}
+        pairs = [(p, next((by_name[a] for a in sorted(aliases.get(id(p), {names[id(p)]}))
+                           if a in by_name), None)) for p in params]
         how = "matched by the parameter names the file records"
         unmatched = [names[id(p)] for p, sid in pairs if sid is None]
         if unmatched:

@@ -90,7 +90,7 @@ def test_apply_lora_rejects_unknown_targets_and_freezes_only_bases():
         apply_lora(tiny.Tiny(), rank=2, alpha=2, targets=["q", "nope"])
     model = tiny.make("lora4")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "blocks.0.q.lora_A" in trainable and "blocks.0.ln.weight" in trainable
+    assert "blocks.0.q.lora_A.weight" in trainable and "blocks.0.ln.weight" in trainable
     assert "blocks.0.q.base_layer.weight" not in trainable
     assert "blocks.0.fc2.weight" in trainable  # not a target: untouched
 
