@@ -23,13 +23,13 @@ VARIANTS = {
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.ln = nn.LayerNorm(DIM)
-        self.q = nn.Linear(DIM, DIM)
-        self.v = nn.Linear(DIM, DIM, bias=False)
-        self.fc1 = nn.Linear(DIM, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, DIM)
+        self.ln = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, h):
         x = self.ln(h)
@@ -38,12 +38,12 @@ class Block(nn.Module):
 
 
 class Tiny(nn.Module):
-    def __init__(self, n_blocks: int = 2) -> None:
+    def __init__(self, n_blocks: int = 2, dim: int = DIM, hidden: int = HIDDEN) -> None:
         super().__init__()
-        self.wte = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
-        self.ln_f = nn.LayerNorm(DIM)
-        self.head = nn.Linear(DIM, VOCAB)
+        self.wte = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(Block(dim, hidden) for _ in range(n_blocks))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB)
 
     def forward(self, idx):
         h = self.wte(idx)

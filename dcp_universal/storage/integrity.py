@@ -12,7 +12,7 @@ import os
 import zlib
 from typing import Callable, Mapping
 
-from dcp_universal.errors import IntegrityError
+from dcp_universal.errors import CheckpointError, IntegrityError, NotACheckpointError
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage import Storage, join
 
@@ -85,10 +85,24 @@ class Checksummed:
 
 
 def crc32_of(store: Storage, path: str, chunk: int = 16 << 20) -> int:
+    """CRC-32 of the file ``path``, read in chunks.
+
+    Raises:
+        NotACheckpointError: the file vanished while it was read (a prune or another
+            job removed the step meanwhile; an object store says so only at a read).
+    """
     crc = 0
-    with store.open_read(path) as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
+    try:
+        with store.open_read(path) as f:
+            while block := f.read(chunk):
+                crc = zlib.crc32(block, crc)
+    except FileNotFoundError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise NotACheckpointError(
+            f"checking {path} failed: it does not exist any more (removed while it was read? "
+            "retention or another job's prune deletes old steps) -> load a step that is "
+            "still committed") from e
     return crc
 
 

@@ -148,3 +148,27 @@ def test_a_directory_whose_metadata_vanishes_while_it_is_read_says_so(tmp_path):
     os.remove(os.path.join(path, ".metadata"))
     with pytest.raises(NotACheckpointError, match=r"\.metadata does not exist \(removed while"):
         dcp_io.read_metadata(storage_for(path), path)
+
+
+def test_a_file_that_vanishes_while_its_checksum_is_read_says_so(tmp_path, monkeypatch):
+    """verify=True racing a prune on an object store: the listing saw the file, the read
+    finds it gone (found by the S3 concurrency stress). NotACheckpointError, not a raw
+    FileNotFoundError."""
+    from dcp_universal import CheckpointManager, NotACheckpointError
+    from dcp_universal.storage.local import LocalStorage
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, tiny.make("plain", seed=1))
+    opened = LocalStorage.open_read
+
+    def gone(self, path):
+        if path.endswith(".distcp"):
+            raise FileNotFoundError(2, "The specified key does not exist.", path)
+        return opened(self, path)
+
+    monkeypatch.setattr(LocalStorage, "open_read", gone)
+    target = tiny.make("plain", seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(NotACheckpointError, match="removed while it was read"):
+        mgr.load(target, verify=True)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())

@@ -23,9 +23,7 @@ def _assert_untouched(model, before):
 
 
 def test_other_architecture_raises_with_keys_and_shapes_and_leaves_model_untouched(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiny, "DIM", 16)  # a wider model of the same layout
-    save_model(tiny.make("plain"), str(tmp_path / "wide"))
-    monkeypatch.undo()
+    save_model(tiny.make("plain", dim=16), str(tmp_path / "wide"))  # the same layout, wider
     target = tiny.make("lora4", seed=3)
     tiny.randomize_adapters(target, seed=1)
     before = _snapshot(target)
