@@ -41,7 +41,7 @@ set -e
 
 stage "2/3 the same command on 3 processes: resumes from S3"
 "$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py --parallel fsdp "${MODEL[@]}" "${LORA[@]}" \
-  --steps 40 --save-every 10 --keep-last 2 --resume auto --reshard-per-rank skip \
+  --steps 40 --save-every 10 --keep-last 2 --resume auto \
   --ckpt-dir s3://demo/run --storage-options "$OPTS" 2>&1 | tee runs/demo_s3_stage2.log | grep -E "resumed|EVAL_LOSS"
 "$PY" - "$OPTS" <<'PYEOF'
 import json, sys, s3fs

@@ -14,11 +14,10 @@ as ``ROOT/base-<fingerprint>/``), the optimizer, the LR schedule, the step count
 RNG and each rank's data position, so ``--resume auto`` continues a run exactly where
 its last committed step left it: same world size, same losses, bit for bit.
 
-Resuming on another number of processes (GPUs) also needs ``--reshard-per-rank skip``:
-the RNG and the data positions are per rank and have no meaning for another world size,
-so by default such a resume stops with an error; with the flag each new rank draws a
-fresh data stream (seeded by seed, rank and step) instead. Model, optimizer, LR schedule
-and step counter reshard either way.
+Resuming on another number of processes (GPUs) reshards everything: model, optimizer,
+LR schedule, step counter, and the data position: the batches are windows of the text in
+one global order per epoch (``ResumableSampler``), so the resumed job trains on the
+windows the stopped one had not reached, none twice. The RNG stays each rank's own.
 
 Run from the repository root:
 
@@ -33,7 +32,7 @@ Run from the repository root:
     # ... or continue it on 3 processes
     torchrun --standalone --nproc_per_node=3 launch/train.py --parallel fsdp \\
         --lora-rank 8 --lora-targets q,v,fc1,wte --lr 3e-3 --steps 100 \\
-        --ckpt-dir runs/lora --save-every 20 --resume auto --reshard-per-rank skip
+        --ckpt-dir runs/lora --save-every 20 --resume auto
     # one process, no process group: evaluate and sample (an inference node)
     python launch/train.py --parallel none --init-from runs/lora/step-00000100 \\
         --eval-only --sample 200
@@ -58,9 +57,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcp_universal import CheckpointManager, load_model
+from dcp_universal import CheckpointManager, ResumableSampler, load_model
 from dcp_universal.lora import apply_lora
-from dcp_universal import PerRankStateError
 from model import GPT, GPTConfig
 
 # Modules present in every CPython >= 3.10, read in this order.
@@ -91,8 +89,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resume", choices=["auto", "none"], default="none",
                    help="auto: continue from ROOT's latest committed step if there is one")
     p.add_argument("--reshard-per-rank", choices=["error", "skip"], default="error",
-                   help="on resume with another world size: skip restoring the per-rank RNG "
-                   "and data positions (needed to resume on another GPU count)")
+                   help="no effect (kept for earlier command lines): a resume on another "
+                   "number of processes continues the data order without it")
     p.add_argument("--kill-after", type=int, metavar="M",
                    help="simulate pre-emption: every rank exits with status 1 right after "
                    "step M (and its save, when M is a save step)")
@@ -130,43 +128,50 @@ def load_corpus() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator):
+    """Random windows (the evaluation batch: one fixed seed for every run)."""
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
     x = torch.stack([data[i:i + block_size] for i in ix])
     y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])
     return x, y
 
 
-class DataPosition:
-    """One rank's place in its stream of training batches: a generator and a count.
+class Batches:
+    """The training batches: non-overlapping windows of the text in the order of a
+    :class:`~dcp_universal.ResumableSampler` (one global order per epoch, each rank its
+    share), so that a resume on another number of processes continues the order where
+    the job stopped: across the run every window of an epoch is trained on once.
 
-    Ranks draw different batches, so this state differs across ranks and the manager
-    saves it per rank; a resume on the same world size restores it exactly.
+    ``drop_last``: every rank gets as many windows per epoch, so all ranks move to the
+    next epoch at the same step (the collectives of FSDP and DDP need that).
     """
 
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
-        self.gen = torch.Generator()
-        self.batches = 0
-        self.restart(0)
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int) -> None:
+        self.data, self.batch_size, self.block_size = data, batch_size, block_size
+        self.sampler = ResumableSampler((len(data) - 1) // block_size, seed=seed,
+                                        drop_last=True)
+        self._it = None
 
-    def restart(self, step: int) -> None:
-        """Start a fresh stream, a function of (seed, rank, step).
-
-        Used when the saved positions cannot be restored (another world size): seeding
-        with the step keeps the new ranks from replaying the run's first batches.
-        """
-        self.gen.manual_seed((self.seed * 1024 + self.rank) * 1_000_003 + step)
-
-    def next_batch(self, data: torch.Tensor, batch_size: int, block_size: int):
-        self.batches += 1
-        return get_batch(data, batch_size, block_size, self.gen)
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.sampler) < self.batch_size:  # the epoch's rest: too few for a batch
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._it = None
+        if self._it is None:
+            self._it = iter(self.sampler)
+        ix = [next(self._it) * self.block_size for _ in range(self.batch_size)]
+        x = torch.stack([self.data[i:i + self.block_size] for i in ix])
+        y = torch.stack([self.data[i + 1:i + 1 + self.block_size] for i in ix])
+        return x, y
 
     def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state(), "batches": self.batches}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["generator"])
-        self.batches = state["batches"]
+        self.sampler.load_state_dict(state)
+        self._it = None
+
+    def load_resharded_state_dicts(self, states: list[dict]) -> None:
+        self.sampler.load_resharded_state_dicts(states)
+        self._it = None
 
 
 def lr_lambda(warmup: int, total: int):
@@ -244,7 +249,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(args.warmup_steps, args.steps))
-        data = DataPosition(args.seed, rank)
+        data = Batches(train, args.batch_size, args.block_size, args.seed)
         counters = {"step": 0}
         extra = {"lr_scheduler": scheduler, "train": counters, "data": data}
         if args.ckpt_dir:
@@ -260,18 +265,14 @@ def main() -> None:
         log(f"--resume auto: no committed step under {args.ckpt_dir} yet, starting at step 0")
     if latest is not None:
         saved_world = mgr.manifest(latest).world_size
-        skip = ["rng", "data"] if args.reshard_per_rank == "skip" else []
         t0 = time.perf_counter()
-        try:
-            report = mgr.load(model, optimizer, extra=extra, skip_per_rank=skip)
-        except PerRankStateError as e:
-            fail(f"{e}\nIn this trainer: add --reshard-per-rank skip to resume step {latest} "
-                 f"(saved by {saved_world} processes) on {world}.")
-        if saved_world != world and skip:
-            data.restart(counters["step"])
+        # the data position reshards (Batches.load_resharded_state_dicts); the RNG is
+        # each rank's own on another world size
+        report = mgr.load(model, optimizer, extra=extra)
         log(f"resumed {mgr.step_path(latest)} (saved by {saved_world} processes) in "
             f"{time.perf_counter() - t0:.2f} s: at step {counters['step']}, "
-            f"lr {scheduler.get_last_lr()[0]:.3g}\n{report.summary()}")
+            f"lr {scheduler.get_last_lr()[0]:.3g}, data at window {data.sampler.position} of "
+            f"{data.sampler.dataset_len} in epoch {data.sampler.epoch}\n{report.summary()}")
         if args.init_from:
             log(f"--init-from {args.init_from} ignored: the run resumes from its own checkpoint")
     elif args.init_from:
@@ -284,7 +285,7 @@ def main() -> None:
         first = counters["step"] + 1
         t0 = time.perf_counter()
         while counters["step"] < args.steps:
-            x, y = data.next_batch(train, args.batch_size, args.block_size)
+            x, y = data.next()
             _, loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

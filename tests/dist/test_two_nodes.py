@@ -57,10 +57,13 @@ def test_two_node_job_on_s3_resumes_on_three_processes(s3):
 
     resumed = subprocess.run(
         [*TORCHRUN, "--standalone", "--nnodes=1", "--nproc_per_node=3",
-         *_train(root, options, "--steps", "15", "--reshard-per-rank", "skip")],
+         *_train(root, options, "--steps", "15")],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert re.search(r"resumed \S+step-00000010 \(saved by 4 processes\).*at step 10", resumed.stdout)
+    # the data order continues: 10 steps of 4 processes consumed 10 x 4 x batch windows
+    batch = int(MODEL[MODEL.index("--batch-size") + 1]) if "--batch-size" in MODEL else 16
+    assert f"data at window {10 * 4 * batch} of " in resumed.stdout, resumed.stdout[-2000:]
     assert mgr.steps()[-1] == 15 and mgr.manifest(15).world_size == 3
     want = float(re.findall(r"EVAL_LOSS (\S+)", resumed.stdout)[-1])
 
