@@ -8,7 +8,7 @@
 #      right after step 40 (a simulated pre-emption, once step 40 is committed)
 #   3) resume it on 3 processes (--resume auto): the data order continues where the 2
 #      processes stopped; train on to step 100, saved merged -> runs/demo/lora/step-00000100
-#   4) load (3) into LoRA rank 4 on 3 processes: same EVAL_LOSS as (3)
+#   4) load (3) into LoRA rank 4 on a 2-D mesh (FSDP x TP, 4 processes): same EVAL_LOSS
 #   5) load (3) in one process, no process group: same EVAL_LOSS, and a sample
 #   6) export (3) as Hugging Face safetensors (bf16 and fp32), and start a one-process
 #      evaluation from the fp32 export: same EVAL_LOSS
@@ -85,11 +85,11 @@ if [ -d "$FINAL/model" ]; then
   .venv/bin/dcp-universal inspect "$FINAL"
 fi
 
-stage "4/6 load the final step into LoRA rank 4 with FSDP2 on 3 processes, evaluate only"
-"$TORCHRUN" --standalone --nproc_per_node=3 launch/train.py --parallel fsdp "${MODEL[@]}" \
+stage "4/6 load the final step into LoRA rank 4 on a 2-D mesh: FSDP x TP, (dp 2, tp 2) on 4 processes, evaluate only"
+"$TORCHRUN" --standalone --nproc_per_node=4 launch/train.py --parallel fsdp --tp 2 "${MODEL[@]}" \
   --init-from "$FINAL" --lora-rank 4 --lora-targets q,v,fc1,wte --eval-only \
   2>&1 | tee "$WORK/stage4.log"
-same_loss "stage 4 (FSDP2 x3, LoRA rank 4)" "$WANT" "$(eval_loss "$WORK/stage4.log")"
+same_loss "stage 4 (FSDP x TP (2, 2), LoRA rank 4)" "$WANT" "$(eval_loss "$WORK/stage4.log")"
 
 stage "5/6 inference: load the final step in one process with no process group, sample 200 bytes"
 "$PY" launch/train.py --parallel none "${MODEL[@]}" --init-from "$FINAL" --eval-only \

@@ -39,13 +39,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
+        head_dim = C // self.n_head
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            # -1 heads: under tensor parallelism q, k, v hold this rank's heads only
+            return t.view(B, T, -1, head_dim).transpose(1, 2)
 
         y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)),
                                            is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

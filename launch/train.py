@@ -33,6 +33,10 @@ Run from the repository root:
     torchrun --standalone --nproc_per_node=3 launch/train.py --parallel fsdp \\
         --lora-rank 8 --lora-targets q,v,fc1,wte --lr 3e-3 --steps 100 \\
         --ckpt-dir runs/lora --save-every 20 --resume auto
+    # ... or on a 2-D mesh: FSDP x TP (--tp 2: (dp 2, tp 2) on 4 processes), or HSDP
+    torchrun --standalone --nproc_per_node=4 launch/train.py --parallel fsdp --tp 2 \\
+        --lora-rank 8 --lora-targets q,v,fc1,wte --lr 3e-3 --steps 100 \\
+        --ckpt-dir runs/lora --save-every 20 --resume auto
     # one process, no process group: evaluate and sample (an inference node)
     python launch/train.py --parallel none --init-from runs/lora/step-00000100 \\
         --eval-only --sample 200
@@ -55,6 +59,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcp_universal import CheckpointManager, ResumableSampler, load_model
@@ -72,6 +78,11 @@ MIN_LR_RATIO = 0.1  # the cosine schedule ends at 10% of --lr
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parallel", choices=["fsdp", "ddp", "none"], default="fsdp")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="fsdp: tensor parallelism of degree N inside each group of N processes "
+                   "(a (world/N, N) mesh: FSDP over the first dimension, TP over the second)")
+    p.add_argument("--hsdp", type=int, default=1, metavar="R",
+                   help="fsdp: hybrid sharding, R replicas each sharded over world/R processes")
     p.add_argument("--lora-rank", type=int, default=0, help="0: train the full model")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-targets", default="q,v", help="comma-separated module names")
@@ -145,10 +156,11 @@ class Batches:
     next epoch at the same step (the collectives of FSDP and DDP need that).
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int) -> None:
+    def __init__(self, data: torch.Tensor, batch_size: int, block_size: int, seed: int,
+                 rank: int, world_size: int) -> None:
         self.data, self.batch_size, self.block_size = data, batch_size, block_size
         self.sampler = ResumableSampler((len(data) - 1) // block_size, seed=seed,
-                                        drop_last=True)
+                                        drop_last=True, rank=rank, world_size=world_size)
         self._it = None
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +184,38 @@ class Batches:
     def load_resharded_state_dicts(self, states: list[dict]) -> None:
         self.sampler.load_resharded_state_dicts(states)
         self._it = None
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters on several meshes (FSDP x TP
+    puts TP'd weights on the 2-D mesh and the rest on the data-parallel one, which torch's
+    version cannot stack): each gradient's norm made whole, then one scale for all."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    total = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]).norm()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale)
+
+
+def tp_plan(model: GPT) -> dict:
+    """Megatron-style tensor parallelism of every block: q, k, v and fc1 column-wise, o
+    and fc2 row-wise. An adapted layer (the library's LoRA) puts its base layer in the
+    plan, and the factor that lines up with the sharded dimension: lora_B under a
+    column-wise base, lora_A under a row-wise one (the other factor stays replicated)."""
+    plan = {}
+    for i, block in enumerate(model.blocks):
+        for name, style in (("attn.q", ColwiseParallel), ("attn.k", ColwiseParallel),
+                            ("attn.v", ColwiseParallel), ("attn.o", RowwiseParallel),
+                            ("mlp.fc1", ColwiseParallel), ("mlp.fc2", RowwiseParallel)):
+            fqn = f"blocks.{i}.{name}"
+            if hasattr(model.get_submodule(fqn), "base_layer"):
+                plan[f"{fqn}.base_layer"] = style()
+                plan[f"{fqn}.{'lora_B' if style is ColwiseParallel else 'lora_A'}"] = style()
+            else:
+                plan[fqn] = style()
+    return plan
 
 
 def lr_lambda(warmup: int, total: int):
@@ -233,11 +277,26 @@ def main() -> None:
     log(f"{args.parallel} x{world}: {n_all / 1e3:.1f}k parameters, {n_train / 1e3:.1f}k trainable"
         + (f" (LoRA rank {args.lora_rank} on {args.lora_targets})" if args.lora_rank else ""))
 
+    data_rank, data_world = rank, world  # TP peers take the same batches
     if args.parallel == "fsdp":
-        mesh = init_device_mesh("cpu", (world,))
+        if world % args.tp or world % args.hsdp or (args.tp > 1 and args.hsdp > 1):
+            fail(f"--tp {args.tp} / --hsdp {args.hsdp}: each must divide the {world} "
+                 "processes, and only one of them may be above 1")
+        if args.tp > 1:
+            mesh = init_device_mesh("cpu", (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
+            parallelize_module(model, mesh["tp"], tp_plan(model))
+            shard_mesh = mesh["dp"]
+            data_rank, data_world = mesh["dp"].get_local_rank(), world // args.tp
+        elif args.hsdp > 1:
+            shard_mesh = init_device_mesh("cpu", (args.hsdp, world // args.hsdp),
+                                          mesh_dim_names=("replicate", "shard"))
+        else:
+            shard_mesh = init_device_mesh("cpu", (world,))
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=shard_mesh)
+        fully_shard(model, mesh=shard_mesh)
+    elif args.tp > 1 or args.hsdp > 1:
+        fail("--tp and --hsdp need --parallel fsdp")
     elif args.parallel == "ddp":
         model = DDP(model)
     core = model.module if isinstance(model, DDP) else model  # for generate()
@@ -249,7 +308,7 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(args.warmup_steps, args.steps))
-        data = Batches(train, args.batch_size, args.block_size, args.seed)
+        data = Batches(train, args.batch_size, args.block_size, args.seed, data_rank, data_world)
         counters = {"step": 0}
         extra = {"lr_scheduler": scheduler, "train": counters, "data": data}
         if args.ckpt_dir:
@@ -289,7 +348,7 @@ def main() -> None:
             _, loss = model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            clip_grad_norm(params, 1.0)
             optimizer.step()
             scheduler.step()
             counters["step"] += 1

@@ -43,7 +43,9 @@ class ResumableSampler(Sampler[int]):
         shuffle: ``False``: the order is ``0 .. dataset_len - 1``.
         drop_last: leave out an epoch's last round when it cannot give every rank a
             sample.
-        rank, world_size: default: the process group's (0 and 1 without one).
+        rank, world_size: default: the process group's (0 and 1 without one). With
+            tensor parallelism, the data-parallel rank and size (TP peers take the same
+            samples).
 
     Save and restore it as a per-rank ``extra`` object of
     :meth:`~dcp_universal.CheckpointManager.save` / ``load``; on another world size the
@@ -139,11 +141,11 @@ class ResumableSampler(Sampler[int]):
                     "the sampler with the saved run's arguments")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """This rank's own state, saved by the same world size."""
+        """One saved rank's state (the manager gives each rank its own when the world
+        size is the same; the data-parallel size may still differ, as when TP peers
+        share a data rank): the position where every saved data rank had consumed as
+        many samples as this one (synchronous training); a new stretch starts there."""
         self._check(state)
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            self.load_resharded_state_dicts([state])
-            return
         # a new stretch where the saved one stopped: the same positions, whatever this
         # run's way of counting
         self.epoch, self._consumed = state["epoch"], 0
@@ -155,6 +157,13 @@ class ResumableSampler(Sampler[int]):
         at the first position no saved rank consumed."""
         for s in states:
             self._check(s)
+        # ranks that shared a data rank (tensor-parallel peers) saved the same state
+        by_rank: dict[int, dict] = {}
+        for s in states:
+            if by_rank.setdefault(s["rank"], s) != s:
+                raise CheckpointError(f"two saved states of data rank {s['rank']} differ: "
+                                      "the ranks that share it must consume alike")
+        states = [by_rank[r] for r in sorted(by_rank)]
         epochs = {s["epoch"] for s in states}
         if len(epochs) != 1:
             raise CheckpointError(f"the saved samplers are in different epochs {sorted(epochs)}")

@@ -99,3 +99,23 @@ def test_drop_last_leaves_out_the_round_that_cannot_fill_every_rank():
     assert [len(s) for s in job] == [3, 3, 2, 2] and sorted(i for s in job for i in s) == list(range(10))
     with pytest.raises(ValueError, match="rank=4"):
         ResumableSampler(10, rank=4, world_size=4)
+
+
+def test_tensor_parallel_peers_share_a_data_rank_and_their_copies_count_once():
+    """(dp 2, tp 2): four processes save two data ranks' states twice each; a resume on
+    3 data ranks (or on the same 4 processes as HSDP, 4 data ranks) continues the order."""
+    job = _job(2, 40, seed=4)
+    seen = _run(job, 2, 3)
+    saved = [s.state_dict() for s in job for _ in range(2)]  # each TP peer's copy
+    new = _job(3, 40, seed=4)
+    for s in new:
+        s.load_resharded_state_dicts(saved)
+    rest = [i for s in new for i in s]
+    assert sorted(seen + rest) == list(range(40))
+    same_world = _job(4, 40, seed=4)
+    for s, state in zip(same_world, saved):  # the manager gives each process its own
+        s.load_state_dict(state)
+    assert sorted(seen + [i for s in same_world for i in s]) == list(range(40))
+    saved[1] = {**saved[1], "consumed": 0}
+    with pytest.raises(CheckpointError, match="two saved states of data rank 0 differ"):
+        _job(3, 40, seed=4)[0].load_resharded_state_dicts(saved)
