@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import torch
 
 from hf_models import llama, logits, max_diff, peft, transformers
@@ -62,3 +64,19 @@ def test_a_lora_fine_tune_from_an_hf_directory(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(hf_dir), f"{exports}/adapter").eval()
     assert max_diff(logits(adapted), ref) < 1e-5
     assert max_diff(logits(pretrained), ref) > 1e-3  # it did train
+
+
+def _seen(d) -> list[int]:
+    return [int(x) for name in sorted(os.listdir(d)) for x in open(os.path.join(d, name)).read().split()]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_the_data_position_follows_a_change_of_world_size(tmp_path, workers):
+    ckpt, seen = str(tmp_path / "ckpt"), str(tmp_path / "seen")
+    _torchrun(4, "examples/resumable_data.py", ckpt, seen, "5", workers)  # 4 x 5 x 8 samples
+    _torchrun(3, "examples/resumable_data.py", ckpt, seen, "6", workers)  # resumed on 3
+    got = _seen(seen)
+    assert len(got) == 4 * 5 * 8 + 3 * 6 * 8 and len(set(got)) == len(got)  # none twice
+    from dcp_universal import ResumableSampler
+    order = ResumableSampler(1000, seed=0, rank=0, world_size=1).order()
+    assert set(got) == set(order[:len(got)])  # none skipped: a prefix of the epoch's order
