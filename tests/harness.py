@@ -87,3 +87,14 @@ def run(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                                    f"(exit codes {codes}, timeout {timeout}s)")
             results[r] = torch.load(path, weights_only=False)
         return [results[r] for r in range(world_size)]
+
+
+def outcome(fn) -> tuple:
+    """Run ``fn`` on this rank: ``(exception class name or None, message, seconds)``, so a
+    rank can report a failure as a result instead of dying with it."""
+    start = time.monotonic()
+    try:
+        fn()
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    return None, "", time.monotonic() - start

@@ -4,7 +4,6 @@ process group's timeout (issue "Trust": hangs)."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -32,19 +31,10 @@ class _PicklesOnRank0Only:
         self.state = state
 
 
-def _outcome(fn):
-    start = time.monotonic()
-    try:
-        fn()
-    except Exception as e:
-        return type(e).__name__, str(e), time.monotonic() - start
-    return None, "", time.monotonic() - start
-
-
 def _save_with_extra_unpicklable_on_rank1(rank, world_size, root):
     model = tiny.make("plain", seed=0)
     mgr = CheckpointManager(root)
-    out = _outcome(lambda: mgr.save(1, model, extra={"data": _PicklesOnRank0Only(rank)}))
+    out = harness.outcome(lambda: mgr.save(1, model, extra={"data": _PicklesOnRank0Only(rank)}))
     return out, mgr.steps()
 
 
@@ -73,7 +63,6 @@ def _load_failing_on_rank1(rank, world_size, root, where):
 
         steps.read_manifest = read_manifest
     if rank == 1 and where == "files":  # a file damaged as this rank sees it
-        real_open = step_format.StepFormat.open
 
         def open_(self, store, path, want):
             raise IntegrityError(f"{path}/model/__0_0.distcp has 3 bytes, the manifest says 9")
@@ -81,7 +70,7 @@ def _load_failing_on_rank1(rank, world_size, root, where):
         step_format.StepFormat.open = open_
     target = tiny.make("plain", seed=5)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    out = _outcome(lambda: mgr.load(target))
+    out = harness.outcome(lambda: mgr.load(target))
     untouched = all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     return out, untouched
 

@@ -55,15 +55,6 @@ def _stall_in(where: str) -> None:
         raise AssertionError(where)
 
 
-def _outcome(fn) -> tuple:
-    start = time.monotonic()
-    try:
-        fn()
-    except Exception as e:
-        return type(e).__name__, str(e), time.monotonic() - start
-    return None, "", time.monotonic() - start
-
-
 def _job(rank, world_size, root, what, stalled):
     model = tiny.make("plain", seed=3)
     mgr = CheckpointManager(root, timeout=TIMEOUT_S)
@@ -79,22 +70,22 @@ def _job(rank, world_size, root, what, stalled):
             for p in model.parameters():
                 p.add_(1.0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        out = _outcome(lambda: mgr.load(model))
+        out = harness.outcome(lambda: mgr.load(model))
     elif what == "load_model":
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        out = _outcome(lambda: load_model(model, f"{root}/plain", timeout=TIMEOUT_S))
+        out = harness.outcome(lambda: load_model(model, f"{root}/plain", timeout=TIMEOUT_S))
     elif what == "async":
         start = time.monotonic()
         mgr.save(2, model, blocking=False)
-        name, message, _ = _outcome(mgr.wait)
+        name, message, _ = harness.outcome(mgr.wait)
         out = (name, message, time.monotonic() - start)
     elif what == "save_model":
-        out = _outcome(lambda: save_model(model, f"{root}/exported", timeout=TIMEOUT_S))
+        out = harness.outcome(lambda: save_model(model, f"{root}/exported", timeout=TIMEOUT_S))
     else:
-        out = _outcome(lambda: mgr.save(2, model))
+        out = harness.outcome(lambda: mgr.save(2, model))
     untouched = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     mgr.close()
     return out, untouched
