@@ -13,13 +13,18 @@ peft = pytest.importorskip("peft")
 VOCAB = 61
 
 
-def llama(*, tied: bool, seed: int = 0):
+def _llama_like(config_cls, model_cls, *, tied: bool, seed: int):
+    """A tiny decoder of the Llama family (Llama, Qwen2: the same config fields)."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    cfg = config_cls(
         vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         tie_word_embeddings=tied)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def llama(*, tied: bool, seed: int = 0):
+    return _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM, tied=tied, seed=seed)
 
 
 def gpt2(*, tied: bool = True, seed: int = 0):
@@ -31,12 +36,7 @@ def gpt2(*, tied: bool = True, seed: int = 0):
 
 
 def qwen2(*, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        tie_word_embeddings=True)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+    return _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, tied=True, seed=seed)
 
 
 def t5(*, seed: int = 0):

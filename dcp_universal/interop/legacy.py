@@ -101,19 +101,19 @@ def _find_alpha(meta: dict[str, Any]) -> float | None:
 def _merge_main_weight_lora(sd: dict[str, torch.Tensor], alpha: float | None, path: str):
     """``(merged state dict, merged keys, base state dict, factors)`` of a state dict in
     the ``main_weight`` layout."""
-    out, base, merged, factors = {}, {}, [], {}
+    out, merged, factors = {}, [], {}
     stems = {k[: -len(".main_weight.weight")] for k in sd if k.endswith(".main_weight.weight")}
     for key, value in sd.items():
         stem = next((s for s in stems if key.startswith(s + ".")), None)
         if stem is None:
-            out[key] = base[key] = value
+            out[key] = value
             continue
         rest = key[len(stem) + 1:]
         if rest.startswith("main_weight."):
             out[f"{stem}.{rest[len('main_weight.'):]}"] = value
-            base[f"{stem}.{rest[len('main_weight.'):]}"] = value
         elif not rest.startswith(("lora_A.", "lora_B.")):
-            out[key] = base[key] = value
+            out[key] = value
+    base = dict(out)  # every weight as the file holds it, before the merge below
     for stem in sorted(stems):
         w = sd[f"{stem}.main_weight.weight"]
         a, b = sd.get(f"{stem}.lora_A.weight"), sd.get(f"{stem}.lora_B.weight")
@@ -283,10 +283,7 @@ def stage_legacy_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, sa
     parameter that does not fit, before anything changes. ``fresh``: parameters the
     model load initialised (their saved state is not theirs). Not collective."""
     groups = _saved_groups(saved, desc)
-    names = {id(p): view.param_keys.get(id(p)) for g in optimizer.param_groups for p in g["params"]}
-    if None in names.values():
-        raise CheckpointError("the optimizer holds tensors that are not parameters of the model "
-                              "passed with it; build it from this model's parameters")
+    names = view.optimizer_param_names(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
     sizes = ([len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups])

@@ -11,6 +11,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import adapters
+from dcp_universal.errors import CheckpointError
 from dcp_universal.format.manifest import AdapterTerm, Adapters, Mesh
 from dcp_universal.model.names import Namer
 
@@ -118,6 +119,23 @@ class ModelView:
         frozen.update(k for g in ties if frozen.intersection(g) for k in g)
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
                    {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd))
+
+    def optimizer_param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+        """``id(parameter) -> canonical name`` for the parameters ``optimizer`` holds
+        (and the model's others).
+
+        Raises:
+            CheckpointError: the optimizer holds tensors that are not this model's
+                parameters (built before wrapping, or from another model).
+        """
+        unknown = [p for g in optimizer.param_groups for p in g["params"]
+                   if id(p) not in self.param_keys]
+        if unknown:
+            raise CheckpointError(
+                f"the optimizer holds {len(unknown)} tensors that are not parameters of the "
+                "model passed with it; build the optimizer from this model's parameters "
+                "(after wrapping)")
+        return self.param_keys
 
     def tie_of(self, key: str) -> tuple[str, ...]:
         """The tie group holding ``key``, or ``(key,)``."""

@@ -114,7 +114,7 @@ def _carry_tied(view, merging: dict, adapters: DcpDir, step_keys: dict) -> dict:
     saved rank there, the saved factors padded with zeros and rescaled to the target's
     scale add the same update. ``{site: (saved rank, target rank, {key: tensor})}``; a
     site not carried is merged (and a tied target then refuses the load)."""
-    out = {}
+    fits = {}  # site -> (saved term, target term, saved rank, target rank)
     for name, terms in merging.items():
         site = next((s for s in view.sites if s.name == name), None)
         if len(view.tie_of(f"{name}.weight")) < 2 or site is None or len(terms) != 1:
@@ -123,15 +123,18 @@ def _carry_tied(view, merging: dict, adapters: DcpDir, step_keys: dict) -> dict:
         if len(now) != 1 or now[0].scale == 0:
             continue
         saved, t = terms[0], now[0]
-        lkey, rkey = view.param_keys[id(t.left)], view.param_keys[id(t.right)]
         r = _rank(step_keys[saved.left], saved.left_t, 1)
         r2 = _rank(t.left, t.left_transposed, 1)
-        if r2 < r or _rank(step_keys[saved.right], saved.right_t, 0) != r:
-            continue
-        full = {k: torch.empty(step_keys[k].shape, dtype=step_keys[k].dtype)
-                for k in (saved.left, saved.right)}
-        dcp_io.load_state(adapters.store, full, adapters.path, single_process=True,
-                          metadata=adapters.metadata, trusted=adapters.trusted)
+        if r2 >= r and _rank(step_keys[saved.right], saved.right_t, 0) == r:
+            fits[name] = (saved, t, r, r2)
+    if not fits:
+        return {}
+    full = {k: torch.empty(step_keys[k].shape, dtype=step_keys[k].dtype)
+            for saved, *_ in fits.values() for k in (saved.left, saved.right)}
+    dcp_io.load_state(adapters.store, full, adapters.path, single_process=True,
+                      metadata=adapters.metadata, trusted=adapters.trusted)  # one read
+    out = {}
+    for name, (saved, t, r, r2) in fits.items():
         left = full[saved.left].T if saved.left_t else full[saved.left]      # (rows, r)
         right = full[saved.right].T if saved.right_t else full[saved.right]  # (r, cols)
         pl = left.new_zeros((left.shape[0], r2))
@@ -141,6 +144,7 @@ def _carry_tied(view, merging: dict, adapters: DcpDir, step_keys: dict) -> dict:
         pl, pr = (pl.T if t.left_transposed else pl), (pr.T if t.right_transposed else pr)
         if pl.shape != t.left.shape or pr.shape != t.right.shape:
             continue
+        lkey, rkey = view.param_keys[id(t.left)], view.param_keys[id(t.right)]
         out[name] = (r, r2, {lkey: pl.contiguous(), rkey: pr.contiguous()})
     return out
 

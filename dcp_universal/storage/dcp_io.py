@@ -24,10 +24,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
-from dcp_universal.errors import (CheckpointError, CheckpointIOError, NotACheckpointError,
+from dcp_universal.errors import (CheckpointError, CheckpointIOError,
                                   UnsafeCheckpointError)
 from dcp_universal.format.torch_formats import numpy_safe_globals
-from dcp_universal.storage.integrity import Checksummed
+from dcp_universal.storage.integrity import Checksummed, vanished
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage.mapped import Copies
 from dcp_universal.storage import Storage
@@ -55,10 +55,7 @@ def _io_errors(doing: str, path: str):
     except FileNotFoundError as e:
         if isinstance(e, CheckpointError):
             raise
-        raise NotACheckpointError(
-            f"{doing} {path} failed: {e.filename or e} does not exist (removed while it was "
-            "read? retention or another job's prune deletes old steps) -> check the path, "
-            "or load a step that is still committed") from e
+        raise vanished(doing, path, e) from e
 
 
 def _post_when_done(obj, method: str, label: str) -> None:

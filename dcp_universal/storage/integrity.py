@@ -84,6 +84,15 @@ class Checksummed:
             self.files[os.path.basename(os.fspath(new_path))] = self.files.pop(old)
 
 
+def vanished(doing: str, path: str, e: FileNotFoundError) -> NotACheckpointError:
+    """The error for a file that was there when the load found it and is gone when it is
+    read (retention or another job removed the step meanwhile)."""
+    return NotACheckpointError(
+        f"{doing} {path} failed: {e.filename or e} does not exist (removed while it was "
+        "read? retention or another job's prune deletes old steps) -> check the path, or "
+        "load a step that is still committed")
+
+
 def crc32_of(store: Storage, path: str, chunk: int = 16 << 20) -> int:
     """CRC-32 of the file ``path``, read in chunks.
 
@@ -99,10 +108,7 @@ def crc32_of(store: Storage, path: str, chunk: int = 16 << 20) -> int:
     except FileNotFoundError as e:
         if isinstance(e, CheckpointError):
             raise
-        raise NotACheckpointError(
-            f"checking {path} failed: it does not exist any more (removed while it was read? "
-            "retention or another job's prune deletes old steps) -> load a step that is "
-            "still committed") from e
+        raise vanished("checking", path, e) from e
     return crc
 
 

@@ -46,16 +46,6 @@ def check_hyperparams(hyperparams: str) -> None:
         raise ValueError(f"hyperparams={hyperparams!r}: expected one of {HYPERPARAM_SOURCES}")
 
 
-def _param_names(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    by_id = view.param_keys
-    unknown = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if id(p) not in by_id]
-    if unknown:
-        raise CheckpointError(
-            f"the optimizer holds {len(unknown)} tensors that are not parameters of the model "
-            "passed with it; build the optimizer from this model's parameters (after wrapping)")
-    return by_id
-
-
 def _warn_frozen(optimizer, names: dict[int, str]) -> None:
     frozen = [names[id(p)] for g in optimizer.param_groups for p in g["params"] if not p.requires_grad]
     if frozen:
@@ -68,7 +58,7 @@ def _warn_frozen(optimizer, names: dict[int, str]) -> None:
 
 def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """A flat DCP state dict of ``optimizer`` keyed by canonical parameter names."""
-    names = _param_names(view, optimizer)
+    names = view.optimizer_param_names(optimizer)
     _warn_frozen(optimizer, names)
     out: dict[str, Any] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -123,7 +113,7 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
             values the optimizer was built with.
     """
     check_hyperparams(hyperparams)
-    names = _param_names(view, optimizer)
+    names = view.optimizer_param_names(optimizer)
     _warn_frozen(optimizer, names)
     meta, saved = _read_meta(opt_dir, store, trusted)
     report = LoadReport()
