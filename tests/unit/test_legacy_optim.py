@@ -98,3 +98,22 @@ def test_convert_says_it_leaves_the_optimizer_and_how_to_resume_it(tmp_path, cap
     assert main(["convert", path, str(tmp_path / "root")]) == 0
     err = capsys.readouterr().err
     assert "holds optimizer state, which convert does not write" in err and "init_from=" in err
+
+
+def test_a_bad_init_from_or_a_damaged_optimizer_entry_changes_nothing(tmp_path):
+    from dcp_universal import CheckpointError, NotACheckpointError
+
+    model = tiny.make("lora4", seed=9)
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    with pytest.raises(NotACheckpointError):
+        mgr.load(model, opt, init_from=str(tmp_path / "missing"))
+    src, path = lora_run(tmp_path)
+    blob = torch.load(path, weights_only=True)
+    blob["optimizer"] = {"state": [1, 2], "param_groups": "all"}  # not a state_dict()
+    torch.save(blob, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="is not an optimizer.state_dict"):
+        mgr.load(model, opt, init_from=str(tmp_path / "damaged.pt"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"] == {} and mgr.steps() == []
