@@ -2,7 +2,7 @@
 
 from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
-                                  CheckpointTimeoutError,
+                                  CheckpointTimeoutError, DamagedManifestError,
                                   FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError, PerRankStateError,
                                   RootBusyError, StepAlreadyExistsError,
@@ -38,6 +38,7 @@ __all__ = [
     "CheckpointTimeoutError",
     "FormatVersionError",
     "IntegrityError",
+    "DamagedManifestError",
     "ManifestError",
     "NotACheckpointError",
     "PerRankStateError",

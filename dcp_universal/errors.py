@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
-           "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
+           "DamagedManifestError", "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
            "UnsafeCheckpointError", "RootBusyError"]
 
 
@@ -41,6 +41,11 @@ class FormatVersionError(ManifestError):
 
 class IntegrityError(CheckpointError):
     """A data file is missing, truncated, or fails its checksum."""
+
+
+class DamagedManifestError(ManifestError, IntegrityError):
+    """A step's ``manifest.json`` is not valid JSON, or fails its own checksum: its
+    bytes changed after the commit."""
 
 
 class CheckpointIOError(CheckpointError, OSError):

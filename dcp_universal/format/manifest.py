@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from dcp_universal._version import __version__
-from dcp_universal.errors import (FormatVersionError, IntegrityError, ManifestError,
+from dcp_universal.errors import (DamagedManifestError, FormatVersionError, ManifestError,
                                   UnsafeCheckpointError)
 from dcp_universal._paths import join, parent
 
@@ -34,7 +34,7 @@ __all__ = [
     "FORMAT_VERSION", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "BASE_FILES",
     "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "Adapters", "Mesh", "TrainingState",
     "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
-    "step_of_name", "is_base_name", "records_to_json", "records_from_json",
+    "step_of_name", "is_base_name", "records_to_json", "records_from_json", "CHECKSUM_ALGOS",
 ]
 
 FORMAT_VERSION = 1
@@ -88,27 +88,85 @@ def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
 
 
+#: checksum algorithms a file record may name (``FileRecord.algo``)
+CHECKSUM_ALGOS = ("crc32c", "crc32")
+
+
 @dataclasses.dataclass(kw_only=True)
 class FileRecord:
     """One data file of a step or base.
 
     Attributes:
         size: bytes, checked on every load.
-        crc32: CRC-32 of the bytes, computed while writing; checked with ``verify``.
+        algo / block / sums / sidecar: the file's checksums, computed while writing:
+            ``algo`` (:data:`CHECKSUM_ALGOS`) of every ``block`` bytes (the last block
+            may be shorter), 4 big-endian bytes per block: in ``sums``, or, for a large
+            file, in the file named ``sidecar`` beside it (itself a file of the step
+            with a record of its own). A load checks the blocks holding every byte it
+            reads.
+        crc32: CRC-32 of the whole file: what steps written before block checksums
+            carry (checked with ``verify=True`` only, which reads every file whole).
     """
 
     size: int
     crc32: int | None = None
+    algo: str | None = None
+    block: int | None = None
+    sums: bytes | None = None
+    sidecar: str | None = None
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.sums is not None or self.sidecar is not None
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.size // self.block) if self.block else 0
 
     def to_json(self) -> dict:
-        return {"size": self.size, "crc32": self.crc32}
+        out: dict[str, Any] = {"size": self.size}
+        if self.crc32 is not None or not self.has_blocks:
+            out["crc32"] = self.crc32
+        if self.has_blocks:
+            out["checksum"] = {"algo": self.algo, "block": self.block}
+            if self.sidecar is not None:
+                out["checksum"]["file"] = self.sidecar
+            else:
+                out["checksum"]["sums"] = self.sums.hex()
+        return out
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> "FileRecord":
         if not isinstance(d, dict):
-            raise _fail(where, "an object {size, crc32}", d)
-        return cls(size=_get(d, "size", int, where, "an integer byte count"),
-                   crc32=_get(d, "crc32", int, where, "an integer CRC-32", optional=True))
+            raise _fail(where, "an object {size, checksum}", d)
+        size = _get(d, "size", int, where, "an integer byte count")
+        crc32 = _get(d, "crc32", int, where, "an integer CRC-32", optional=True)
+        c = _get(d, "checksum", dict, where, "an object {algo, block, sums}", optional=True)
+        if c is None:
+            return cls(size=size, crc32=crc32)
+        w = f"{where}.checksum"
+        algo = _get(c, "algo", str, w, f"one of {list(CHECKSUM_ALGOS)}")
+        if algo not in CHECKSUM_ALGOS:
+            raise _fail(f"{w}.algo", f"one of {list(CHECKSUM_ALGOS)} (a newer dcp_universal "
+                        "may know it: upgrade)", algo)
+        block = _get(c, "block", int, w, "a positive block size in bytes")
+        if block <= 0:
+            raise _fail(f"{w}.block", "a positive block size in bytes", block)
+        sidecar = _get(c, "file", str, w, "the name of its checksums' file", optional=True)
+        if sidecar is not None:
+            if "/" in sidecar or sidecar.startswith("."):
+                raise _fail(f"{w}.file", "a file name beside it", sidecar)
+            return cls(size=size, crc32=crc32, algo=algo, block=block, sidecar=sidecar)
+        hexed = _get(c, "sums", str, w, "hex digits, 8 per block")
+        n_blocks = -(-size // block)
+        try:
+            sums = bytes.fromhex(hexed)
+        except ValueError:
+            raise _fail(f"{w}.sums", "hex digits, 8 per block", hexed[:40]) from None
+        if len(sums) != 4 * n_blocks:
+            raise _fail(w, f"{n_blocks} block sums of {block} bytes for {size} bytes",
+                        f"{len(sums) // 4} sums")
+        return cls(size=size, crc32=crc32, algo=algo, block=block, sums=sums)
 
 
 def records_to_json(records: dict[str, FileRecord]) -> dict:
@@ -370,16 +428,22 @@ class Manifest:
         try:
             d = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{where} is not valid JSON ({e}): the step is damaged; load "
-                                "an earlier step (CheckpointManager.steps())") from None
+            raise DamagedManifestError(f"{where} is not valid JSON ({e}): the step is "
+                                       "damaged; load an earlier step "
+                                       "(CheckpointManager.steps())") from None
         if not isinstance(d, dict) or isinstance(d.get("format_version"), bool) \
                 or not isinstance(d.get("format_version"), int):
             raise ManifestError(f"{where} is not a dcp_universal manifest (no integer "
                                 "format_version): the step is damaged; load an earlier step")
         if d["format_version"] > FORMAT_VERSION:
+            damaged = ("content_crc32" in d and d["content_crc32"] != _content_crc32(d))
             raise FormatVersionError(
                 f"{where} has format_version {d['format_version']}; this dcp_universal "
-                f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it")
+                f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it"
+                + (" (or the manifest is damaged: it fails this version's content "
+                   "checksum)" if damaged else ""))
+        _check_content(d, where)  # before the fields: a changed byte is damage, whatever
+        # field it hit
         # items another version (or another run's CheckpointManager(items=...)) wrote
         # are kept as they are: a reader that does not know one says so and skips it
         items = _get(d, "items", dict, where, "an object of item -> bool")
@@ -412,7 +476,6 @@ class Manifest:
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
             ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
         )
-        _check_content(d, where)  # after the fields: a wrong type is named as such
         return parsed
 
 
@@ -436,7 +499,7 @@ def _check_content(d: dict, where: str) -> None:
     if "content_crc32" not in d:  # written before manifests carried one
         return
     if d["content_crc32"] != _content_crc32(d):
-        raise IntegrityError(
+        raise DamagedManifestError(
             f"{where} fails its own checksum (content_crc32): a field was changed after "
             "the step was committed, which can change what the step loads -> load an "
             "earlier step, or restore this manifest from a copy")

@@ -399,12 +399,16 @@ def restricted_loads(data: bytes, what: str, *, tensors: bool = False,
                              "damaged -> load an earlier checkpoint") from e
 
 
-def dcp_metadata(reader, *, rank=None, trusted: bool = False):
+def dcp_metadata(reader, *, rank=None, trusted: bool = False, check=None):
     """What DCP's ``FileSystemReader.read_metadata`` returns, from a pickle read with
-    :func:`restricted_loads` (DCP's records only) unless ``trusted``."""
+    :func:`restricted_loads` (DCP's records only) unless ``trusted``; its bytes checked
+    first by ``check`` (a :class:`~dcp_universal.storage.integrity.BlockCheck`)."""
     path = _torch_compat.metadata_path(reader, rank)
     with reader.fs.create_stream(path, "rb") as f:
         data = f.read()
+    if check is not None:
+        name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+        check.check(name, data, 0, 0, len(data), remember=False)
     md = (pickle.loads(data) if trusted
           else restricted_loads(data, f"DCP metadata {path}", dcp_metadata=True))
     if getattr(md, "storage_meta", None) is None:

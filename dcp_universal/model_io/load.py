@@ -94,7 +94,7 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
                prefix: str | None = None, storage_options: dict | None = None,
-               verify: bool = False, stage: bool = True, trusted: bool = False,
+               verify: bool | None = None, stage: bool = True, trusted: bool = False,
                timeout: float = _comm.DEFAULT_TIMEOUT_S) -> LoadReport:
     """Load a model directory, or a committed step directory, into ``model``.
 
@@ -111,8 +111,12 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
 
     ``path`` may also be a legacy ``torch.save`` file (see :mod:`dcp_universal.interop.legacy`)
     or a URL (``s3://...``, with ``storage_options``; ``file://`` works too). For a step
-    directory the sizes of the files read are checked against the manifest, and with
-    ``verify=True`` their CRC-32 too.
+    directory the sizes of the files read are checked against the manifest, and every
+    byte read against its block checksum (CRC-32C): a damaged file raises
+    :class:`~dcp_universal.IntegrityError` naming it, with the model untouched.
+    ``verify=True`` also reads and checks every file of the step whole first (steps
+    written before block checksums are checked only so); ``verify=False`` checks sizes
+    only, the fast path for files known to be good.
 
     With ``stage=True`` (default) nothing lands in the model before every read
     succeeded, so a failure halfway (on any rank) leaves the model untouched. Local files
@@ -150,7 +154,7 @@ def load_model(model: nn.Module, path: str, *, strict: bool = True,
     return staged.report
 
 
-def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool, stage: bool,
+def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None, stage: bool,
                 store: Storage, step_manifest: Manifest | None = None,
                 prefix: str | None = None, trusted: bool = False) -> Staged:
     """Plan and read a model load; the returned commit installs it (collective: one

@@ -292,7 +292,9 @@ class Want:
         target: the model to load into; ``None``: the model as saved, merged (exports,
             ``inspect``, ``convert``).
         prefix: the model's subtree in a checkpoint written by another tool.
-        verify: check the files' CRC-32 where the format records them.
+        verify: ``None`` (default): check every byte read against the checkpoint's
+            block checksums where the format records them; ``True``: also read and
+            check every file whole first; ``False``: sizes only (the fast path).
         manifest: the step's manifest, when the caller read it already.
         trusted: read pickles in the checkpoint as they are (default: plain data only,
             :class:`~dcp_universal.errors.UnsafeCheckpointError` otherwise).
@@ -304,7 +306,7 @@ class Want:
 
     target: ModelView | None = None
     prefix: str | None = None
-    verify: bool = False
+    verify: bool | None = None
     manifest: Manifest | None = None
     trusted: bool = False
     model_only: bool = False

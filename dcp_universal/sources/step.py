@@ -4,7 +4,8 @@ A plain step's model is ``model/``. A LoRA step (``adapters/`` plus a shared fro
 base) restores exactly into a model with the same adapters; any other target (and an
 export) gets merged weights: ``model/`` when the step has it, otherwise base plus
 adapters, composed while reading. The files read are checked against the manifest:
-sizes always, CRC-32 with ``verify``.
+sizes always, and every byte read against its block checksums unless ``verify=False``
+(``verify=True``: every file read and checked whole first).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class StepFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         m = want.manifest if want.manifest is not None else steps.read_manifest(store, path)
+        if want.verify is not False:
+            store = steps.verified_store(store, path, m)
         source = _step_source(store, path, want, m)
         return source.replace(ties=tuple(tuple(g) for g in m.ties),
                               meta={**source.meta, "ties_recorded": True})

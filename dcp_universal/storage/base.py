@@ -5,7 +5,8 @@ system. Implementations: :mod:`.local` and :mod:`.fsspec`; the choice per root:
 from __future__ import annotations
 
 import abc
-from typing import Callable
+import copy
+from typing import Callable, Mapping
 
 import torch
 
@@ -29,8 +30,20 @@ class Storage(abc.ABC):
     #: first and copy at its commit, at no memory cost (otherwise it stages in memory).
     maps_files: bool = False
 
+    #: directory -> the check of every byte a DCP reader of it reads (:meth:`verifying`;
+    #: a :class:`~dcp_universal.storage.integrity.BlockCheck` each)
+    checks: Mapping[str, object] = {}
+
     def __init__(self, options: dict | None = None) -> None:
         self.options = dict(options or {})
+
+    def verifying(self, checks: Mapping[str, object]) -> "Storage":
+        """A copy of this storage whose DCP readers of the directories in ``checks``
+        check every byte they read against the checkpoint's block checksums (the copy
+        shares everything else, connections included)."""
+        out = copy.copy(self)
+        out.checks = {**self.checks, **checks}
+        return out
 
     @abc.abstractmethod
     def exists(self, path: str) -> bool: ...
@@ -105,7 +118,8 @@ class Storage(abc.ABC):
         """A DCP ``StorageReader`` of the directory ``path``. ``copies``: keys whose copy
         waits for the load's commit (only where :attr:`maps_files`); ``metadata``: the
         directory's, when the caller has read it already; ``trusted``: read DCP's
-        ``.metadata`` with plain ``pickle`` (default: an allow-list of DCP's records)."""
+        ``.metadata`` with plain ``pickle`` (default: an allow-list of DCP's records).
+        A directory in :attr:`checks` is read with its check of every byte read."""
 
 
 def short_read(path: str, start: int, n: int, have: int) -> IntegrityError:

@@ -105,9 +105,11 @@ def remote_classes():
         """
 
         trusted = False  # unpickle .metadata without the allow-list
+        check = None  # BlockCheck of every byte read (widened to whole blocks), or None
 
         def read_metadata(self, *args, **kwargs) -> Metadata:
-            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted)
+            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted,
+                                check=self.check)
 
         def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool,
                                   *args, **kwargs) -> None:
@@ -153,7 +155,7 @@ def remote_classes():
             the record))`` job into ``pieces[key]``."""
             jobs = sorted(jobs, key=lambda j: j[0])
             for batch in _batches(jobs, lambda j: j[0][2] - j[0][1]):
-                spans = _fetch_spans(fs, [r for r, _ in batch])
+                spans = _fetch_spans(fs, [r for r, _ in batch], self.check)
                 for ((path, start, end), (what, how)), (buf, whole, at) in zip(batch, spans):
                     if what is _PROBE:  # a small copy, not a view holding the span
                         key, pos = how
@@ -220,7 +222,7 @@ class _Pieces:
         raise IndexError(f"bytes {pos}..{pos + n} were not fetched")
 
 
-def _fetch_spans(fs, ranges: list[tuple[str, int, int]]) -> list[tuple]:
+def _fetch_spans(fs, ranges: list[tuple[str, int, int]], check=None) -> list[tuple]:
     """The bytes of each ``(path, start, end)``, as ``(buf, whole, at)``: they lie at
     ``at`` in ``buf``, a fetched span, which ``whole`` views as ``uint8`` (its storage
     starts at the span's first byte, so a tensor's storage offset in it tells its
@@ -229,14 +231,17 @@ def _fetch_spans(fs, ranges: list[tuple[str, int, int]]) -> list[tuple]:
     Ranges of a file that touch or overlap are coalesced into one span, and each span is
     fetched in parts of at most ``PART_BYTES``, all concurrently. So a file read whole
     costs a request per part, not per record, and a large record is fetched by several
-    requests at once.
+    requests at once. With ``check`` (the directory's block check) every range is
+    widened to whole checksum blocks and every fetched span checked before use.
 
     Raises:
         IntegrityError: an object holds fewer bytes than a range asks for.
     """
     spans: list[list] = []  # [path, start, end, [indices of ranges]]
-    for i in sorted(range(len(ranges)), key=lambda i: ranges[i]):
-        path, start, end = ranges[i]
+    wide = [(p, *check.span(_name(p), s, e)) if check is not None else (p, s, e)
+            for p, s, e in ranges]
+    for i in sorted(range(len(ranges)), key=lambda i: wide[i]):
+        path, start, end = wide[i]
         if spans and spans[-1][0] == path and start <= spans[-1][2]:
             spans[-1][2] = max(spans[-1][2], end)
             spans[-1][3].append(i)
@@ -254,10 +259,17 @@ def _fetch_spans(fs, ranges: list[tuple[str, int, int]]) -> list[tuple]:
                 f"{path}: bytes {start}..{end} were asked for, {len(data)} came back: the "
                 "object is shorter than the checkpoint's metadata says (truncated) -> "
                 "restore it, or load another checkpoint")
+        if check is not None:
+            check.check(_name(path), data, start, start, end, remember=False)
         whole = byte_view(data)
         for i in members:
             out[i] = (data, whole, ranges[i][1] - start)
     return out
+
+
+def _name(path: str) -> str:
+    """A DCP file's name (its directory's files are flat)."""
+    return path.rsplit("/", 1)[-1]
 
 
 def _fetch(fs, ranges: list[tuple[str, int, int]]) -> list[bytes]:

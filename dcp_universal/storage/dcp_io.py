@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
-from dcp_universal.errors import (CheckpointError, CheckpointIOError,
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   UnsafeCheckpointError)
 from dcp_universal.format.torch_formats import numpy_safe_globals
 from dcp_universal.storage.integrity import Checksummed, vanished
@@ -44,6 +44,8 @@ def _io_errors(doing: str, path: str):
         rank, cause = failures[0] if failures else (None, e)
         if isinstance(cause, UnsafeCheckpointError):  # refused, not failed: say so as such
             raise UnsafeCheckpointError(f"{path} (rank {rank}): {cause}") from e
+        if isinstance(cause, IntegrityError):  # damaged, not failed: every rank says so
+            raise IntegrityError(f"{cause} [found by rank {rank}]") from e
         if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
             raise CheckpointIOError(
                 f"{doing} {path} failed on rank(s) {[r for r, _ in failures]}: the disk is "

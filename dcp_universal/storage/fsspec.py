@@ -178,4 +178,5 @@ class FsspecStorage(Storage):
             raise ValueError(f"{path}: copies can wait only for memory-mapped files")
         reader = dcp_files.remote_classes()[1](path, **self.options)
         reader.trusted = trusted
+        reader.check = self.checks.get(path)
         return reader

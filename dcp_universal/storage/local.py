@@ -136,7 +136,8 @@ class LocalStorage(Storage):
 
     def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
                    trusted: bool = False):
-        return MappedReader(self.os_path(path), copies, metadata, trusted=trusted)
+        return MappedReader(self.os_path(path), copies, metadata, trusted=trusted,
+                            check=self.checks.get(path))
 
 
 def _write_file(path: str, data: bytes) -> None:

@@ -86,11 +86,21 @@ class MappedFiles:
     """Read-only maps of local files, one per path, each as a ``uint8`` tensor.
 
     A map stays alive while any tensor viewing it does (so waiting copies keep their
-    source); it is unmapped when the last view goes.
+    source); it is unmapped when the last view goes. ``check``: the directory's
+    :class:`~dcp_universal.storage.integrity.BlockCheck`, run on every record before it
+    is parsed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check=None) -> None:
         self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+        self.check = check
+
+    def checked(self, path: str, rec: DcpRecord) -> tuple[mmap.mmap, torch.Tensor]:
+        """:meth:`get`, with the blocks holding ``rec`` checked."""
+        mm, whole = self.get(path)
+        if self.check is not None and rec.offset + rec.length <= whole.numel():
+            self.check.check(rec.file, mm, 0, rec.offset, rec.offset + rec.length)
+        return mm, whole
 
     def get(self, path: str) -> tuple[mmap.mmap, torch.Tensor]:
         if path not in self._maps:
@@ -102,8 +112,8 @@ class MappedFiles:
 
 
 def _record(files: MappedFiles, path: str, rec: DcpRecord, key: str, untransform=None):
-    """The chunk ``rec`` of the mapped file ``path``: see :func:`parse_record`."""
-    mm, whole = files.get(path)
+    """The chunk ``rec`` of the mapped file ``path`` (checked): see :func:`parse_record`."""
+    mm, whole = files.checked(path, rec)
     end = rec.offset + rec.length
     if end > whole.numel():
         raise IntegrityError(
@@ -163,20 +173,21 @@ def take_read(planner: LoadPlanner, req, record, copies: Copies, offsets=None) -
 
 
 def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
-               metadata: Metadata | None = None) -> bool:
+               metadata: Metadata | None = None, check=None) -> bool:
     """What ``dcp.load(state, no_dist=True)`` does, for one process reading whole plain
     tensors from the local DCP directory ``path``, without DCP's general planning.
 
     Each saved chunk (one per rank that wrote the tensor) is one copy into its block of
     the destination, through ``copies``. The chunks must cover every destination
-    exactly, or :class:`CheckpointError`. Returns ``False``, having read nothing, for a
+    exactly, or :class:`CheckpointError`. ``check``: the directory's block check, run
+    on every record before it is used. Returns ``False``, having read nothing, for a
     checkpoint this does not handle (records written through DCP's load transforms):
     the caller then uses ``dcp.load``.
     """
     md = metadata if metadata is not None else dcp_metadata(FileSystemReader(path))
     if any(dcp_record(md.storage_data, index).transformed for index in md.storage_data):
         return False
-    files, paths = MappedFiles(), {}
+    files, paths = MappedFiles(check), {}
     for key, dst in state.items():
         tmd = md.state_dict_metadata.get(key)
         if not isinstance(tmd, TensorStorageMetadata) or tuple(tmd.size) != tuple(dst.shape):
@@ -211,20 +222,24 @@ class MappedReader(FileSystemReader):
     """
 
     def __init__(self, path: str, copies: Copies | None = None,
-                 metadata: Metadata | None = None, *, trusted: bool = False) -> None:
+                 metadata: Metadata | None = None, *, trusted: bool = False,
+                 check=None) -> None:
         super().__init__(path)
         self.trusted = trusted  # unpickle .metadata without the allow-list
+        self.check = check  # BlockCheck of every byte read, or None
         self.copies = copies if copies is not None else Copies()
         self._dir = path
         self._metadata = metadata  # read already while planning: not parsed again
 
     def read_whole(self, state: dict[str, torch.Tensor]) -> bool:
         """:func:`read_whole` of this directory (one process, whole plain tensors)."""
-        return read_whole(self._dir, state, self.copies, self._metadata or self.read_metadata())
+        return read_whole(self._dir, state, self.copies, self._metadata or self.read_metadata(),
+                          self.check)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._metadata is None or kwargs.get("rank") is not None:
-            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted)
+            return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted,
+                                check=self.check)
         md = self._metadata  # as the parent's: tagged with this load's id
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
@@ -232,13 +247,13 @@ class MappedReader(FileSystemReader):
         return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        files, paths = MappedFiles(), {}
+        files, paths = MappedFiles(self.check), {}
         for req in plan.items:
             rec = dcp_record(self.storage_data, req.storage_index)
             if rec.file not in paths:
                 paths[rec.file] = str(self.fs.concat_path(self.path, rec.file))
             if req.type == LoadItemType.BYTE_IO:
-                mm, _ = files.get(paths[rec.file])
+                mm, _ = files.checked(paths[rec.file], rec)
                 planner.load_bytes(req, io.BytesIO(mm[rec.offset:rec.offset + rec.length]))
                 continue
             record = _record(files, paths[rec.file], rec, req.storage_index.fqn,

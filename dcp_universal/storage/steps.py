@@ -8,12 +8,13 @@ import json
 
 from dcp_universal.errors import ManifestError, NotACheckpointError
 from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, FileRecord, Manifest,
-                                           is_base_name, records_from_json, records_to_json,
-                                           step_of_name)
+                                           base_path, is_base_name, records_from_json,
+                                           records_to_json, step_of_name)
 from dcp_universal.storage import Storage, join
+from dcp_universal.storage.integrity import block_checks
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
-           "read_base_files", "write_base_files", "remove_base"]
+           "read_base_files", "write_base_files", "remove_base", "verified_store"]
 
 
 def list_steps(store: Storage, root: str, *, committed: bool = True) -> list[int]:
@@ -43,6 +44,16 @@ def read_manifest(store: Storage, step_dir: str) -> Manifest:
             f"{step_dir} has no {MANIFEST}: it is not a committed step (a save that "
             "did not finish leaves such a directory; the next save removes it)") from None
     return Manifest.from_json(data, path)
+
+
+def verified_store(store: Storage, step_dir: str, m: Manifest) -> Storage:
+    """``store``, with every DCP directory of the step ``step_dir`` (and its base)
+    read under the check of its block checksums (:meth:`Storage.verifying`)."""
+    items = {rel.split("/", 1)[0] for rel in m.files if "/" in rel}
+    checks = block_checks(store, m.files, {f"{i}/": join(step_dir, i) for i in items})
+    if m.base:
+        checks.update(block_checks(store, m.base_files or {}, {"": base_path(step_dir, m)}))
+    return store.verifying(checks)
 
 
 def write_manifest(store: Storage, step_dir: str, manifest: Manifest) -> None:

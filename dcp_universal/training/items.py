@@ -105,7 +105,7 @@ class LoadContext:
     manifest: Manifest
     store: Storage
     strict: bool
-    verify: bool
+    verify: bool | None
     hyperparams: str
     skip_per_rank: set[str]
     trusted: bool = False

@@ -446,7 +446,7 @@ class CheckpointManager:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              step: int | None = None, strict: bool = True, extra: dict | None = None,
              hyperparams: str = "checkpoint", skip_per_rank: Iterable[str] = (),
-             verify: bool = False, init_from: str | None = None,
+             verify: bool | None = None, init_from: str | None = None,
              init_storage_options: dict | None = None) -> LoadReport | None:
         """Load step ``step`` (default: the latest committed) into any configuration.
 
@@ -479,7 +479,12 @@ class CheckpointManager:
                 may instead define ``load_resharded_state_dicts(states: list)``, called
                 with every saved rank's state. The RNG is always left as it is on
                 another world size (a report note); ``"rng"`` here is accepted.
-            verify: also check every file's CRC-32 (sizes are always checked).
+            verify: ``None`` (default): every byte read is checked against its block
+                checksum (CRC-32C) before it is used; ``True``: also every file of the
+                step read and checked whole first (steps written before block
+                checksums are checked only so); ``False``: sizes only, the fast path.
+                A failed check raises :class:`IntegrityError` naming the file, with
+                nothing installed.
             init_from: where the model starts when the root has no committed step.
             init_storage_options: fsspec options for ``init_from`` (default: the
                 manager's ``storage_options``).
@@ -546,9 +551,11 @@ class CheckpointManager:
         path = self.step_path(step)
 
         def prepare() -> LoadContext:  # per-rank reads and checks, agreed on below
+            m = steps.read_manifest(self._store, path)
+            store = self._store if verify is False else steps.verified_store(self._store, path, m)
             ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra,
-                              path=path, manifest=steps.read_manifest(self._store, path),
-                              store=self._store, strict=strict, verify=verify,
+                              path=path, manifest=m,
+                              store=store, strict=strict, verify=verify,
                               hyperparams=hyperparams, skip_per_rank=skip,
                               trusted=self.trusted)
             for item in self._items:
@@ -567,6 +574,12 @@ class CheckpointManager:
                 "pass CheckpointManager(items=[...]) the items that wrote them)")
         if staged.facts.get("restored_base"):
             self._bases.remember(ctx.view, staged.facts["restored_base"])
+        unchecked = [r for r in (*m.files.values(), *(m.base_files or {}).values())
+                     if not r.has_blocks]
+        if unchecked and verify is None:
+            staged.report.notes.append(
+                f"step {step} was written before block checksums: {len(unchecked)} of its "
+                "files were checked by size only (verify=True checks their CRC-32)")
         return staged.report
 
     def verify(self, step: int | None = None, *,

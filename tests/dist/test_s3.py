@@ -3,11 +3,17 @@ prune exactly as on local disk."""
 
 from __future__ import annotations
 
+import itertools
+
+import fsspec
+import pytest
 import torch
 
 import harness
 import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
+from dcp_universal.errors import IntegrityError
+from dcp_universal.storage import integrity
 from s3server import Counting, fresh_prefix
 from train_loop import Data, build, moments, train
 
@@ -88,17 +94,49 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
     x = torch.randn(3, 256)
     with torch.no_grad():
         want = model(x)
-    for step in (merged_step, lora_step):
+    for step, verify in itertools.product((merged_step, lora_step), (None, False)):
         plain = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
         model_bytes = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
         counter = Counting(monkeypatch.setattr)
-        load_model(plain, step, storage_options=options)
+        load_model(plain, step, storage_options=options, verify=verify)
         with torch.no_grad():  # merged weights: fp32 rounding through 8 layers
             torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=1e-4)
         assert not [k for k in counter.fetched if "/optimizer/" in k], counter.fetched
-        assert counter.total() <= 1.05 * model_bytes, (step, counter.total() / model_bytes,
-                                                       counter.fetched)
+        # checked loads fetch whole checksum blocks: at most one more at each end of a file
+        slack = 0 if verify is False else 2 * integrity.BLOCK_BYTES * len(counter.fetched)
+        assert counter.total() <= 1.05 * model_bytes + slack, (
+            step, verify, counter.total() / model_bytes, counter.fetched)
         monkeypatch.undo()
+
+
+def test_a_flipped_bit_in_an_s3_object_fails_the_default_load(s3, monkeypatch):
+    """Ranged reads check every fetched block: a damaged object (in the part a load
+    reads, and in a large file's sums object) raises IntegrityError naming it."""
+    url, options = s3
+    monkeypatch.setattr(integrity, "BLOCK_BYTES", 512)  # sums objects beside the data
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(fresh_prefix(url), storage_options=options)
+    path = mgr.save(1, model, opt)
+    mgr.close()
+    fs = fsspec.filesystem("s3", **options)
+    data = next(p for p in fs.find(path.removeprefix("s3://") + "/model") if p.endswith(".distcp"))
+    for victim in (data, data + ".sums"):
+        good = fs.cat_file(victim)
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0x04
+        fs.pipe_file(victim, bytes(bad))
+        target = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(IntegrityError, match=victim.rsplit("/", 1)[-1] + " fails its checksum"):
+            load_model(target, path, storage_options=options)
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+        fs.pipe_file(victim, good)
+    load_model(target, path, storage_options=options)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in target.state_dict().items())
 
 
 def _fsdp_layers(world_size):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
+import crc32c
 
 import pytest
 import torch
@@ -87,13 +87,17 @@ def test_truncated_or_missing_shard_file(saved, damage):
     assert_same(target, topt, before)
 
 
-def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
+def test_checksum_mismatch_is_found_by_verify_and_every_default_load(saved, capsys):
     mgr, target, topt, before = saved
     manifest = mgr.manifest(1)
     victim = _data_file(mgr.step_path(1))
     rel = os.path.relpath(victim, mgr.step_path(1))
-    with open(victim, "rb") as f:
-        assert zlib.crc32(f.read()) == manifest.files[rel].crc32  # computed while writing
+    rec = manifest.files[rel]
+    with open(victim, "rb") as f:  # computed while writing: CRC-32C of each block
+        data = f.read()
+    assert rec.algo == "crc32c" and rec.block == 128 << 10 and rec.sidecar is None
+    assert rec.sums == b"".join(crc32c.crc32c(data[i:i + rec.block]).to_bytes(4, "big")
+                                for i in range(0, len(data), rec.block))
     assert mgr.verify(1)["files"] == len(manifest.files)
     with open(victim, "r+b") as f:  # same size, other bytes
         f.seek(os.path.getsize(victim) // 2)
@@ -102,8 +106,12 @@ def test_checksum_mismatch_is_found_by_verify_and_verified_loads(saved, capsys):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(IntegrityError, match=f"{os.path.basename(victim)} fails its checksum"):
         mgr.verify(1)
+    for kwargs in ({}, {"verify": True}):
+        with pytest.raises(IntegrityError, match=f"{os.path.basename(victim)} fails its checksum"):
+            mgr.load(target, topt, **kwargs)
+        assert_same(target, topt, before)
     with pytest.raises(IntegrityError, match="fails its checksum"):
-        mgr.load(target, topt, verify=True)
+        load_model(target, mgr.step_path(1))
     assert_same(target, topt, before)
     assert cli(["verify", mgr.step_path(1)]) == 2
     assert "fails its checksum" in capsys.readouterr().err
