@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import shutil
 from typing import Callable, Mapping
 
 import torch
@@ -91,6 +92,10 @@ class Storage(abc.ABC):
     def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
         """Like :meth:`write_atomic`, for a writer that wants a local file name
         (``write(tmp_path)``): no copy of the data in memory."""
+
+    def upload(self, local_path: str, path: str) -> None:
+        """Copy the local file ``local_path`` to ``path``, whole or not at all."""
+        self.write_atomic_with(path, lambda tmp: shutil.copyfile(local_path, tmp))
 
     @abc.abstractmethod
     def create_new(self, path: str, data: bytes) -> bool:

@@ -139,6 +139,9 @@ class FsspecStorage(Storage):
         fs, p = self.fs(path)
         fs.put_file(local, p)
 
+    def upload(self, local_path: str, path: str) -> None:
+        self._upload(path, local_path)  # one put (multipart for large files)
+
     @_told("creating")
     def create_new(self, path: str, data: bytes) -> bool:
         fs, p = self.fs(path)

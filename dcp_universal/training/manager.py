@@ -35,7 +35,8 @@ from dcp_universal.training import optim_io, retention, training_state
 from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.commit import StepWriter
-from dcp_universal.errors import CheckpointError, NotACheckpointError
+from dcp_universal.errors import (CheckpointError, IntegrityError, NotACheckpointError,
+                                  StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
@@ -45,7 +46,8 @@ from dcp_universal.interop import legacy
 from dcp_universal.model_io.load import stage_model
 from dcp_universal.model_io.save import check_merge
 from dcp_universal.training.snapshot import Snapshotter
-from dcp_universal.storage import normalize, storage_for
+from dcp_universal.storage import LocalStorage, join, normalize, storage_for
+from dcp_universal.training.tier import LocalTier
 from dcp_universal.model.view import ModelView
 
 __all__ = ["CheckpointManager", "SaveHandle"]
@@ -134,6 +136,42 @@ def _check_step(step) -> int:
     return step
 
 
+class _Leases:
+    """The writer leases a save takes: the root's, and the local tier's."""
+
+    def __init__(self, leases: list[Lease]) -> None:
+        self.leases = leases
+
+    def acquire(self) -> None:
+        for lease in self.leases:
+            lease.acquire()
+
+
+def _then_upload(write: concurrent.futures.Future) -> concurrent.futures.Future:
+    """The future of a save whose write returns ``(path, upload)``: the path once
+    written and committed, or (with a local tier) the upload's remote path once durable."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def settle(f: concurrent.futures.Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            out.set_result(f.result())
+
+    def written(f: concurrent.futures.Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+            return
+        path, upload = f.result()
+        if upload is None:
+            out.set_result(path)
+        else:
+            upload.add_done_callback(settle)
+
+    write.add_done_callback(written)
+    return out
+
+
 class SaveHandle:
     """An asynchronous save in flight (``save(..., blocking=False)``).
 
@@ -210,7 +248,8 @@ class CheckpointManager:
                  keep_every: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min",
                  items: Iterable[Item] = (), trusted: bool = False,
-                 lease_ttl: float = 120.0, timeout: float = _comm.DEFAULT_TIMEOUT_S) -> None:
+                 lease_ttl: float = 120.0, timeout: float = _comm.DEFAULT_TIMEOUT_S,
+                 local_dir: str | None = None, keep_last_local: int | None = None) -> None:
         self.root = normalize(root)
         self.timeout = _comm.check_timeout(timeout)
         if not isinstance(trusted, bool):
@@ -224,12 +263,41 @@ class CheckpointManager:
                                 storage_options=storage_options, keep_every=keep_every,
                                 keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
         self._store = storage_for(self.root, storage_options)
-        self._bases = BaseStore(self._store, self.root)
         self._lease = Lease(self._store, self.root, ttl=lease_ttl)
-        self._pending: SaveHandle | None = None
+        # where saves write and commit: the root, or the local tier in front of it
+        self._tier: LocalTier | None = None
+        self._wstore, self._wroot, self._leases = self._store, self.root, [self._lease]
+        if local_dir is not None or keep_last_local is not None:
+            self._tier = self._local_tier(local_dir, keep_last_local, lease_ttl)
+        self._bases = BaseStore(self._wstore, self._wroot)
+        self._writing: concurrent.futures.Future | None = None  # an async save's write
+        self._handles: list[SaveHandle] = []  # saves not yet settled (async, uploads)
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
         self._group = None  # the background thread's gloo group (collective to create)
         self._snapshots = Snapshotter()
+
+    def _local_tier(self, local_dir, keep_last_local, lease_ttl) -> LocalTier:
+        if not isinstance(local_dir, str) or not local_dir:
+            raise ValueError(f"local_dir={local_dir!r}: expected a local directory (str)"
+                             + (" for keep_last_local" if local_dir is None else ""))
+        local_root = normalize(local_dir)
+        local = storage_for(local_root)
+        if not isinstance(local, LocalStorage):
+            raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
+                             "(the local tier is the node's own disk)")
+        if local_root.rstrip("/") == self.root.rstrip("/"):
+            raise ValueError(f"local_dir={local_dir!r} is the root itself: give the local "
+                             "tier a directory of its own")
+        if keep_last_local is not None and (isinstance(keep_last_local, bool)
+                                            or not isinstance(keep_last_local, int)
+                                            or keep_last_local < 1):
+            raise ValueError(f"keep_last_local={keep_last_local!r}: expected a positive whole "
+                             "number (or None: the root's own retention policies)")
+        self._keep_last_local = keep_last_local
+        self._wstore, self._wroot = local, local_root
+        self._leases = [self._lease, Lease(local, local_root, ttl=self._lease.ttl)]
+        return LocalTier(local, local_root, self._store, self.root,
+                         retain_remote=self._retain_remote, timeout=self.timeout)
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -248,23 +316,47 @@ class CheckpointManager:
         """At interpreter exit, an asynchronous save nobody waited for: the interpreter
         let it finish (its thread is joined first); a failure is printed, naming the
         step, instead of vanishing with the process."""
-        pending = self._pending
-        if pending is None or pending._told:
-            return
-        try:
-            pending._future.result()
-        except BaseException as e:
-            print(f"dcp_universal: the asynchronous save of step {pending.step} under "
-                  f"{self.root} failed and is not committed ({type(e).__name__}: {e}); call "
-                  "mgr.wait() or mgr.close() before exiting to get this as an exception",
-                  file=sys.stderr, flush=True)
+        for pending in list(self._handles):
+            if pending._told:
+                continue
+            try:
+                pending._future.result()
+            except BaseException as e:
+                what = (f"the save of step {pending.step} failed and is not durable at"
+                        if self._tier is not None else
+                        f"the asynchronous save of step {pending.step} under")
+                if self._tier is None:
+                    what += f" {self.root} failed and is not committed"
+                else:
+                    what += f" {self.root}"
+                print(f"dcp_universal: {what} ({type(e).__name__}: {e}); call mgr.wait() or "
+                      "mgr.close() before exiting to get this as an exception",
+                      file=sys.stderr, flush=True)
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is committed; raise its error unless
-        its handle's ``result()`` already did. Not collective."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending._settle()
+        """Block until every save in flight is committed (with a local tier: durable on
+        the remote root, every upload finished); raise the first error no handle's
+        ``result()`` raised already. Not collective."""
+        self._writing = None
+        handles, self._handles = self._handles, []
+        errors = []
+        for h in handles:
+            try:
+                h._settle()
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _settle_write(self) -> None:
+        """Wait for the asynchronous save's local write (not for uploads), then raise
+        the error of any save or upload that finished failing (once)."""
+        if self._writing is not None:
+            concurrent.futures.wait([self._writing])
+            self._writing = None
+        for h in [h for h in self._handles if h.done()]:
+            self._handles.remove(h)
+            h._settle()
 
     def close(self) -> None:
         """:meth:`wait`, then stop the background thread and free the staging buffers.
@@ -276,14 +368,21 @@ class CheckpointManager:
             if self._background is not None:
                 self._background.shutdown(wait=True)
                 self._background = None
+            if self._tier is not None:
+                self._tier.close()
             self._snapshots = Snapshotter()
-            self._lease.release()
+            for lease in self._leases:
+                lease.release()
 
     # ---- listing ----------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending (read by the caller alone, not collective)."""
-        return steps.list_steps(self._store, self.root)
+        """Committed steps, ascending (read by the caller alone, not collective); with a
+        local tier, those committed in either tier."""
+        remote = steps.list_steps(self._store, self.root)
+        if self._tier is None:
+            return remote
+        return sorted(set(remote) | set(self._tier.local_steps()))
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -293,7 +392,16 @@ class CheckpointManager:
         return manifest.step_path(self.root, step)
 
     def manifest(self, step: int) -> Manifest:
-        return steps.read_manifest(self._store, self.step_path(step))
+        store, root = self._where(step)
+        return steps.read_manifest(store, manifest.step_path(root, step))
+
+    def _where(self, step: int) -> tuple:
+        """``(store, root)`` holding committed ``step``: the local tier's when committed
+        there, else the root's."""
+        if self._tier is not None and self._tier.local.exists(
+                join(manifest.step_path(self._tier.local_root, step), manifest.MANIFEST)):
+            return self._tier.local, self._tier.local_root
+        return self._store, self.root
 
     # ---- saving -----------------------------------------------------------------------
 
@@ -338,7 +446,7 @@ class CheckpointManager:
         if merged is None:
             every = self.options.merged_every
             merged = every is not None and step % every == 0
-        self.wait()
+        self._settle_write()
         with _comm.operation(f"save of step {step}", self.timeout):
             return self._save(step, model, optimizer, extra, bool(merged), overwrite, metrics,
                               blocking)
@@ -346,9 +454,16 @@ class CheckpointManager:
     def _save(self, step, model, optimizer, extra, merged, overwrite, metrics,
               blocking) -> str | SaveHandle:
         start = time.perf_counter()
+        if self._tier is not None:
+            self._recover()
+            if not overwrite:
+                _comm.on_rank0(self._refuse_durable, step)
         if blocking:
-            return self._snapshot(step, model, optimizer, extra, merged, overwrite,
-                                  metrics, None)(start, None)
+            path, upload = self._snapshot(step, model, optimizer, extra, merged, overwrite,
+                                          metrics, None)(start, None)
+            if upload is not None:
+                self._handles.append(SaveHandle(step, upload, 0.0))
+            return path
         if self._background is None:
             self._group = self._group or _comm.new_gloo_group(self.timeout)
             self._background = concurrent.futures.ThreadPoolExecutor(
@@ -363,13 +478,27 @@ class CheckpointManager:
             logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
                         self._snapshots.nbytes / 1e6, stall)
 
-        def background() -> str:
+        def background() -> tuple:
             with _comm.writes_only(self._group), _comm.operation(
                     f"save of step {step} (in the background)", group=self._group):
                 return finish(start, self._group)
 
-        self._pending = SaveHandle(step, self._background.submit(background), stall)
-        return self._pending
+        self._writing = self._background.submit(background)
+        handle = SaveHandle(step, _then_upload(self._writing), stall)
+        self._handles.append(handle)
+        return handle
+
+    def _recover(self) -> None:
+        """Queue the uploads of local steps an earlier job left (collective, once)."""
+        self._tier.start()
+        for step, future in self._tier.recover():
+            self._handles.append(SaveHandle(step, future, 0.0))
+
+    def _refuse_durable(self, step: int) -> None:
+        if self._store.exists(join(self.step_path(step), manifest.MANIFEST)):
+            raise StepAlreadyExistsError(
+                f"step {step} is already committed at {self.step_path(step)}; pass "
+                "overwrite=True to replace it, or save under another step number")
 
     def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
                   snapshot) -> Callable[[float], str]:
@@ -381,18 +510,18 @@ class CheckpointManager:
         (``None``) for a blocking save, the background thread's own for an asynchronous
         one, which runs nothing else (``_comm.writes_only``)."""
         view = ModelView.of(model)
-        writer = StepWriter(self._store, self.root, step)
-        writer.prepare(overwrite=overwrite, bases=self._bases, lease=self._lease)
+        writer = StepWriter(self._wstore, self._wroot, step)
+        writer.prepare(overwrite=overwrite, bases=self._bases, lease=_Leases(self._leases))
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
                      merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
                      ties=[list(g) for g in view.ties])
-        ctx = SaveContext(view=view, optimizer=optimizer, extra=extra, store=self._store,
+        ctx = SaveContext(view=view, optimizer=optimizer, extra=extra, store=self._wstore,
                           manifest=m, merge=self.options.merge, merged=merged,
                           bases=self._bases, snapshotter=snapshot)
         writes = [(item.name, w) for item in self._items if (w := item.save(ctx)) is not None]
         del ctx
 
-        def finish(start: float, group) -> str:
+        def finish(start: float, group) -> tuple[str, concurrent.futures.Future | None]:
             while writes:  # each write's data is freed once written
                 item, write = writes.pop(0)
                 writer.write(item, write, group)
@@ -403,13 +532,20 @@ class CheckpointManager:
                 size = sum(f.size for f in m.files.values())
                 logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,
                             time.perf_counter() - start)
-            return writer.path
+            upload = self._tier.submit(step, m) if self._tier is not None else None
+            return writer.path, upload
 
         return finish
 
     def _retain(self, step: int) -> None:
         try:
-            self._prune(dry_run=False)
+            if self._tier is None:
+                self._prune(dry_run=False)
+            else:  # the local tier: never a step not yet durable remotely
+                local = ([retention.KeepLast(self._keep_last_local)]
+                         if self._keep_last_local is not None else self.options.policies())
+                self._prune_at(self._tier.local, self._tier.local_root, local, dry_run=False,
+                               protect=self._tier.not_durable())
         except Exception as e:
             raise CheckpointError(f"step {step} is committed, but retention failed "
                                   f"({type(e).__name__}: {e}); the next save retries it") from e
@@ -426,19 +562,35 @@ class CheckpointManager:
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> retention.Decision:
+        """Retention of the root (the remote root, with a local tier)."""
+        return self._prune_at(self._store, self.root, self.options.policies(), dry_run=dry_run)
+
+    def _retain_remote(self) -> None:
+        """Retention of the remote root after an upload's commit (rank 0)."""
+        try:
+            self._prune(dry_run=False)
+        except Exception as e:
+            raise CheckpointError(f"an upload to {self.root} is committed, but retention "
+                                  f"there failed ({type(e).__name__}: {e}); the next upload "
+                                  "retries it") from e
+
+    def _prune_at(self, store, root: str, policies: list, *, dry_run: bool,
+                  protect: Iterable[int] = ()) -> retention.Decision:
         manifests, unreadable = {}, {}
-        for s in self.steps():
+        for s in steps.list_steps(store, root):
             try:
-                manifests[s] = self.manifest(s)
+                manifests[s] = steps.read_manifest(store, manifest.step_path(root, s))
             except CheckpointError as e:  # kept and reported; the others are still pruned
                 unreadable[s] = f"{type(e).__name__}: {e}"
-        decision = retention.decide(self.options.policies(), manifests,
-                                    steps.list_bases(self._store, self.root),
+        protect = set(protect)
+        if protect:
+            policies = [*policies, retention.KeepSteps(protect)]
+        decision = retention.decide(policies, manifests, steps.list_bases(store, root),
                                     unreadable=unreadable)
         for s, why in sorted(unreadable.items()):
             logger.warning("retention keeps step %d, whose manifest it cannot read (%s)", s, why)
         if not dry_run:
-            retention.apply(decision, self.root, self._store, manifests)
+            retention.apply(decision, root, store, manifests)
         return decision
 
     # ---- loading ----------------------------------------------------------------------
@@ -495,7 +647,7 @@ class CheckpointManager:
         """
         optim_io.check_hyperparams(hyperparams)
         extra = training_state.check_extra(extra)
-        self.wait()
+        self._settle_write()
         skip = set(skip_per_rank)
         if not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")
@@ -504,11 +656,15 @@ class CheckpointManager:
         if init_from is not None and not isinstance(init_from, str):
             raise ValueError(f"init_from={init_from!r}: expected a path or URL (str)")
         with _comm.operation("load" if step is None else f"load of step {step}", self.timeout):
-            step = _comm.on_rank0(self._pick_step, step)
-            if step is None:
+            picked = _comm.on_rank0(self._pick_step, step)
+            if picked is None:
                 return self._initial(model, optimizer, init_from, init_storage_options,
                                      strict, verify, hyperparams)
-            report = self._load(model, optimizer, step, strict, extra, hyperparams, skip, verify)
+            step, local, remote = picked
+            report = self._load_tiered(model, optimizer, step, local, remote, strict, extra,
+                                       hyperparams, skip, verify)
+            if self._tier is not None:  # local steps a killed job did not upload
+                self._recover()
             if init_from is not None:
                 report.notes.append(f"resumed step {step}; init_from={init_from} not read")
             return report
@@ -538,21 +694,68 @@ class CheckpointManager:
                                    f"from {path} ({what})")
         return staged.report
 
-    def _pick_step(self, step: int | None) -> int | None:
-        steps = self.steps()
+    def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:
+        """``(step, committed locally, committed at the root)`` of the step to load
+        (rank 0), or None when there is none."""
+        remote = steps.list_steps(self._store, self.root)
+        local = self._tier.local_steps() if self._tier is not None else []
+        found = sorted(set(remote) | set(local))
         if step is None:
-            return steps[-1] if steps else None
-        if step not in steps:
+            if not found:
+                return None
+            step = found[-1]
+        elif step not in found:
             raise CheckpointError(
-                f"step={step} is not a committed step under {self.root}; committed: {steps}")
-        return step
+                f"step={step} is not a committed step under {self.root}; committed: {found}")
+        return step, step in local, step in remote
 
-    def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify) -> LoadReport:
-        path = self.step_path(step)
+    def _load_tiered(self, model, optimizer, step, local, remote, strict, extra, hyperparams,
+                     skip, verify) -> LoadReport:
+        """Load from the local tier when its copy is committed and whole on every rank
+        (then every byte read is checked as always; a failed check falls back to the
+        root), else from the root."""
+        args = (model, optimizer, step, strict, extra, hyperparams, skip, verify)
+        if self._tier is None or not local:
+            return self._load(*args, self._store, self.root)
+        tier = self._tier
+        if not _comm.all_true(tier.local_copy_whole(step)):
+            if not remote:
+                raise CheckpointError(
+                    f"step {step} is committed only in the local tier, and its copy is not "
+                    f"whole on every rank (node-local disks of several nodes?) and not at "
+                    f"{self.root} yet -> load it on the node(s) that wrote it, or load "
+                    f"step={self.latest_remote()} from the root")
+            report = self._load(*args, self._store, self.root)
+            report.notes.append(f"read step {step} from {self.root}: its local copy is not "
+                                "whole on every rank")
+            return report
+        try:
+            report = self._load(*args, tier.local, tier.local_root)
+        except IntegrityError as e:
+            if not remote:
+                raise
+            logger.warning("the local copy of step %d fails its check (%s); reading it from "
+                           "%s", step, e, self.root)
+            report = self._load(*args, self._store, self.root)
+            report.notes.append(f"read step {step} from {self.root}: its local copy failed "
+                                f"its check ({e})")
+            return report
+        report.notes.append(f"read step {step} from the local tier {tier.local_root}")
+        return report
+
+    def latest_remote(self) -> int | None:
+        """The newest step committed at the root itself (with a local tier: durable)."""
+        remote = steps.list_steps(self._store, self.root)
+        return remote[-1] if remote else None
+
+    def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify,
+              store, root) -> LoadReport:
+        path = manifest.step_path(root, step)
+        base_store = store
 
         def prepare() -> LoadContext:  # per-rank reads and checks, agreed on below
-            m = steps.read_manifest(self._store, path)
-            store = self._store if verify is False else steps.verified_store(self._store, path, m)
+            m = steps.read_manifest(base_store, path)
+            store = base_store if verify is False else steps.verified_store(base_store, path, m)
             ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra,
                               path=path, manifest=m,
                               store=store, strict=strict, verify=verify,
@@ -593,12 +796,13 @@ class CheckpointManager:
         step = self.latest_step() if step is None else _check_step(step)
         if step is None:
             raise NotACheckpointError(f"no committed step under {self.root}")
-        path = self.step_path(step)
-        m = steps.read_manifest(self._store, path)
-        check_files(self._store, path, m.files, checksums=True, progress=progress)
+        store, root = self._where(step)  # with a local tier: the copy a load reads first
+        path = manifest.step_path(root, step)
+        m = steps.read_manifest(store, path)
+        check_files(store, path, m.files, checksums=True, progress=progress)
         records = list(m.files.values())
         if m.base:
-            check_files(self._store, manifest.base_path(path, m), m.base_files or {},
+            check_files(store, manifest.base_path(path, m), m.base_files or {},
                         checksums=True, progress=progress)
             records += list((m.base_files or {}).values())
         return {"files": len(records), "bytes": sum(r.size for r in records)}

@@ -82,6 +82,16 @@ class KeepBest:
         return {s for _, s in scored[: self.n]}
 
 
+class KeepSteps:
+    """Keeps the given steps (a local tier's steps not yet uploaded)."""
+
+    def __init__(self, steps) -> None:
+        self.steps = set(steps)
+
+    def keep(self, manifests: dict[int, Manifest]) -> set[int]:
+        return self.steps & set(manifests)
+
+
 @dataclasses.dataclass
 class Decision:
     keep: list[int]  # kept whole

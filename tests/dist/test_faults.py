@@ -73,20 +73,25 @@ def _load_with_damaged_rank1_file(rank, world_size, root):
         data[-22:] = bytes(22)
         open(path, "wb").write(data)
     dist.barrier()
-    try:
-        mgr.load(target, topt)
-        outcome = "loaded"
-    except CheckpointError as e:
-        outcome = f"{type(e).__name__}: {e}"
+    outcomes = []
+    for verify in (None, False):  # checked: the checksum finds it; unchecked: the parse
+        try:
+            mgr.load(target, topt, verify=verify)
+            outcomes.append("loaded")
+        except CheckpointError as e:
+            outcomes.append(f"{type(e).__name__}: {e}")
     untouched = all(torch.equal(local(v), before[k]) for k, v in target.state_dict().items())
-    return outcome, untouched
+    return outcomes, untouched
 
 
 def test_a_load_failing_on_one_rank_leaves_every_rank_untouched(tmp_path):
     """Rank 1 cannot read its shard; rank 0 read and prepared all of its own, but its
     copies wait for a commit that never comes."""
     results = harness.run(_load_with_damaged_rank1_file, 2, str(tmp_path / "root"), timeout=120)
-    for rank, (outcome, untouched) in enumerate(results):
-        assert outcome.startswith("CheckpointIOError: reading"), (rank, outcome)
-        assert "rank(s) [1]" in outcome and "cannot be read" in outcome, (rank, outcome)
+    for rank, ((checked, unchecked), untouched) in enumerate(results):
+        assert checked.startswith("IntegrityError: "), (rank, checked)
+        assert "__1_0.distcp fails its checksum" in checked, (rank, checked)
+        assert "found by rank 1" in checked, (rank, checked)
+        assert unchecked.startswith("IntegrityError: "), (rank, unchecked)
+        assert "cannot be read" in unchecked and "found by rank 1" in unchecked, (rank, unchecked)
         assert untouched, rank

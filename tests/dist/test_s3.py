@@ -179,3 +179,40 @@ def test_resharding_load_from_s3_fetches_about_each_ranks_share(s3):
         for key in saved:
             assert torch.equal(loaded[key], saved[key]), (rank, key)
         assert share <= fetched <= 1.1 * share, (rank, fetched / share)
+
+
+def _tier_save(rank, world_size, root, local, options):
+    model, opt, sched = build("plain", "fsdp", world_size)
+    train(model, opt, sched, Data(rank), {"step": 0}, 2)
+    mgr = CheckpointManager(root, local_dir=local, storage_options=options)
+    mgr.save(1, model, opt)                                  # committed locally at return
+    train(model, opt, sched, Data(rank), {"step": 2}, 3)
+    handle = mgr.save(2, model, opt, blocking=False)          # durable at result()
+    durable = handle.result()
+    mgr.close()
+    state = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return durable, state, moments(model, opt)
+
+
+def _tier_resume(rank, world_size, root, local, options):
+    model, opt, sched = build("plain", "fsdp", world_size, seed=9)
+    mgr = CheckpointManager(root, local_dir=local, storage_options=options)
+    report = mgr.load(model, opt)
+    mgr.close()
+    state = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return report.notes, state, moments(model, opt)
+
+
+def test_a_local_tier_on_two_ranks_uploads_and_a_new_node_resumes_on_three(s3, tmp_path):
+    """Every rank uploads the files it wrote (on the upload thread's own group); rank 0
+    commits the remote step last. A new job (3 ranks, empty local_dir) resumes it from S3."""
+    url, options = s3
+    root = fresh_prefix(url)
+    saved = harness.run(_tier_save, 2, root, str(tmp_path / "nvme"), options)
+    assert {durable for durable, _, _ in saved} == {f"{root}/step-00000002"}
+    _, state, moms = saved[0]
+    assert CheckpointManager(root, storage_options=options).steps() == [1, 2]
+    for notes, loaded, lmoms in harness.run(_tier_resume, 3, root, str(tmp_path / "new"), options):
+        assert not any("local tier" in n for n in notes), notes
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+        assert all(torch.equal(lmoms[k][n], moms[k][n]) for k in moms for n in moms[k])
