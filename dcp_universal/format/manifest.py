@@ -154,7 +154,7 @@ class FileRecord:
             raise _fail(f"{w}.block", "a positive block size in bytes", block)
         sidecar = _get(c, "file", str, w, "the name of its checksums' file", optional=True)
         if sidecar is not None:
-            if "/" in sidecar or sidecar.startswith("."):
+            if "/" in sidecar or "\\" in sidecar or sidecar in (".", ".."):
                 raise _fail(f"{w}.file", "a file name beside it", sidecar)
             return cls(size=size, crc32=crc32, algo=algo, block=block, sidecar=sidecar)
         hexed = _get(c, "sums", str, w, "hex digits, 8 per block")

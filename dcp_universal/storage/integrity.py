@@ -38,12 +38,13 @@ except ImportError:  # pragma: no cover - a core dependency; zlib keeps saves wo
 #: more than it needs at each end of a read)
 BLOCK_BYTES = 128 << 10
 #: a file with more blocks keeps its sums in a file beside it (``SUMS_SUFFIX``)
-INLINE_BLOCKS = 64
+INLINE_BLOCKS = 4096
 SUMS_SUFFIX = ".sums"
 
-_ALGOS: dict[str, Callable] = {"crc32": lambda data, prev: zlib.crc32(data, prev)}
+# algorithm -> fn(data, prev): both take any contiguous buffer, without a copy
+_ALGOS: dict[str, Callable] = {"crc32": zlib.crc32}
 if _crc32c is not None:
-    _ALGOS["crc32c"] = lambda data, prev: _crc32c.crc32c(data, prev)
+    _ALGOS["crc32c"] = _crc32c.crc32c
 
 #: the algorithm new files are written with: CRC-32C where its package is installed
 ALGO = "crc32c" if _crc32c is not None else "crc32"
@@ -65,6 +66,7 @@ class _CrcStream:
 
     def __init__(self, inner, algo: str | None) -> None:
         self._inner, self._algo, self.size = inner, algo, 0
+        self._fn = _ALGOS[algo] if algo is not None else None
         self._sums: list[int] = []
         self._cur = self._fill = 0
         self.error: OSError | None = None
@@ -78,9 +80,15 @@ class _CrcStream:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self.size += len(view)
-        if self._algo is not None:
-            fn, pos = _ALGOS[self._algo], 0
+        n_bytes = len(view)
+        self.size += n_bytes
+        if self._algo is None:
+            return n
+        if self._fill + n_bytes < BLOCK_BYTES:  # most writes: within the block
+            self._cur = self._fn(view, self._cur)
+            self._fill += n_bytes
+        else:
+            fn, pos = self._fn, 0
             while pos < len(view):
                 take = min(len(view) - pos, BLOCK_BYTES - self._fill)
                 self._cur = fn(view[pos:pos + take], self._cur)

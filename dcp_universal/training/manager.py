@@ -273,6 +273,8 @@ class CheckpointManager:
         self._writing: concurrent.futures.Future | None = None  # an async save's write
         self._handles: list[SaveHandle] = []  # saves not yet settled (async, uploads)
         self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None  # rank 0
+        self._deleting: concurrent.futures.Future | None = None
         self._group = None  # the background thread's gloo group (collective to create)
         self._snapshots = Snapshotter()
 
@@ -338,6 +340,7 @@ class CheckpointManager:
         the remote root, every upload finished); raise the first error no handle's
         ``result()`` raised already. Not collective."""
         self._writing = None
+        self._await_deletes()
         handles, self._handles = self._handles, []
         errors = []
         for h in handles:
@@ -370,6 +373,10 @@ class CheckpointManager:
                 self._background = None
             if self._tier is not None:
                 self._tier.close()
+            if self._deleter is not None:
+                self._await_deletes()
+                self._deleter.shutdown(wait=True)
+                self._deleter = None
             self._snapshots = Snapshotter()
             for lease in self._leases:
                 lease.release()
@@ -510,6 +517,7 @@ class CheckpointManager:
         (``None``) for a blocking save, the background thread's own for an asynchronous
         one, which runs nothing else (``_comm.writes_only``)."""
         view = ModelView.of(model)
+        self._await_deletes()  # the last retention's removals (rank 0): before any debris
         writer = StepWriter(self._wstore, self._wroot, step)
         writer.prepare(overwrite=overwrite, bases=self._bases, lease=_Leases(self._leases))
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
@@ -540,12 +548,13 @@ class CheckpointManager:
     def _retain(self, step: int) -> None:
         try:
             if self._tier is None:
-                self._prune(dry_run=False)
+                self._prune_at(self._store, self.root, self.options.policies(),
+                               dry_run=False, defer=self._defer)
             else:  # the local tier: never a step not yet durable remotely
                 local = ([retention.KeepLast(self._keep_last_local)]
                          if self._keep_last_local is not None else self.options.policies())
                 self._prune_at(self._tier.local, self._tier.local_root, local, dry_run=False,
-                               protect=self._tier.not_durable())
+                               protect=self._tier.not_durable(), defer=self._defer)
         except Exception as e:
             raise CheckpointError(f"step {step} is committed, but retention failed "
                                   f"({type(e).__name__}: {e}); the next save retries it") from e
@@ -574,8 +583,30 @@ class CheckpointManager:
                                   f"there failed ({type(e).__name__}: {e}); the next upload "
                                   "retries it") from e
 
+    def _defer(self, remove: Callable[[], None]) -> None:
+        """Run a retention's removal of data on rank 0's deleter thread: a save returns
+        once the deleted steps are uncommitted, not once their gigabytes are gone."""
+        self._await_deletes()
+        if self._deleter is None:
+            self._deleter = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="dcp-universal-retention")
+        self._deleting = self._deleter.submit(remove)
+
+    def _await_deletes(self) -> None:
+        """Wait for the deleter (rank 0); a failure leaves debris, which the next save
+        removes, so it is logged, not raised."""
+        deleting, self._deleting = self._deleting, None
+        if deleting is None:
+            return
+        try:
+            deleting.result()
+        except Exception as e:
+            logger.warning("retention left debris (%s: %s); the next save removes it",
+                           type(e).__name__, e)
+
     def _prune_at(self, store, root: str, policies: list, *, dry_run: bool,
-                  protect: Iterable[int] = ()) -> retention.Decision:
+                  protect: Iterable[int] = (), defer=None) -> retention.Decision:
+        self._await_deletes()
         manifests, unreadable = {}, {}
         for s in steps.list_steps(store, root):
             try:
@@ -590,7 +621,7 @@ class CheckpointManager:
         for s, why in sorted(unreadable.items()):
             logger.warning("retention keeps step %d, whose manifest it cannot read (%s)", s, why)
         if not dry_run:
-            retention.apply(decision, root, store, manifests)
+            retention.apply(decision, root, store, manifests, defer=defer)
         return decision
 
     # ---- loading ----------------------------------------------------------------------
@@ -697,9 +728,7 @@ class CheckpointManager:
     def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:
         """``(step, committed locally, committed at the root)`` of the step to load
         (rank 0), or None when there is none."""
-        remote = steps.list_steps(self._store, self.root)
-        local = self._tier.local_steps() if self._tier is not None else []
-        found = sorted(set(remote) | set(local))
+        found = self.steps()  # with a local tier: committed in either
         if step is None:
             if not found:
                 return None
@@ -707,7 +736,9 @@ class CheckpointManager:
         elif step not in found:
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {found}")
-        return step, step in local, step in remote
+        if self._tier is None:
+            return step, False, True
+        return step, step in self._tier.local_steps(), step in self.remote_steps()
 
     def _load_tiered(self, model, optimizer, step, local, remote, strict, extra, hyperparams,
                      skip, verify) -> LoadReport:
@@ -745,8 +776,12 @@ class CheckpointManager:
 
     def latest_remote(self) -> int | None:
         """The newest step committed at the root itself (with a local tier: durable)."""
-        remote = steps.list_steps(self._store, self.root)
+        remote = self.remote_steps()
         return remote[-1] if remote else None
+
+    def remote_steps(self) -> list[int]:
+        """Steps committed at the root itself (with a local tier: durable), ascending."""
+        return steps.list_steps(self._store, self.root)
 
     def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify,
               store, root) -> LoadReport:

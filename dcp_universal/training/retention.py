@@ -11,6 +11,12 @@ step gets its rewritten manifest before ``optimizer/`` goes (and a later prune r
 ``optimizer/`` such a kill left behind), and a base loses its ``files.json`` (which marks
 it complete) before its data. Bases are removed when no remaining committed step names
 them, with or without a policy.
+
+:func:`apply` may defer the removal of the data (``defer``): the manager's saves do, so
+that deleting gigabytes does not hold the training loop. The marks that decide (a
+removed manifest or ``files.json``, an archived manifest) are always written at once, so
+``steps()`` sees the decision when ``apply`` returns; what is left until the deferred
+removal runs is debris, which a kill leaves as well and the next save removes.
 """
 
 from __future__ import annotations
@@ -139,21 +145,42 @@ def _archived(m: Manifest) -> Manifest:
 
 
 def apply(decision: Decision, root: str, store: Storage,
-          manifests: dict[int, Manifest]) -> None:
-    """Carry out ``decision``; safe to kill at any point (see the module docstring)."""
+          manifests: dict[int, Manifest], *, defer=None) -> None:
+    """Carry out ``decision``; safe to kill at any point (see the module docstring).
+    ``defer``: ``defer(fn)`` runs ``fn`` (the removal of the data) later."""
+    trees = []
     for step in decision.delete:
-        steps.remove_step(store, manifest.step_path(root, step))
+        path = manifest.step_path(root, step)
+        if store.is_link(path):  # a link loses the link only
+            store.remove_file(path)
+            continue
+        store.remove_file(join(path, manifest.MANIFEST))  # uncommitted first
+        trees.append(path)
     for step in decision.archive:
         path = manifest.step_path(root, step)
         steps.write_manifest(store, path, _archived(manifests[step]))
-        store.remove_tree(join(path, manifest.OPTIMIZER_DIR))
+        trees.append(join(path, manifest.OPTIMIZER_DIR))
     for step in decision.archived:
         # an archive killed between its manifest and its optimizer/ left the directory
         opt = join(manifest.step_path(root, step), manifest.OPTIMIZER_DIR)
         if store.exists(opt):
-            store.remove_tree(opt)
+            trees.append(opt)
     for base in decision.delete_bases:
-        steps.remove_base(store, join(root, base))
+        path = join(root, base)
+        if store.is_link(path):
+            store.remove_file(path)
+            continue
+        store.remove_file(join(path, manifest.BASE_FILES))  # incomplete first
+        trees.append(path)
+
+    def remove() -> None:
+        for path in trees:
+            store.remove_tree(path)
+
+    if defer is not None and trees:
+        defer(remove)
+    else:
+        remove()
     if decision.delete or decision.archive or decision.delete_bases:
         logger.info("retention: deleted steps %s, archived %s, deleted bases %s",
                     decision.delete, decision.archive, decision.delete_bases)

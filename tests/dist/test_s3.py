@@ -114,6 +114,7 @@ def test_a_flipped_bit_in_an_s3_object_fails_the_default_load(s3, monkeypatch):
     reads, and in a large file's sums object) raises IntegrityError naming it."""
     url, options = s3
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 512)  # sums objects beside the data
+    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
     opt = torch.optim.AdamW(model.parameters())

@@ -91,6 +91,7 @@ def test_retention_keeps_newest_and_the_bases_kept_steps_use(tmp_path):
     assert os.path.isdir(tmp_path / first_base)  # step 2 still uses it
     mgr.save(4, model, opt)
     assert mgr.steps() == [3, 4]
+    mgr.wait()  # retention's removals run on a thread of their own
     assert not os.path.exists(tmp_path / first_base)
     assert mgr.manifest(3).base != first_base and os.path.isdir(tmp_path / mgr.manifest(3).base)
 
@@ -279,8 +280,10 @@ def test_prune_killed_halfway_leaves_only_debris(tmp_path):
     assert mgr.steps() == [2, 3]
     decision = CheckpointManager(str(tmp_path), keep_last=1).prune(dry_run=True)
     assert decision.delete == [2] and mgr.steps() == [2, 3]
-    CheckpointManager(str(tmp_path), keep_last=1).save(4, model, opt)
-    assert mgr.steps() == [4]
+    last = CheckpointManager(str(tmp_path), keep_last=1)
+    last.save(4, model, opt)
+    assert mgr.steps() == [4]  # uncommitted at once; the files go on a thread of their own
+    last.wait()
     assert sorted(os.listdir(tmp_path)) == ["step-00000004", "writer.lease"]  # the writer's
 
 
@@ -318,6 +321,7 @@ def test_bases_left_by_crashed_saves_are_checked_or_cleaned(tmp_path):
 
     fresh = CheckpointManager(str(tmp_path))
     fresh.save(1, model, opt)
+    fresh.wait()
     manifest = fresh.manifest(1)
     assert manifest.base == base and manifest.base_files  # reused, with its records
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("base-")) == [base]

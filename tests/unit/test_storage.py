@@ -62,6 +62,7 @@ def test_a_registered_backend_serves_manager_model_io_and_export(mirror, tmp_pat
     mgr = CheckpointManager("mirror://run", storage_options=mirror, keep_last=1)
     mgr.save(1, model, opt)
     mgr.save(2, model, opt, merged=True)
+    mgr.wait()
     assert Mirror.calls > before
     disk = os.path.join(mirror["base"], "run")
     assert sorted(n for n in os.listdir(disk) if n.startswith("step-")) == ["step-00000002"]

@@ -54,6 +54,7 @@ def test_a_flipped_bit_in_any_file_of_a_step_fails_the_default_load(tmp_path, mo
     optimizer and extra state are untouched."""
     if block:
         monkeypatch.setattr(integrity, "BLOCK_BYTES", block)
+        monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
     model, opt, sched, counters = _job(variant)
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(2, model, opt, extra={"sched": sched, "train": counters})
@@ -108,6 +109,7 @@ def test_verify_false_is_the_unchecked_fast_path(tmp_path):
 
 def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
     model, opt, *_ = _job()
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
