@@ -512,10 +512,20 @@ def _ties_from_json(d: Any, where: str) -> list[list[str]]:
     return [list(g) for g in d]
 
 
-def model_info_to_json(ties) -> bytes:
-    """The :data:`MODEL_INFO` file of a model directory."""
-    return json.dumps({"format_version": FORMAT_VERSION,
-                       "ties": [sorted(g) for g in ties]}, indent=1).encode()
+def model_info_to_json(ties, files: dict[str, FileRecord] | None = None) -> bytes:
+    """The :data:`MODEL_INFO` file of a model directory: its tie groups and, once the
+    directory is written, its files' records (sizes and checksums)."""
+    out: dict[str, Any] = {"format_version": FORMAT_VERSION, "ties": [sorted(g) for g in ties]}
+    if files is not None:
+        out["files"] = records_to_json(files)
+    return json.dumps(out, indent=1).encode()
+
+
+def model_info_files(data: bytes, where: str) -> dict[str, FileRecord] | None:
+    """The file records of a :data:`MODEL_INFO` file (None: not recorded)."""
+    d = json.loads(data)
+    files = d.get("files") if isinstance(d, dict) else None
+    return None if files is None else records_from_json(files, f"{where}.files")
 
 
 def model_info_from_json(data: bytes, where: str) -> list[list[str]]:

@@ -84,13 +84,17 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
         view, store = ModelView.of(model), storage_for(path, storage_options)
         # what DCP's metadata cannot hold (tie groups), written before DCP's .metadata
         _comm.on_rank0(_write_info, store, path, view)
-        # a bare model directory has no manifest to record checksums in
-        write_model(view, path, merge, store, checksums=False)
+        written = write_model(view, path, merge, store)
+        # then every rank's file records (sizes, checksums): loads check what they read
+        files = {n: r for part in _comm.all_gather_object(written) for n, r in part.items()}
+        _comm.on_rank0(_write_info, store, path, view, files)
 
 
-def _write_info(store: Storage, path: str, view: ModelView) -> None:
+def _write_info(store: Storage, path: str, view: ModelView,
+                files: dict[str, FileRecord] | None = None) -> None:
     store.makedirs(path)
-    store.write_atomic(join(path, manifest.MODEL_INFO), manifest.model_info_to_json(view.ties))
+    store.write_atomic(join(path, manifest.MODEL_INFO),
+                       manifest.model_info_to_json(view.ties, files))
 
 
 def write_model(view: ModelView, path: str, merge: str, store: Storage, *,

@@ -17,6 +17,7 @@ from dcp_universal.sources import foreign
 from dcp_universal.format import manifest
 from dcp_universal.sources import DcpDir, Format, Source, Want, dir_entries, register_format
 from dcp_universal.storage import Storage, join
+from dcp_universal.storage.integrity import block_checks, check_files
 from dcp_universal.model.view import ModelView
 
 __all__ = ["DcpFormat", "model_dir", "dir_source", "register_factor_rule"]
@@ -79,6 +80,11 @@ class DcpFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         d = model_dir(store, path)
+        files = _recorded_files(store, d)
+        if files is not None:  # a save_model directory: sizes, and its checksums
+            check_files(store, d, files, checksums=bool(want.verify))
+            if want.verify is not False:
+                store = store.verifying(block_checks(store, files, {"": d}))
         source = dir_source(store, DcpDir(store, d, trusted=want.trusted), want)
         ties = _recorded_ties(store, d)
         if ties is None or want.prefix is not None:
@@ -88,20 +94,35 @@ class DcpFormat(Format):
         return source.replace(ties=ties, meta={**source.meta, "ties_recorded": True})
 
 
-_MODEL_INFO_LIMIT = 1 << 20
+_MODEL_INFO_LIMIT = 64 << 20
 
 
-def _recorded_ties(store: Storage, d: str) -> list[list[str]] | None:
-    """The tie groups a save_model directory records (None: a directory written by
-    another tool, or before they were recorded)."""
+def _model_info(store: Storage, d: str) -> tuple[bytes, str] | None:
     info = join(d, manifest.MODEL_INFO)
     if not store.exists(info):
         return None
     if store.size(info) > _MODEL_INFO_LIMIT:
         raise ManifestError(
             f"{info} is {store.size(info)} bytes, over the {_MODEL_INFO_LIMIT} a model "
-            "directory's tie record can be: it was not written by dcp_universal -> remove it")
-    return manifest.model_info_from_json(store.read_bytes(info), info)
+            "directory's record can be: it was not written by dcp_universal -> remove it")
+    return store.read_bytes(info), info
+
+
+def _recorded_ties(store: Storage, d: str) -> list[list[str]] | None:
+    """The tie groups a save_model directory records (None: a directory written by
+    another tool, or before they were recorded)."""
+    found = _model_info(store, d)
+    return None if found is None else manifest.model_info_from_json(*found)
+
+
+def _recorded_files(store: Storage, d: str) -> dict | None:
+    """The file records a save_model directory keeps (None: written by another tool,
+    or before they were recorded)."""
+    found = _model_info(store, d)
+    if found is None:
+        return None
+    manifest.model_info_from_json(*found)  # checked first: a damaged file says so
+    return manifest.model_info_files(*found)
 
 
 register_format(DcpFormat())

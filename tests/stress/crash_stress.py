@@ -443,6 +443,7 @@ def _check_next_save(trial: Trial, root: str, latest: int, refs: dict) -> list[i
     mgr = CheckpointManager(root, **RETENTION[trial.retention])
     model, opt, sched, counters = _load_and_compare(mgr, latest, trial.variant, refs[latest])
     mgr.save(3, model, opt, extra={"lr_scheduler": sched, "train": counters})
+    mgr.wait()  # retention's removals run on a thread of their own
     steps = mgr.steps()
     assert steps[-1] == 3, f"steps() after save 3 is {steps}"
     names = os.listdir(root)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from dcp_universal import CheckpointManager, load_model
+from dcp_universal import CheckpointManager, load_model, save_model
 from dcp_universal.errors import IntegrityError
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage import integrity, steps
@@ -186,3 +186,27 @@ def test_a_file_the_manifest_does_not_list_is_refused():
     with pytest.raises(IntegrityError, match=r"__1_0.distcp is not among the files"):
         check.check("__1_0.distcp", b"abc", 0, 0, 3)
     check.check("__0_0.distcp", b"abc", 0, 0, 3)  # listed without block sums: not checked
+
+
+def test_a_save_model_directory_records_its_files_and_loads_check_them(tmp_path):
+    model, *_ = _job()
+    path = str(tmp_path / "model")
+    save_model(model, path)
+    info = json.loads(open(os.path.join(path, "dcp_universal.json")).read())
+    data = next(p for p in _files(path) if p.endswith(".distcp"))
+    assert info["files"][os.path.basename(data)]["checksum"]["algo"] == "crc32c"
+    md = FileSystemReader(path).read_metadata()
+    largest = max(md.storage_data.values(), key=lambda i: i.length)
+    with open(data, "r+b") as f:  # inside the largest tensor's bytes
+        f.seek(largest.offset + largest.length // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    target, *_ = _job(seed=1)
+    before = model_state(target)
+    with pytest.raises(IntegrityError, match=f"{os.path.basename(data)} fails its checksum"):
+        load_model(target, path)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    load_model(target, path, verify=False)  # unchecked: one tensor differs by the flip
+    assert sum(not torch.equal(v, model.state_dict()[k])
+               for k, v in target.state_dict().items()) == 1
