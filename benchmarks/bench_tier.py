@@ -6,9 +6,11 @@ Run from the repository root (needs the dev extra: moto's server and s3fs)::
     .venv/bin/python benchmarks/bench_tier.py                  # 64 MiB model, 4 saves each
     .venv/bin/python benchmarks/bench_tier.py --size-mb 16 --saves 2   # smoke, ~30 s
 
-It starts moto's S3 server on 127.0.0.1 (nothing else is contacted). One process trains
-a stack of ``Linear`` layers (``--size-mb`` MiB of fp32 weights, all trainable, AdamW:
-3x that in state) and saves every ``--every`` steps, ``--saves`` times, in four ways:
+It starts moto's S3 server on 127.0.0.1 in a process of its own (nothing else is
+contacted). One process trains a stack of ``Linear`` layers (``--size-mb`` MiB of fp32
+weights, all trainable, AdamW: 3x that in state); each training step also waits
+``--compute-s`` seconds, standing for the accelerator's work (the host is idle then, as
+on a GPU node); it saves every ``--every`` steps, ``--saves`` times, in four ways:
 
 * S3 root, blocking: ``mgr.save`` writes to S3 before it returns;
 * S3 root, ``blocking=False``: the save stages a snapshot; the next save waits for the
@@ -28,9 +30,12 @@ upload times are moto's, not S3's; compare the stalls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -40,9 +45,41 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from s3server import fresh_prefix, moto_s3  # noqa: E402  (the tests' S3 helpers)
+from s3server import fresh_prefix  # noqa: E402  (the tests' S3 helpers)
 
 from dcp_universal import CheckpointManager  # noqa: E402
+
+
+@contextlib.contextmanager
+def moto_process(bucket: str = "ckpt"):
+    """moto's S3 server in a process of its own on 127.0.0.1 (an in-process server would
+    share this process's interpreter lock with the save being measured)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                           "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")})
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"),
+                               "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                time.sleep(0.1)
+        yield f"s3://{bucket}", {"endpoint_url": url, "key": "testing", "secret": "testing",
+                                  "client_kwargs": {"region_name": "us-east-1"}}
+    finally:
+        server.terminate()
+        server.wait()
 
 MODES = ("S3, blocking", "S3, async", "local tier, blocking", "local tier, async")
 
@@ -78,6 +115,7 @@ def run_mode(mode: str, root: str, options: dict, local: str, args) -> dict:
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
+        time.sleep(args.compute_s)
         step_s.append(time.perf_counter() - t0)
         if i % args.every:
             continue
@@ -100,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=64)
     parser.add_argument("--saves", type=int, default=4)
     parser.add_argument("--every", type=int, default=3, help="training steps between saves")
+    parser.add_argument("--compute-s", type=float, default=2.0,
+                        help="seconds of accelerator work per training step (host idle)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     scratch = tempfile.mkdtemp(prefix="bench_tier_")
     try:
-        with moto_s3() as (url, options):
+        with moto_process() as (url, options):
             for mode in MODES:
                 local = os.path.join(scratch, mode.replace(" ", "_").replace(",", ""))
                 results[mode] = run_mode(mode, fresh_prefix(url), options, local, args)
@@ -113,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     state_mb = 3 * args.size_mb
     print(f"# 1 process, {args.size_mb:.0f} MiB fp32 weights + AdamW ({state_mb:.0f} MiB of "
-          f"state), a save every {args.every} steps, {args.saves} saves, moto S3 on "
-          f"127.0.0.1, torch {torch.__version__}")
+          f"state), a save every {args.every} steps of {args.compute_s:.1f} s, {args.saves} "
+          f"saves, moto S3 on 127.0.0.1, torch {torch.__version__}")
     base = results["S3, blocking"]["stall"]
     print("| save | stall per save s | vs S3 blocking | until durable on S3 s |")
     print("|---|---:|---:|---:|")
