@@ -497,6 +497,8 @@ class CheckpointManager:
 
     def _recover(self) -> None:
         """Queue the uploads of local steps an earlier job left (collective, once)."""
+        if not self._tier.started:  # uploads nobody waited for are reported at exit
+            atexit.register(self._at_exit)
         self._tier.start()
         for step, future in self._tier.recover():
             self._handles.append(SaveHandle(step, future, 0.0))

@@ -113,6 +113,10 @@ class LocalTier:
 
     # ---- uploads ------------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
     def start(self) -> None:
         """Collective on the caller's thread (the upload group is made there): the
         upload thread, once."""

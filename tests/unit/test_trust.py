@@ -235,6 +235,10 @@ def test_a_payload_in_dcp_metadata_never_runs(tmp_path):
     meta_path.write_bytes(pickle.dumps(md))
     target = tiny.make("plain", seed=2)
     before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(IntegrityError, match=r"\.metadata has \d+ bytes, the manifest says"):
+        load_model(target, str(tmp_path / "m"))  # the directory's own records refuse it
+    # an attacker rewrites (or removes) those records too: the allow-list still refuses
+    (tmp_path / "m" / "dcp_universal.json").unlink()
     with pytest.raises(UnsafeCheckpointError, match="io.open, which is not plain data.*trusted=True"):
         load_model(target, str(tmp_path / "m"))
     with pytest.raises(UnsafeCheckpointError):
