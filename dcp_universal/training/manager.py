@@ -12,8 +12,9 @@ first byte is read or written, then call those parts.
 Concurrency contract: not thread-safe; multi-process safe (every rank of one job calls
 ``save`` / ``load`` together); one job writes a root at a time (enforced: a writer
 lease, :mod:`~dcp_universal.training.lease`), while any number of readers load
-committed steps. At most one asynchronous save is in flight: ``save``,
-``load``, ``prune``, ``wait`` and ``close`` first wait for it.
+committed steps. At most one asynchronous save's write is in flight: ``save`` and
+``load`` first wait for it; ``prune``, ``wait`` and ``close`` also wait for uploads (a
+local tier, :mod:`~dcp_universal.training.tier`) and for retention's removals.
 """
 
 from __future__ import annotations
@@ -241,6 +242,10 @@ class CheckpointManager:
     (seconds, default 600), asynchronous saves included; then every waiting rank raises
     :class:`~dcp_universal.CheckpointTimeoutError` naming the rank(s) it waited for, and
     nothing is committed. Give every rank the same value.
+    ``local_dir``: a local directory in front of ``root`` (:mod:`~dcp_universal.training.tier`):
+    saves commit there and upload to ``root`` in the background; ``keep_last_local``
+    keeps that many newest steps there (default: the root's policies), never one not
+    yet uploaded.
     """
 
     def __init__(self, root: str, *, keep_last: int | None = None, merge: str = "sharded",
