@@ -213,3 +213,51 @@ def test_a_kill_during_an_upload_leaves_the_last_committed_step_and_the_next_job
     again.close()
     assert remote.steps() == [1, 2]
     assert _remote_files(fs, root, 2) == _local_files(local, 2)
+
+
+def _another_jobs_lease(directory: str) -> None:
+    """A live job's writer lease (our parent process, on this host)."""
+    import json
+    import socket
+    import time
+
+    from dcp_universal.training import lease
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, lease.LEASE_FILE), "w") as f:
+        json.dump({"owner": "another-job", "host": socket.gethostname(), "pid": os.getppid(),
+                   "started": lease._started(os.getppid()), "renewed_unix": time.time(),
+                   "ttl_s": 120.0}, f)
+
+
+def test_two_jobs_on_one_local_dir_or_one_root_are_refused(s3, tmp_path):
+    """The local tier's directory has a writer lease of its own: a second job there
+    (even one uploading to another root) would remove the first one's unfinished steps
+    as debris. The root keeps its own lease."""
+    from dcp_universal import RootBusyError
+    from dcp_universal.training import lease
+
+    url, options = s3
+    root = fresh_prefix(url)
+    local = str(tmp_path / "nvme")
+    model, opt, *_ = _job()
+    mgr = CheckpointManager(root, local_dir=local, storage_options=options)
+    mgr.save(1, model, opt)
+    mgr.wait()
+    _another_jobs_lease(local)
+    with pytest.raises(RootBusyError, match="being written by another job"):
+        mgr.save(2, model, opt)
+    assert _steps_in(local) == ["step-00000001"] and mgr.remote_steps() == [1]
+    os.remove(os.path.join(local, lease.LEASE_FILE))
+    fs = fsspec.filesystem("s3", **options)
+    fs.rm(f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
+    _another_jobs_lease(str(tmp_path / "lease"))
+    fs.put_file(str(tmp_path / "lease" / lease.LEASE_FILE),
+                f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
+    with pytest.raises(RootBusyError, match="being written by another job"):
+        mgr.save(2, model, opt)
+    assert _steps_in(local) == ["step-00000001"]
+    fs.rm(f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
+    mgr.save(2, model, opt)
+    mgr.close()
+    assert mgr.remote_steps() == [1, 2]
