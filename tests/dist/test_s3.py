@@ -222,3 +222,34 @@ def test_a_local_tier_on_two_ranks_uploads_and_a_new_node_resumes_on_three(s3, t
         assert not any("local tier" in n for n in notes), notes
         assert all(torch.equal(loaded[k], state[k]) for k in state)
         assert all(torch.equal(lmoms[k][n], moms[k][n]) for k in moms for n in moms[k])
+
+
+def _tier_upload_fails_on_rank1(rank, world_size, root, local, options):
+    from dcp_universal.errors import CheckpointIOError
+    from dcp_universal.storage import FsspecStorage
+
+    model, opt, sched = build("plain", "fsdp", world_size)
+    train(model, opt, sched, Data(rank), {"step": 0}, 1)
+    mgr = CheckpointManager(root, local_dir=local, storage_options=options)
+    mgr._tier.backoff = 0.01
+    if rank == 1:
+        def broken(self, local_path, path):
+            raise OSError("rank 1's network is down")
+        FsspecStorage.upload = broken
+    handle = mgr.save(1, model, opt, blocking=False)
+    try:
+        handle.result()
+        outcome = "durable"
+    except CheckpointIOError as e:
+        outcome = str(e)
+    mgr.close()
+    return outcome, mgr.steps(), mgr.remote_steps()
+
+
+def test_an_upload_failing_on_one_rank_raises_on_every_rank(s3, tmp_path):
+    url, options = s3
+    root = fresh_prefix(url)
+    for outcome, steps, remote in harness.run(_tier_upload_fails_on_rank1, 2, root,
+                                              str(tmp_path / "nvme"), options):
+        assert "rank 1's network is down" in outcome and "failed 4 times" in outcome, outcome
+        assert steps == [1] and remote == []  # committed locally only
