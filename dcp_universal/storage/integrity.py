@@ -314,10 +314,13 @@ def _blocks(store: Storage, path: str, size: int):
 def _check_whole(store: Storage, path: str, full: str, rel: str, rec: FileRecord,
                  files: Mapping[str, FileRecord]) -> None:
     if rec.has_blocks:
-        check = BlockCheck(path, files, lambda name: store.read_bytes(join(path, name)))
+        # the file's own directory: a sums file is named relative to the file beside it
+        folder, _, name = rel.rpartition("/")
+        directory = join(path, folder) if folder else path
+        check = block_checks(store, files, {f"{folder}/" if folder else "": directory})[directory]
         pos = 0
         for block in _blocks(store, full, rec.block):
-            check.check(rel, block, pos, pos, pos + len(block), remember=False)
+            check.check(name, block, pos, pos, pos + len(block), remember=False)
             pos += len(block)
         return
     if rec.crc32 is not None:

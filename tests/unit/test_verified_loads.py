@@ -126,6 +126,7 @@ def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, m
     assert sums == b"".join(crc32c.crc32c(data[i:i + 1024]).to_bytes(4, "big")
                             for i in range(0, len(data), 1024))
     assert m.files[rel + ".sums"].size == len(sums)
+    assert mgr.verify(1)["files"] == len(m.files)  # whole files, sums read beside them
     _flip(path, 0.5)
     bad = int(rec.size * 0.5) // 1024
     target, topt, *_ = _job(seed=1)
@@ -135,6 +136,8 @@ def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, m
     with pytest.raises(IntegrityError, match=rf"{rel.split('/')[1]} fails its checksum at bytes "
                                              rf"{bad * 1024}\.\.{(bad + 1) * 1024} \(block {bad}"):
         mgr.load(target, topt)
+    with pytest.raises(IntegrityError, match=rf"{rel.split('/')[1]} fails its checksum"):
+        mgr.verify(1)
 
 
 def model_state(model):
