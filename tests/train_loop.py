@@ -62,6 +62,15 @@ def train(model, opt, sched, data, counters, until: int, on_step=None) -> list[t
     return losses
 
 
+def trained_job(variant: str = "plain", *, seed: int = 0, steps: int = 2):
+    """``(model, opt, sched, counters)`` of one process trained ``steps`` steps."""
+    torch.manual_seed(seed)
+    model, opt, sched = build(variant, "none", 1, seed=seed)
+    counters = {"step": 0}
+    train(model, opt, sched, Data(0), counters, steps)
+    return model, opt, sched, counters
+
+
 def full(t):
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 

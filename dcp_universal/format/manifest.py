@@ -436,7 +436,7 @@ class Manifest:
             raise ManifestError(f"{where} is not a dcp_universal manifest (no integer "
                                 "format_version): the step is damaged; load an earlier step")
         if d["format_version"] > FORMAT_VERSION:
-            damaged = ("content_crc32" in d and d["content_crc32"] != _content_crc32(d))
+            damaged = _content_fails(d)
             raise FormatVersionError(
                 f"{where} has format_version {d['format_version']}; this dcp_universal "
                 f"reads versions up to {FORMAT_VERSION}: upgrade dcp_universal to read it"
@@ -495,10 +495,14 @@ def _content_crc32(d: dict) -> int:
     return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
+def _content_fails(d: dict) -> bool:
+    """A manifest's ``content_crc32`` does not match its fields (one written before
+    manifests carried it passes)."""
+    return "content_crc32" in d and d["content_crc32"] != _content_crc32(d)
+
+
 def _check_content(d: dict, where: str) -> None:
-    if "content_crc32" not in d:  # written before manifests carried one
-        return
-    if d["content_crc32"] != _content_crc32(d):
+    if _content_fails(d):
         raise DamagedManifestError(
             f"{where} fails its own checksum (content_crc32): a field was changed after "
             "the step was committed, which can change what the step loads -> load an "
@@ -521,15 +525,10 @@ def model_info_to_json(ties, files: dict[str, FileRecord] | None = None) -> byte
     return json.dumps(out, indent=1).encode()
 
 
-def model_info_files(data: bytes, where: str) -> dict[str, FileRecord] | None:
-    """The file records of a :data:`MODEL_INFO` file (None: not recorded)."""
-    d = json.loads(data)
-    files = d.get("files") if isinstance(d, dict) else None
-    return None if files is None else records_from_json(files, f"{where}.files")
-
-
-def model_info_from_json(data: bytes, where: str) -> list[list[str]]:
-    """The tie groups recorded in a :data:`MODEL_INFO` file (a file from anyone: checked)."""
+def model_info_from_json(data: bytes, where: str
+                         ) -> tuple[list[list[str]], dict[str, FileRecord] | None]:
+    """The tie groups and the file records (None: not recorded yet) of a
+    :data:`MODEL_INFO` file (a file from anyone: checked)."""
     try:
         d = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -538,7 +537,9 @@ def model_info_from_json(data: bytes, where: str) -> list[list[str]]:
     if not isinstance(d, dict):
         raise _fail(where, "an object", d)
     _get(d, "format_version", int, where, "an integer")
-    return _ties_from_json(d.get("ties", []), f"{where}.ties")
+    files = d.get("files")
+    return (_ties_from_json(d.get("ties", []), f"{where}.ties"),
+            None if files is None else records_from_json(files, f"{where}.files"))
 
 
 # ---- layout ---------------------------------------------------------------------------

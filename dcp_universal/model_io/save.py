@@ -86,8 +86,7 @@ def save_model(model: nn.Module, path: str, *, merge: str = "sharded",
         _comm.on_rank0(_write_info, store, path, view)
         written = write_model(view, path, merge, store)
         # then every rank's file records (sizes, checksums): loads check what they read
-        files = {n: r for part in _comm.all_gather_object(written) for n, r in part.items()}
-        _comm.on_rank0(_write_info, store, path, view, files)
+        _comm.on_rank0(_write_info, store, path, view, dcp_io.gather_records(written))
 
 
 def _write_info(store: Storage, path: str, view: ModelView,

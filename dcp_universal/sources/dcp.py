@@ -80,13 +80,12 @@ class DcpFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         d = model_dir(store, path)
-        files = _recorded_files(store, d)
+        ties, files = _recorded(store, d)
         if files is not None:  # a save_model directory: sizes, and its checksums
             check_files(store, d, files, checksums=bool(want.verify))
             if want.verify is not False:
                 store = store.verifying(block_checks(store, files, {"": d}))
         source = dir_source(store, DcpDir(store, d, trusted=want.trusted), want)
-        ties = _recorded_ties(store, d)
         if ties is None or want.prefix is not None:
             return source
         ties = tuple(g for g in (tuple(k for k in g if k in source.entries) for g in ties)
@@ -97,32 +96,17 @@ class DcpFormat(Format):
 _MODEL_INFO_LIMIT = 64 << 20
 
 
-def _model_info(store: Storage, d: str) -> tuple[bytes, str] | None:
+def _recorded(store: Storage, d: str) -> tuple[list[list[str]] | None, dict | None]:
+    """The tie groups and the file records a save_model directory keeps (None each: a
+    directory written by another tool, or before they were recorded)."""
     info = join(d, manifest.MODEL_INFO)
     if not store.exists(info):
-        return None
+        return None, None
     if store.size(info) > _MODEL_INFO_LIMIT:
         raise ManifestError(
             f"{info} is {store.size(info)} bytes, over the {_MODEL_INFO_LIMIT} a model "
             "directory's record can be: it was not written by dcp_universal -> remove it")
-    return store.read_bytes(info), info
-
-
-def _recorded_ties(store: Storage, d: str) -> list[list[str]] | None:
-    """The tie groups a save_model directory records (None: a directory written by
-    another tool, or before they were recorded)."""
-    found = _model_info(store, d)
-    return None if found is None else manifest.model_info_from_json(*found)
-
-
-def _recorded_files(store: Storage, d: str) -> dict | None:
-    """The file records a save_model directory keeps (None: written by another tool,
-    or before they were recorded)."""
-    found = _model_info(store, d)
-    if found is None:
-        return None
-    manifest.model_info_from_json(*found)  # checked first: a damaged file says so
-    return manifest.model_info_files(*found)
+    return manifest.model_info_from_json(store.read_bytes(info), info)
 
 
 register_format(DcpFormat())

@@ -32,7 +32,7 @@ from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage.mapped import Copies
 from dcp_universal.storage import Storage
 
-__all__ = ["save_state", "load_state", "read_metadata"]
+__all__ = ["save_state", "gather_records", "load_state", "read_metadata"]
 
 
 @contextlib.contextmanager
@@ -105,6 +105,13 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
         dcp.save(state, storage_writer=writer, planner=planner, process_group=group,
                  no_dist=alone)
     return dict(writer.fs.files) if checksums else {}
+
+
+def gather_records(files: dict[str, FileRecord], *, group=None) -> dict[str, FileRecord]:
+    """Collective on ``group``: every rank's file records (what :func:`save_state`
+    returned), merged (names are unique per rank)."""
+    return {name: rec for part in _comm.all_gather_object(files, group=group)
+            for name, rec in part.items()}
 
 
 #: ``reader_of(path, copies, metadata)``: a DCP ``StorageReader`` of a directory

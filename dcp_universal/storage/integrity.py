@@ -8,7 +8,8 @@ default load verifies every byte it reads (:class:`BlockCheck`), at about 16 GB/
 core. A small file's sums are in its manifest record; a large file's (more than
 :data:`INLINE_BLOCKS`) in a file of their own beside it, ``<name>.sums``, which its
 record names and which has a record (and a checksum) of its own: a manifest stays small
-(a 10 GB shard has 80,000 blocks), and a rank reads the sums of the files it reads. ``verify=True`` also reads and checks every file whole (``CheckpointManager.verify``,
+(a 10 GB shard has 80,000 blocks), and a rank reads the sums of the files it reads.
+``verify=True`` also reads and checks every file whole (``CheckpointManager.verify``,
 ``dcp-universal verify``); steps written before block checksums carry a CRC-32 of each
 whole file, checked only so. Sizes cost one listing and are checked on every load.
 """
@@ -50,14 +51,17 @@ if _crc32c is not None:
 ALGO = "crc32c" if _crc32c is not None else "crc32"
 
 
+def _algo(name: str) -> Callable:
+    try:
+        return _ALGOS[name]
+    except KeyError:
+        raise IntegrityError(f"checksum algorithm {name!r} is not available here (install "
+                             "the crc32c package: pip install crc32c)") from None
+
+
 def checksum(algo: str, data, prev: int = 0) -> int:
     """``algo``'s checksum of ``data`` (any contiguous buffer), continuing ``prev``."""
-    try:
-        fn = _ALGOS[algo]
-    except KeyError:
-        raise IntegrityError(f"checksum algorithm {algo!r} is not available here (install "
-                             "the crc32c package: pip install crc32c)") from None
-    return fn(data, prev)
+    return _algo(algo)(data, prev)
 
 
 class _CrcStream:
@@ -255,7 +259,7 @@ class BlockCheck:
         sums = self.sums(name, rec)
         done = self._done.setdefault(name, set())
         view = memoryview(buf)
-        fn = _ALGOS.get(rec.algo) or functools.partial(checksum, rec.algo)
+        fn = _algo(rec.algo)
         for i in range(start // rec.block, (end - 1) // rec.block + 1):
             if i in done:
                 continue

@@ -14,7 +14,8 @@ from dcp_universal.storage import Storage, join
 from dcp_universal.storage.integrity import block_checks
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
-           "read_base_files", "write_base_files", "remove_base", "verified_store"]
+           "read_base_files", "write_base_files", "remove_base", "uncommit",
+           "verified_store"]
 
 
 def list_steps(store: Storage, root: str, *, committed: bool = True) -> list[int]:
@@ -64,11 +65,20 @@ def write_manifest(store: Storage, step_dir: str, manifest: Manifest) -> None:
 def remove_step(store: Storage, step_dir: str) -> None:
     """Uncommit first (manifest), then delete: a kill halfway leaves only debris. A step
     path that is a link loses the link only: nothing outside the root is touched."""
-    if store.is_link(step_dir):
-        store.remove_file(step_dir)
-        return
-    store.remove_file(join(step_dir, MANIFEST))
-    store.remove_tree(step_dir)
+    left = uncommit(store, step_dir, MANIFEST)
+    if left is not None:
+        store.remove_tree(left)
+
+
+def uncommit(store: Storage, directory: str, marker: str) -> str | None:
+    """The first half of removing a step (``marker``: its manifest) or a base (its
+    ``files.json``): the marker goes, so the directory is debris from now on; returns
+    the directory, whose data is left to delete. A link loses the link only (None)."""
+    if store.is_link(directory):
+        store.remove_file(directory)
+        return None
+    store.remove_file(join(directory, marker))
+    return directory
 
 
 def read_base_files(store: Storage, base_dir: str) -> dict[str, FileRecord] | None:
@@ -92,8 +102,6 @@ def write_base_files(store: Storage, base_dir: str, records: dict[str, FileRecor
 
 def remove_base(store: Storage, base_dir: str) -> None:
     """Mark incomplete first (``files.json``), then delete (a link: the link only)."""
-    if store.is_link(base_dir):
-        store.remove_file(base_dir)
-        return
-    store.remove_file(join(base_dir, BASE_FILES))
-    store.remove_tree(base_dir)
+    left = uncommit(store, base_dir, BASE_FILES)
+    if left is not None:
+        store.remove_tree(left)

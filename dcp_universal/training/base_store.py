@@ -20,7 +20,7 @@ from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage import Storage, join
 from dcp_universal.model.view import ModelView
 
-__all__ = ["BaseStore", "fingerprint", "gather_records"]
+__all__ = ["BaseStore", "fingerprint"]
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -44,13 +44,6 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
     digests = _comm.all_gather_object(h.hexdigest()) if sharded else [h.hexdigest()]
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
-
-
-def gather_records(files: dict[str, FileRecord], *, group=None) -> dict[str, FileRecord]:
-    """Collective on ``group``: every rank's file records, merged (names are unique per
-    rank)."""
-    return {name: rec for part in _comm.all_gather_object(files, group=group)
-            for name, rec in part.items()}
 
 
 def _signature(tensors: dict[str, torch.Tensor]) -> tuple | None:
@@ -101,7 +94,7 @@ class BaseStore:
         path = self.path(name)
         records = _comm.on_rank0(steps.read_base_files, self.store, path)
         if records is None:
-            records = gather_records(dcp_io.save_state(self.store, frozen, path))
+            records = dcp_io.gather_records(dcp_io.save_state(self.store, frozen, path))
             _comm.on_rank0(self._complete, path, records)
         self._cache = (signature, fp) if signature is not None else None
         return name, records

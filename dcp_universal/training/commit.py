@@ -29,7 +29,7 @@ import torch
 from dcp_universal import _comm, sources
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
-from dcp_universal.training.base_store import BaseStore, gather_records
+from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.lease import Lease
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   StepAlreadyExistsError)
@@ -99,7 +99,7 @@ class StepWriter:
         ``all_gather_object``), then rank 0 writes the manifest (``on_rank0``). Every
         rank returns once the step is committed, or raises :class:`CheckpointIOError` if
         the commit failed."""
-        m.files = gather_records(self.files, group=group)
+        m.files = dcp_io.gather_records(self.files, group=group)
         m.items = {**self.items, **m.items}
         _comm.on_rank0(self._commit, m, group=group)
 

@@ -735,7 +735,12 @@ class CheckpointManager:
     def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:
         """``(step, committed locally, committed at the root)`` of the step to load
         (rank 0), or None when there is none."""
-        found = self.steps()  # with a local tier: committed in either
+        if self._tier is None:
+            found = self.steps()
+            local, remote = [], found
+        else:  # committed in either tier: each listed once
+            local, remote = self._tier.local_steps(), self.remote_steps()
+            found = sorted(set(local) | set(remote))
         if step is None:
             if not found:
                 return None
@@ -743,9 +748,7 @@ class CheckpointManager:
         elif step not in found:
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {found}")
-        if self._tier is None:
-            return step, False, True
-        return step, step in self._tier.local_steps(), step in self.remote_steps()
+        return step, step in local, step in remote
 
     def _load_tiered(self, model, optimizer, step, local, remote, strict, extra, hyperparams,
                      skip, verify) -> LoadReport:

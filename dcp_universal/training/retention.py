@@ -149,13 +149,8 @@ def apply(decision: Decision, root: str, store: Storage,
     """Carry out ``decision``; safe to kill at any point (see the module docstring).
     ``defer``: ``defer(fn)`` runs ``fn`` (the removal of the data) later."""
     trees = []
-    for step in decision.delete:
-        path = manifest.step_path(root, step)
-        if store.is_link(path):  # a link loses the link only
-            store.remove_file(path)
-            continue
-        store.remove_file(join(path, manifest.MANIFEST))  # uncommitted first
-        trees.append(path)
+    for step in decision.delete:  # uncommitted first (a link loses the link only)
+        trees.append(steps.uncommit(store, manifest.step_path(root, step), manifest.MANIFEST))
     for step in decision.archive:
         path = manifest.step_path(root, step)
         steps.write_manifest(store, path, _archived(manifests[step]))
@@ -165,13 +160,9 @@ def apply(decision: Decision, root: str, store: Storage,
         opt = join(manifest.step_path(root, step), manifest.OPTIMIZER_DIR)
         if store.exists(opt):
             trees.append(opt)
-    for base in decision.delete_bases:
-        path = join(root, base)
-        if store.is_link(path):
-            store.remove_file(path)
-            continue
-        store.remove_file(join(path, manifest.BASE_FILES))  # incomplete first
-        trees.append(path)
+    for base in decision.delete_bases:  # incomplete first
+        trees.append(steps.uncommit(store, join(root, base), manifest.BASE_FILES))
+    trees = [t for t in trees if t is not None]
 
     def remove() -> None:
         for path in trees:

@@ -175,28 +175,23 @@ class LocalTier:
         local_dir = manifest.step_path(self.local_root, step)
         remote_dir = manifest.step_path(self.remote_root, step)
         start = time.perf_counter()
-        _comm.on_rank0(self._clear, remote_dir, group=group)
+        # rank 0 decides for every rank whether the base goes up with this step
+        new_base = _comm.on_rank0(self._prepare, remote_dir, m, group=group)
+        dirs = [(local_dir, remote_dir, m.files)]
+        if new_base:
+            dirs.append((manifest.base_path(local_dir, m), manifest.base_path(remote_dir, m),
+                         m.base_files or {}))
 
-        def push() -> bool:
+        def push() -> None:
             me, world = _comm.rank(), _comm.world_size()
-            jobs = [(local_dir, remote_dir, rel, rec) for rel, rec in m.files.items()
-                    if owner(rel, world) == me]
-            new_base = False
-            if m.base:
-                local_base = manifest.base_path(local_dir, m)
-                remote_base = manifest.base_path(remote_dir, m)
-                new_base = not self.remote.exists(join(remote_base, manifest.BASE_FILES))
-                if new_base:
-                    jobs += [(local_base, remote_base, rel, rec)
-                             for rel, rec in (m.base_files or {}).items()
-                             if owner(rel, world) == me]
-            for src_dir, dst_dir, rel, rec in jobs:
-                # never upload damaged bytes: the local file is read whole and checked
-                check_files(self.local, src_dir, {rel: rec}, checksums=True)
-                self._put(step, join(src_dir, rel), join(dst_dir, rel))
-            return new_base
+            for src_dir, dst_dir, records in dirs:
+                mine = {rel: rec for rel, rec in records.items() if owner(rel, world) == me}
+                # never upload damaged bytes: the local files are read whole and checked
+                check_files(self.local, src_dir, mine, checksums=True)
+                for rel in sorted(mine):
+                    self._put(step, join(src_dir, rel), join(dst_dir, rel))
 
-        new_base = any(_comm.all_gather_object(_comm.agreed(push, group=group), group=group))
+        _comm.agreed(push, group=group)
         _comm.on_rank0(self._commit, step, m, remote_dir, new_base, group=group)
         if _comm.rank() == 0:
             size = sum(r.size for r in m.files.values())
@@ -204,10 +199,13 @@ class LocalTier:
                         remote_dir, size / 1e6, time.perf_counter() - start)
         return remote_dir
 
-    def _clear(self, remote_dir: str) -> None:
+    def _prepare(self, remote_dir: str, m: Manifest) -> bool:
         """Remove what an earlier, killed upload of this step left (never a committed
-        step: a save refuses to overwrite one unless asked)."""
+        step: a save refuses to overwrite one unless asked); returns whether the step's
+        base is missing at the root (it is then uploaded with the step)."""
         steps.remove_step(self.remote, remote_dir)
+        return bool(m.base) and not self.remote.exists(
+            join(manifest.base_path(remote_dir, m), manifest.BASE_FILES))
 
     def _put(self, step: int, src: str, dst: str) -> None:
         for attempt in range(self.retries + 1):

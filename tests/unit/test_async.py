@@ -10,20 +10,12 @@ import torch
 
 import faulty
 from dcp_universal import CheckpointIOError, CheckpointManager, SaveHandle
-from train_loop import Data, assert_same, build, snapshot, train
-
-
-def _job(variant="plain", seed=0, steps=2):
-    torch.manual_seed(seed)
-    model, opt, sched = build(variant, "none", 1, seed=seed)
-    counters = {"step": 0}
-    train(model, opt, sched, Data(0), counters, steps)
-    return model, opt, sched, counters
+from train_loop import Data, assert_same, snapshot, train, trained_job
 
 
 @pytest.mark.parametrize("variant", ["plain", "lora4"])
 def test_the_snapshot_is_taken_at_call_time(tmp_path, variant):
-    model, opt, sched, counters = _job(variant)
+    model, opt, sched, counters = trained_job(variant)
     mgr = CheckpointManager(str(tmp_path / "root"))
     want = snapshot(model, opt)
     handle = mgr.save(2, model, opt, extra={"sched": sched, "train": counters}, blocking=False)
@@ -38,14 +30,14 @@ def test_the_snapshot_is_taken_at_call_time(tmp_path, variant):
     counters["step"] = 99
     assert handle.result(timeout=60) == mgr.step_path(2)
     assert handle.done() and mgr.steps() == [2]
-    fresh, fopt, fsched, fcounters = _job(variant, seed=5, steps=1)
+    fresh, fopt, fsched, fcounters = trained_job(variant, seed=5, steps=1)
     mgr.load(fresh, fopt, extra={"sched": fsched, "train": fcounters})
     assert_same(fresh, fopt, want)
     assert fcounters["step"] == 2
 
 
 def test_async_and_blocking_saves_write_the_same_checkpoint(tmp_path):
-    model, opt, sched, _ = _job("lora4")
+    model, opt, sched, _ = trained_job("lora4")
     want = snapshot(model, opt)
     blocking = CheckpointManager(str(tmp_path / "b"))
     blocking.save(2, model, opt, extra={"sched": sched})
@@ -55,7 +47,7 @@ def test_async_and_blocking_saves_write_the_same_checkpoint(tmp_path):
     assert (ma.base, ma.items, ma.adapters) == (mb.base, mb.items, mb.adapters)
     assert {k: r.size for k, r in ma.files.items()} == {k: r.size for k, r in mb.files.items()}
     for mgr in (asynced, blocking):
-        fresh, fopt, fsched, _ = _job("lora4", seed=7, steps=1)
+        fresh, fopt, fsched, _ = trained_job("lora4", seed=7, steps=1)
         mgr.load(fresh, fopt, extra={"sched": fsched})
         assert_same(fresh, fopt, want)
         assert fsched.state_dict() == sched.state_dict()
@@ -64,7 +56,7 @@ def test_async_and_blocking_saves_write_the_same_checkpoint(tmp_path):
 def test_a_background_failure_commits_nothing_and_is_raised_once(tmp_path, monkeypatch):
     faulty.register()
     root = "faulty://" + str(tmp_path / "root")
-    model, opt, _, _ = _job()
+    model, opt, _, _ = trained_job()
     mgr = CheckpointManager(root)
     mgr.save(1, model, opt)
     monkeypatch.setenv("FAULTY_PATTERN", "*step-00000002/optimizer/__*")
@@ -84,7 +76,7 @@ def test_a_background_failure_commits_nothing_and_is_raised_once(tmp_path, monke
 
 
 def test_one_save_in_flight_retention_after_commit(tmp_path, monkeypatch):
-    model, opt, sched, counters = _job()
+    model, opt, sched, counters = trained_job()
     mgr = CheckpointManager(str(tmp_path / "root"), keep_last=1)
     gate = threading.Event()
     real = mgr._retain
@@ -105,7 +97,7 @@ def test_one_save_in_flight_retention_after_commit(tmp_path, monkeypatch):
 
 
 def test_staging_buffers_are_reused_from_save_to_save(tmp_path):
-    model, opt, sched, counters = _job()
+    model, opt, sched, counters = trained_job()
     mgr = CheckpointManager(str(tmp_path / "root"), keep_last=2)
     mgr.save(2, model, opt, blocking=False).result()
     first = {k: b.data_ptr() for k, b in mgr._snapshots._buffers.items()}
@@ -119,7 +111,7 @@ def test_staging_buffers_are_reused_from_save_to_save(tmp_path):
 
 
 def test_context_manager_waits_and_close_keeps_the_manager_usable(tmp_path):
-    model, opt, sched, counters = _job("lora4")
+    model, opt, sched, counters = trained_job("lora4")
     with CheckpointManager(str(tmp_path / "root")) as mgr:
         handle = mgr.save(2, model, opt, blocking=False)
     assert handle.done() and mgr.steps() == [2]
@@ -132,7 +124,7 @@ def test_context_manager_waits_and_close_keeps_the_manager_usable(tmp_path):
 
 def test_a_failing_block_is_not_masked_by_the_save(tmp_path, monkeypatch):
     faulty.register()
-    model, opt, _, _ = _job()
+    model, opt, _, _ = trained_job()
     monkeypatch.setenv("FAULTY_PATTERN", "*step-00000002/optimizer/__*")
     with pytest.raises(KeyError, match="the block's own"):
         with CheckpointManager("faulty://" + str(tmp_path / "root")) as mgr:
@@ -146,7 +138,7 @@ def test_async_merged_model_is_the_snapshots_merge(tmp_path, merge):
     import tiny
     from dcp_universal import load_model
 
-    model, opt, sched, counters = _job("lora4")
+    model, opt, sched, counters = trained_job("lora4")
     tiny.randomize_adapters(model, seed=4)
     with torch.no_grad():
         want = model(tiny.fixed_input())

@@ -18,17 +18,9 @@ from dcp_universal import CheckpointManager
 from dcp_universal.errors import CheckpointIOError, StepAlreadyExistsError
 from dcp_universal.storage import FsspecStorage
 from s3server import fresh_prefix
-from train_loop import Data, assert_same, build, snapshot, train
+from train_loop import Data, assert_same, snapshot, train, trained_job
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _job(seed=0, steps=2):
-    torch.manual_seed(seed)
-    model, opt, sched = build("plain", "none", 1, seed=seed)
-    counters = {"step": 0}
-    train(model, opt, sched, Data(0), counters, steps)
-    return model, opt, sched, counters
 
 
 def _remote_files(fs, url: str, step: int) -> dict[str, bytes]:
@@ -50,7 +42,7 @@ def test_saves_commit_locally_then_upload_and_resume_anywhere(s3, tmp_path):
     url, options = s3
     root = fresh_prefix(url)
     fs = fsspec.filesystem("s3", **options)
-    model, opt, sched, counters = _job()
+    model, opt, sched, counters = trained_job()
     local = str(tmp_path / "nvme")
     mgr = CheckpointManager(root, local_dir=local, storage_options=options)
     path = mgr.save(1, model, opt, extra={"sched": sched, "train": counters})
@@ -64,7 +56,7 @@ def test_saves_commit_locally_then_upload_and_resume_anywhere(s3, tmp_path):
     mgr.close()
 
     # the same node: the local copy is read
-    target, topt, tsched, tcounters = _job(seed=1, steps=1)
+    target, topt, tsched, tcounters = trained_job(seed=1, steps=1)
     again = CheckpointManager(root, local_dir=local, storage_options=options)
     report = again.load(target, topt, extra={"sched": tsched, "train": tcounters})
     assert any("from the local tier" in n for n in report.notes), report.notes
@@ -72,7 +64,7 @@ def test_saves_commit_locally_then_upload_and_resume_anywhere(s3, tmp_path):
     assert tcounters == counters
     again.close()
     # a new node with an empty local_dir resumes from S3
-    target, topt, tsched, tcounters = _job(seed=2, steps=1)
+    target, topt, tsched, tcounters = trained_job(seed=2, steps=1)
     fresh = CheckpointManager(root, local_dir=str(tmp_path / "other"), storage_options=options)
     report = fresh.load(target, topt, extra={"sched": tsched, "train": tcounters})
     assert not any("local tier" in n for n in report.notes), report.notes
@@ -87,7 +79,7 @@ def test_saves_commit_locally_then_upload_and_resume_anywhere(s3, tmp_path):
 def test_retention_per_tier_never_drops_a_step_not_yet_uploaded(s3, tmp_path, monkeypatch):
     url, options = s3
     root = fresh_prefix(url)
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     local = str(tmp_path / "nvme")
     mgr = CheckpointManager(root, local_dir=local, keep_last_local=1, keep_last=3,
                             storage_options=options)
@@ -124,7 +116,7 @@ def test_retention_per_tier_never_drops_a_step_not_yet_uploaded(s3, tmp_path, mo
     # the next job uploads what is missing, oldest first, and resumes the newest step
     again = CheckpointManager(root, local_dir=local, keep_last_local=1, keep_last=3,
                               storage_options=options)
-    target, topt, *_ = _job(seed=1)
+    target, topt, *_ = trained_job(seed=1)
     again.load(target, topt)
     again.wait()
     assert remote.steps() == [4, 5, 6]
@@ -137,7 +129,7 @@ def test_retention_per_tier_never_drops_a_step_not_yet_uploaded(s3, tmp_path, mo
 def test_a_damaged_local_copy_is_read_from_the_root_instead(s3, tmp_path):
     url, options = s3
     root = fresh_prefix(url)
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     local = str(tmp_path / "nvme")
     with CheckpointManager(root, local_dir=local, storage_options=options) as mgr:
         mgr.save(1, model, opt)
@@ -147,7 +139,7 @@ def test_a_damaged_local_copy_is_read_from_the_root_instead(s3, tmp_path):
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 1]))
-    target, topt, *_ = _job(seed=1)
+    target, topt, *_ = trained_job(seed=1)
     report = CheckpointManager(root, local_dir=local, storage_options=options).load(target, topt)
     assert any("its local copy failed its check" in n for n in report.notes), report.notes
     assert_same(target, topt, snapshot(model, opt))
@@ -200,7 +192,7 @@ def test_a_kill_during_an_upload_leaves_the_last_committed_step_and_the_next_job
     assert fs.find(f"{root.removeprefix('s3://')}/step-00000002")  # debris of the upload
     saved = torch.load(want)
     # a new node (empty local_dir) starts from the root's last committed step
-    target, topt, *_ = _job(seed=3)
+    target, topt, *_ = trained_job(seed=3)
     fresh = CheckpointManager(root, local_dir=str(tmp_path / "other"), storage_options=options)
     assert fresh.load(target, topt) is not None and fresh.latest_remote() == 1
     fresh.close()
@@ -240,7 +232,7 @@ def test_two_jobs_on_one_local_dir_or_one_root_are_refused(s3, tmp_path):
     url, options = s3
     root = fresh_prefix(url)
     local = str(tmp_path / "nvme")
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     mgr = CheckpointManager(root, local_dir=local, storage_options=options)
     mgr.save(1, model, opt)
     mgr.wait()

@@ -19,15 +19,7 @@ from dcp_universal.errors import IntegrityError
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage import integrity, steps
 from dcp_universal.storage.integrity import BlockCheck
-from train_loop import Data, assert_same, build, snapshot, train
-
-
-def _job(variant="plain", seed=0, steps_=2):
-    torch.manual_seed(seed)
-    model, opt, sched = build(variant, "none", 1, seed=seed)
-    counters = {"step": 0}
-    train(model, opt, sched, Data(0), counters, steps_)
-    return model, opt, sched, counters
+from train_loop import assert_same, snapshot, trained_job
 
 
 def _flip(path: str, at: float = 0.5) -> None:
@@ -55,7 +47,7 @@ def test_a_flipped_bit_in_any_file_of_a_step_fails_the_default_load(tmp_path, mo
     if block:
         monkeypatch.setattr(integrity, "BLOCK_BYTES", block)
         monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
-    model, opt, sched, counters = _job(variant)
+    model, opt, sched, counters = trained_job(variant)
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(2, model, opt, extra={"sched": sched, "train": counters})
     m = mgr.manifest(2)
@@ -69,7 +61,7 @@ def test_a_flipped_bit_in_any_file_of_a_step_fails_the_default_load(tmp_path, mo
                and not os.path.basename(p).startswith("dcp_universal")]
     assert sorted(victims) == on_disk  # every file of the step, and only those
     assert any(p.endswith(".sums") for p in victims) == bool(block)
-    target, topt, tsched, tcounters = _job(variant, seed=1, steps_=1)
+    target, topt, tsched, tcounters = trained_job(variant, seed=1, steps=1)
     before = snapshot(target, topt)
     sched_before, counters_before = tsched.state_dict(), dict(tcounters)
     for victim in victims:
@@ -88,7 +80,7 @@ def test_a_flipped_bit_in_any_file_of_a_step_fails_the_default_load(tmp_path, mo
 
 
 def test_verify_false_is_the_unchecked_fast_path(tmp_path):
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
     model_dir = os.path.join(mgr.step_path(1), "model")
@@ -99,7 +91,7 @@ def test_verify_false_is_the_unchecked_fast_path(tmp_path):
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x10]))
-    target, topt, *_ = _job(seed=1)
+    target, topt, *_ = trained_job(seed=1)
     with pytest.raises(IntegrityError, match="fails its checksum"):
         mgr.load(target, topt)
     mgr.load(target, topt, verify=False)  # loads the damaged bytes: nothing is checked
@@ -110,7 +102,7 @@ def test_verify_false_is_the_unchecked_fast_path(tmp_path):
 def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(integrity, "BLOCK_BYTES", 1024)
     monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
     m = mgr.manifest(1)
@@ -129,7 +121,7 @@ def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, m
     assert mgr.verify(1)["files"] == len(m.files)  # whole files, sums read beside them
     _flip(path, 0.5)
     bad = int(rec.size * 0.5) // 1024
-    target, topt, *_ = _job(seed=1)
+    target, topt, *_ = trained_job(seed=1)
     before = snapshot(target, topt)
     load_model(target, mgr.step_path(1))  # the model alone: optimizer/ is not read
     assert_same(target, topt, (model_state(model), before[1]))
@@ -147,13 +139,13 @@ def model_state(model):
 def test_crc32_blocks_and_old_whole_file_crc32_steps_still_load(tmp_path, monkeypatch):
     """A file written with another algorithm (recorded per file) verifies with it; a step
     written before block checksums (a whole-file CRC-32) loads, and verify=True checks it."""
-    model, opt, *_ = _job()
+    model, opt, *_ = trained_job()
     monkeypatch.setattr(integrity, "ALGO", "crc32")
     mgr = CheckpointManager(str(tmp_path / "a"))
     mgr.save(1, model, opt)
     assert {r.algo for r in mgr.manifest(1).files.values()} == {"crc32"}
     monkeypatch.undo()
-    target, topt, *_ = _job(seed=1)
+    target, topt, *_ = trained_job(seed=1)
     mgr.load(target, topt)
     assert_same(target, topt, snapshot(model, opt))
     data = next(p for p in _files(os.path.join(mgr.step_path(1), "model")) if p.endswith(".distcp"))
@@ -171,7 +163,7 @@ def test_crc32_blocks_and_old_whole_file_crc32_steps_still_load(tmp_path, monkey
     steps.write_manifest(old._store, step_dir, m)
     raw = json.loads(open(os.path.join(step_dir, "manifest.json")).read())
     assert all(set(r) == {"size", "crc32"} for r in raw["files"].values())  # the old layout
-    target, topt, *_ = _job(seed=2)
+    target, topt, *_ = trained_job(seed=2)
     report = old.load(target, topt)
     assert_same(target, topt, snapshot(model, opt))
     assert any("before block checksums" in n for n in report.notes), report.notes
@@ -192,7 +184,7 @@ def test_a_file_the_manifest_does_not_list_is_refused():
 
 
 def test_a_save_model_directory_records_its_files_and_loads_check_them(tmp_path):
-    model, *_ = _job()
+    model, *_ = trained_job()
     path = str(tmp_path / "model")
     save_model(model, path)
     info = json.loads(open(os.path.join(path, "dcp_universal.json")).read())
@@ -205,7 +197,7 @@ def test_a_save_model_directory_records_its_files_and_loads_check_them(tmp_path)
         b = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 0x01]))
-    target, *_ = _job(seed=1)
+    target, *_ = trained_job(seed=1)
     before = model_state(target)
     with pytest.raises(IntegrityError, match=f"{os.path.basename(data)} fails its checksum"):
         load_model(target, path)
