@@ -343,7 +343,7 @@ class TrainingState(_ListsRecord):
 
 # Fields written only when they carry something (so manifests without them are
 # byte-for-byte what earlier versions of this library wrote).
-_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties")
+_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties", "writer")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -374,6 +374,8 @@ class Manifest:
         legacy: where a converted legacy ``torch.save`` file came from (``convert``).
         ties: groups of canonical names that named one shared tensor in the saved model
             (a token embedding tied to the output head).
+        writer: the writer lease's acquisition that committed the step (the fencing
+            token, :mod:`dcp_universal.training.lease`); None without a lease.
     """
 
     format_version: int = FORMAT_VERSION
@@ -395,6 +397,7 @@ class Manifest:
     archived: bool = False
     legacy: dict | None = None
     ties: list[list[str]] = dataclasses.field(default_factory=list)
+    writer: str | None = None
 
     def has(self, item: str) -> bool:
         """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
@@ -475,6 +478,7 @@ class Manifest:
             archived=_get(d, "archived", bool, where, "a boolean", optional=True, default=False),
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
             ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
+            writer=_get(d, "writer", str, where, "a lease token", optional=True),
         )
         return parsed
 
