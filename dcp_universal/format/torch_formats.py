@@ -25,18 +25,24 @@ import functools
 import importlib
 import io
 import math
+import os
 import pickle
 import struct
 from typing import Any, Mapping
 
 import torch
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import (MetadataIndex, StorageMeta,
+                                                   TensorStorageMetadata)
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError, UnsafeCheckpointError
+from dcp_universal.format import manifest
 
 __all__ = ["Stored", "Layout", "torch_save_layout", "DcpRecord", "dcp_record",
-           "restricted_loads", "dcp_metadata", "numpy_safe_globals"]
+           "restricted_loads", "dcp_metadata", "numpy_safe_globals", "is_zip",
+           "check_torch_archive", "check_torch_archive_bytes", "check_blob", "check_pickle",
+           "check_dcp_metadata"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,12 @@ class Stored:
             raise CheckpointError(f"a block of shape {lengths} does not fit its destination "
                                   f"of shape {list(dst.shape)}: the checkpoint's metadata is "
                                   "damaged -> load another checkpoint")
+        if len(offsets) != len(self.size) or math.prod(lengths) and any(
+                o < 0 or o + n > full for o, n, full in zip(offsets, lengths, self.size)):
+            raise IntegrityError(f"a block at {offsets} of {lengths} lies outside the stored "
+                                 f"tensor of shape {list(self.size)}: the checkpoint's "
+                                 "metadata does not describe its data -> load another "
+                                 "checkpoint")
         span = self._byte_span(offsets, lengths)
         if span is not None and dst.dtype == self.dtype and dst.is_contiguous():
             start, n = span
@@ -116,11 +128,11 @@ _END = struct.Struct("<IHHHHIIH")
 _WANTED = (b"data.pkl", b"byteorder")
 
 
-def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | None:
-    """``{record name: (data start, size)}`` of ``data.pkl``, ``byteorder`` and the
-    ``data/*`` records of the zip archive at ``[start, end)``, from its central
-    directory (``torch.save`` streams its records, so their local headers carry no
-    sizes); ``None`` unless it is a plain archive of uncompressed records.
+def _central_entries(read, start: int, end: int) -> list[tuple] | None:
+    """``[(name, method, compressed size, size, local header position)]`` of every entry
+    of the zip archive at ``[start, end)``, from its central directory (``torch.save``
+    streams its records, so their local headers carry no sizes); ``None`` unless it is
+    such an archive with no comment (torch.save writes none: the end record is last).
 
     ``read(pos, n)``: the ``n`` bytes at ``pos`` (it raises ``IndexError`` for bytes it
     does not have; a short answer fails to unpack)."""
@@ -129,7 +141,7 @@ def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | Non
         return None
     sig, _, _, _, count, _, cd, _ = _END.unpack(read(eocd, 22))
     if sig != 0x06054B50:
-        return None  # torch.save writes no archive comment: the end record is last
+        return None
     if count == _U16 or cd == _U32:  # zip64: the zip64 end record holds them
         if eocd - 20 < start:
             return None
@@ -143,29 +155,48 @@ def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | Non
     if start + cd > eocd:
         return None
     central = bytes(read(start + cd, eocd - start - cd))  # a few hundred bytes
-    records, pos = {}, 0
+    entries, pos = [], 0
     for _ in range(count):
         if pos + 46 > len(central):
             return None
         (sig, _, _, _, method, _, _, _, csize, usize, nlen, xlen, clen, _, _, _,
          local) = _CENTRAL.unpack_from(central, pos)
-        sub = central[pos + 46:pos + 46 + nlen].partition(b"/")[2]
         if sig != 0x02014B50:
             return None
+        name = central[pos + 46:pos + 46 + nlen]
+        if _U32 in (csize, usize, local):
+            big = _zip64_extra(central, pos + 46 + nlen, xlen, usize, csize, local)
+            if big is None:
+                return None
+            usize, csize, local = big
+        entries.append((name, method, csize, usize, start + local))
+        pos += 46 + nlen + xlen + clen
+    return entries
+
+
+def _data_start(read, head: int) -> int:
+    """Where an entry's bytes begin, after its local header at ``head``."""
+    return head + 30 + sum(struct.unpack("<HH", read(head + 26, 4)))
+
+
+def _zip_records(read, start: int, end: int) -> dict[str, tuple[int, int]] | None:
+    """``{record name: (data start, size)}`` of ``data.pkl``, ``byteorder`` and the
+    ``data/*`` records of the zip archive at ``[start, end)`` (see
+    :func:`_central_entries`); ``None`` unless it is a plain archive of uncompressed
+    records."""
+    entries = _central_entries(read, start, end)
+    if entries is None:
+        return None
+    records = {}
+    for name, method, csize, usize, head in entries:
+        sub = name.partition(b"/")[2]
         if sub in _WANTED or sub.startswith(b"data/"):
-            if _U32 in (csize, usize, local):
-                big = _zip64_extra(central, pos + 46 + nlen, xlen, usize, csize, local)
-                if big is None:
-                    return None
-                usize, csize, local = big
-            head = start + local
             if method != 0 or csize != usize or head + 30 > end:
                 return None
-            data = head + 30 + sum(struct.unpack("<HH", read(head + 26, 4)))
+            data = _data_start(read, head)
             if data + csize > end:
                 return None
             records[sub.decode("utf-8", "replace")] = (data, csize)
-        pos += 46 + nlen + xlen + clen
     return records
 
 
@@ -251,7 +282,7 @@ class Layout:
         lengths = [int(n) for n in lengths]
         if len(lengths) == len(self.size) and math.prod(lengths) == 0:
             return self.data, 0
-        if len(offsets) != len(self.size) or any(
+        if len(offsets) != len(self.size) or math.prod(lengths) and any(
                 o < 0 or o + n > full for o, n, full in zip(offsets, lengths, self.size)):
             raise CheckpointError(f"a block at {offsets} of {lengths} lies outside its saved "
                                   f"chunk of shape {list(self.size)}: the checkpoint's "
@@ -295,6 +326,203 @@ def torch_save_layout(read, start: int, length: int) -> Layout | None:
     if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
         return None
     return Layout(d0, dn, dtype, size, stride, offset)
+
+
+# ---- archives and pickles, bounded before torch.load reads them ---------------------
+#
+# torch.load trusts an archive's sizes: a deflated record is inflated whole (a 1 MiB
+# bomb becomes GBs), and its pickle may call a constructor with a size (bytearray(n),
+# numpy's _reconstruct) that allocates before anything is read. torch.save writes
+# neither, so an archive is read only once its records are stored plainly, inside it,
+# apart, each of its storage's size, and its pickle asks for nothing larger than itself.
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def is_zip(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) starts a zip archive (torch.save's)."""
+    return bytes(head[:4]) == _ZIP_MAGIC
+
+
+def check_torch_archive(read, start: int, length: int, what: str) -> None:
+    """Refuse, with :class:`~dcp_universal.errors.IntegrityError`, the ``torch.save``
+    archive at ``[start, start + length)`` (``read(pos, n)``: its bytes) unless reading
+    it with ``torch.load`` costs no more memory than its bytes: every entry stored
+    uncompressed, inside the archive, apart from the others; every storage its pickle
+    names as large as its record says; its pickle building nothing larger than itself
+    (:func:`check_pickle`)."""
+    end = start + length
+
+    def refuse(found: str):
+        raise IntegrityError(
+            f"{what} cannot be read as a torch.save archive: {found}. It is truncated or "
+            "damaged, or was crafted (torch.save writes uncompressed records of exactly "
+            "their storage's size) -> restore it from its source, or load another "
+            "checkpoint")
+
+    try:
+        entries = _central_entries(read, start, end)
+        if entries is None:
+            refuse("no zip central directory at its end")
+        records, spans = {}, []
+        for name, method, csize, usize, head in entries:
+            shown = name.decode("utf-8", "replace")
+            if method != 0 or csize != usize:
+                refuse(f"record {shown!r} is compressed (method {method}, {csize} bytes "
+                       f"declaring {usize})")
+            if head < start or head + 30 > end or struct.unpack(
+                    "<I", read(head, 4))[0] != 0x04034B50:
+                refuse(f"record {shown!r} has no local header inside the archive")
+            if struct.unpack("<H", read(head + 8, 2))[0] != 0:
+                refuse(f"record {shown!r} is compressed (its local header)")
+            data = _data_start(read, head)
+            if data + csize > end:
+                refuse(f"record {shown!r} ({csize} bytes at {data - start}) ends past the "
+                       f"archive's {length} bytes")
+            spans.append((head, data + csize, shown))
+            records[name.partition(b"/")[2].decode("utf-8", "replace")] = (data, csize)
+        spans.sort()
+        for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+            if b_start < a_end:
+                refuse(f"records {a!r} and {b!r} overlap")
+        if "data.pkl" not in records:
+            refuse("it has no data.pkl")
+        p0, pn = records["data.pkl"]
+        pickled = bytes(read(p0, pn))
+    except (IndexError, struct.error):
+        refuse("its directory points outside it")
+    for key, type_name, numel in check_pickle(pickled, f"{what} (data.pkl)", storages=True):
+        size = records.get(f"data/{key}", (0, None))[1]
+        item = 1 if type_name == "UntypedStorage" else getattr(
+            _torch_compat.pickled_storage_dtype(type_name), "itemsize", None)
+        if size is None or item is None or size != numel * item:
+            refuse(f"storage data/{key} ({type_name} of {numel} elements) has "
+                   f"{'no record' if size is None else f'a record of {size} bytes'}")
+
+
+def check_torch_archive_bytes(data, what: str) -> None:
+    """:func:`check_torch_archive` of ``data`` (a zip's bytes, whole)."""
+    check_torch_archive(lambda pos, n: data[pos:pos + n], 0, len(data), what)
+
+
+def check_blob(blob, what: str) -> None:
+    """Refuse a blob of the library's state (a ``torch.save`` archive, or an older
+    plain pickle) whose reading would cost more memory than its bytes, whether or not
+    it is trusted: :func:`check_torch_archive` or :func:`check_pickle`."""
+    if is_zip(blob):
+        check_torch_archive_bytes(blob, what)
+    else:
+        check_pickle(bytes(blob), what)
+
+
+class _Opaque:
+    """What :class:`_Scan` builds for anything a pickle names: nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        cls.check(args)
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    @classmethod
+    def check(cls, args) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+def _sized(module: str, name: str, args, limit: int) -> int | None:
+    """The bytes a call of ``module.name(*args)`` that a checkpoint's pickle may make
+    allocates from its arguments alone, when larger than ``limit``; else ``None``."""
+    def count(shape) -> int | None:
+        if isinstance(shape, int):
+            return shape
+        if isinstance(shape, (tuple, list)) and all(isinstance(n, int) for n in shape):
+            return math.prod(shape)
+        return None  # unknown: refused below when it matters
+
+    if (module, name) == ("builtins", "bytearray") and args and isinstance(args[0], int):
+        n = args[0]
+    elif (module, name) == ("builtins", "range") and all(isinstance(a, int) for a in args):
+        n = len(range(*args)) if args else 0
+    elif module.startswith("numpy") and name in ("_reconstruct", "ndarray", "empty", "zeros"):
+        shape = args[1] if name == "_reconstruct" and len(args) > 1 else (args[0] if args else 0)
+        n = count(shape)
+        n = limit + 1 if n is None else n
+    elif module.startswith("torch") and name.endswith("Tensor") and args:
+        n = limit + 1  # a legacy constructor: torch.save never calls one
+    else:
+        return None
+    return n if n > limit else None
+
+
+def check_pickle(data: bytes, what: str, *, storages: bool = False) -> list[tuple]:
+    """Walk the pickle ``data`` without calling anything it names, and refuse
+    (:class:`~dcp_universal.errors.IntegrityError`) a call that would allocate more
+    bytes than the pickle holds (``bytearray(n)``, ``range(n)`` under a ``set``, a
+    numpy array of a given shape). Returns the ``(key, storage type name, numel)`` of
+    each torch.save storage it names (``storages``; others are refused by the caller's
+    unpickler)."""
+    return _scan(io.BytesIO(data), len(data), what, storages)
+
+
+def _check_legacy_torch_bytes(data: bytes, what: str) -> None:
+    """Refuse ``torch.save``'s pre-zip format (its four pickles, then the storages'
+    bytes) when its storages declare more bytes than it holds: ``torch.load``
+    allocates each as declared before reading it."""
+    stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        _scan(stream, len(data), what, False)
+    declared = sum(numel * (1 if name == "UntypedStorage" else getattr(
+        _torch_compat.pickled_storage_dtype(name), "itemsize", 1))
+        for _, name, numel in _scan(stream, len(data), what, True))
+    if declared > len(data):
+        raise IntegrityError(f"{what} declares storages of {declared} bytes in {len(data)} "
+                             "bytes -> it was crafted or damaged; do not load it")
+
+
+def _scan(stream, size: int, what: str, storages: bool) -> list[tuple]:
+    found: list[tuple] = []
+    classes: dict = {}
+    limit = max(size, 1 << 16)
+
+    class _Scan(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in classes:
+                def check(args, module=module, name=name) -> None:
+                    n = _sized(module, name, args, limit)
+                    if n is not None:
+                        raise IntegrityError(
+                            f"{what} asks {module}.{name} for {n} elements from a pickle of "
+                            f"{size} bytes: a checkpoint's pickle holds its data "
+                            "itself -> it was crafted or damaged; do not load it")
+                classes[module, name] = type(name, (_Opaque,), {"check": staticmethod(check)})
+            return classes[module, name]
+
+        def persistent_load(self, pid):
+            if storages and isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage":
+                type_name = getattr(pid[1], "__name__", str(pid[1]))
+                found.append((str(pid[2]), type_name, int(pid[4])))
+            return _Opaque()
+
+    try:
+        _Scan(stream).load()
+    except IntegrityError:
+        raise
+    except Exception:  # damaged: the real unpickler says how
+        pass
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +578,10 @@ _TENSOR = {("torch._utils", "_rebuild_tensor_v2")}
 
 
 def _storage_from_bytes(data: bytes):
+    if is_zip(data):
+        check_torch_archive_bytes(data, "a tensor in a pickle")
+    else:  # torch.save's older format, which a pickled tensor's storage still uses
+        _check_legacy_torch_bytes(data, "a tensor in a pickle")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
@@ -390,6 +622,7 @@ def restricted_loads(data: bytes, what: str, *, tensors: bool = False,
     allowed |= _TENSOR if tensors else set()
     allowed |= _NUMPY if numpy else set()
     allowed |= _DCP_METADATA if dcp_metadata else set()
+    check_pickle(data, what)
     try:
         return _Restricted(data, allowed, what).load()
     except UnsafeCheckpointError:
@@ -411,10 +644,97 @@ def dcp_metadata(reader, *, rank=None, trusted: bool = False, check=None):
         check.check(name, data, 0, 0, len(data), remember=False)
     md = (pickle.loads(data) if trusted
           else restricted_loads(data, f"DCP metadata {path}", dcp_metadata=True))
+    check_dcp_metadata(md, functools.partial(_file_size, reader), f"DCP metadata {path}")
     if getattr(md, "storage_meta", None) is None:
         md.storage_meta = StorageMeta()
     md.storage_meta.load_id = reader.load_id
     return md
+
+
+def _file_size(reader, name: str) -> int | None:
+    """The size of the file ``name`` of a DCP reader's directory; ``None`` when missing
+    (its read fails later, saying so)."""
+    path = str(reader.fs.concat_path(reader.path, name))
+    try:
+        if isinstance(reader.fs, FileSystem):  # local: a symlink its owner placed is followed
+            return os.path.getsize(path)
+        return int(_torch_compat.fsspec_of(reader).size(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def check_dcp_metadata(md, size_of, what: str) -> None:
+    """Refuse DCP metadata whose records cannot be what it says, before anything is
+    allocated from it: every record a file inside the directory
+    (:class:`~dcp_universal.errors.UnsafeCheckpointError`), its byte range inside that
+    file and apart from the others; every tensor's chunks inside its shape, covering
+    exactly its elements, each in a record at least as long as its bytes (so a tensor is
+    never larger than the files it is read from), else
+    :class:`~dcp_universal.errors.IntegrityError`. ``size_of(name)``: a file's size, or
+    ``None`` when it is missing."""
+    def damaged(found: str):
+        raise IntegrityError(f"{what}: {found} -> the checkpoint was damaged or crafted; "
+                             "load another checkpoint")
+
+    storage = getattr(md, "storage_data", None)
+    tensors = getattr(md, "state_dict_metadata", None)
+    if not isinstance(storage, dict) or not isinstance(tensors, dict):
+        damaged("it is not DCP's Metadata (no storage_data / state_dict_metadata)")
+    by_file: dict[str, list] = {}
+    try:
+        for index, info in storage.items():
+            rec = dcp_record(storage, index)
+            manifest.inside(rec.file, f"{what} (the record of {index.fqn!r})")
+            if rec.offset < 0 or rec.length < 0:
+                damaged(f"the record of {index.fqn!r} is at bytes {rec.offset}..+{rec.length}")
+            by_file.setdefault(rec.file, []).append((rec.offset, rec.length, index.fqn))
+    except (AttributeError, TypeError, ValueError) as e:
+        damaged(f"a storage record is not DCP's ({type(e).__name__}: {e})")
+    sizes = {name: size_of(name) for name in by_file}
+    for name, recs in by_file.items():
+        recs.sort()
+        if sizes[name] is not None and recs[-1][0] + recs[-1][1] > sizes[name]:
+            last = max(recs, key=lambda r: r[0] + r[1])
+            damaged(f"{name} holds {sizes[name]} bytes, but the record of {last[2]!r} ends at "
+                    f"byte {last[0] + last[1]} (the file is truncated, or the record is "
+                    "not its)")
+        for (a0, an, a), (b0, bn, b) in zip(recs, recs[1:]):
+            if b0 < a0 + an and an and bn:
+                damaged(f"the records of {a!r} (bytes {a0}..{a0 + an}) and {b!r} (bytes "
+                        f"{b0}..{b0 + bn}) of {name} overlap: every chunk has bytes of its own")
+    for key, tmd in tensors.items():
+        if not isinstance(tmd, TensorStorageMetadata):
+            continue
+        try:
+            _check_chunks(key, tmd, storage, sizes, damaged)
+        except (AttributeError, TypeError, ValueError) as e:
+            damaged(f"the entry of {key!r} is not DCP's ({type(e).__name__}: {e})")
+
+
+def _check_chunks(key: str, tmd, storage, sizes, damaged) -> None:
+    shape = [int(n) for n in tmd.size]
+    item = tmd.properties.dtype.itemsize
+    covered = 0
+    for chunk in tmd.chunks:
+        offsets, lengths = [int(o) for o in chunk.offsets], [int(n) for n in chunk.sizes]
+        if len(offsets) != len(shape) or len(lengths) != len(shape) or any(
+                o < 0 or n < 0 or o + n > full for o, n, full in zip(offsets, lengths, shape)):
+            damaged(f"a chunk of {key!r} at {offsets} of {lengths} lies outside its shape "
+                    f"{tuple(shape)}")
+        index = MetadataIndex(key, chunk.offsets)
+        if index not in storage:
+            damaged(f"the chunk of {key!r} at {offsets} has no storage record")
+        rec = dcp_record(storage, index)
+        need = math.prod(lengths) * item
+        if not rec.transformed and rec.length < need:
+            size = sizes.get(rec.file)
+            damaged(f"{key!r} has a chunk of shape {tuple(lengths)} ({tmd.properties.dtype}: "
+                    f"{need} bytes) in a record of {rec.length} bytes of {rec.file} (a file "
+                    f"of {size} bytes); the tensor's shape is {tuple(shape)}")
+        covered += math.prod(lengths)
+    if covered != math.prod(shape):
+        damaged(f"the chunks of {key!r} cover {covered} of the {math.prod(shape)} elements "
+                f"of its shape {tuple(shape)}")
 
 
 def numpy_safe_globals() -> list:

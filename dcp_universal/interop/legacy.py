@@ -24,7 +24,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dcp_universal.sources import foreign
-from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
+from dcp_universal.format.torch_formats import check_torch_archive, is_zip
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.model.view import ModelView, local_block
 from dcp_universal.sources import Format, Source, Want, register_format
@@ -68,6 +69,8 @@ def is_legacy_file(store: Storage, path: str) -> bool:
 def _load(store: Storage, path: str) -> Any:
     try:
         with store.open_read(path) as f:
+            _check_archive(f, store.size(path), path)
+            f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} does not exist") from None
@@ -79,6 +82,23 @@ def _load(store: Storage, path: str) -> Any:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch.save file ({e}); it may be "
                               "truncated or damaged") from None
+
+
+def _check_archive(f, size: int, path: str) -> None:
+    """Refuse a file ``torch.load`` would read past its own bytes: not a zip archive
+    (torch < 1.6's format allocates every storage as declared before reading it), or an
+    archive :func:`check_torch_archive` refuses (compressed records, storages larger
+    than their records, a pickle asking for more than it holds)."""
+    def read(pos: int, n: int) -> bytes:
+        f.seek(pos)
+        return f.read(n)
+
+    if not is_zip(read(0, 4)):
+        raise IntegrityError(
+            f"{path} is not a torch.save zip archive (the format of torch >= 1.6): an older "
+            "file's storages are allocated as it declares before they are read -> re-save "
+            "it with a current torch (torch.save(torch.load(path)), only if you trust it)")
+    check_torch_archive(read, 0, size, path)
 
 
 def _pair(store: Storage, path: str) -> tuple[str, str | None]:

@@ -26,7 +26,7 @@ from torch.futures import Future
 
 from dcp_universal.format import manifest
 from dcp_universal.sources.dcp import dir_source
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointError, IntegrityError
 from dcp_universal.storage.mapped import Copies, Stored, take_read
 from dcp_universal.sources import DcpDir, Format, Source, Want, register_format
 from dcp_universal.storage import Storage, join
@@ -57,6 +57,51 @@ class _Entry:
     start: int  # absolute byte offset of the tensor's data in the file
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+def _entries(header, full: str, data_start: int, size: int) -> dict[str, _Entry]:
+    """The tensors a safetensors header describes, each checked as safetensors' own
+    loader checks it before anything is read: a known dtype, a shape of naturals, a byte
+    range of exactly ``numel * itemsize`` bytes inside the file's data, the ranges in
+    order, back to back, none overlapping; else :class:`IntegrityError`."""
+    def damaged(found: str):
+        raise IntegrityError(f"{full}: {found} -> the file is damaged, truncated or was "
+                             "crafted; download it again from the model's source")
+
+    if not isinstance(header, dict):
+        damaged(f"its header is a {type(header).__name__}, not an object")
+    entries, ranges = {}, []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            damaged(f"the entry of {key!r} is a {type(info).__name__}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            damaged(f"tensor {key!r} has dtype {dtype!r}, expected one of {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape):
+            damaged(f"tensor {key!r} has shape {shape!r}, expected a list of naturals")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            damaged(f"tensor {key!r} has data_offsets {offsets!r}, expected [begin, end] "
+                    "with 0 <= begin <= end")
+        need = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != need:
+            damaged(f"tensor {key!r} ({dtype} of shape {tuple(shape)}: {need} bytes) has "
+                    f"data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)")
+        if data_start + offsets[1] > size:
+            damaged(f"tensor {key!r} ends at byte {data_start + offsets[1]}, but the file holds "
+                    f"{size} bytes (truncated)")
+        ranges.append((offsets[0], offsets[1], key))
+        entries[key] = _Entry(full, data_start + offsets[0], tuple(shape), _DTYPES[dtype])
+    ranges.sort()
+    for (_, a_end, a), (b0, _, b) in zip(ranges, ranges[1:]):
+        if b0 != a_end:
+            damaged(f"the byte ranges of {a!r} and {b!r} "
+                    f"{'overlap' if b0 < a_end else 'leave a gap'} (data_offsets are back to "
+                    "back)")
+    return entries
 
 
 def safetensors_files(store: Storage, path: str) -> list[str]:
@@ -92,30 +137,27 @@ class SafetensorsReader(StorageReader):
         self.copies = copies if copies is not None else Copies()
 
     def _read_headers(self) -> None:
+        entries: dict[str, _Entry] = {}
         for name in safetensors_files(self.store, self.path):
             full = join(self.path, name)
             size = self.store.size(full)
             with self.store.open_read(full) as f:
                 n = int.from_bytes(f.read(8), "little")
                 if n > size - 8:
-                    raise CheckpointError(
+                    raise IntegrityError(
                         f"{full} is not a safetensors file: its header says {n} bytes, the "
                         f"file holds {size} -> it is damaged or of another format")
                 try:
                     header = json.loads(f.read(n))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise CheckpointError(f"{full} is not a safetensors file ({e})") from None
-            if not isinstance(header, dict):
-                raise CheckpointError(f"{full} is not a safetensors file (its header is "
-                                      f"a {type(header).__name__}, not an object)")
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"{full}: tensor {key!r} has dtype {info['dtype']}, "
-                                          f"which this reader does not know ({sorted(_DTYPES)})")
-                self.entries[key] = _Entry(full, 8 + n + info["data_offsets"][0],
-                                           tuple(info["shape"]), _DTYPES[info["dtype"]])
+                    raise IntegrityError(f"{full} is not a safetensors file ({e})") from None
+            for key, e in _entries(header, full, 8 + n, size).items():
+                if key in entries:
+                    raise IntegrityError(
+                        f"{key!r} is in both {entries[key].file} and {full}: a tensor "
+                        "has one shard -> the directory mixes two exports; copy it again")
+                entries[key] = e
+        self.entries = entries
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         self._read_headers()

@@ -23,7 +23,8 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import IntegrityError
-from dcp_universal.storage.mapped import Copies, byte_view, parse_record, take_read
+from dcp_universal.storage.mapped import (Copies, byte_view, check_record, parse_record,
+                                          take_read)
 from dcp_universal.format.torch_formats import dcp_metadata, dcp_record, torch_save_layout
 
 __all__ = ["OwnFiles", "LocalWriter", "remote_classes", "COMPUTED_FILE_BYTES",
@@ -190,6 +191,8 @@ def remote_classes():
             and ``whole`` viewing it as ``uint8``): its whole record, or (``layout``)
             the block alone."""
             if req.type == LoadItemType.BYTE_IO:
+                info = dcp_record(self.storage_data, req.storage_index)
+                check_record(buf, info, at, path, req.storage_index.fqn)
                 planner.load_bytes(req, io.BytesIO(buf[at:at + n]))
                 return
             if layout is not None:

@@ -38,11 +38,12 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, IntegrityError
-from dcp_universal.format.torch_formats import (DcpRecord, Stored, dcp_metadata, dcp_record,
+from dcp_universal.format.torch_formats import (DcpRecord, Stored, check_torch_archive,
+                                                dcp_metadata, dcp_record, is_zip,
                                                 torch_save_layout)
 
 __all__ = ["Copies", "MappedFiles", "byte_view", "MappedReader", "pair", "parse_record",
-           "read_whole", "take_read"]
+           "check_record", "read_whole", "take_read"]
 
 
 class Copies:
@@ -111,8 +112,8 @@ class MappedFiles:
         return self._maps[path]
 
 
-def _record(files: MappedFiles, path: str, rec: DcpRecord, key: str, untransform=None):
-    """The chunk ``rec`` of the mapped file ``path`` (checked): see :func:`parse_record`."""
+def _mapped(files: MappedFiles, path: str, rec: DcpRecord, key: str):
+    """``files.checked(path, rec)``, the record inside the file."""
     mm, whole = files.checked(path, rec)
     end = rec.offset + rec.length
     if end > whole.numel():
@@ -120,6 +121,12 @@ def _record(files: MappedFiles, path: str, rec: DcpRecord, key: str, untransform
             f"{path} holds {whole.numel()} bytes, but the checkpoint's metadata places "
             f"{key!r} at bytes {rec.offset}..{end}: the file is truncated -> restore it, "
             "or load another checkpoint")
+    return mm, whole
+
+
+def _record(files: MappedFiles, path: str, rec: DcpRecord, key: str, untransform=None):
+    """The chunk ``rec`` of the mapped file ``path`` (checked): see :func:`parse_record`."""
+    mm, whole = _mapped(files, path, rec, key)
     return parse_record(mm, whole, rec, rec.offset, path, key, untransform)
 
 
@@ -135,6 +142,8 @@ def parse_record(buf, whole: torch.Tensor, rec: DcpRecord, start: int, path: str
         layout = torch_save_layout(lambda pos, n: buf[pos:pos + n], start, rec.length)
         if layout is not None:
             return layout.stored(whole)
+    if not rec.transformed:  # torch.load inflates and allocates what the archive declares
+        check_record(buf, rec, start, path, key)
     try:
         stream = io.BytesIO(buf[start:end])
         if rec.transformed:
@@ -145,6 +154,17 @@ def parse_record(buf, whole: torch.Tensor, rec: DcpRecord, start: int, path: str
             f"{path}: the record of {key!r} at bytes {rec.offset}..{rec.offset + rec.length} "
             f"cannot be read ({type(e).__name__}: {e}): the file is damaged -> check it "
             "with `dcp-universal verify`, restore it, or load another checkpoint") from e
+
+
+def check_record(buf, rec: DcpRecord, start: int, path: str, key: str) -> None:
+    """Refuse the record ``rec`` (at ``buf[start:]``) unless it is a ``torch.save``
+    archive that ``torch.load`` reads within its own bytes (:func:`check_torch_archive`)."""
+    what = f"{path}: the record of {key!r} at bytes {rec.offset}..{rec.offset + rec.length}"
+    if not is_zip(buf[start:start + 4]):
+        raise IntegrityError(f"{what} cannot be read: it is not a torch.save archive (DCP "
+                             "writes one per record) "
+                             "-> the file was damaged or crafted; load another checkpoint")
+    check_torch_archive(lambda pos, n: buf[pos:pos + n], start, rec.length, what)
 
 
 def pair(record, dst: torch.Tensor, offsets, lengths) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +273,8 @@ class MappedReader(FileSystemReader):
             if rec.file not in paths:
                 paths[rec.file] = str(self.fs.concat_path(self.path, rec.file))
             if req.type == LoadItemType.BYTE_IO:
-                mm, _ = files.checked(paths[rec.file], rec)
+                mm, _ = _mapped(files, paths[rec.file], rec, req.storage_index.fqn)
+                check_record(mm, rec, rec.offset, paths[rec.file], req.storage_index.fqn)
                 planner.load_bytes(req, io.BytesIO(mm[rec.offset:rec.offset + rec.length]))
                 continue
             record = _record(files, paths[rec.file], rec, req.storage_index.fqn,
