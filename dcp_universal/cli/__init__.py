@@ -7,6 +7,10 @@
     dcp-universal convert SRC ROOT a checkpoint of another format -> a committed step
     dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
 
+Exit status: 0 done; 1 done, but some steps' manifests could not be read (prune kept
+them, inspect shows them as damaged); 2 refused (an error, named on stderr); 130
+interrupted.
+
 Every command takes ``--storage-options JSON`` (fsspec options for URLs, e.g.
 ``'{"endpoint_url": "http://127.0.0.1:9000"}'``), ``--trusted`` and ``--debug`` (the
 traceback of an error). Sizes are in decimal units (kB, MB, GB) throughout.
@@ -107,20 +111,30 @@ def _inspect_root(store, root: str, start: float) -> int:
     """A checkpoint root: its committed steps (items, bytes, metrics), the latest marked,
     and the bases the LoRA steps share."""
     committed = steps.list_steps(store, root)
-    rows, bases = [], {}
+    rows, bases, readable = [], {}, []
     for step in committed:
-        m = steps.read_manifest(store, manifest.step_path(root, step))
+        try:
+            m = steps.read_manifest(store, manifest.step_path(root, step))
+        except CheckpointError as e:  # shown, and the others still listed
+            rows.append((str(step), f"manifest cannot be read ({type(e).__name__})", "-", "-",
+                         "-"))
+            print(f"step {step}: {e}", file=sys.stderr)
+            continue
         items = [i for i in manifest.ITEMS if m.has(i)] + sorted(
             i for i in m.items if i not in manifest.ITEMS and m.has(i))
         size = sum(r.size for r in m.files.values())
         if m.base:
             bases.setdefault(m.base, (sum(r.size for r in (m.base_files or {}).values()), []))
             bases[m.base][1].append(step)
-        rows.append((f"{step}{' (latest)' if step == committed[-1] else ''}",
-                     " ".join(items) + (" (archived)" if m.archived else ""),
+        readable.append(len(rows))
+        rows.append((str(step), " ".join(items) + (" (archived)" if m.archived else ""),
                      str(m.world_size), human(size),
                      " ".join(f"{k}={v:g}" for k, v in sorted(m.metrics.items())) or "-"))
-    print(f"{root}: {len(committed)} committed steps, latest {committed[-1]}")
+    latest = "none readable"
+    if readable:  # the step a load picks: the newest whose manifest reads
+        row = rows[readable[-1]]
+        latest, rows[readable[-1]] = row[0], (f"{row[0]} (latest)", *row[1:])
+    print(f"{root}: {len(committed)} committed steps, latest {latest}")
     _table(("step", "items", "ranks", "size", "metrics"), rows, right=(2, 3))
     for name, (size, used) in sorted(bases.items()):
         print(f"{name}: {human(size)}, the frozen base of steps {used}")
@@ -128,7 +142,7 @@ def _inspect_root(store, root: str, start: float) -> int:
     if pending:
         print(f"uncommitted (a save in progress or killed): steps {pending}")
     print(f"read in {time.perf_counter() - start:.2f} s")
-    return 0
+    return 0 if len(readable) == len(committed) else 1
 
 
 def _verify(args) -> int:
@@ -188,7 +202,7 @@ def _prune(args) -> int:
           f"{verb}delete steps {d.delete} and bases {d.delete_bases}")
     for step, why in sorted(d.unreadable.items()):
         print(f"  kept step {step}: its manifest cannot be read ({why})")
-    return 0
+    return 1 if d.unreadable else 0
 
 
 def _convert(args) -> int:

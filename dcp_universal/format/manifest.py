@@ -35,9 +35,32 @@ __all__ = [
     "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "Adapters", "Mesh", "TrainingState",
     "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
     "step_of_name", "is_base_name", "records_to_json", "records_from_json", "CHECKSUM_ALGOS",
+    "CHECKSUMS_SINCE", "MAX_STEP", "MAX_MANIFEST_BYTES", "MAX_DEPTH", "step_name",
 ]
 
-FORMAT_VERSION = 1
+#: The layout's version, and what each one promises:
+#:
+#: 1. every data file has a record: its size, and a whole-file CRC-32, block checksums,
+#:    or (written by a save whose checksums were off) nothing more;
+#: 2. every data file has a record with block checksums, and every file inside the
+#:    step's (or a model directory's) DCP directories has a record: a record without
+#:    them, or a file without a record, is damage, not an older writer.
+FORMAT_VERSION = 2
+#: the first version whose files all carry block checksums: an older step (or model
+#: directory) loads with what it recorded; a newer one missing any loads only unchecked
+CHECKSUMS_SINCE = 2
+#: the largest step number: a signed 64-bit integer, as a training loop's counter and a
+#: tensor hold it; a step directory's name has 8 to 19 digits
+MAX_STEP = 2 ** 63 - 1
+#: the largest manifest (or model directory record) read. Inline block sums cost 8 hex
+#: digits per 128 KiB block (1/16384 of the data; larger files keep theirs in sidecars),
+#: so 256 MiB covers a 4 TiB step (a 405B-parameter model with its optimizer on 16k
+#: ranks, each file at most 512 MiB); parsing one costs at most a few GB of memory
+MAX_MANIFEST_BYTES = 256 << 20
+#: the deepest nesting of objects and lists a manifest may have (the library writes at
+#: most 6: adapters.modules.<name>.<config>.<list>); deeper is damage, refused before
+#: anything recurses over it
+MAX_DEPTH = 64
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
@@ -53,7 +76,8 @@ HF_INDEX = "model.safetensors.index.json"
 # written before DCP's .metadata, so every complete model directory has it
 MODEL_INFO = "dcp_universal.json"
 
-_STEP_RE = re.compile(r"^step-(\d{8,})$")
+# ASCII digits only (``\d`` also matches other scripts' digits, which int() accepts)
+_STEP_RE = re.compile(r"step-([0-9]{8,19})")
 _BASE_RE = re.compile(r"^base-[0-9a-f]+$")
 
 
@@ -420,24 +444,28 @@ class Manifest:
         out["content_crc32"] = _content_crc32(json.loads(json.dumps(out)))
         return json.dumps(out, indent=1, sort_keys=True)
 
+    def requires_checksums(self) -> bool:
+        """Every file of the step must carry block checksums (its format is
+        :data:`CHECKSUMS_SINCE` or newer): one without is damage, not an older writer."""
+        return self.format_version >= CHECKSUMS_SINCE
+
     @classmethod
     def from_json(cls, text: str | bytes, where: str = MANIFEST) -> "Manifest":
         """Parse and validate a manifest.
 
         Raises:
-            ManifestError: not JSON, not an object, or a field of the wrong type.
+            DamagedManifestError: not JSON, larger than :data:`MAX_MANIFEST_BYTES`,
+                nested deeper than :data:`MAX_DEPTH`, not an object with an integer
+                ``format_version``, a number out of range, or failing its own checksum.
+            ManifestError: a field of the wrong type.
             FormatVersionError: written by a newer format than this library reads.
         """
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DamagedManifestError(f"{where} is not valid JSON ({e}): the step is "
-                                       "damaged; load an earlier step "
-                                       "(CheckpointManager.steps())") from None
+        fix = "the step is damaged; load an earlier step (CheckpointManager.steps())"
+        d = parse_json(text, where, fix)
         if not isinstance(d, dict) or isinstance(d.get("format_version"), bool) \
-                or not isinstance(d.get("format_version"), int):
-            raise ManifestError(f"{where} is not a dcp_universal manifest (no integer "
-                                "format_version): the step is damaged; load an earlier step")
+                or not isinstance(d.get("format_version"), int) or d["format_version"] < 1:
+            raise DamagedManifestError(f"{where} is not a dcp_universal manifest (no "
+                                       f"format_version from 1 up): {fix}")
         if d["format_version"] > FORMAT_VERSION:
             damaged = _content_fails(d)
             raise FormatVersionError(
@@ -447,6 +475,14 @@ class Manifest:
                    "checksum)" if damaged else ""))
         _check_content(d, where)  # before the fields: a changed byte is damage, whatever
         # field it hit
+        try:
+            return cls._fields(d, where)
+        except OverflowError as e:  # a number float() cannot hold: 1e999 written as digits
+            raise DamagedManifestError(f"{where} holds a number out of range ({e}): {fix}") \
+                from None
+
+    @classmethod
+    def _fields(cls, d: dict, where: str) -> "Manifest":
         # items another version (or another run's CheckpointManager(items=...)) wrote
         # are kept as they are: a reader that does not know one says so and skips it
         items = _get(d, "items", dict, where, "an object of item -> bool")
@@ -454,7 +490,7 @@ class Manifest:
             _get(items, name, bool, f"{where}.items", "a boolean")
         mesh, adapters = d.get("mesh"), d.get("adapters")
         metrics = _get(d, "metrics", dict, where, "an object", optional=True, default={}) or {}
-        parsed = cls(
+        return cls(
             format_version=d["format_version"],
             step=_get(d, "step", int, where, "an integer step"),
             world_size=_get(d, "world_size", int, where, "an integer world size"),
@@ -480,7 +516,45 @@ class Manifest:
             ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
             writer=_get(d, "writer", str, where, "a lease token", optional=True),
         )
-        return parsed
+
+
+def parse_json(text: str | bytes, where: str, fix: str) -> Any:
+    """JSON that a checkpoint holds (a manifest, a model directory's record), bounded:
+    at most :data:`MAX_MANIFEST_BYTES`, nested at most :data:`MAX_DEPTH` deep.
+
+    Raises:
+        DamagedManifestError: naming ``where`` and ``fix`` (any parse error, never a
+            bare ``RecursionError`` or ``ValueError``).
+    """
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise DamagedManifestError(
+            f"{where} is larger than any manifest this library writes (over "
+            f"{MAX_MANIFEST_BYTES} bytes), so it is not read: {fix}")
+    try:
+        d = json.loads(text)
+    # ValueError: not JSON, not UTF-8, an integer of more digits than Python converts;
+    # RecursionError: nested deeper than the parser recurses ("[" * 200000)
+    except (ValueError, RecursionError) as e:
+        raise DamagedManifestError(f"{where} is not valid JSON ({type(e).__name__}: "
+                                   f"{str(e)[:200]}): {fix}") from None
+    if _depth_over(d, MAX_DEPTH):
+        raise DamagedManifestError(f"{where} nests objects or lists more than {MAX_DEPTH} "
+                                   f"deep, which no manifest does: {fix}")
+    return d
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """``value`` nests objects and lists deeper than ``limit`` (walked without
+    recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if not isinstance(v, (dict, list)):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _base_name(name: str | None, where: str) -> str | None:
@@ -531,31 +605,45 @@ def model_info_to_json(ties, files: dict[str, FileRecord] | None = None) -> byte
 
 def model_info_from_json(data: bytes, where: str
                          ) -> tuple[list[list[str]], dict[str, FileRecord] | None]:
-    """The tie groups and the file records (None: not recorded yet) of a
-    :data:`MODEL_INFO` file (a file from anyone: checked)."""
-    try:
-        d = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{where} is not JSON ({e}): the model directory is damaged -> "
-                            "save the model again") from None
+    """The tie groups and the file records of a :data:`MODEL_INFO` file (a file from
+    anyone: checked). The records are None in a directory of a format before
+    :data:`CHECKSUMS_SINCE` that did not record them (it loads unchecked); from that
+    format on, a directory without records has none (``{}``: a checked load refuses
+    it)."""
+    d = parse_json(data, where, "the model directory is damaged -> save the model again")
     if not isinstance(d, dict):
         raise _fail(where, "an object", d)
-    _get(d, "format_version", int, where, "an integer")
+    version = _get(d, "format_version", int, where, "an integer")
     files = d.get("files")
+    if files is None and version >= CHECKSUMS_SINCE:
+        # recorded since this version: none recorded means none to check against, which
+        # a checked load refuses (a save killed before its records, or records removed)
+        files = {}
     return (_ties_from_json(d.get("ties", []), f"{where}.ties"),
             None if files is None else records_from_json(files, f"{where}.files"))
 
 
 # ---- layout ---------------------------------------------------------------------------
 
+def step_name(step: int) -> str:
+    """The one name of step ``step``'s directory: ``step-`` and at least 8 digits.
+
+    Raises:
+        ValueError: ``step`` is not an integer from 0 to :data:`MAX_STEP`.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step={step!r}: expected an integer from 0 to {MAX_STEP}")
+    return f"step-{step:08d}"
+
+
 def step_path(root: str, step: int) -> str:
-    return join(root, f"step-{step:08d}")
+    return join(root, step_name(step))
 
 
 def split_step_path(path: str) -> tuple[str, int] | None:
     """``(root, step)`` of a step directory's path, or None if it does not name one."""
-    m = _STEP_RE.match(path.rstrip("/").rpartition("/")[2])
-    return (parent(path), int(m.group(1))) if m else None
+    step = step_of_name(path.rstrip("/").rpartition("/")[2])
+    return None if step is None else (parent(path), step)
 
 
 def base_name(fingerprint: str) -> str:
@@ -572,9 +660,16 @@ def base_path(step_dir: str, manifest: Manifest) -> str | None:
 
 
 def step_of_name(name: str) -> int | None:
-    """The step number of a step directory's name (``step-00000100``), else None."""
-    m = _STEP_RE.match(name)
-    return int(m.group(1)) if m else None
+    """The step number of a step directory's name, else None. Only the name
+    :func:`step_name` spells is a step: ``step-000000100`` (an extra zero),
+    ``step-+0000100``, other scripts' digits and steps over :data:`MAX_STEP` are not,
+    so one step is one directory (never listed twice, loaded from a look-alike, or
+    removed by retention)."""
+    m = _STEP_RE.fullmatch(name)
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step <= MAX_STEP and step_name(step) == name else None
 
 
 def is_base_name(name: str) -> bool:

@@ -16,12 +16,13 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, sources
-from dcp_universal.errors import CheckpointError, CheckpointMismatchError
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
+from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage.mapped import Copies
 from dcp_universal.model.plan import LoadReport, Staged, TensorInfo, plan_load
 from dcp_universal.model.buffers import dtensor_like, host_empty
-from dcp_universal.storage import Storage, normalize, storage_for
+from dcp_universal.storage import Storage, join, normalize, storage_for
 from dcp_universal.model.view import ModelView, local_block
 
 __all__ = ["load_model", "stage_model"]
@@ -90,6 +91,19 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
             "whatever its config says), or load a LoRA step into a model with an adapter of "
             "at least the saved rank on each tied module, which carries the update without "
             "merging it (the same adapters restore exactly)")
+
+
+def _check_committed(store: Storage, path: str) -> None:
+    """A step directory (``step-<n>``) loads checked only when committed: without its
+    manifest nothing records its files' checksums, and its ``model/`` would otherwise
+    load as a plain DCP directory, unchecked."""
+    if (manifest.split_step_path(path) is not None and store.exists(path)
+            and not store.exists(join(path, manifest.MANIFEST))):
+        raise IntegrityError(
+            f"{path} is a step directory without {manifest.MANIFEST}: not a committed step "
+            "(a save killed before its commit, or its manifest was removed), so nothing "
+            "records its files' checksums -> load a committed step, or load it with "
+            "verify=False if you trust its files")
 
 
 def load_model(model: nn.Module, path: str, *, strict: bool = True,
@@ -164,6 +178,8 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
 
     def planned():  # every read of metadata and the plan, agreed on before any data read
         _check_materialized(view)
+        if verify is not False and step_manifest is None:
+            _check_committed(store, path)
         source = sources.open_source(store, path, sources.Want(
             target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
         if source.loader is not None:

@@ -27,7 +27,7 @@ from dcp_universal.errors import CheckpointError, IntegrityError, NotACheckpoint
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage import Storage, join
 
-__all__ = ["Checksummed", "BlockCheck", "crc32_of", "check_files", "block_checks",
+__all__ = ["Checksummed", "BlockCheck", "crc32_of", "check_files", "block_checks", "unchecked",
            "BLOCK_BYTES", "INLINE_BLOCKS", "SUMS_SUFFIX", "ALGO", "checksum"]
 
 try:
@@ -188,28 +188,34 @@ class BlockCheck:
 
     Args:
         path: the directory (for messages).
-        records: file name (relative to ``path``) -> :class:`FileRecord`. A file listed
-            without block checksums (written before them) is not checked; a file not
-            listed at all is refused.
+        records: file name (relative to ``path``) -> :class:`FileRecord`. A file not
+            listed is refused.
         read: ``read(name)`` -> the bytes of the file ``name`` of the directory (a
             large file's sums, read once, when a read of that file first needs them).
+        require: a file listed without block checksums is refused; without
+            ``require`` (a step of a format before them) it is not checked.
     """
 
     def __init__(self, path: str, records: Mapping[str, FileRecord],
-                 read: Callable[[str], bytes] | None = None) -> None:
+                 read: Callable[[str], bytes] | None = None, *, require: bool = False) -> None:
         self.path = path
         self.records = dict(records)
         self._read = read
+        self._require = require
         self._sums: dict[str, bytes] = {}
         self._done: dict[str, set[int]] = {}
 
     def record(self, name: str) -> FileRecord | None:
         rec = self.records.get(name)
+        if rec is None and not self.records:
+            raise unchecked(self.path, "records no files, so no checksums")
         if rec is None:
             raise IntegrityError(
                 f"{join(self.path, name)} is not among the files the manifest lists for "
                 f"{self.path}: it was added after the save -> load an earlier step, or "
                 "remove the file")
+        if not rec.has_blocks and self._require:
+            raise unchecked(join(self.path, name), "has no block checksums recorded")
         return rec if rec.has_blocks else None
 
     def sums(self, name: str, rec: FileRecord) -> bytes:
@@ -278,6 +284,16 @@ class BlockCheck:
                     "skips this check")
             if remember:
                 done.add(i)
+
+
+def unchecked(path: str, what: str) -> IntegrityError:
+    """The error for files a checked load cannot check: their checksums are not recorded
+    (removed from the records, or a save killed before it recorded them)."""
+    return IntegrityError(
+        f"{path} {what}: nothing can check what a load reads from it, and its format "
+        "records them for every file (they were removed, or the save that wrote it did not "
+        "finish) -> load an earlier step, or load it with verify=False if you trust its "
+        "files")
 
 
 def vanished(doing: str, path: str, e: FileNotFoundError) -> NotACheckpointError:
@@ -368,16 +384,18 @@ def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
 
 
 def block_checks(store: Storage, records: Mapping[str, FileRecord],
-                 dirs: Mapping[str, str]) -> dict:
+                 dirs: Mapping[str, str], *, require: bool = True) -> dict:
     """``{directory path: BlockCheck}`` for each ``dirs`` entry ``{item prefix: path}``
     (``"model/"`` -> the step's model directory), from records named relative to the
-    step (``records``); sums files are read through ``store``."""
+    step (``records``); sums files are read through ``store``. ``require``: every file
+    read must have block checksums (:class:`BlockCheck`); model directories have
+    recorded them since they record files at all."""
     out = {}
     for prefix, path in dirs.items():
         out[path] = BlockCheck(
             path, {rel[len(prefix):]: rec for rel, rec in records.items()
                    if rel.startswith(prefix)},
-            functools.partial(_read_in, store, path))
+            functools.partial(_read_in, store, path), require=require)
     return out
 
 

@@ -5,17 +5,24 @@ the files say: :mod:`dcp_universal.format.manifest`.)"""
 from __future__ import annotations
 
 import json
+import logging
+from typing import Callable
 
-from dcp_universal.errors import ManifestError, NotACheckpointError
-from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, FileRecord, Manifest,
-                                           base_path, is_base_name, records_from_json,
-                                           records_to_json, step_of_name)
+from dcp_universal.errors import (FormatVersionError, ManifestError, NotACheckpointError,
+                                  UnsafeCheckpointError)
+from dcp_universal.format import manifest
+from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, OPTIMIZER_DIR, FileRecord,
+                                           Manifest, base_path, is_base_name,
+                                           records_from_json, records_to_json,
+                                           split_step_path, step_of_name)
 from dcp_universal.storage import Storage, join
-from dcp_universal.storage.integrity import block_checks
+from dcp_universal.storage.integrity import block_checks, unchecked
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
            "read_base_files", "write_base_files", "remove_base", "uncommit",
-           "verified_store"]
+           "verified_store", "check_recorded", "newest_readable"]
+
+logger = logging.getLogger(__name__)
 
 
 def list_steps(store: Storage, root: str, *, committed: bool = True) -> list[int]:
@@ -37,23 +44,106 @@ def list_bases(store: Storage, root: str) -> list[str]:
 
 
 def read_manifest(store: Storage, step_dir: str) -> Manifest:
+    """The manifest of the step directory ``step_dir``.
+
+    Raises:
+        NotACheckpointError: it has none (not committed).
+        DamagedManifestError: it cannot be parsed (read at most
+            :data:`~dcp_universal.format.manifest.MAX_MANIFEST_BYTES` + 1 bytes).
+        ManifestError: a field is wrong, or its ``step`` is not the one its
+            directory's name says.
+    """
     path = join(step_dir, MANIFEST)
     try:
-        data = store.read_bytes(path)
+        with store.open_read(path) as f:
+            data = f.read(manifest.MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise NotACheckpointError(
             f"{step_dir} has no {MANIFEST}: it is not a committed step (a save that "
             "did not finish leaves such a directory; the next save removes it)") from None
-    return Manifest.from_json(data, path)
+    m = Manifest.from_json(data, path)
+    named = split_step_path(step_dir)
+    if named is not None and named[1] != m.step:
+        # a renamed directory, or a manifest copied from another step: which step this is
+        # cannot be told, and retention and "latest" would judge it as the wrong one
+        raise ManifestError(
+            f"{path} says step {m.step}, but its directory {manifest.step_name(named[1])} "
+            f"is step {named[1]}: a step directory was renamed or a manifest copied from "
+            f"another step -> rename it back to {manifest.step_name(m.step)} if it was "
+            "moved, or load another step")
+    return m
+
+
+def newest_readable(found: list[int], read: Callable[[int], Manifest]) -> int | None:
+    """The newest of the steps ``found`` whose manifest ``read(step)`` reads (a step of a
+    newer format counts: loading it says to upgrade). Each newer one that cannot be read
+    is logged and skipped; when none can, the newest one's error is raised: a root whose
+    steps are all damaged is not a first start."""
+    first = None
+    for step in sorted(found, reverse=True):
+        try:
+            read(step)
+            return step
+        except FormatVersionError:
+            return step
+        except (ManifestError, UnsafeCheckpointError, NotACheckpointError) as e:
+            first = first or e
+            logger.warning("step %d is not taken as the latest: its manifest cannot be read "
+                           "(%s: %s)", step, type(e).__name__, e)
+    if first is not None:
+        raise first
+    return None
+
+
+def check_recorded(store: Storage, step_dir: str, m: Manifest) -> None:
+    """Raise unless the step ``step_dir`` records block checksums for every file a load
+    may read: every record has them, every file inside its directories has a record, and
+    so does its base. Steps of a format before
+    :data:`~dcp_universal.format.manifest.CHECKSUMS_SINCE` check only what they recorded.
+
+    Raises:
+        IntegrityError: naming what is missing, and ``verify=False`` as the way to load
+            it unchecked.
+    """
+    if not m.requires_checksums():
+        return
+    if not m.files:
+        raise unchecked(step_dir, f"has a {MANIFEST} that records no files")
+    bare = sorted(rel for rel, rec in m.files.items() if not rec.has_blocks)
+    if bare:
+        raise unchecked(join(step_dir, bare[0]), "has no block checksums in its manifest"
+                        + (f" (nor do {len(bare) - 1} more files)" if len(bare) > 1 else ""))
+    # an archive killed before its optimizer/ went left it behind: never read again
+    leftover = f"{OPTIMIZER_DIR}/" if m.archived else None
+    try:
+        found = store.file_sizes(step_dir)
+    except FileNotFoundError:
+        found = {}
+    extra = sorted(rel for rel in found if "/" in rel and rel not in m.files
+                   and not (leftover and rel.startswith(leftover)))
+    if extra:
+        raise unchecked(join(step_dir, extra[0]), "is not recorded in the manifest"
+                        + (f" (nor are {len(extra) - 1} more files)" if len(extra) > 1 else ""))
+    if m.base:
+        base_files = m.base_files or {}
+        bare = sorted(rel for rel, rec in base_files.items() if not rec.has_blocks)
+        if not base_files or bare:
+            raise unchecked(base_path(step_dir, m), "has no block checksums recorded in "
+                            f"{join(step_dir, MANIFEST)}" + (f" ({bare[0]})" if bare else ""))
 
 
 def verified_store(store: Storage, step_dir: str, m: Manifest) -> Storage:
     """``store``, with every DCP directory of the step ``step_dir`` (and its base)
-    read under the check of its block checksums (:meth:`Storage.verifying`)."""
+    read under the check of its block checksums (:meth:`Storage.verifying`), once
+    :func:`check_recorded` found every file recorded."""
+    check_recorded(store, step_dir, m)
     items = {rel.split("/", 1)[0] for rel in m.files if "/" in rel}
-    checks = block_checks(store, m.files, {f"{i}/": join(step_dir, i) for i in items})
+    require = m.requires_checksums()
+    checks = block_checks(store, m.files, {f"{i}/": join(step_dir, i) for i in items},
+                          require=require)
     if m.base:
-        checks.update(block_checks(store, m.base_files or {}, {"": base_path(step_dir, m)}))
+        checks.update(block_checks(store, m.base_files or {}, {"": base_path(step_dir, m)},
+                                   require=require))
     return store.verifying(checks)
 
 

@@ -44,7 +44,7 @@ def test_lora_steps_share_one_base_and_write_only_trainable_state(tmp_path):
     assert m1.items == {"adapters": True, "optimizer": True}
     assert m2.items == {"adapters": True, "model": True, "optimizer": True}
     assert m1.adapters.modules["blocks.0.q"] == {"rank": 4, "alpha": 8.0}
-    assert m1.world_size == 1 and m1.format_version == 1 and m1.files
+    assert m1.world_size == 1 and m1.format_version == 2 and m1.files
     assert all(rec.size == os.path.getsize(tmp_path / "step-00000001" / f)
                for f, rec in m1.files.items())
     adapters = tiny.read_dir(str(tmp_path / "step-00000001" / "adapters"))

@@ -262,6 +262,7 @@ def _replace_entry(mgr, step, key, value):
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from dcp_universal.format.manifest import FileRecord
+    from dcp_universal.storage import integrity
 
     opt_dir = os.path.join(mgr.step_path(step), "optimizer")
     md = FileSystemReader(opt_dir).read_metadata()
@@ -274,8 +275,14 @@ def _replace_entry(mgr, step, key, value):
     dcp.save(state, checkpoint_id=opt_dir, no_dist=True)
     m = mgr.manifest(step)
     m.files = {k: v for k, v in m.files.items() if not k.startswith("optimizer/")}
-    for name in os.listdir(opt_dir):
-        m.files[f"optimizer/{name}"] = FileRecord(size=os.path.getsize(os.path.join(opt_dir, name)))
+    for name in os.listdir(opt_dir):  # block checksums, as this format requires
+        with open(os.path.join(opt_dir, name), "rb") as f:
+            data = f.read()
+        block = integrity.BLOCK_BYTES
+        m.files[f"optimizer/{name}"] = FileRecord(
+            size=len(data), algo=integrity.ALGO, block=block,
+            sums=b"".join(integrity.checksum(integrity.ALGO, data[i:i + block]).to_bytes(4, "big")
+                          for i in range(0, len(data), block)))
     with open(os.path.join(mgr.step_path(step), "manifest.json"), "w") as f:
         f.write(m.to_json())
 

@@ -160,6 +160,7 @@ def test_crc32_blocks_and_old_whole_file_crc32_steps_still_load(tmp_path, monkey
     for rel in list(m.files):
         with open(os.path.join(step_dir, rel), "rb") as f:
             m.files[rel] = FileRecord(size=m.files[rel].size, crc32=zlib.crc32(f.read()))
+    m.format_version = 1  # the format such steps were written in
     steps.write_manifest(old._store, step_dir, m)
     raw = json.loads(open(os.path.join(step_dir, "manifest.json")).read())
     assert all(set(r) == {"size", "crc32"} for r in raw["files"].values())  # the old layout
