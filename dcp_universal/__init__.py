@@ -4,7 +4,7 @@ from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
                                   CheckpointTimeoutError, DamagedManifestError,
                                   FormatVersionError, IntegrityError, ManifestError,
-                                  NotACheckpointError, PerRankStateError,
+                                  NotACheckpointError, NotARootError, PerRankStateError,
                                   RootBusyError, StepAlreadyExistsError,
                                   UnsafeCheckpointError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
@@ -41,6 +41,7 @@ __all__ = [
     "DamagedManifestError",
     "ManifestError",
     "NotACheckpointError",
+    "NotARootError",
     "PerRankStateError",
     "StepAlreadyExistsError",
     "UnsupportedAdapterError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
            "DamagedManifestError", "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
-           "UnsafeCheckpointError", "RootBusyError"]
+           "UnsafeCheckpointError", "RootBusyError", "NotARootError"]
 
 
 class CheckpointError(Exception):
@@ -71,6 +71,12 @@ class UnsafeCheckpointError(CheckpointError):
 class RootBusyError(CheckpointError):
     """Another live job holds the root's writer lease: two jobs writing one root would
     delete each other's unfinished files (see ``dcp_universal.training.lease``)."""
+
+
+class NotARootError(CheckpointError, ValueError):
+    """The path given as a checkpoint root is a file, a committed step directory, a DCP
+    directory or a folder of another tool's checkpoints: refused on save and load, with
+    the path that was meant (see ``dcp_universal.training.roots``)."""
 
 
 class CheckpointTimeoutError(CheckpointError, TimeoutError):

@@ -31,6 +31,10 @@ class Storage(abc.ABC):
     #: first and copy at its commit, at no memory cost (otherwise it stages in memory).
     maps_files: bool = False
 
+    #: Directories are renamed in one step (a local file system): fenced writes and
+    #: removals are then conditional on the writer's fence directory (:meth:`fenced_write`).
+    renames: bool = False
+
     #: directory -> the check of every byte a DCP reader of it reads (:meth:`verifying`;
     #: a :class:`~dcp_universal.storage.integrity.BlockCheck` each)
     checks: Mapping[str, object] = {}
@@ -101,6 +105,33 @@ class Storage(abc.ABC):
     def create_new(self, path: str, data: bytes) -> bool:
         """Write ``path`` whole unless it exists, atomically against every other
         writer (two processes racing: exactly one gets True); False if it existed."""
+
+    def fenced_write(self, path: str, data: bytes, fence) -> None:
+        """Write ``path`` whole, only while ``fence`` holds (a writer lease: see
+        :class:`~dcp_universal.training.lease.Lease`). Here (object stores, no rename):
+        ``fence.check()`` right before the write; a backend with an atomic rename
+        makes the write itself conditional (:class:`.LocalStorage`)."""
+        fence.check(f"writing {path}")
+        self.write_atomic(path, data)
+
+    def rename_dir(self, path: str, new_path: str) -> None:
+        """Rename the directory ``path`` in one step, if it exists (object stores have no
+        directories: nothing to do)."""
+
+    def detach(self, path: str, marker: str | None, fence) -> str | None:
+        """Take the directory ``path`` out of its root while ``fence`` holds: from now on
+        it is not committed (its ``marker`` file, a step's manifest, is gone) and only
+        its data is left, at the returned path, for :meth:`remove_tree` (None: nothing
+        is left; a link loses the link only). Here: ``fence.check()``, then the marker
+        is removed; a backend with an atomic rename moves the directory instead."""
+        if fence is not None:
+            fence.check(f"removing {path}")
+        if self.is_link(path):
+            self.remove_file(path)
+            return None
+        if marker is not None:
+            self.remove_file(f"{path}/{marker}")
+        return path
 
     @abc.abstractmethod
     def remove_file(self, path: str) -> None: ...

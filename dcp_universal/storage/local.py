@@ -38,6 +38,7 @@ class LocalStorage(Storage):
     """A local file system, through ``os``; data files are read through memory maps."""
 
     maps_files = True
+    renames = True
 
     def os_path(self, path: str) -> str:
         """The operating system's path of ``path`` (itself here; a subclass may map)."""
@@ -94,6 +95,10 @@ class LocalStorage(Storage):
                 os.remove(tmp)
             raise
 
+    def upload(self, local_path: str, path: str) -> None:
+        os.makedirs(os.path.dirname(self.os_path(path)), exist_ok=True)  # a new step's tree
+        super().upload(local_path, path)
+
     def create_new(self, path: str, data: bytes) -> bool:
         local = self.os_path(path)
         tmp = f"{local}.{uuid.uuid4().hex[:12]}.tmp"
@@ -113,6 +118,48 @@ class LocalStorage(Storage):
                 os.remove(tmp)
         _sync_dir(os.path.dirname(local))
         return True
+
+    def fenced_write(self, path: str, data: bytes, fence) -> None:
+        # The temporary file lives in the fence's directory and is renamed out of it:
+        # a job that took the lease over renamed that directory away first, so the
+        # rename fails however long this process was paused since its check.
+        fence.check(f"writing {path}")
+        tmp = os.path.join(self.os_path(fence.fence_dir), f"w-{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            _write_file(tmp, data)
+            _replace_synced(tmp, self.os_path(path))
+        except FileNotFoundError:
+            if not os.path.isdir(self.os_path(fence.fence_dir)):
+                fence.lost(f"writing {path}")
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+    def rename_dir(self, path: str, new_path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.os_path(path), self.os_path(new_path))
+
+    def detach(self, path: str, marker: str | None, fence) -> str | None:
+        if fence is None:
+            return super().detach(path, marker, None)
+        fence.check(f"removing {path}")
+        local = self.os_path(path)
+        if not os.path.lexists(local):
+            return None
+        moved = f"{fence.fence_dir}/d-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(local, self.os_path(moved))  # one step: in place, or neither
+        except FileNotFoundError:
+            if not os.path.isdir(self.os_path(fence.fence_dir)):
+                fence.lost(f"removing {path}")
+            if not os.path.lexists(local):
+                return None
+            raise
+        if os.path.islink(self.os_path(moved)):
+            os.remove(self.os_path(moved))
+            return None
+        return moved
 
     def remove_file(self, path: str) -> None:
         try:

@@ -113,9 +113,12 @@ class BaseStore:
         fp = manifest.base_fingerprint(name)
         self._cache = (signature, fp) if signature is not None else None
 
-    def remove_unfinished(self) -> None:
-        """Remove bases a crash left without ``files.json`` (rank 0 only)."""
+    def remove_unfinished(self, fence=None) -> None:
+        """Remove bases a crash left without ``files.json`` (rank 0 only; while
+        ``fence``, the root's lease, holds)."""
         for name in steps.list_bases(self.store, self.root):
             path = self.path(name)
             if not self.store.exists(join(path, manifest.BASE_FILES)):
-                self.store.remove_tree(path)
+                left = self.store.detach(path, None, fence)
+                if left is not None:
+                    self.store.remove_tree(left)

@@ -10,7 +10,7 @@ as a committed step.
 
 A :class:`StepWriter` is used by every rank, in this order::
 
-    writer = StepWriter(store, root, step)
+    writer = StepWriter(store, root, step, fence=lease)
     writer.prepare(overwrite=..., bases=...)   # collective (rank 0 acts, all agree)
     writer.write(item, fn, group)              # collective as fn is; once per item
     writer.commit(manifest, group)             # collective (gather, rank 0 commits)
@@ -31,6 +31,7 @@ from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.lease import Lease
+from dcp_universal.training.roots import check_root
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
@@ -51,15 +52,17 @@ class StepWriter:
         items: the item directories written.
     """
 
-    def __init__(self, store: Storage, root: str, step: int) -> None:
+    def __init__(self, store: Storage, root: str, step: int, *, fence: Lease | None = None
+                 ) -> None:
         self.store = store
         self.root = root
         self.step = step
+        self.fence = fence  # the lease whose holder alone commits and removes here
         self.path = manifest.step_path(root, step)
         self.files: dict[str, FileRecord] = {}
         self.items: dict[str, bool] = {}
 
-    def prepare(self, *, overwrite: bool, bases: BaseStore, lease: Lease | None = None) -> None:
+    def prepare(self, *, overwrite: bool, bases: BaseStore, lease=None) -> None:
         """Collective (``on_rank0``): take or renew the root's writer ``lease``; refuse a
         committed step unless ``overwrite``; remove the step's old directory, debris of
         crashed saves and unfinished bases (only under the lease: never another job's).
@@ -70,21 +73,21 @@ class StepWriter:
         """
         _comm.on_rank0(self._prepare, overwrite, bases, lease)
 
-    def _prepare(self, overwrite: bool, bases: BaseStore, lease: Lease | None) -> None:
-        if self.store.is_file(self.root):
-            raise CheckpointError(f"checkpoint root {self.root} is a file: a root is a "
-                                  "directory (or a URL prefix) that holds step-<n>/ "
-                                  "directories -> pass another path")
+    def _prepare(self, overwrite: bool, bases: BaseStore, lease) -> None:
+        check_root(self.store, self.root)
         if lease is not None:
             lease.acquire()
         if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
             raise StepAlreadyExistsError(
                 f"step {self.step} is already committed at {self.path}; pass overwrite=True "
                 "to replace it, or save under another step number")
-        steps.remove_step(self.store, self.path)  # an overwritten step, or debris
-        for debris in steps.list_steps(self.store, self.root, committed=False):
-            self.store.remove_tree(manifest.step_path(self.root, debris))
-        bases.remove_unfinished()
+        # an overwritten step, then debris (each fenced: only while this job holds the root)
+        for path in [self.path] + [manifest.step_path(self.root, s) for s in
+                                   steps.list_steps(self.store, self.root, committed=False)]:
+            left = self.store.detach(path, manifest.MANIFEST, self.fence)
+            if left is not None:
+                self.store.remove_tree(left)
+        bases.remove_unfinished(self.fence)
 
     def write(self, item: str, fn: Callable[[str, object], dict[str, FileRecord]],
               group=None) -> None:
@@ -117,8 +120,14 @@ class StepWriter:
                 f"gone or changed ({e}); it is not committed -> is another job writing to "
                 f"{self.root}? The next save removes this step's debris") from e
         _comm.claim_commit()  # unless another rank gave up waiting for this one
+        if self.fence is not None:
+            m.writer = self.fence.token
         try:
-            steps.write_manifest(self.store, self.path, m)
+            if self.fence is None:
+                steps.write_manifest(self.store, self.path, m)
+            else:  # only while this job holds the root (see training.lease)
+                self.store.fenced_write(join(self.path, manifest.MANIFEST),
+                                        m.to_json().encode(), self.fence)
         except OSError as e:
             raise CheckpointIOError(
                 f"step {self.step} was written but its commit failed ({type(e).__name__}: "

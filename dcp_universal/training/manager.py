@@ -23,6 +23,7 @@ import atexit
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import sys
 import time
 from typing import Callable, Iterable
@@ -36,11 +37,12 @@ from dcp_universal.training import optim_io, retention, training_state
 from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.commit import StepWriter
-from dcp_universal.errors import (CheckpointError, IntegrityError, NotACheckpointError,
-                                  StepAlreadyExistsError)
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
+                                  NotACheckpointError, RootBusyError, StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
+from dcp_universal.training.roots import check_root
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.interop import legacy
@@ -131,21 +133,29 @@ def _check_items(items: Iterable[Item]) -> tuple[Item, ...]:
     return items
 
 
+def _check_apart(local: LocalStorage, local_root: str, store, root: str) -> None:
+    """Refuse a local tier that is the root, inside it or around it, symbolic links
+    followed: an upload would copy a step onto itself, or into its own source."""
+    if not isinstance(store, LocalStorage):
+        return  # a remote root
+    mine = os.path.realpath(local.os_path(local_root))
+    theirs = os.path.realpath(store.os_path(root))
+    if mine == theirs:
+        how = "is the root itself"
+    elif mine.startswith(theirs.rstrip(os.sep) + os.sep):
+        how = "is inside the root"
+    elif theirs.startswith(mine.rstrip(os.sep) + os.sep):
+        how = "contains the root"
+    else:
+        return
+    raise ValueError(f"local_dir={local_root!r} {how} ({mine}, root {theirs}, symbolic links "
+                     "followed): uploads would copy steps onto themselves -> give the local "
+                     "tier a directory of its own, apart from the root")
+
+
 def _check_step(step) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step={step!r}: expected a non-negative integer")
+    manifest.step_name(step)  # ValueError unless 0 <= step <= MAX_STEP
     return step
-
-
-class _Leases:
-    """The writer leases a save takes: the root's, and the local tier's."""
-
-    def __init__(self, leases: list[Lease]) -> None:
-        self.leases = leases
-
-    def acquire(self) -> None:
-        for lease in self.leases:
-            lease.acquire()
 
 
 def _then_upload(write: concurrent.futures.Future) -> concurrent.futures.Future:
@@ -271,7 +281,9 @@ class CheckpointManager:
         self._lease = Lease(self._store, self.root, ttl=lease_ttl)
         # where saves write and commit: the root, or the local tier in front of it
         self._tier: LocalTier | None = None
-        self._wstore, self._wroot, self._leases = self._store, self.root, [self._lease]
+        # the lease a save takes (the one of the root it commits to), and every lease
+        self._wstore, self._wroot = self._store, self.root
+        self._wlease, self._leases = self._lease, [self._lease]
         if local_dir is not None or keep_last_local is not None:
             self._tier = self._local_tier(local_dir, keep_last_local, lease_ttl)
         self._bases = BaseStore(self._wstore, self._wroot)
@@ -282,6 +294,9 @@ class CheckpointManager:
         self._deleting: concurrent.futures.Future | None = None
         self._group = None  # the background thread's gloo group (collective to create)
         self._snapshots = Snapshotter()
+        if _comm.rank() == 0:  # start watching the leases: a save judges them by it
+            for lease in self._leases:
+                lease.observe()
 
     def _local_tier(self, local_dir, keep_last_local, lease_ttl) -> LocalTier:
         if not isinstance(local_dir, str) or not local_dir:
@@ -292,9 +307,7 @@ class CheckpointManager:
         if not isinstance(local, LocalStorage):
             raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
                              "(the local tier is the node's own disk)")
-        if local_root.rstrip("/") == self.root.rstrip("/"):
-            raise ValueError(f"local_dir={local_dir!r} is the root itself: give the local "
-                             "tier a directory of its own")
+        _check_apart(local, local_root, self._store, self.root)
         if keep_last_local is not None and (isinstance(keep_last_local, bool)
                                             or not isinstance(keep_last_local, int)
                                             or keep_last_local < 1):
@@ -302,8 +315,11 @@ class CheckpointManager:
                              "number (or None: the root's own retention policies)")
         self._keep_last_local = keep_last_local
         self._wstore, self._wroot = local, local_root
-        self._leases = [self._lease, Lease(local, local_root, ttl=self._lease.ttl)]
-        return LocalTier(local, local_root, self._store, self.root,
+        # a save takes the local tier's lease only; uploads take the root's (so an
+        # unreachable remote never holds up a local commit)
+        self._wlease = Lease(local, local_root, ttl=self._lease.ttl)
+        self._leases = [self._lease, self._wlease]
+        return LocalTier(local, local_root, self._store, self.root, fence=self._lease,
                          retain_remote=self._retain_remote, timeout=self.timeout)
 
     def __enter__(self) -> "CheckpointManager":
@@ -397,8 +413,9 @@ class CheckpointManager:
         return sorted(set(remote) | set(self._tier.local_steps()))
 
     def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step whose manifest reads (a newer one that cannot be
+        read is logged and skipped; when none can, its error is raised)."""
+        return steps.newest_readable(self.steps(), self.manifest)
 
     def step_path(self, step: int) -> str:
         return manifest.step_path(self.root, step)
@@ -509,7 +526,14 @@ class CheckpointManager:
             self._handles.append(SaveHandle(step, future, 0.0))
 
     def _refuse_durable(self, step: int) -> None:
-        if self._store.exists(join(self.step_path(step), manifest.MANIFEST)):
+        try:
+            committed = self._store.exists(join(self.step_path(step), manifest.MANIFEST))
+        except (OSError, CheckpointIOError) as e:  # the upload checks again
+            logger.warning("could not tell whether step %d is committed at %s (%s: %s); "
+                           "saving it locally, its upload checks again", step, self.root,
+                           type(e).__name__, e)
+            return
+        if committed:
             raise StepAlreadyExistsError(
                 f"step {step} is already committed at {self.step_path(step)}; pass "
                 "overwrite=True to replace it, or save under another step number")
@@ -525,8 +549,8 @@ class CheckpointManager:
         one, which runs nothing else (``_comm.writes_only``)."""
         view = ModelView.of(model)
         self._await_deletes()  # the last retention's removals (rank 0): before any debris
-        writer = StepWriter(self._wstore, self._wroot, step)
-        writer.prepare(overwrite=overwrite, bases=self._bases, lease=_Leases(self._leases))
+        writer = StepWriter(self._wstore, self._wroot, step, fence=self._wlease)
+        writer.prepare(overwrite=overwrite, bases=self._bases, lease=self._wlease)
         m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
                      merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
                      ties=[list(g) for g in view.ties])
@@ -547,7 +571,8 @@ class CheckpointManager:
                 size = sum(f.size for f in m.files.values())
                 logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,
                             time.perf_counter() - start)
-            upload = self._tier.submit(step, m) if self._tier is not None else None
+            upload = (self._tier.submit(step, m, overwrite=overwrite)
+                      if self._tier is not None else None)
             return writer.path, upload
 
         return finish
@@ -556,12 +581,15 @@ class CheckpointManager:
         try:
             if self._tier is None:
                 self._prune_at(self._store, self.root, self.options.policies(),
-                               dry_run=False, defer=self._defer)
+                               dry_run=False, defer=self._defer, fence=self._lease)
             else:  # the local tier: never a step not yet durable remotely
                 local = ([retention.KeepLast(self._keep_last_local)]
                          if self._keep_last_local is not None else self.options.policies())
                 self._prune_at(self._tier.local, self._tier.local_root, local, dry_run=False,
-                               protect=self._tier.not_durable(), defer=self._defer)
+                               protect=self._tier.not_durable(), defer=self._defer,
+                               fence=self._wlease)
+        except RootBusyError:
+            raise  # lost the root: nothing was removed after that
         except Exception as e:
             raise CheckpointError(f"step {step} is committed, but retention failed "
                                   f"({type(e).__name__}: {e}); the next save retries it") from e
@@ -573,18 +601,22 @@ class CheckpointManager:
         ``dry_run``, would be) done.
         """
         self.wait()
+        check_root(self._store, self.root)
         if not dry_run:
             self._lease.acquire()  # a pruner writes too: never beside another job
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> retention.Decision:
         """Retention of the root (the remote root, with a local tier)."""
-        return self._prune_at(self._store, self.root, self.options.policies(), dry_run=dry_run)
+        return self._prune_at(self._store, self.root, self.options.policies(), dry_run=dry_run,
+                              fence=self._lease)
 
     def _retain_remote(self) -> None:
         """Retention of the remote root after an upload's commit (rank 0)."""
         try:
             self._prune(dry_run=False)
+        except RootBusyError:
+            raise
         except Exception as e:
             raise CheckpointError(f"an upload to {self.root} is committed, but retention "
                                   f"there failed ({type(e).__name__}: {e}); the next upload "
@@ -612,7 +644,7 @@ class CheckpointManager:
                            type(e).__name__, e)
 
     def _prune_at(self, store, root: str, policies: list, *, dry_run: bool,
-                  protect: Iterable[int] = (), defer=None) -> retention.Decision:
+                  protect: Iterable[int] = (), defer=None, fence=None) -> retention.Decision:
         self._await_deletes()
         manifests, unreadable = {}, {}
         for s in steps.list_steps(store, root):
@@ -621,14 +653,14 @@ class CheckpointManager:
             except CheckpointError as e:  # kept and reported; the others are still pruned
                 unreadable[s] = f"{type(e).__name__}: {e}"
         protect = set(protect)
-        if protect:
+        if protect and policies:  # no policy keeps every step: protecting must not delete
             policies = [*policies, retention.KeepSteps(protect)]
         decision = retention.decide(policies, manifests, steps.list_bases(store, root),
                                     unreadable=unreadable)
         for s, why in sorted(unreadable.items()):
             logger.warning("retention keeps step %d, whose manifest it cannot read (%s)", s, why)
         if not dry_run:
-            retention.apply(decision, root, store, manifests, defer=defer)
+            retention.apply(decision, root, store, manifests, defer=defer, fence=fence)
         return decision
 
     # ---- loading ----------------------------------------------------------------------
@@ -735,6 +767,7 @@ class CheckpointManager:
     def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:
         """``(step, committed locally, committed at the root)`` of the step to load
         (rank 0), or None when there is none."""
+        check_root(self._store, self.root)
         if self._tier is None:
             found = self.steps()
             local, remote = [], found
@@ -742,9 +775,9 @@ class CheckpointManager:
             local, remote = self._tier.local_steps(), self.remote_steps()
             found = sorted(set(local) | set(remote))
         if step is None:
-            if not found:
+            step = steps.newest_readable(found, self.manifest)
+            if step is None:
                 return None
-            step = found[-1]
         elif step not in found:
             raise CheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {found}")
@@ -844,6 +877,7 @@ class CheckpointManager:
         store, root = self._where(step)  # with a local tier: the copy a load reads first
         path = manifest.step_path(root, step)
         m = steps.read_manifest(store, path)
+        steps.check_recorded(store, path, m)
         check_files(store, path, m.files, checksums=True, progress=progress)
         records = list(m.files.values())
         if m.base:

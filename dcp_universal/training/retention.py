@@ -27,7 +27,6 @@ import math
 from typing import Any
 
 from dcp_universal.format import manifest
-from dcp_universal.storage import steps
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage import Storage, join
 
@@ -145,23 +144,29 @@ def _archived(m: Manifest) -> Manifest:
 
 
 def apply(decision: Decision, root: str, store: Storage,
-          manifests: dict[int, Manifest], *, defer=None) -> None:
+          manifests: dict[int, Manifest], *, defer=None, fence=None) -> None:
     """Carry out ``decision``; safe to kill at any point (see the module docstring).
-    ``defer``: ``defer(fn)`` runs ``fn`` (the removal of the data) later."""
+    ``defer``: ``defer(fn)`` runs ``fn`` (the removal of the data) later. ``fence``: the
+    root's writer lease; each deletion and archive is made only while it holds
+    (:mod:`dcp_universal.training.lease`), else ``RootBusyError``."""
     trees = []
     for step in decision.delete:  # uncommitted first (a link loses the link only)
-        trees.append(steps.uncommit(store, manifest.step_path(root, step), manifest.MANIFEST))
+        trees.append(store.detach(manifest.step_path(root, step), manifest.MANIFEST, fence))
     for step in decision.archive:
         path = manifest.step_path(root, step)
-        steps.write_manifest(store, path, _archived(manifests[step]))
-        trees.append(join(path, manifest.OPTIMIZER_DIR))
+        archived = _archived(manifests[step]).to_json().encode()
+        if fence is None:
+            store.write_atomic(join(path, manifest.MANIFEST), archived)
+        else:
+            store.fenced_write(join(path, manifest.MANIFEST), archived, fence)
+        trees.append(store.detach(join(path, manifest.OPTIMIZER_DIR), None, fence))
     for step in decision.archived:
         # an archive killed between its manifest and its optimizer/ left the directory
         opt = join(manifest.step_path(root, step), manifest.OPTIMIZER_DIR)
         if store.exists(opt):
-            trees.append(opt)
+            trees.append(store.detach(opt, None, fence))
     for base in decision.delete_bases:  # incomplete first
-        trees.append(steps.uncommit(store, join(root, base), manifest.BASE_FILES))
+        trees.append(store.detach(join(root, base), manifest.BASE_FILES, fence))
     trees = [t for t in trees if t is not None]
 
     def remove() -> None:

@@ -35,7 +35,7 @@ import time
 from typing import Callable
 
 from dcp_universal import _comm
-from dcp_universal.errors import CheckpointError, CheckpointIOError
+from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
 from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage import Storage, join, steps
@@ -72,11 +72,12 @@ class LocalTier:
 
     def __init__(self, local: Storage, local_root: str, remote: Storage, remote_root: str, *,
                  retain_remote: Callable[[], None], retries: int = 3, backoff: float = 1.0,
-                 timeout: float = _comm.DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float = _comm.DEFAULT_TIMEOUT_S, fence=None) -> None:
         self.local, self.local_root = local, local_root
         self.remote, self.remote_root = remote, remote_root
         self._retain_remote = retain_remote
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
+        self.fence = fence  # the remote root's writer lease: commits and removals there
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._group = None
         self.durable: set[int] | None = None  # steps committed remotely (None: not listed yet)
@@ -93,9 +94,14 @@ class LocalTier:
 
     def not_durable(self) -> set[int]:
         """Local steps not (known to be) committed remotely: local retention keeps them
-        (rank 0)."""
+        (rank 0). A remote that cannot be listed now makes every local step one."""
         if self.durable is None:
-            self.durable = set(self.remote_steps())
+            try:
+                self.durable = set(self.remote_steps())
+            except (OSError, CheckpointIOError) as e:
+                logger.warning("could not list %s (%s: %s): local retention keeps every "
+                               "local step for now", self.remote_root, type(e).__name__, e)
+                return set(self.local_steps())
         return set(self.local_steps()) - self.durable
 
     def local_copy_whole(self, step: int) -> bool:
@@ -125,16 +131,18 @@ class LocalTier:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="dcp-universal-upload")
 
-    def submit(self, step: int, m: Manifest) -> concurrent.futures.Future:
+    def submit(self, step: int, m: Manifest, *, overwrite: bool = False
+               ) -> concurrent.futures.Future:
         """Queue the upload of the committed local step ``step`` (manifest ``m``); the
         future's result is the remote step path. Every rank, same order, after
-        :meth:`start`."""
+        :meth:`start`. A step committed remotely meanwhile is replaced only when
+        ``overwrite``."""
         assert self._pool is not None, "LocalTier.start() first"
 
         def run() -> str:
             with _comm.writes_only(self._group), _comm.operation(
                     f"upload of step {step}", group=self._group):
-                return self.upload(step, m, self._group)
+                return self.upload(step, m, self._group, overwrite=overwrite)
 
         future = self._pool.submit(run)
         self.pending[step] = future
@@ -153,10 +161,15 @@ class LocalTier:
         decides); once per manager."""
         if self._recovered:
             return []
-        self._recovered = True
 
-        def missing() -> list[tuple[int, Manifest]]:
-            remote = self.remote_steps()
+        def missing() -> list[tuple[int, Manifest]] | None:
+            try:
+                remote = self.remote_steps()
+            except (OSError, CheckpointIOError) as e:  # the next save looks again
+                logger.warning("could not list %s (%s: %s): uploads of local steps an "
+                               "earlier job left wait for the next save", self.remote_root,
+                               type(e).__name__, e)
+                return None
             newest = remote[-1] if remote else -1
             self.durable = set(remote)
             return [(s, steps.read_manifest(self.local, manifest.step_path(self.local_root, s)))
@@ -164,19 +177,23 @@ class LocalTier:
 
         self.start()
         todo = _comm.on_rank0(missing)
+        if todo is None:
+            return []
+        self._recovered = True
         if todo and _comm.rank() == 0:
             logger.info("uploading %d local step(s) missing under %s: %s", len(todo),
                         self.remote_root, [s for s, _ in todo])
         return [(s, self.submit(s, m)) for s, m in todo]
 
-    def upload(self, step: int, m: Manifest, group) -> str:
+    def upload(self, step: int, m: Manifest, group, *, overwrite: bool = False) -> str:
         """Copy the committed local step to the remote root and commit it there.
         Collective on ``group`` (see the module docstring)."""
         local_dir = manifest.step_path(self.local_root, step)
         remote_dir = manifest.step_path(self.remote_root, step)
         start = time.perf_counter()
         # rank 0 decides for every rank whether the base goes up with this step
-        new_base = _comm.on_rank0(self._prepare, remote_dir, m, group=group)
+        new_base = _comm.on_rank0(self._retried, step, f"preparing {remote_dir}",
+                                  self._prepare, step, remote_dir, m, overwrite, group=group)
         dirs = [(local_dir, remote_dir, m.files)]
         if new_base:
             dirs.append((manifest.base_path(local_dir, m), manifest.base_path(remote_dir, m),
@@ -199,28 +216,41 @@ class LocalTier:
                         remote_dir, size / 1e6, time.perf_counter() - start)
         return remote_dir
 
-    def _prepare(self, remote_dir: str, m: Manifest) -> bool:
-        """Remove what an earlier, killed upload of this step left (never a committed
-        step: a save refuses to overwrite one unless asked); returns whether the step's
-        base is missing at the root (it is then uploaded with the step)."""
-        steps.remove_step(self.remote, remote_dir)
+    def _prepare(self, step: int, remote_dir: str, m: Manifest, overwrite: bool) -> bool:
+        """Take the remote root's writer lease; remove what an earlier, killed upload of
+        this step left (a committed step only when ``overwrite``); returns whether the
+        step's base is missing at the root (it is then uploaded with the step)."""
+        if self.fence is not None:
+            self.fence.acquire()
+        if not overwrite and self.remote.exists(join(remote_dir, manifest.MANIFEST)):
+            raise StepAlreadyExistsError(
+                f"step {step} was committed at {remote_dir} by another save while this one "
+                f"was written locally; it stays committed under {self.local_root} only -> "
+                "save under another step number, or with overwrite=True")
+        left = self.remote.detach(remote_dir, manifest.MANIFEST, self.fence)
+        if left is not None:
+            self.remote.remove_tree(left)
         return bool(m.base) and not self.remote.exists(
             join(manifest.base_path(remote_dir, m), manifest.BASE_FILES))
 
     def _put(self, step: int, src: str, dst: str) -> None:
+        self._retried(step, f"uploading {src} to {dst}", self.remote.upload,
+                      self.local.os_path(src), dst)
+
+    def _retried(self, step: int, doing: str, fn: Callable, *args):
+        """``fn(*args)``, tried ``1 + retries`` times while the store fails."""
         for attempt in range(self.retries + 1):
             try:
-                self.remote.upload(self.local.os_path(src), dst)
-                return
+                return fn(*args)
             except (OSError, CheckpointIOError) as e:
                 if attempt == self.retries:
                     raise CheckpointIOError(
-                        f"uploading {src} to {dst} failed {attempt + 1} times "
-                        f"({type(e).__name__}: {e}); step {step} is committed locally under "
-                        f"{self.local_root} and not remotely (local retention keeps it) -> "
-                        "check the remote store; the next job's load or save uploads it") from e
+                        f"{doing} failed {attempt + 1} times ({type(e).__name__}: {e}); step "
+                        f"{step} is committed locally under {self.local_root} and not "
+                        "remotely (local retention keeps it) -> check the remote store; the "
+                        "next job's load or save uploads it") from e
                 wait = self.backoff * 2 ** attempt
-                logger.warning("uploading %s failed (%s: %s); retrying in %.1f s", src,
+                logger.warning("%s failed (%s: %s); retrying in %.1f s", doing,
                                type(e).__name__, e, wait)
                 time.sleep(wait)
 
@@ -230,7 +260,12 @@ class LocalTier:
                 steps.write_base_files(self.remote, manifest.base_path(remote_dir, m),
                                        m.base_files or {})
             check_files(self.remote, remote_dir, m.files)  # every rank's files arrived
-            steps.write_manifest(self.remote, remote_dir, m)
+            if self.fence is None:
+                steps.write_manifest(self.remote, remote_dir, m)
+            else:  # only while this job holds the remote root (the manifest stays the
+                # local one, byte for byte: it names the local commit's writer)
+                self.remote.fenced_write(join(remote_dir, manifest.MANIFEST),
+                                         m.to_json().encode(), self.fence)
         except OSError as e:
             raise CheckpointIOError(f"committing the upload of step {step} at {remote_dir} "
                                     f"failed ({type(e).__name__}: {e}); it stays committed "

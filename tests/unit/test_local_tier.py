@@ -246,10 +246,16 @@ def test_two_jobs_on_one_local_dir_or_one_root_are_refused(s3, tmp_path):
     _another_jobs_lease(str(tmp_path / "lease"))
     fs.put_file(str(tmp_path / "lease" / lease.LEASE_FILE),
                 f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
-    with pytest.raises(RootBusyError, match="being written by another job"):
-        mgr.save(2, model, opt)
-    assert _steps_in(local) == ["step-00000001"]
-    fs.rm(f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
+    # the save commits locally (it takes only the local tier's lease); its upload is
+    # refused by the root's lease, and nothing is committed there
     mgr.save(2, model, opt)
+    with pytest.raises(RootBusyError, match="being written by another job"):
+        mgr.wait()
+    assert _steps_in(local) == ["step-00000001", "step-00000002"]
+    assert mgr.remote_steps() == [1]
     mgr.close()
-    assert mgr.remote_steps() == [1, 2]
+    fs.rm(f"{root.removeprefix('s3://')}/{lease.LEASE_FILE}")
+    again = CheckpointManager(root, local_dir=local, storage_options=options)
+    again.save(3, model, opt)  # uploads step 2, which the last job could not, first
+    again.close()
+    assert again.remote_steps() == [1, 2, 3]

@@ -284,7 +284,8 @@ def test_prune_killed_halfway_leaves_only_debris(tmp_path):
     last.save(4, model, opt)
     assert mgr.steps() == [4]  # uncommitted at once; the files go on a thread of their own
     last.wait()
-    assert sorted(os.listdir(tmp_path)) == ["step-00000004", "writer.lease"]  # the writer's
+    assert sorted(os.listdir(tmp_path)) == [  # and the writer's lease and fence
+        "step-00000004", f"writer.fence-{last._lease.token}", "writer.lease"]
 
 
 def test_prune_cli(tmp_path, capsys):

@@ -105,11 +105,12 @@ def test_a_saved_manifest_has_the_documented_keys_and_loads_back(tmp_path):
     mgr = CheckpointManager(str(tmp_path))
     mgr.save(3, model, opt, metrics={"loss": 2.0})
     raw = json.loads((tmp_path / "step-00000003" / "manifest.json").read_text())
-    # format unchanged: the keys this library has written since format_version 1
+    # the keys this library has written since format_version 1, and the fencing token
     assert set(raw) == {"format_version", "step", "world_size", "mesh", "torch_version",
                         "library_version", "created_unix", "merge", "dtypes", "items", "base",
                         "adapters", "training_state", "metrics", "files", "base_files",
-                        "content_crc32"}
+                        "content_crc32", "writer"}
+    assert raw["writer"] == mgr._lease.token
     assert set(raw["files"]["optimizer/.metadata"]) == {"size", "checksum"}
     assert raw["files"]["optimizer/.metadata"]["checksum"]["algo"] == "crc32c"
     assert raw["adapters"]["sites"]["blocks.0.q"] == [
