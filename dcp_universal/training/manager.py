@@ -247,7 +247,11 @@ class CheckpointManager:
     ``lease_ttl``: one job writes a root at a time (:mod:`dcp_universal.training.lease`):
     a save or prune takes the root's writer lease, renewed while the job lives; another
     job is refused with :class:`~dcp_universal.RootBusyError` until the lease is
-    released (``close()``, exit) or not renewed for this many seconds.
+    released (``close()``, exit) or stays unchanged for this many seconds as watched by
+    that job (from its manager's construction; a save may wait for the rest). A job
+    that lost its lease commits and removes nothing more (``RootBusyError``). With
+    ``local_dir`` a save takes the local tier's lease, its uploads the root's. Keep
+    ``lease_ttl`` below ``timeout``: a save may watch a lease that long.
     ``timeout``: the longest any rank waits for the others inside a save or load
     (seconds, default 600), asynchronous saves included; then every waiting rank raises
     :class:`~dcp_universal.CheckpointTimeoutError` naming the rank(s) it waited for, and
