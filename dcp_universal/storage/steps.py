@@ -99,17 +99,19 @@ def check_recorded(store: Storage, step_dir: str, m: Manifest) -> None:
     """Raise unless the step ``step_dir`` records block checksums for every file a load
     may read: every record has them, every file inside its directories has a record, and
     so does its base. Steps of a format before
-    :data:`~dcp_universal.format.manifest.CHECKSUMS_SINCE` check only what they recorded.
+    :data:`~dcp_universal.format.manifest.CHECKSUMS_SINCE` need records (their sizes),
+    not block checksums.
 
     Raises:
         IntegrityError: naming what is missing, and ``verify=False`` as the way to load
             it unchecked.
     """
-    if not m.requires_checksums():
-        return
+    # every format recorded every file (at least its size): a step recording none, or
+    # holding a file it does not record, is damage whatever its format_version says
     if not m.files:
         raise unchecked(step_dir, f"has a {MANIFEST} that records no files")
-    bare = sorted(rel for rel, rec in m.files.items() if not rec.has_blocks)
+    bare = sorted(rel for rel, rec in m.files.items() if not rec.has_blocks) \
+        if m.requires_checksums() else []
     if bare:
         raise unchecked(join(step_dir, bare[0]), "has no block checksums in its manifest"
                         + (f" (nor do {len(bare) - 1} more files)" if len(bare) > 1 else ""))
@@ -126,7 +128,8 @@ def check_recorded(store: Storage, step_dir: str, m: Manifest) -> None:
                         + (f" (nor are {len(extra) - 1} more files)" if len(extra) > 1 else ""))
     if m.base:
         base_files = m.base_files or {}
-        bare = sorted(rel for rel, rec in base_files.items() if not rec.has_blocks)
+        bare = sorted(rel for rel, rec in base_files.items() if not rec.has_blocks) \
+            if m.requires_checksums() else []
         if not base_files or bare:
             raise unchecked(base_path(step_dir, m), "has no block checksums recorded in "
                             f"{join(step_dir, MANIFEST)}" + (f" ({bare[0]})" if bare else ""))

@@ -91,6 +91,11 @@ DOWNGRADES = {
                                                   if not k.startswith("model/")}),
                         "not recorded"),
     "file-unrecorded": (_drop_data_record, "not recorded"),
+    # re-sealed as the format before checksums: every format recorded every file
+    "v1-files-empty": (lambda d: d.update(files={}, format_version=1), "records no files"),
+    "v1-item-unrecorded": (lambda d: d.update(
+        format_version=1, files={k: v for k, v in d["files"].items()
+                                 if not k.startswith("model/")}), "not recorded"),
 }
 
 
