@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dcp_universal.errors import UnsafeCheckpointError
-from dcp_universal.format.torch_formats import numpy_safe_globals, restricted_loads
+from dcp_universal.format.torch_formats import check_blob, numpy_safe_globals, restricted_loads
 
 __all__ = ["dumps", "loads"]
 
@@ -34,8 +34,12 @@ def dumps(obj: Any) -> bytes:
 
 def loads(blob: bytes, what: str, *, trusted: bool = False) -> Any:
     """The object :func:`dumps` wrote (or an older plain pickle), built from plain data
-    only unless ``trusted``."""
+    only unless ``trusted``. Bounded first, trusted or not: a blob whose reading would
+    cost more memory than its bytes (a compressed entry, a storage larger than its
+    record, a pickle asking for a huge allocation) raises
+    :class:`~dcp_universal.errors.IntegrityError`."""
     blob = bytes(blob)
+    check_blob(blob, what)
     if not blob.startswith(_ZIP):  # a plain pickle, as written before this format
         return pickle.loads(blob) if trusted else restricted_loads(
             blob, what, tensors=True, numpy=True)

@@ -25,7 +25,6 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
-from dcp_universal.format.torch_formats import check_blob
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError
 from dcp_universal.model.plan import LoadReport, Staged
@@ -97,9 +96,8 @@ def _read_meta(opt_dir: str, store: Storage, trusted: bool
         if key.startswith(_STATE):
             name, _, state_key = key[len(_STATE):].rpartition("/")
             by_param.setdefault(name, {})[state_key] = m
-    what = f"optimizer metadata of {opt_dir}"
-    check_blob(box[META_KEY], what)
-    return state_blobs.loads(box[META_KEY], what, trusted=trusted), by_param
+    return state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}",
+                             trusted=trusted), by_param
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,

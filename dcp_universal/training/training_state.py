@@ -24,7 +24,6 @@ from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError, PerRankStateError
 from dcp_universal.format import state as state_blobs
-from dcp_universal.format.torch_formats import check_blob
 from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.storage import Storage
@@ -128,11 +127,6 @@ def check_load(m: Manifest, extra: dict, skip: set[str]) -> None:
             "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
 
 
-def _decoded(blob: bytes, what: str, trusted: bool) -> Any:
-    check_blob(blob, what)  # bounded first, trusted or not
-    return state_blobs.loads(blob, what, trusted=trusted)
-
-
 def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
           store: Storage, *, trusted: bool = False) -> Staged:
     """Read and decode the training state (plain data only unless ``trusted``:
@@ -165,8 +159,9 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
                             f"{_comm.world_size()})")
     dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
-    values = _comm.agreed(lambda: {k: _decoded(v, f"training state {k!r} of {opt_dir}", trusted)
-                                   for k, v in wanted.items()})
+    values = _comm.agreed(lambda: {
+        k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}", trusted=trusted)
+        for k, v in wanted.items()})
 
     def commit() -> None:
         for name, obj in sorted(extra.items()):
