@@ -119,15 +119,21 @@ class StepWriter:
                 f"step {self.step} was written, but before its commit a file it wrote was "
                 f"gone or changed ({e}); it is not committed -> is another job writing to "
                 f"{self.root}? The next save removes this step's debris") from e
-        _comm.claim_commit()  # unless another rank gave up waiting for this one
         if self.fence is not None:
             m.writer = self.fence.token
+        data = m.to_json().encode()
+        if len(data) > manifest.MAX_MANIFEST_BYTES:  # a load would refuse it as damage
+            raise CheckpointIOError(
+                f"step {self.step}'s manifest would be {len(data)} bytes, more than the "
+                f"{manifest.MAX_MANIFEST_BYTES} a load reads; it is not committed -> write "
+                "fewer, larger files (fewer ranks per node, or DCP's thread_count=1)")
+        _comm.claim_commit()  # unless another rank gave up waiting for this one
+        path = join(self.path, manifest.MANIFEST)
         try:
             if self.fence is None:
-                steps.write_manifest(self.store, self.path, m)
+                self.store.write_atomic(path, data)
             else:  # only while this job holds the root (see training.lease)
-                self.store.fenced_write(join(self.path, manifest.MANIFEST),
-                                        m.to_json().encode(), self.fence)
+                self.store.fenced_write(path, data, self.fence)
         except OSError as e:
             raise CheckpointIOError(
                 f"step {self.step} was written but its commit failed ({type(e).__name__}: "

@@ -112,3 +112,19 @@ def test_an_unreachable_remote_never_holds_up_the_local_commit(tmp_path):
     load_model(target, os.path.join(local, "step-00000002"))
     assert torch.equal(target.head.weight, model.head.weight)
     mgr._tier.close()
+
+
+def test_a_manifest_too_large_to_read_back_is_never_committed(tmp_path, monkeypatch):
+    from dcp_universal.format import manifest
+
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    mgr.save(1, tiny.make("plain", seed=1))
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 300)  # a step with many files
+    with pytest.raises(CheckpointIOError, match="manifest would be .* not committed"):
+        mgr.save(2, tiny.make("plain", seed=2))
+    monkeypatch.undo()
+    assert mgr.steps() == [1]
+    target = tiny.make("plain", seed=5)
+    mgr.load(target)
+    assert torch.equal(target.head.weight, tiny.make("plain", seed=1).head.weight)
+    mgr.close()
