@@ -26,5 +26,12 @@ for extra in core hf s3 peft progress bench; do
     (cd "$work/run-$extra" && AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
         AWS_EC2_METADATA_DISABLED=true "$work/venv-$extra/bin/python" \
         "$OLDPWD/launch/smoke_extra.py" "$extra" "$work/run-$extra" "http://127.0.0.1:$port")
+    if [ "$extra" = core ]; then  # the README's loop: 2 processes, resumed on 3
+        (cd "$work/run-core" && for n in 2 3; do
+            "$work/venv-core/bin/torchrun" --standalone --nproc_per_node=$n \
+                "$OLDPWD/examples/train.py" loop > "loop-$n.log" 2>&1 \
+                || { cat "loop-$n.log"; exit 1; }
+        done && grep -q "resumed step 20" loop-3.log && echo "core loop: 2 processes, resumed on 3: ok")
+    fi
     echo "  ($((SECONDS - start)) s)"
 done
