@@ -2,7 +2,8 @@
 
     dcp-universal inspect PATH     a root (its steps), a step, a model, HF or PEFT directory,
                                    a torch.save file: keys (canonical), shapes, dtypes, bytes
-    dcp-universal verify PATH      a step, or every step of a root: sizes and CRC-32
+    dcp-universal verify PATH      a step, every step of a root, or a save_model directory:
+                                   sizes and CRC-32C block checksums
     dcp-universal prune ROOT ...   apply a retention policy (keep last / every / best)
     dcp-universal convert SRC ROOT a checkpoint of another format -> a committed step
     dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
@@ -157,23 +158,49 @@ def _verify(args) -> int:
         root, wanted = parts[0], [parts[1]]
     elif steps.list_steps(store, path):
         root, wanted = path, steps.list_steps(store, path)
+    elif store.exists(f"{path}/{manifest.MODEL_INFO}"):
+        return _verify_model_dir(args, store, path)
     else:
         raise CheckpointError(
-            f"{path} carries no checksums: only committed steps (<root>/step-<number>, with "
-            f"{manifest.MANIFEST}) record them, and this is none nor a root holding any "
-            "(a save_model directory, an HF or PEFT directory or a torch.save file has none; "
-            "their sizes are checked when they load)")
+            f"{path} carries no checksums: committed steps (<root>/step-<number>, with "
+            f"{manifest.MANIFEST}) and save_model directories (with {manifest.MODEL_INFO}) "
+            "record them, and this is none of them nor a root holding steps (an HF or PEFT "
+            "directory or a torch.save file has none; their sizes are checked when they "
+            "load)")
     mgr = CheckpointManager(root, storage_options=args.storage_options)
-    total = 0
-    for step in wanted:
-        m = mgr.manifest(step)
-        total += sum(r.size for r in m.files.values()) + sum(
-            r.size for r in (m.base_files or {}).values())
-    progress = Progress(total, "verify", enabled=not args.quiet)
+    records = [r for step in wanted for m in [mgr.manifest(step)]
+               for r in (*m.files.values(), *(m.base_files or {}).values())]
+    progress = Progress(sum(r.size for r in records), "verify", enabled=not args.quiet)
     files = sum(mgr.verify(step, progress=progress)["files"] for step in wanted)
     done = progress.close()
     what = path if len(wanted) == 1 else f"{path}: steps {wanted}"
-    print(f"{what}: OK ({files} files, sizes and CRC-32; {done})")
+    print(f"{what}: OK ({files} files, {_what_checked(records)}; {done})")
+    return 0
+
+
+def _what_checked(records) -> str:
+    blocks = all(r.has_blocks for r in records)
+    return "sizes and CRC-32C block checksums" if blocks else "sizes and CRC-32"
+
+
+def _verify_model_dir(args, store, path: str) -> int:
+    """``verify`` of a save_model directory: every file its record lists, read whole."""
+    from dcp_universal.sources.dcp import model_records
+    from dcp_universal.storage.integrity import check_files, unchecked
+
+    _, files = model_records(store, path)
+    if not files:
+        raise unchecked(path, f"records no files in its {manifest.MODEL_INFO}" if files == {}
+                        else f"was written before {manifest.MODEL_INFO} recorded its files")
+    recorded = set(files) | {manifest.MODEL_INFO}
+    extra = sorted(rel for rel in store.file_sizes(path) if rel not in recorded)
+    if extra:
+        raise unchecked(f"{path}/{extra[0]}", f"is not recorded in {manifest.MODEL_INFO}")
+    progress = Progress(sum(r.size for r in files.values()), "verify", enabled=not args.quiet)
+    check_files(store, path, files, checksums=True, progress=progress)
+    done = progress.close()
+    print(f"{path}: OK (save_model directory, {len(files)} files, "
+          f"{_what_checked(files.values())}; {done})")
     return 0
 
 
@@ -265,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                 "sizes; for a root, its steps", _inspect)
     p.add_argument("path", help="a root, a step, a model directory, an HF or PEFT directory, "
                                 "a torch.save file (local path or URL)")
-    p = command("verify", "check sizes and CRC-32 of every file of a step (and its base), or "
-                "of every step of a root", _verify)
-    p.add_argument("path", help="a step directory (<root>/step-<number>) or a root")
+    p = command("verify", "check sizes and CRC-32C block checksums of every file of a step "
+                "(and its base), of every step of a root, or of a save_model directory",
+                _verify)
+    p.add_argument("path", help="a step directory (<root>/step-<number>), a root, or a "
+                                "save_model directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = command("prune", "apply a retention policy to a checkpoint root", _prune)
     p.add_argument("root")

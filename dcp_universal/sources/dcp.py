@@ -20,7 +20,7 @@ from dcp_universal.storage import Storage, join
 from dcp_universal.storage.integrity import block_checks, check_files
 from dcp_universal.model.view import ModelView
 
-__all__ = ["DcpFormat", "model_dir", "dir_source", "register_factor_rule"]
+__all__ = ["DcpFormat", "model_dir", "dir_source", "register_factor_rule", "model_records"]
 
 #: ``rule(store, source, target) -> source``: adapter factors of another tool, found
 #: among ``source``'s keys, turned into deltas (or left as keys the target reads as is)
@@ -80,7 +80,7 @@ class DcpFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         d = model_dir(store, path)
-        ties, files = _recorded(store, d)
+        ties, files = model_records(store, d)
         if files is not None:  # a save_model directory: sizes, and its checksums
             check_files(store, d, files, checksums=bool(want.verify))
             if want.verify is not False:
@@ -96,7 +96,7 @@ class DcpFormat(Format):
 _MODEL_INFO_LIMIT = 64 << 20
 
 
-def _recorded(store: Storage, d: str) -> tuple[list[list[str]] | None, dict | None]:
+def model_records(store: Storage, d: str) -> tuple[list[list[str]] | None, dict | None]:
     """The tie groups and the file records a save_model directory keeps (None each: a
     directory written by another tool, or before they were recorded)."""
     info = join(d, manifest.MODEL_INFO)

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+
+import torch
+
 import tiny
 from dcp_universal import save_model
 from dcp_universal.cli import main
@@ -67,9 +71,28 @@ def test_inspect_reads_every_format_load_model_reads(tmp_path, capsys):
 def test_verify_checks_steps_and_roots_and_says_what_has_no_checksums(tmp_path, capsys):
     _, root = _lora_root(tmp_path)
     assert main(["verify", root, "--quiet"]) == 0
-    assert f"{root}: steps [1, 2]: OK (" in capsys.readouterr().out
-    save_model(tiny.make(), str(tmp_path / "model"))
-    assert main(["verify", str(tmp_path / "model")]) == 2
+    out = capsys.readouterr().out
+    assert f"{root}: steps [1, 2]: OK (" in out and "sizes and CRC-32C block checksums" in out
+    model_dir = tmp_path / "model"  # a save_model directory records its files' sums
+    save_model(tiny.make(), str(model_dir))
+    assert main(["verify", str(model_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "OK (save_model directory, " in out and "CRC-32C block checksums" in out
+    data = next(f for f in sorted(__import__("os").listdir(model_dir)) if f.endswith(".distcp"))
+    with open(model_dir / data, "r+b") as f:
+        f.seek(5)
+        byte = f.read(1)
+        f.seek(5)
+        f.write(bytes([byte[0] ^ 1]))
+    assert main(["verify", str(model_dir), "--quiet"]) == 2
+    assert data in capsys.readouterr().err
+    info = json.loads((model_dir / "dcp_universal.json").read_text())
+    (model_dir / "dcp_universal.json").write_text(json.dumps({**info, "files": {}}))
+    assert main(["verify", str(model_dir), "--quiet"]) == 2
+    assert "records no files" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    torch.save(tiny.make().state_dict(), tmp_path / "plain" / "model.pt")
+    assert main(["verify", str(tmp_path / "plain" / "model.pt")]) == 2
     assert "carries no checksums" in capsys.readouterr().err
     assert main(["verify", str(tmp_path / "missing")]) == 2
     assert f"{tmp_path / 'missing'} does not exist" in capsys.readouterr().err
