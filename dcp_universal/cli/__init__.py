@@ -9,8 +9,8 @@
     dcp-universal export SRC OUT --format hf|peft   HF safetensors (merged) or a PEFT adapter
 
 Exit status: 0 done; 1 done, but some steps' manifests could not be read (prune kept
-them, inspect shows them as damaged); 2 refused (an error, named on stderr); 130
-interrupted.
+them, inspect shows them as damaged); 2 refused (an error, named on stderr); 141 the
+reader of its output left first (``inspect | head``: no traceback); 130 interrupted.
 
 Every command takes ``--storage-options JSON`` (fsspec options for URLs, e.g.
 ``'{"endpoint_url": "http://127.0.0.1:9000"}'``), ``--trusted`` and ``--debug`` (the
@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dcp-universal: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (inspect | head): no traceback, no message
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nor one when Python flushes at exit
+        return 141  # as a process killed by SIGPIPE: it did not finish
     except Exception as e:
         if args.debug:
             raise

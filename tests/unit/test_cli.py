@@ -170,3 +170,19 @@ def test_convert_says_when_the_file_has_no_step_number(tmp_path, capsys):
     assert "records no step number" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root"), "--step", "7"]) == 0
     assert "records no step number" not in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_broken_pipe_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(1500)])
+    save_model(model, str(tmp_path / "m"))  # its listing is larger than a pipe's buffer
+    cli = "import sys; from dcp_universal.cli import main; sys.exit(main())"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "inspect", str(tmp_path / "m")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline()  # `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Broken pipe" not in err and "Traceback" not in err, err
