@@ -52,7 +52,15 @@ _FLAGS = {"keep_last": "--keep-last", "keep_every": "--keep-every", "keep_best":
 _FLAG_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
 
 
+# a switch's own hint ("overwrite=True (CLI: --overwrite)"), and a library option's off
+# value, which a flag spells by its absence
+_SWITCH_RE = re.compile(r"\b\w+=True \(CLI: (--[\w-]+)\)")
+_OFF = "(or None to turn it off)"
+
+
 def _as_flags(message: str) -> str:
+    message = _SWITCH_RE.sub(r"\1", message).replace(_OFF, "(or leave the flag out)")
+    message = re.sub(r"\b(overwrite|trusted)=True\b", lambda m: _FLAGS[m[1]], message)
     return _FLAG_RE.sub(lambda m: _FLAGS[m[1]] + " ", message)
 
 

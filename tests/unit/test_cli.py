@@ -116,6 +116,7 @@ def test_prune_refuses_what_is_no_checkpoint_root_and_errors_name_flags(tmp_path
     assert main(["prune", root, "--keep-last", "0"]) == 2
     err = capsys.readouterr().err
     assert "--keep-last 0: expected a positive whole number" in err and "keep_last=" not in err
+    assert "None" not in err and "leave the flag out" in err  # a hint a user can type
     assert main(["export", root + "/step-00000002", str(tmp_path / "o"), "--dtype", "bf17"]) == 2
     assert "--dtype 'bf17'" in capsys.readouterr().err
 
@@ -186,3 +187,12 @@ def test_a_reader_that_leaves_early_gets_no_broken_pipe_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_a_hint_to_overwrite_is_the_flag_itself(tmp_path, capsys):
+    save_model(tiny.make(), str(tmp_path / "m"))
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "hf"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err and "True" not in err, err
