@@ -54,7 +54,7 @@ _FLAG_RE = re.compile(r"\b(" + "|".join(_FLAGS) + r")=")
 
 # a switch's own hint ("overwrite=True (CLI: --overwrite)"), and a library option's off
 # value, which a flag spells by its absence
-_SWITCH_RE = re.compile(r"\b\w+=True \(CLI: (--[\w-]+)\)")
+_SWITCH_RE = re.compile(r"\b\w+=(?:True|N) \(CLI: (--[\w-]+(?: N)?)\)")
 _OFF = "(or None to turn it off)"
 
 

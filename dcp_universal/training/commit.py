@@ -170,7 +170,8 @@ def convert(src: str, root: str, *, step: int | None = None,
     store = storage_for(root, storage_options)
     path = manifest.step_path(root, step)
     if store.exists(join(path, manifest.MANIFEST)):
-        raise CheckpointError(f"step {step} already exists under {root}; pass another --step")
+        raise StepAlreadyExistsError(f"step {step} already exists under {root}; pass another "
+                                     "step=N (CLI: --step N)")
     tensors = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in sorted(source.keys.items())}
     source.read(tensors, single_process=True)
     written = dcp_io.save_state(store, tensors, join(path, manifest.MODEL_DIR),

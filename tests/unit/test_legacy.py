@@ -102,4 +102,9 @@ def test_convert_writes_a_committed_step_every_loader_reads(tmp_path, capsys):
     mgr.load(model)
     torch.testing.assert_close(_out(model), _out(src), atol=1e-5, rtol=0)
     assert main(["convert", str(tmp_path / "ckpt.pt"), str(tmp_path / "root")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists under" in err and "pass another --step N" in err, err
+    from dcp_universal import StepAlreadyExistsError
+    from dcp_universal.training.commit import convert
+    with pytest.raises(StepAlreadyExistsError, match=r"pass another step=N \(CLI: --step N\)"):
+        convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "root"))
