@@ -117,6 +117,15 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right=()) -> No
                         for i, (c, w) in enumerate(zip(row, widths))).rstrip())
 
 
+def _age(seconds: float) -> str:
+    """How long ago, by this machine's clock and the writer's (a skew shows as "just
+    now")."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago" if seconds >= 1 else "just now"
+
+
 def _inspect_root(store, root: str, start: float) -> int:
     """A checkpoint root: its committed steps (items, bytes, metrics), the latest marked,
     and the bases the LoRA steps share."""
@@ -127,7 +136,7 @@ def _inspect_root(store, root: str, start: float) -> int:
             m = steps.read_manifest(store, manifest.step_path(root, step))
         except CheckpointError as e:  # shown, and the others still listed
             rows.append((str(step), f"manifest cannot be read ({type(e).__name__})", "-", "-",
-                         "-"))
+                         "-", "-"))
             print(f"step {step}: {e}", file=sys.stderr)
             continue
         items = [i for i in manifest.ITEMS if m.has(i)] + sorted(
@@ -138,14 +147,14 @@ def _inspect_root(store, root: str, start: float) -> int:
             bases[m.base][1].append(step)
         readable.append(len(rows))
         rows.append((str(step), " ".join(items) + (" (archived)" if m.archived else ""),
-                     str(m.world_size), human(size),
+                     str(m.world_size), human(size), _age(time.time() - m.created_unix),
                      " ".join(f"{k}={v:g}" for k, v in sorted(m.metrics.items())) or "-"))
     latest = "none readable"
     if readable:  # the step a load picks: the newest whose manifest reads
         row = rows[readable[-1]]
         latest, rows[readable[-1]] = row[0], (f"{row[0]} (latest)", *row[1:])
     print(f"{root}: {len(committed)} committed steps, latest {latest}")
-    _table(("step", "items", "ranks", "size", "metrics"), rows, right=(2, 3))
+    _table(("step", "items", "ranks", "size", "saved", "metrics"), rows, right=(2, 3, 4))
     for name, (size, used) in sorted(bases.items()):
         print(f"{name}: {human(size)}, the frozen base of steps {used}")
     pending = steps.list_steps(store, root, committed=False)

@@ -52,6 +52,7 @@ def test_inspect_reads_every_format_load_model_reads(tmp_path, capsys):
     assert f"{root}: 2 committed steps, latest 2" in out
     rows = {l.split()[0]: l for l in out.splitlines() if l[:1].isdigit()}
     assert "(latest)" in rows["2"] and "adapters " in rows["2"] and "loss=1" in rows["2"]
+    assert "saved" in out and ("s ago" in rows["2"] or "just now" in rows["2"])  # its age
     assert "the frozen base of steps [1, 2]" in out
 
     save_model(model, str(tmp_path / "model"))
