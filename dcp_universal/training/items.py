@@ -48,7 +48,7 @@ from dcp_universal.storage.integrity import check_files
 from dcp_universal.model_io.load import stage_model
 from dcp_universal.format.manifest import (ADAPTERS_DIR, MODEL_DIR, OPTIMIZER_DIR, FileRecord,
                                            Manifest)
-from dcp_universal.model.plan import Staged
+from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.model_io.save import model_writer
 from dcp_universal.storage import Storage, join
 from dcp_universal.model.view import ModelView
@@ -190,9 +190,13 @@ class OptimizerItem(Item):
 
     def check(self, ctx: LoadContext) -> None:
         m = ctx.manifest
-        if ctx.optimizer is not None and not m.has(self.name):
-            raise CheckpointError(f"step {m.step} was saved without an optimizer; load it "
-                                  "with optimizer=None")
+        if ctx.optimizer is not None and not m.has(self.name) and m.archived:
+            # its optimizer state existed and retention removed it: resuming from it would
+            # quietly restart the moments while a newer, whole step may be the one meant
+            raise CheckpointError(
+                f"step {m.step} was archived by retention (keep_every): its optimizer state "
+                "was removed -> resume from a step kept whole (mgr.steps()), or load this "
+                "one with optimizer=None and start the optimizer fresh yourself")
         if ctx.training:
             training_state.check_load(m, ctx.extra, ctx.skip_per_rank)
             check_files(ctx.store, ctx.path, m.files, checksums=ctx.verify,
@@ -201,15 +205,37 @@ class OptimizerItem(Item):
     def stage(self, ctx: LoadContext) -> Staged | None:
         opt_dir = join(ctx.path, self.name)
         parts = []
-        if ctx.optimizer is not None:
+        if ctx.optimizer is not None and not ctx.manifest.has(self.name):
+            parts.append(_fresh_optimizer(ctx))
+        elif ctx.optimizer is not None:
             parts.append(optim_io.stage_optimizer(ctx.view, ctx.optimizer, opt_dir,
                                                   hyperparams=ctx.hyperparams, store=ctx.store,
                                                   trusted=ctx.trusted))
-        if ctx.training:
+        if ctx.training and not ctx.manifest.files_under(self.name):
+            # a converted step has no optimizer/ at all (check() refused any extra asked)
+            report = LoadReport(notes=[f"step {ctx.manifest.step} holds no training state "
+                                       "(converted from another format): the RNG is left "
+                                       "as it is"])
+            parts.append(Staged(report, lambda: None))
+        elif ctx.training:
             parts.append(training_state.stage(ctx.manifest, opt_dir, ctx.extra,
                                               ctx.skip_per_rank, ctx.store,
                                               trusted=ctx.trusted))
         return Staged.combine(parts) if parts else None
+
+
+def _fresh_optimizer(ctx: LoadContext) -> Staged:
+    """A step saved without optimizer state (a model-only save, a converted checkpoint):
+    the optimizer is left as it is, fresh, and the report says so."""
+    names = ctx.view.optimizer_param_names(ctx.optimizer)
+    report = LoadReport()
+    report.optimizer_fresh.extend(sorted(
+        {names[id(p)] for g in ctx.optimizer.param_groups for p in g["params"]}))
+    report.notes.append(
+        f"step {ctx.manifest.step} holds no optimizer state (saved without an optimizer, "
+        f"or converted from another format): the model is loaded and the optimizer starts "
+        f"fresh ({len(report.optimizer_fresh)} parameters)")
+    return Staged(report, lambda: None)
 
 
 #: the library's items, in the order they are written and read

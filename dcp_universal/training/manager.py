@@ -695,7 +695,9 @@ class CheckpointManager:
         everywhere); then everything is installed.
 
         Args:
-            optimizer: restored by canonical parameter name (see ``LoadReport``).
+            optimizer: restored by canonical parameter name (see ``LoadReport``). A step
+                holding no optimizer state (saved without one, or converted) leaves it
+                fresh, in the report; an archived step is refused.
             extra: the same names as at save; each object gets its ``load_state_dict``.
             hyperparams: ``"checkpoint"`` or ``"current"`` (lr, betas, ... of the
                 optimizer, when its param groups match the checkpoint's).

@@ -266,8 +266,37 @@ def test_keep_every_archives_model_only_and_keep_best_keeps_by_metric(tmp_path):
     target = tiny.make("plain", seed=3)  # an archived LoRA step still loads: base + adapters
     load_model(target, mgr.step_path(4))
     torch.testing.assert_close(_out(target), _out(model), atol=1e-5, rtol=0)
-    with pytest.raises(CheckpointError, match="without an optimizer"):
-        mgr.load(tiny.make("lora4"), torch.optim.AdamW(tiny.make("lora4").parameters()), step=4)
+    resumer = tiny.make("lora4")
+    with pytest.raises(CheckpointError, match="archived by retention.*optimizer=None"):
+        mgr.load(resumer, torch.optim.AdamW(resumer.parameters()), step=4)
+
+
+def test_a_step_without_optimizer_state_resumes_the_loop_with_a_fresh_optimizer(tmp_path):
+    """A model-only step (saved without an optimizer, or converted from another format)
+    loads into mgr.load(model, optimizer): the model loaded, the optimizer left fresh,
+    and the report says so."""
+    from dcp_universal.training.commit import convert
+
+    src = tiny.make("plain", seed=1)
+    torch.save({"model": src.state_dict(), "iter_num": 7}, tmp_path / "ckpt.pt")
+    convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "converted"))
+    saved = CheckpointManager(str(tmp_path / "saved"))
+    saved.save(3, src)  # no optimizer
+    saved.close()
+    for root, step in ((tmp_path / "converted", 7), (tmp_path / "saved", 3)):
+        model = tiny.make("plain", seed=2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        mgr = CheckpointManager(str(root))
+        report = mgr.load(model, opt)
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+        assert opt.state == {} and not report.optimizer_restored
+        assert sorted(report.optimizer_fresh) == sorted(n for n, _ in model.named_parameters())
+        assert any(f"step {step} holds no optimizer state" in n for n in report.notes)
+        model(torch.zeros(1, 3, dtype=torch.long)).sum().backward()
+        opt.step()  # the loop goes on, and saves the optimizer from now on
+        mgr.save(step + 1, model, opt)
+        assert mgr.manifest(step + 1).items["optimizer"]
+        mgr.close()
 
 
 def test_prune_killed_halfway_leaves_only_debris(tmp_path):
