@@ -110,8 +110,10 @@ class Storage(abc.ABC):
         """Write ``path`` whole, only while ``fence`` holds (a writer lease: see
         :class:`~dcp_universal.training.lease.Lease`). Here (object stores, no rename):
         ``fence.check()`` right before the write; a backend with an atomic rename
-        makes the write itself conditional (:class:`.LocalStorage`)."""
-        fence.check(f"writing {path}")
+        makes the write itself conditional (:class:`.LocalStorage`). ``fence`` None:
+        :meth:`write_atomic`."""
+        if fence is not None:
+            fence.check(f"writing {path}")
         self.write_atomic(path, data)
 
     def rename_dir(self, path: str, new_path: str) -> None:

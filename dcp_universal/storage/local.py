@@ -123,6 +123,8 @@ class LocalStorage(Storage):
         # The temporary file lives in the fence's directory and is renamed out of it:
         # a job that took the lease over renamed that directory away first, so the
         # rename fails however long this process was paused since its check.
+        if fence is None:
+            return self.write_atomic(path, data)
         fence.check(f"writing {path}")
         tmp = os.path.join(self.os_path(fence.fence_dir), f"w-{uuid.uuid4().hex[:12]}.tmp")
         try:

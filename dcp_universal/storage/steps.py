@@ -19,7 +19,7 @@ from dcp_universal.storage import Storage, join
 from dcp_universal.storage.integrity import block_checks, unchecked
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
-           "read_base_files", "write_base_files", "remove_base", "uncommit",
+           "read_base_files", "write_base_files",
            "verified_store", "check_recorded", "newest_readable"]
 
 logger = logging.getLogger(__name__)
@@ -155,23 +155,15 @@ def write_manifest(store: Storage, step_dir: str, manifest: Manifest) -> None:
     store.write_atomic(join(step_dir, MANIFEST), manifest.to_json().encode())
 
 
-def remove_step(store: Storage, step_dir: str) -> None:
-    """Uncommit first (manifest), then delete: a kill halfway leaves only debris. A step
-    path that is a link loses the link only: nothing outside the root is touched."""
-    left = uncommit(store, step_dir, MANIFEST)
+def remove_step(store: Storage, directory: str, marker: str | None = MANIFEST,
+                fence=None) -> None:
+    """Remove a step (``marker``: its manifest) or a base (its ``files.json``; None: a
+    directory that has none), uncommitted first: a kill halfway leaves only debris, and a
+    link loses the link only. ``fence``: the root's writer lease, which must hold
+    (:meth:`Storage.detach`)."""
+    left = store.detach(directory, marker, fence)
     if left is not None:
         store.remove_tree(left)
-
-
-def uncommit(store: Storage, directory: str, marker: str) -> str | None:
-    """The first half of removing a step (``marker``: its manifest) or a base (its
-    ``files.json``): the marker goes, so the directory is debris from now on; returns
-    the directory, whose data is left to delete. A link loses the link only (None)."""
-    if store.is_link(directory):
-        store.remove_file(directory)
-        return None
-    store.remove_file(join(directory, marker))
-    return directory
 
 
 def read_base_files(store: Storage, base_dir: str) -> dict[str, FileRecord] | None:
@@ -192,9 +184,3 @@ def write_base_files(store: Storage, base_dir: str, records: dict[str, FileRecor
     store.write_atomic(join(base_dir, BASE_FILES),
                        json.dumps(records_to_json(records), sort_keys=True).encode())
 
-
-def remove_base(store: Storage, base_dir: str) -> None:
-    """Mark incomplete first (``files.json``), then delete (a link: the link only)."""
-    left = uncommit(store, base_dir, BASE_FILES)
-    if left is not None:
-        store.remove_tree(left)

@@ -119,6 +119,4 @@ class BaseStore:
         for name in steps.list_bases(self.store, self.root):
             path = self.path(name)
             if not self.store.exists(join(path, manifest.BASE_FILES)):
-                left = self.store.detach(path, None, fence)
-                if left is not None:
-                    self.store.remove_tree(left)
+                steps.remove_step(self.store, path, None, fence)

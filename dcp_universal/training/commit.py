@@ -84,9 +84,7 @@ class StepWriter:
         # an overwritten step, then debris (each fenced: only while this job holds the root)
         for path in [self.path] + [manifest.step_path(self.root, s) for s in
                                    steps.list_steps(self.store, self.root, committed=False)]:
-            left = self.store.detach(path, manifest.MANIFEST, self.fence)
-            if left is not None:
-                self.store.remove_tree(left)
+            steps.remove_step(self.store, path, fence=self.fence)
         bases.remove_unfinished(self.fence)
 
     def write(self, item: str, fn: Callable[[str, object], dict[str, FileRecord]],
@@ -128,12 +126,8 @@ class StepWriter:
                 f"{manifest.MAX_MANIFEST_BYTES} a load reads; it is not committed -> write "
                 "fewer, larger files (fewer ranks per node, or DCP's thread_count=1)")
         _comm.claim_commit()  # unless another rank gave up waiting for this one
-        path = join(self.path, manifest.MANIFEST)
-        try:
-            if self.fence is None:
-                self.store.write_atomic(path, data)
-            else:  # only while this job holds the root (see training.lease)
-                self.store.fenced_write(path, data, self.fence)
+        try:  # only while this job holds the root (see training.lease)
+            self.store.fenced_write(join(self.path, manifest.MANIFEST), data, self.fence)
         except OSError as e:
             raise CheckpointIOError(
                 f"step {self.step} was written but its commit failed ({type(e).__name__}: "

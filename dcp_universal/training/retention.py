@@ -154,11 +154,8 @@ def apply(decision: Decision, root: str, store: Storage,
         trees.append(store.detach(manifest.step_path(root, step), manifest.MANIFEST, fence))
     for step in decision.archive:
         path = manifest.step_path(root, step)
-        archived = _archived(manifests[step]).to_json().encode()
-        if fence is None:
-            store.write_atomic(join(path, manifest.MANIFEST), archived)
-        else:
-            store.fenced_write(join(path, manifest.MANIFEST), archived, fence)
+        store.fenced_write(join(path, manifest.MANIFEST),
+                           _archived(manifests[step]).to_json().encode(), fence)
         trees.append(store.detach(join(path, manifest.OPTIMIZER_DIR), None, fence))
     for step in decision.archived:
         # an archive killed between its manifest and its optimizer/ left the directory

@@ -227,9 +227,7 @@ class LocalTier:
                 f"step {step} was committed at {remote_dir} by another save while this one "
                 f"was written locally; it stays committed under {self.local_root} only -> "
                 "save under another step number, or with overwrite=True")
-        left = self.remote.detach(remote_dir, manifest.MANIFEST, self.fence)
-        if left is not None:
-            self.remote.remove_tree(left)
+        steps.remove_step(self.remote, remote_dir, fence=self.fence)
         return bool(m.base) and not self.remote.exists(
             join(manifest.base_path(remote_dir, m), manifest.BASE_FILES))
 
@@ -260,12 +258,10 @@ class LocalTier:
                 steps.write_base_files(self.remote, manifest.base_path(remote_dir, m),
                                        m.base_files or {})
             check_files(self.remote, remote_dir, m.files)  # every rank's files arrived
-            if self.fence is None:
-                steps.write_manifest(self.remote, remote_dir, m)
-            else:  # only while this job holds the remote root (the manifest stays the
-                # local one, byte for byte: it names the local commit's writer)
-                self.remote.fenced_write(join(remote_dir, manifest.MANIFEST),
-                                         m.to_json().encode(), self.fence)
+            # only while this job holds the remote root (the manifest stays the local
+            # one, byte for byte: it names the local commit's writer)
+            self.remote.fenced_write(join(remote_dir, manifest.MANIFEST),
+                                     m.to_json().encode(), self.fence)
         except OSError as e:
             raise CheckpointIOError(f"committing the upload of step {step} at {remote_dir} "
                                     f"failed ({type(e).__name__}: {e}); it stays committed "
