@@ -20,7 +20,8 @@ import torch
 
 __all__ = ["metadata_path", "fsspec_reader_writer", "write_files", "wrap_writer_fs", "DATA_SUFFIX",
            "version_counter", "checkpoint_failures", "quiet_single_process_warning",
-           "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed", "fsspec_of"]
+           "WRAPPER_CLASSES", "pickled_storage_dtype", "untransformed", "fsspec_of",
+           "local_block"]
 
 # DCP's data files end in ``filesystem.DEFAULT_SUFFIX``. Readers find files through the
 # metadata, never by suffix, so our own constant (equal today) is enough; we keep the
@@ -171,3 +172,20 @@ def default_store():
         return _get_default_store()
     except Exception:  # no default group, or a torch without the helper
         return None
+
+
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The part of ``t`` this rank holds, and its offsets in the global tensor.
+
+    ``__create_chunk_list__`` is DTensor's protocol for DCP (public in spirit, named
+    like a private hook): this rank's chunk, uneven shards included. Kept here so the
+    layers below ``model`` (the adapter merge) can use it too.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        chunks = t.__create_chunk_list__()
+        if len(chunks) != 1:
+            raise NotImplementedError(f"a DTensor with {len(chunks)} local chunks")
+        return t.to_local(), tuple(chunks[0].offsets)
+    return t, (0,) * t.dim()

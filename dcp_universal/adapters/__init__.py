@@ -10,9 +10,12 @@ of guessing from names:
   (:meth:`AdapterKind.base_attr`: ``x.base_layer.weight`` is the base's ``x.weight``);
 * the factors and the scale of each active update (:meth:`AdapterKind.terms`);
 * the update as a function of the factors: every term is ``scale * L @ R`` with ``L``
-  and ``R`` the factors, each transposed where the term says so. :func:`dcp_universal.
-  merge.merge_block` computes ``W + sum(terms)`` on any block of ``W``, and is the one
-  function the sharded merge, the rank-0 merge and the composed load all call;
+  and ``R`` the factors, each transposed where the term says so, and a kind may rescale
+  the sum (:meth:`AdapterKind.magnitude`: DoRA's ``m / ||W + sum(terms)||``, per row or
+  per column). :func:`dcp_universal.adapters.merge.merge_block` computes the merged
+  weight on any block of ``W``, and is the one function the sharded merge, the rank-0
+  merge and the composed load all call; the norms a rescale needs are the one collective
+  step before it (:func:`dcp_universal.adapters.merge.prepare`);
 * how its state-dict keys map to canonical names (:meth:`AdapterKind.canonical_key`).
 
 The library's own LoRA (:mod:`dcp_universal.lora`) and PEFT LoRA
@@ -38,8 +41,9 @@ import torch.nn as nn
 from dcp_universal._registry import Registry
 from dcp_universal.errors import UnsupportedAdapterError
 
-__all__ = ["AdapterKind", "Term", "Site", "register", "registered", "kind_of", "find_sites",
-           "adapter_config", "is_conv1d", "LAYOUTS"]
+__all__ = ["AdapterKind", "Term", "Magnitude", "Site", "register", "registered", "kind_of",
+           "find_sites", "adapter_config", "is_conv1d", "LAYOUTS", "BASE_KEEPING_INITS",
+           "base_changing_inits"]
 
 #: the base-weight layouts an adapter kind may declare (:meth:`AdapterKind.layout`)
 LAYOUTS = ("linear", "conv1d", "embedding")
@@ -57,6 +61,17 @@ class Term:
     scale: float
     left_transposed: bool = False
     right_transposed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitude:
+    """A rescale of the updated weight, as DoRA's: ``W' = (m / ||V||) * V`` with
+    ``V = W + sum(terms)``. ``vector`` (``m``) holds one value per row of ``W``
+    (``axis=0``) or per column (``axis=1``); ``||V||`` is the L2 norm of that row or
+    column, taken over the other axis. ``vector`` is a parameter of the adapted module."""
+
+    vector: torch.Tensor
+    axis: int
 
 
 class AdapterKind:
@@ -84,8 +99,14 @@ class AdapterKind:
         update is not a sum of such terms (it is never skipped)."""
         raise NotImplementedError
 
+    def magnitude(self, module: nn.Module) -> Magnitude | None:
+        """The rescale of the updated weight, or ``None`` (plain LoRA: the default)."""
+        return None
+
     def reset(self, module: nn.Module) -> None:
-        """Make every update zero (fresh adapters), keeping the random factor."""
+        """Make every update zero (fresh adapters), keeping the random factor; a kind
+        with a :meth:`magnitude` sets it to the norms of the base weight it holds now
+        (collective when the base is sharded across the norm's axis)."""
         raise NotImplementedError
 
     def config(self, module: nn.Module) -> dict[str, Any]:
@@ -162,6 +183,14 @@ class Site:
     def terms(self) -> list[Term]:
         return self.kind.terms(self.module)
 
+    def magnitude(self) -> Magnitude | None:
+        return self.kind.magnitude(self.module)
+
+    def update_tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the active update: each term's factors, then the magnitude."""
+        m = self.magnitude()
+        return [f for t in self.terms() for f in (t.left, t.right)] + ([m.vector] if m else [])
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (everything outside the base layer), by their
         canonical local names (the kind's :meth:`AdapterKind.canonical_key`)."""
@@ -189,21 +218,28 @@ def _refuse_prompt_learning(model: nn.Module) -> None:
                 "untuned base -> save it with PEFT's save_pretrained(), or tune with LoRA")
 
 
-#: PEFT initialisations that change the base weights (PiSSA, OLoRA, ...): the trained
-#: factors then complete the residual base the model holds, not the original one
-BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+#: PEFT initialisations known to keep the base weights as they are (the update starts at
+#: zero, or is random on top of the untouched base). Any other one (PiSSA, OLoRA, CorDA,
+#: LoftQ, LoRA-GA, ASTRA, ... and every one added after this list) is taken as changing
+#: the base: the trained factors then complete the residual base the model holds, not
+#: the original one. An allow-list, so a new initialisation is never exported as plain
+#: LoRA by mistake.
+BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica", "nora")
 
 
 def base_changing_inits(model: nn.Module) -> dict[str, str]:
-    """Adapter name -> its PEFT ``init_lora_weights`` where that changed the base."""
+    """Adapter name -> its PEFT ``init_lora_weights`` where that is not known to keep the
+    base (:data:`BASE_KEEPING_INITS`)."""
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         return {}
     out = {}
     for name, cfg in configs.items():
         init = getattr(cfg, "init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-            out[name] = init
+        known = any(init is k for k in (True, False)) or (
+            isinstance(init, str) and init.lower() in BASE_KEEPING_INITS)
+        if not known:
+            out[name] = str(init)
     return out
 
 

@@ -1,14 +1,23 @@
-"""The merge: ``W + sum(scale * L @ R)`` on blocks of ``W``, for any adapter kind.
+"""The merge: ``W + sum(scale * L @ R)``, rescaled where the kind says so (DoRA:
+``(m / ||V||) * V`` with ``V`` the sum), on blocks of ``W``, for any adapter kind.
 
-Two paths share :func:`merge_block`:
+Every path builds one :class:`Merge` per adapted weight and calls :func:`merge_block`:
 
-* sharded: :func:`gather_factors` (collective) gathers the small ``R`` factors, and
-  ``L`` only when its rows do not already line up with the rank's base rows; then each
-  rank merges the block of ``W`` it holds;
-* rank 0: the same call with the full base weight, offsets ``(0, 0)``.
+* sharded: :func:`prepare` (collective) gathers the small ``R`` factors, ``L`` only
+  when its rows do not already line up with the rank's base rows, and any magnitude
+  vector; for a rescale it then computes the norms of ``V`` (each rank sums the squares
+  of its own block, one reduction per weight); then each rank merges the block of ``W``
+  it holds;
+* rank 0: :func:`gather_factors` on every rank, then :func:`add_norms` and
+  :func:`merge_block` with the full base weight, offsets ``(0, 0)``;
+* the composed load (a LoRA step without ``model/``), with factors read from disk.
 
-The composed load (a LoRA step without ``model/``) calls :func:`merge_block` too, with
-factors read from disk.
+The norms need the whole row (or column) of ``V``, which a rank holds only when the
+base is not sharded across it: under FSDP's row sharding a per-row norm (DoRA on a
+Linear) is local and a per-column one (an Embedding, a Conv1D) is reduced; under a
+``RowwiseParallel`` base the reverse. The reduction is DTensor's own (``sum`` of the
+squares over the sharded dim), so every placement, replicated and uneven ones
+included, counts each element once.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dcp_universal import _comm
+from dcp_universal._torch_compat import local_block
 from dcp_universal.adapters import Site
 
-__all__ = ["Factors", "gather_factors", "merge_block"]
+__all__ = ["Factors", "Merge", "prepare", "gather_factors", "add_norms", "norms", "merge_block"]
 
 
 def _rows_line_up(left: torch.Tensor, base: torch.Tensor) -> bool:
@@ -46,17 +56,45 @@ class Factors:
     left_is_local: bool
 
 
-@torch.no_grad()
-def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Factors]]:
-    """The factors of every site's terms, ready for :func:`merge_block`.
+@dataclasses.dataclass
+class Merge:
+    """One adapted weight's update, ready for :func:`merge_block` on any of its blocks.
 
-    Collective: every rank calls it with the same sites in the same order. All factors
+    Attributes:
+        factors: the terms' factors.
+        magnitude: the whole rescale vector (DoRA's ``m``), or ``None``.
+        axis: ``magnitude`` runs along the weight's rows (0) or columns (1).
+        norms: the whole ``||W + sum(terms)||`` along ``axis`` (float32), set by
+            :func:`add_norms`; needed when there is a ``magnitude``.
+    """
+
+    factors: list[Factors]
+    magnitude: torch.Tensor | None = None
+    axis: int = 0
+    norms: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def prepare(sites: list[Site], bases: list[torch.Tensor]) -> list[Merge]:
+    """:func:`gather_factors`, then :func:`add_norms` on ``bases`` (the weights the
+    ranks hold). Collective: every rank calls it with the same sites in the same order."""
+    merges = gather_factors(sites, bases)
+    add_norms(merges, bases)
+    return merges
+
+
+@torch.no_grad()
+def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[Merge]:
+    """The factors (and magnitudes) of every site's update, ready for
+    :func:`merge_block` once :func:`add_norms` has run where a site has a magnitude.
+
+    Collective: every rank calls it with the same sites in the same order. All tensors
     that need gathering travel in one ``all_gather_object`` per device mesh (plus a
     ``full_tensor()`` for placements other than ``Shard(0)``), not one collective per
     factor.
     """
     _comm.on_caller_thread("gathering adapter factors")
-    plans = []  # per site, per term: (term, left is local)
+    plans = []  # per site: ([(term, left is local)], magnitude)
     wanted: list[torch.Tensor] = []
     for site, base in zip(sites, bases):
         terms = []
@@ -66,10 +104,13 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Fa
             if not local:
                 wanted.append(term.left)
             wanted.append(term.right)
-        plans.append(terms)
+        magnitude = site.magnitude()
+        if magnitude is not None:
+            wanted.append(magnitude.vector)
+        plans.append((terms, magnitude))
     full = iter(_gather_all(wanted))
     out = []
-    for terms in plans:
+    for terms, magnitude in plans:
         factors = []
         for term, local in terms:
             left = term.left.to_local() if local else next(full)
@@ -77,8 +118,44 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[list[Fa
             factors.append(Factors(left.T if term.left_transposed else left,
                                    right.T if term.right_transposed else right,
                                    term.scale, local))
-        out.append(factors)
+        out.append(Merge(factors) if magnitude is None
+                     else Merge(factors, next(full), magnitude.axis))
     return out
+
+
+@torch.no_grad()
+def add_norms(merges: list[Merge], bases: list[torch.Tensor], *,
+              collective: bool = True) -> None:
+    """Set the norms of every merge with a magnitude, from the weights in ``bases``
+    (:func:`norms`; collective as it is, one reduction per rescaled merge, in order)."""
+    for m, base in zip(merges, bases):
+        if m.magnitude is not None and m.norms is None:
+            m.norms = norms(base, m.axis, m.factors, collective=collective).to(
+                m.magnitude.device)
+
+
+@torch.no_grad()
+def norms(base: torch.Tensor, axis: int, factors: list[Factors] = (), *,
+          collective: bool = True) -> torch.Tensor:
+    """The whole ``||W + sum(terms)||`` of every row (``axis`` 0) or column (1) of the
+    weight ``base`` (a DTensor or a plain tensor), in float32.
+
+    Collective when ``base`` is a DTensor and ``collective``: one reduction (every rank
+    calls it for the same weights in the same order). Without ``collective``, ``base``
+    must be whole on this rank.
+    """
+    block, offsets = local_block(base)
+    if tuple(block.shape) != tuple(base.shape) and not collective:
+        raise RuntimeError(f"the norms of a rescaled adapter need the whole weight "
+                           f"{tuple(base.shape)}, this rank holds {tuple(block.shape)}")
+    squares = merge_block(block, offsets, Merge(list(factors)), dtype=torch.float32).square_()
+    if isinstance(base, DTensor) and collective:
+        shape = tuple(base.shape)
+        stride = tuple(torch.empty(shape, device="meta").stride())
+        squares = DTensor.from_local(squares, base.device_mesh, base.placements,
+                                     shape=shape, stride=stride, run_check=False)
+        return squares.sum(dim=1 - axis).full_tensor().sqrt()
+    return squares.sum(dim=1 - axis).sqrt()
 
 
 def _gather_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -104,21 +181,29 @@ def _gather_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def merge_block(block: torch.Tensor, offsets, factors: list[Factors]) -> torch.Tensor:
-    """``block`` of the base weight at ``offsets`` plus the same block of every update.
+def merge_block(block: torch.Tensor, offsets, m: Merge,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``block`` of the base weight at ``offsets``, merged: plus the same block of every
+    term, times the same rows (or columns) of ``magnitude / norms`` when there is a
+    magnitude.
 
-    Computed in float32 and returned in ``block``'s dtype, as a new tensor.
+    Computed in float32 and returned as a new tensor in ``dtype`` (default: ``block``'s).
     """
     r0, c0 = offsets
     nr, nc = block.shape
     out = block.to(torch.float32)  # no copy for float32 blocks: the first addmm makes one
-    for n, f in enumerate(factors):
+    for n, f in enumerate(m.factors):
         left = (f.left if f.left_is_local else f.left[r0:r0 + nr]).to(torch.float32)
         right = f.right[:, c0:c0 + nc].to(torch.float32)
         if n == 0 and out.data_ptr() == block.data_ptr():
             out = torch.addmm(out, left, right, alpha=f.scale)
         else:
             out.addmm_(left, right, alpha=f.scale)
-    return out.to(block.dtype) if factors else block.clone()
-
-
+    if m.magnitude is not None:
+        if m.norms is None:
+            raise RuntimeError("merge_block of a rescaled adapter before add_norms")
+        scale = m.magnitude.to(torch.float32) / m.norms
+        out = out * (scale[r0:r0 + nr, None] if m.axis == 0 else scale[None, c0:c0 + nc])
+    elif out.data_ptr() == block.data_ptr():
+        out = out.clone()
+    return out.to(dtype or block.dtype)

@@ -32,7 +32,8 @@ from dcp_universal._paths import join, parent
 
 __all__ = [
     "FORMAT_VERSION", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "BASE_FILES",
-    "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "Adapters", "Mesh", "TrainingState",
+    "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "AdapterMagnitude",
+    "AdapterUpdate", "Adapters", "Mesh", "TrainingState",
     "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
     "step_of_name", "is_base_name", "records_to_json", "records_from_json", "CHECKSUM_ALGOS",
     "CHECKSUMS_SINCE", "MAX_STEP", "MAX_MANIFEST_BYTES", "MAX_DEPTH", "step_name",
@@ -44,8 +45,14 @@ __all__ = [
 #:    or (written by a save whose checksums were off) nothing more;
 #: 2. every data file has a record with block checksums, and every file inside the
 #:    step's (or a model directory's) DCP directories has a record: a record without
-#:    them, or a file without a record, is damage, not an older writer.
-FORMAT_VERSION = 2
+#:    them, or a file without a record, is damage, not an older writer;
+#: 3. adapters may rescale their update (``adapters.magnitudes``: DoRA), which a reader
+#:    of version 2 would merge as plain LoRA.
+#:
+#: A manifest records the lowest version that holds what it records
+#: (:meth:`Manifest.record_adapters`): a step without DoRA stays version 2, readable by
+#: the releases that read 2.
+FORMAT_VERSION = 3
 #: the first version whose files all carry block checksums: an older step (or model
 #: directory) loads with what it recorded; a newer one missing any loads only unchecked
 CHECKSUMS_SINCE = 2
@@ -253,6 +260,45 @@ class AdapterTerm:
                    right_t=_get(d, "right_t", bool, where, "a boolean", optional=True, default=False))
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterMagnitude:
+    """A rescale of a site's updated weight, as stored (DoRA, format 3): ``W' = (m /
+    ||V||) * V``, ``V = W + sum(terms)``, where ``m`` is the tensor ``key`` of
+    ``adapters/`` with one value per row of ``W`` (``axis`` 0) or per column (1), and
+    the norm is taken over the other axis."""
+
+    key: str
+    axis: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "AdapterMagnitude":
+        if not isinstance(d, dict):
+            raise _fail(where, "an object {key, axis}", d)
+        axis = _get(d, "axis", int, where, "0 (rows) or 1 (columns)")
+        if axis not in (0, 1) or isinstance(axis, bool):
+            raise _fail(f"{where}.axis", "0 (rows) or 1 (columns)", axis)
+        return cls(key=_get(d, "key", str, where, "a tensor key"), axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterUpdate:
+    """Everything added to one weight: its terms, and the rescale when there is one."""
+
+    terms: tuple[AdapterTerm, ...]
+    magnitude: AdapterMagnitude | None = None
+
+    def keys(self) -> list[str]:
+        """The ``adapters/`` tensors the update reads."""
+        return [k for t in self.terms for k in (t.left, t.right)] + (
+            [self.magnitude.key] if self.magnitude else [])
+
+    def add(self, term: AdapterTerm) -> "AdapterUpdate":
+        return dataclasses.replace(self, terms=(*self.terms, term))
+
+
 @dataclasses.dataclass(kw_only=True)
 class Adapters:
     """The adapters of a LoRA step: enough to merge them from disk.
@@ -272,6 +318,8 @@ class Adapters:
         buffers: canonical keys of buffers the step's ``adapters/`` holds beside the
             trained weights (BART's ``final_logits_bias``, BatchNorm statistics): state,
             not trained parameters. Empty in steps written before.
+        magnitudes: canonical module name -> the rescale of its updated weight (DoRA);
+            format 3, absent from steps without one.
     """
 
     kinds: list[str]
@@ -280,10 +328,13 @@ class Adapters:
     layouts: dict[str, str] = dataclasses.field(default_factory=dict)
     idle: list[str] = dataclasses.field(default_factory=list)
     buffers: list[str] = dataclasses.field(default_factory=list)
+    magnitudes: dict[str, AdapterMagnitude] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         out = {"kinds": list(self.kinds), "modules": self.modules,
                "sites": {n: [t.to_json() for t in terms] for n, terms in self.sites.items()}}
+        if self.magnitudes:
+            out["magnitudes"] = {n: m.to_json() for n, m in sorted(self.magnitudes.items())}
         if self.layouts:
             out["layouts"] = dict(self.layouts)
         if self.idle:
@@ -306,10 +357,32 @@ class Adapters:
                           for n, terms in sites.items()},
                    layouts=_get(d, "layouts", dict, where, "an object of module -> layout",
                                 optional=True, default={}) or {},
-                   idle=_keys(d, "idle", where), buffers=_keys(d, "buffers", where))
+                   idle=_keys(d, "idle", where), buffers=_keys(d, "buffers", where),
+                   magnitudes=_magnitudes(d, sites, where))
+
+    def updates(self) -> dict[str, AdapterUpdate]:
+        """Canonical module name -> everything its active adapters add (sites with an
+        update only)."""
+        return {n: AdapterUpdate(tuple(terms), self.magnitudes.get(n))
+                for n, terms in self.sites.items() if terms}
+
+    def least_version(self) -> int:
+        """The lowest format version that records these adapters."""
+        return 3 if self.magnitudes else CHECKSUMS_SINCE
 
     def factor_keys(self) -> set[str]:
-        return {k for terms in self.sites.values() for t in terms for k in (t.left, t.right)}
+        """The ``adapters/`` tensors of every active update (magnitudes included)."""
+        return {k for u in self.updates().values() for k in u.keys()}
+
+
+def _magnitudes(d: dict, sites: dict, where: str) -> dict[str, AdapterMagnitude]:
+    raw = _get(d, "magnitudes", dict, where, "an object of module -> {key, axis}",
+               optional=True, default={}) or {}
+    out = {n: AdapterMagnitude.from_json(m, f"{where}.magnitudes[{n!r}]") for n, m in raw.items()}
+    bare = sorted(n for n in out if not sites.get(n))
+    if bare:
+        raise _fail(f"{where}.magnitudes", "rescales of sites with terms", bare)
+    return out
 
 
 def _keys(d: dict, field: str, where: str) -> list[str]:
@@ -376,6 +449,8 @@ class Manifest:
 
     Attributes:
         format_version: this layout's version; a newer one raises FormatVersionError.
+            A new manifest is written with the lowest version that holds what it
+            records: :data:`CHECKSUMS_SINCE`, raised by :meth:`record_adapters`.
         step: the step number.
         world_size: processes that wrote the step.
         mesh: the model's device mesh at save (None when not sharded).
@@ -402,7 +477,7 @@ class Manifest:
             token, :mod:`dcp_universal.training.lease`); None without a lease.
     """
 
-    format_version: int = FORMAT_VERSION
+    format_version: int = CHECKSUMS_SINCE
     step: int
     world_size: int
     mesh: Mesh | None = None
@@ -427,10 +502,18 @@ class Manifest:
         """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
         return bool(self.items.get(item))
 
+    def record_adapters(self, adapters: Adapters) -> None:
+        """Set :attr:`adapters`, raising :attr:`format_version` to what they need."""
+        self.adapters = adapters
+        self.format_version = max(self.format_version, adapters.least_version())
+
     def files_under(self, item: str) -> dict[str, FileRecord]:
         return {k: v for k, v in self.files.items() if k.startswith(f"{item}/")}
 
     def to_json(self) -> str:
+        if self.adapters is not None and self.format_version < self.adapters.least_version():
+            raise ValueError(f"a manifest of format {self.format_version} cannot record "
+                             "rescaled adapters (DoRA): set them with record_adapters()")
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -597,7 +680,7 @@ def _ties_from_json(d: Any, where: str) -> list[list[str]]:
 def model_info_to_json(ties, files: dict[str, FileRecord] | None = None) -> bytes:
     """The :data:`MODEL_INFO` file of a model directory: its tie groups and, once the
     directory is written, its files' records (sizes and checksums)."""
-    out: dict[str, Any] = {"format_version": FORMAT_VERSION, "ties": [sorted(g) for g in ties]}
+    out: dict[str, Any] = {"format_version": CHECKSUMS_SINCE, "ties": [sorted(g) for g in ties]}
     if files is not None:
         out["files"] = records_to_json(files)
     return json.dumps(out, indent=1).encode()

@@ -50,7 +50,7 @@ from dcp_universal import adapters
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.sources import foreign
 from dcp_universal.format import manifest
-from dcp_universal.adapters import Term
+from dcp_universal.adapters import Term, merge
 from dcp_universal.sources.dcp import register_factor_rule
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, UnsupportedAdapterError
 from dcp_universal.model.names import canonical_module_names
@@ -79,7 +79,13 @@ _TUNER_LAYER: dict[type, bool] = {}
 class PeftLoRAKind(adapters.AdapterKind):
     """HF PEFT LoRA on Linear and Embedding. The scale is the layer's own ``scaling``
     (so rsLoRA's ``alpha / sqrt(r)`` is honoured); adapters already merged into the base
-    (``merge_adapter``) or disabled add nothing."""
+    (``merge_adapter``) or disabled add nothing.
+
+    DoRA (``use_dora=True``) is LoRA plus a :class:`~dcp_universal.adapters.Magnitude`:
+    PEFT's merge is ``(m / ||W + scale * B @ A||) * (W + scale * B @ A)``, the norm per
+    output feature: per row of a Linear's ``(out, in)`` weight, per column of a Conv1D's
+    ``(in, out)`` one and of an Embedding's ``(num, dim)``. One DoRA adapter per module
+    (PEFT's forward with several is no single rescale)."""
 
     name = "peft.lora"
 
@@ -110,13 +116,9 @@ class PeftLoRAKind(adapters.AdapterKind):
     def terms(self, module):
         kind = self._check(module)
         out = []
-        for a in self._active(module):
-            if module.use_dora.get(a, False) or getattr(module, "lora_variant", {}).get(a):
-                raise UnsupportedAdapterError(
-                    f"PEFT adapter {a!r} on {type(module).__name__} uses a LoRA variant (DoRA or "
-                    "similar) whose update is not W + scale * B @ A; merge it with PEFT's "
-                    "merge_and_unload() before saving"
-                )
+        active = self._active(module)
+        for a in active:
+            self._check_variant(module, a, active)
             if getattr(module, "lora_bias", {}).get(a, False):
                 raise UnsupportedAdapterError(
                     f"PEFT adapter {a!r} on {type(module).__name__} has lora_bias=True: its "
@@ -138,6 +140,36 @@ class PeftLoRAKind(adapters.AdapterKind):
                                 right_transposed=True))
         return out
 
+    @staticmethod
+    def _dora(module, a: str) -> bool:
+        return bool(getattr(module, "use_dora", {}).get(a, False))
+
+    def _check_variant(self, module, a: str, active: list[str]) -> None:
+        variant = getattr(module, "lora_variant", {}).get(a)
+        name = type(variant).__name__ if variant is not None else None
+        if self._dora(module, a) and name in (None, "DoraLinearVariant", "DoraEmbeddingVariant"):
+            if len(active) > 1:
+                raise UnsupportedAdapterError(
+                    f"PEFT DoRA adapter {a!r} on {type(module).__name__} is active together "
+                    f"with {[x for x in active if x != a]}: PEFT rescales each DoRA update "
+                    "on its own, which no single merged weight of this form holds -> keep one "
+                    "adapter active (set_adapter) when saving, or merge_and_unload() first")
+            return
+        if variant is not None or self._dora(module, a):
+            raise UnsupportedAdapterError(
+                f"PEFT adapter {a!r} on {type(module).__name__} uses the LoRA variant "
+                f"{name or 'DoRA'}, whose update dcp_universal cannot merge; merge it with "
+                "PEFT's merge_and_unload() before saving")
+
+    def magnitude(self, module):
+        self._check(module)
+        dora = [a for a in self._active(module) if self._dora(module, a)]
+        if not dora:
+            return None
+        per_column = type(module).__name__ == "Embedding" or module.fan_in_fan_out
+        return adapters.Magnitude(vector=module.lora_magnitude_vector[dora[0]].weight,
+                                  axis=1 if per_column else 0)
+
     def reset(self, module):
         kind = self._check(module)
         with torch.no_grad():
@@ -146,6 +178,12 @@ class PeftLoRAKind(adapters.AdapterKind):
                     module.lora_B[a].weight.zero_()
                 else:
                     module.lora_embedding_A[a].zero_()
+            magnitude = self.magnitude(module)
+            if magnitude is not None:  # m = ||W||: (m / ||W||) * W is the base itself
+                base = getattr(module, self.base_attr(module)).weight
+                full = merge.norms(base, magnitude.axis)
+                block, offsets = local_block(magnitude.vector)
+                block.copy_(full[offsets[0]:offsets[0] + block.shape[0]].to(block.dtype))
 
     def config(self, module):
         out = {"rank": dict(module.r), "alpha": dict(module.lora_alpha),
@@ -308,7 +346,7 @@ def merge_foreign_factors(store: Storage, source: Source, view: ModelView) -> So
     config, where = config
     modules = {name: m for m, name in canonical_module_names(view.model).items()}
     entries, factors = dict(source.entries), dict(source.factors)
-    deltas = {k: list(v) for k, v in source.deltas.items()}
+    deltas = dict(source.deltas)
     for f in to_merge:
         weight = f"{f.site}.weight"
         if weight not in entries:
@@ -316,11 +354,11 @@ def merge_foreign_factors(store: Storage, source: Source, view: ModelView) -> So
                 f"checkpoint {source.desc} holds PEFT LoRA factors of {f.site!r} but no base "
                 f"weight {weight!r}: it is incomplete")
         factors[f.a], factors[f.b] = entries.pop(f.a), entries.pop(f.b)
-        deltas.setdefault(weight, []).append(merge_terms(
+        deltas[weight] = deltas.get(weight, manifest.AdapterUpdate(())).add(merge_terms(
             f, keys[weight].shape, keys[f.a].shape, keys[f.b].shape, config, where,
             base_module=_base_module(modules.get(f.site))))
     return source.replace(
-        entries=entries, factors=factors, deltas={k: tuple(v) for k, v in deltas.items()},
+        entries=entries, factors=factors, deltas=deltas,
         notes=(*source.notes, f"merged {len(to_merge)} PEFT LoRA adapters ({names[0]!r}, "
                               f"scale from {where}) into their base weights while loading"))
 
@@ -427,9 +465,18 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
                      else ("lora_A.weight", "lora_B.weight"))
         tensors[f"{_PREFIX}{site}.{names[0]}"] = a.contiguous()
         tensors[f"{_PREFIX}{site}.{names[1]}"] = b.contiguous()
+        if site in m.adapters.magnitudes:  # DoRA: PEFT's file drops the ".<adapter>.weight"
+            tensors[f"{_PREFIX}{site}.lora_magnitude_vector"] = \
+                full[m.adapters.magnitudes[site].key].contiguous()
         ranks[site] = int(a.shape[0])
         scales[site] = t.scale
-    config = _config(ranks, scales, layouts)
+    dora = sorted(m.adapters.magnitudes)
+    if dora and len(dora) != len(ranks):
+        plain = sorted(set(ranks) - set(dora))
+        raise UnsupportedAdapterError(
+            f"{src}: DoRA on {dora[:3]} but plain LoRA on {plain[:3]}; a PEFT adapter is DoRA "
+            "everywhere or nowhere (use_dora is one setting) -> export_hf the merged model")
+    config = _config(ranks, scales, layouts, use_dora=bool(dora))
     if trained:
         config["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in trained})
     written = {out: (tensors, config)}
@@ -494,7 +541,8 @@ def _peft_adapter(adapters: manifest.Adapters, name: str, factors: list[PeftFact
     return tensors, _config(ranks, scales, layouts)
 
 
-def _config(ranks: dict[str, int], scales: dict[str, float], layouts: dict[str, str]) -> dict:
+def _config(ranks: dict[str, int], scales: dict[str, float], layouts: dict[str, str],
+            use_dora: bool = False) -> dict:
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alphas = {site: scales[site] * ranks[site] for site in ranks}
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -505,6 +553,7 @@ def _config(ranks: dict[str, int], scales: dict[str, float], layouts: dict[str, 
         "lora_alpha": alpha,
         "target_modules": sorted(ranks),
         "use_rslora": False,
+        "use_dora": use_dora,
         "fan_in_fan_out": any(v == "conv1d" for v in layouts.values()),
         "rank_pattern": {re.escape(s): n for s, n in ranks.items() if n != r},
         "alpha_pattern": {re.escape(s): a for s, a in alphas.items() if a != alpha},

@@ -11,8 +11,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import adapters
+from dcp_universal._torch_compat import local_block
 from dcp_universal.errors import CheckpointError
-from dcp_universal.format.manifest import AdapterTerm, Adapters, Mesh
+from dcp_universal.format.manifest import AdapterMagnitude, AdapterTerm, Adapters, Mesh
 from dcp_universal.model.names import Namer
 
 __all__ = ["ModelView", "reshard", "local_block"]
@@ -27,17 +28,6 @@ def reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-
-
-def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """The part of ``t`` this rank holds, and its offsets in the global tensor."""
-    if isinstance(t, DTensor):
-        # __create_chunk_list__ is DTensor's public protocol for DCP: this rank's chunk
-        chunks = t.__create_chunk_list__()
-        if len(chunks) != 1:
-            raise NotImplementedError(f"a DTensor with {len(chunks)} local chunks")
-        return t.to_local(), tuple(chunks[0].offsets)
-    return t, (0,) * t.dim()
 
 
 def _ties(namer: Namer, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...]]:
@@ -167,11 +157,13 @@ class ModelView:
                 config["modules"][s.name] = {**config["modules"][s.name],
                                              "init_lora_weights": used[0]}
         sites = {s.name: [term(t) for t in s.terms()] for s in self.sites}
-        active = {k for terms in sites.values() for t in terms for k in (t.left, t.right)}
-        return Adapters(kinds=config["kinds"], modules=config["modules"], sites=sites,
-                        layouts=config["layouts"],
-                        idle=sorted(set(self.adapter_tensors) - active),
-                        buffers=self.trainable_buffers())
+        magnitudes = {s.name: AdapterMagnitude(self.param_keys[id(m.vector)], m.axis)
+                      for s in self.sites if (m := s.magnitude()) is not None}
+        record = Adapters(kinds=config["kinds"], modules=config["modules"], sites=sites,
+                          layouts=config["layouts"], buffers=self.trainable_buffers(),
+                          magnitudes=magnitudes)
+        record.idle = sorted(set(self.adapter_tensors) - record.factor_keys())
+        return record
 
     def trainable_buffers(self) -> list[str]:
         """Buffers among :meth:`trainable_tensors` (state, not trained parameters); a
@@ -181,10 +173,9 @@ class ModelView:
         return sorted(k for k in self.tensors if k not in self.frozen and k not in params)
 
     def active_factor_keys(self) -> set[str]:
-        """Canonical keys of the factors of every update the model adds now (active,
-        enabled, unmerged adapters)."""
-        return {self.param_keys[id(f)] for s in self.sites for t in s.terms()
-                for f in (t.left, t.right)}
+        """Canonical keys of the factors (and magnitudes) of every update the model adds
+        now (active, enabled, unmerged adapters)."""
+        return {self.param_keys[id(f)] for s in self.sites for f in s.update_tensors()}
 
     def mesh(self) -> Mesh | None:
         for t in self.tensors.values():

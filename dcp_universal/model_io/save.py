@@ -1,7 +1,7 @@
 """save_model: the universal model format over DCP.
 
 A model directory is a plain DCP checkpoint whose keys are canonical names and whose
-adapted weights hold ``W + scale * B @ A``, with a small JSON file beside
+adapted weights hold the merged update (``W + scale * B @ A``; DoRA's rescaled), with a small JSON file beside
 (:data:`~dcp_universal.format.manifest.MODEL_INFO`: the model's tie groups). With
 ``merge="sharded"`` the merge happens in :class:`_MergingSavePlanner.resolve_data`, one
 write item at a time, on the rank that writes that item; only the small adapter factors
@@ -48,7 +48,7 @@ class _MergingSavePlanner(DefaultSavePlanner):
     model; only the bytes of the adapted items differ.
     """
 
-    def __init__(self, factors: dict[str, list[merge.Factors]]) -> None:
+    def __init__(self, factors: dict[str, merge.Merge]) -> None:
         super().__init__()
         self._factors = factors
 
@@ -119,7 +119,7 @@ def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool 
     """
     keep = snapshot if snapshot is not None else (lambda obj, slot: obj)
     if mode == "sharded":
-        gathered = merge.gather_factors(view.sites, [view.tensors[s.weight_key] for s in view.sites])
+        gathered = merge.prepare(view.sites, [view.tensors[s.weight_key] for s in view.sites])
         factors = keep({s.weight_key: f for s, f in zip(view.sites, gathered)}, "model.factors")
         tensors = keep(view.tensors, "model")
 
@@ -159,6 +159,8 @@ def _full_merged(view: ModelView) -> dict[str, torch.Tensor]:
             full[key] = f.detach().cpu()
     gathered = merge.gather_factors(view.sites, [torch.empty(0)] * len(view.sites))
     if rank == 0:
-        for site, factors in zip(view.sites, gathered):
-            full[site.weight_key] = merge.merge_block(full[site.weight_key], (0, 0), factors)
+        bases = [full[site.weight_key] for site in view.sites]
+        merge.add_norms(gathered, bases, collective=False)
+        for site, m, base in zip(view.sites, gathered, bases):
+            full[site.weight_key] = merge.merge_block(base, (0, 0), m)
     return full

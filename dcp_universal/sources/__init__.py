@@ -40,7 +40,7 @@ from dcp_universal.storage import dcp_io
 from dcp_universal.adapters import merge
 from dcp_universal._registry import Registry
 from dcp_universal.errors import NotACheckpointError
-from dcp_universal.format.manifest import AdapterTerm, Manifest
+from dcp_universal.format.manifest import AdapterUpdate, Manifest
 from dcp_universal.storage.mapped import Copies
 from dcp_universal.model.plan import Staged, TensorInfo
 from dcp_universal.storage import Storage
@@ -152,8 +152,8 @@ class Source:
     Attributes:
         desc: the path, for messages.
         entries: canonical key -> where its tensor is.
-        deltas: weight key -> adapter terms added to it after it is read (``factors``
-            holds the terms' tensors).
+        deltas: weight key -> the adapter update merged into it after it is read
+            (``factors`` holds the update's tensors).
         factors: canonical key -> where an adapter factor of ``deltas`` is.
         notes: what a load report should say about the source.
         ties: groups of names that were one tensor at save (a step's manifest, a model
@@ -169,7 +169,7 @@ class Source:
 
     desc: str
     entries: Mapping[str, Entry]
-    deltas: Mapping[str, tuple[AdapterTerm, ...]] = dataclasses.field(default_factory=dict)
+    deltas: Mapping[str, AdapterUpdate] = dataclasses.field(default_factory=dict)
     factors: Mapping[str, Entry] = dataclasses.field(default_factory=dict)
     notes: tuple[str, ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()
@@ -262,10 +262,13 @@ class Source:
 
     @torch.no_grad()
     def _add_deltas(self, into: dict[str, torch.Tensor], single_process: bool) -> None:
-        deltas = {k: terms for k, terms in self.deltas.items() if k in into}
+        """Merge every delta into the weights read (collective unless
+        ``single_process``: one read of the factors, then one reduction per rescaled
+        update, in the same order on every rank)."""
+        deltas = {k: u for k, u in self.deltas.items() if k in into}
         if not deltas:
             return
-        needed = sorted({k for terms in deltas.values() for t in terms for k in (t.left, t.right)})
+        needed = sorted({k for u in deltas.values() for k in u.keys()})
         full = {k: torch.empty(self.factors[k].info.shape, dtype=self.factors[k].info.dtype)
                 for k in needed}
         by_dir: dict[Dir, dict[str, torch.Tensor]] = {}
@@ -273,13 +276,21 @@ class Source:
             by_dir.setdefault(self.factors[k].dir, {})[self.factors[k].raw] = t
         for d in sorted(by_dir, key=lambda d: d.desc):
             d.load(by_dir[d], single_process=single_process, copies=Copies())
-        for key, terms in deltas.items():
-            factors = [merge.Factors(
-                left=full[t.left].T if t.left_t else full[t.left],
-                right=full[t.right].T if t.right_t else full[t.right],
-                scale=t.scale, left_is_local=False) for t in terms]
+        keys = list(deltas)
+        merges = [_merge_of(deltas[k], full) for k in keys]
+        merge.add_norms(merges, [into[k] for k in keys], collective=not single_process)
+        for key, m in zip(keys, merges):
             block, offsets = local_block(into[key])
-            block.copy_(merge.merge_block(block, offsets, factors))
+            block.copy_(merge.merge_block(block, offsets, m))
+
+
+def _merge_of(update: AdapterUpdate, full: dict[str, torch.Tensor]) -> merge.Merge:
+    """``update`` with its tensors read whole (``full``), ready for the merge."""
+    factors = [merge.Factors(left=full[t.left].T if t.left_t else full[t.left],
+                             right=full[t.right].T if t.right_t else full[t.right],
+                             scale=t.scale, left_is_local=False) for t in update.terms]
+    mag = update.magnitude
+    return merge.Merge(factors, full[mag.key] if mag else None, mag.axis if mag else 0)
 
 
 # ---- formats ----------------------------------------------------------------------------

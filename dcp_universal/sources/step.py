@@ -81,7 +81,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
     checked(manifest.ADAPTERS_DIR)
     trained = {k: Entry(i, adapters, k) for k, i in step_keys.items()
                if k not in factor_keys and k not in idle}
-    merging = {name: terms for name, terms in sites.items() if terms}
+    merging = m.adapters.updates()
     carried, notes = {}, []
     if view is not None:
         carried = _carry_tied(view, merging, adapters, step_keys)
@@ -101,7 +101,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         trained.update(Source.in_memory(path, padded).entries)
     return Source(
         desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()}, **trained},
-        deltas={f"{name}.weight": tuple(terms) for name, terms in merging.items()},
+        deltas={f"{name}.weight": update for name, update in merging.items()},
         factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
         notes=tuple(notes))
 
@@ -118,14 +118,15 @@ def _carry_tied(view, merging: dict, adapters: DcpDir, step_keys: dict) -> dict:
     scale add the same update. ``{site: (saved rank, target rank, {key: tensor})}``; a
     site not carried is merged (and a tied target then refuses the load)."""
     fits = {}  # site -> (saved term, target term, saved rank, target rank)
-    for name, terms in merging.items():
+    for name, update in merging.items():
         site = next((s for s in view.sites if s.name == name), None)
-        if len(view.tie_of(f"{name}.weight")) < 2 or site is None or len(terms) != 1:
-            continue
+        if len(view.tie_of(f"{name}.weight")) < 2 or site is None or len(update.terms) != 1 \
+                or update.magnitude is not None or site.magnitude() is not None:
+            continue  # a rescaled update is no sum of terms a plain adapter could carry
         now = site.terms()
         if len(now) != 1 or now[0].scale == 0:
             continue
-        saved, t = terms[0], now[0]
+        saved, t = update.terms[0], now[0]
         r = _rank(step_keys[saved.left], saved.left_t, 1)
         r2 = _rank(t.left, t.left_transposed, 1)
         if r2 >= r and _rank(step_keys[saved.right], saved.right_t, 0) == r:

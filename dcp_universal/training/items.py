@@ -148,7 +148,7 @@ class AdaptersItem(Item):
         if not ctx.view.sites:
             return None
         m = ctx.manifest
-        m.adapters = ctx.view.adapters_record()
+        m.record_adapters(ctx.view.adapters_record())
         m.base, m.base_files = ctx.bases.save(ctx.view)
         trainable = ctx.snapshot(ctx.view.trainable_tensors(), "adapters")
         return lambda path, group: dcp_io.save_state(ctx.store, trainable, path, group=group)

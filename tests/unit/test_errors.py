@@ -74,9 +74,10 @@ def test_step_directory_resolves_to_its_model(tmp_path):
 
 def test_unsupported_peft_variants_raise_before_writing(tmp_path):
     peft = pytest.importorskip("peft")
-    dora = peft.get_peft_model(tiny.Tiny(), peft.LoraConfig(r=2, target_modules=["q"], use_dora=True))
-    with pytest.raises(UnsupportedAdapterError, match="DoRA"):
-        save_model(dora, str(tmp_path / "dora"))
+    biased = peft.get_peft_model(tiny.Tiny(), peft.LoraConfig(r=2, target_modules=["q"],
+                                                              lora_bias=True))
+    with pytest.raises(UnsupportedAdapterError, match="lora_bias=True"):
+        save_model(biased, str(tmp_path / "dora"))
     loha = peft.get_peft_model(tiny.Tiny(), peft.LoHaConfig(r=2, target_modules=["q"]))
     with pytest.raises(UnsupportedAdapterError, match="is not supported"):
         save_model(loha, str(tmp_path / "loha"))
