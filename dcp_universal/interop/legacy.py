@@ -12,6 +12,11 @@ The model comes out under canonical names with LoRA merged: ``W + alpha / r * B 
 Linear layers (``A: (r, in)``, ``B: (out, r)``) and ``W + alpha / r * A @ B.T`` for
 Embeddings (``A: (num, r)``, ``B: (dim, r)``); ``alpha`` is read from the file's
 ``model_args`` / ``config`` (``lora_alpha``).
+
+Any of them may hold the library's own LoRA layers' state dict instead
+(``x.base_layer.weight``, ``x.lora_A.weight``, ...): those factors go to the target's
+same adapters as they are, or are merged with the same ``lora_alpha``
+(:mod:`dcp_universal.sources.own_lora`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from dcp_universal.sources import foreign
+from dcp_universal.sources import foreign, own_lora
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
 from dcp_universal.format.torch_formats import check_torch_archive, is_zip
 from dcp_universal.model.plan import LoadReport, Staged
@@ -219,7 +224,7 @@ class LegacyFormat(Format):
         ck = read_legacy(store, path)
         step = next((ck.meta[k] for k in ("iter_num", "global_step", "step") if k in ck.meta),
                     None)
-        meta = {"step": step, "optimizer": ck.optimizer,
+        meta = {"step": step, "optimizer": ck.optimizer, own_lora.ALPHA: _find_alpha(ck.meta),
                 "legacy": {"source": ck.path, "merged_lora": ck.merged,
                            "meta": _jsonable({k: v for k, v in ck.meta.items()
                                               if k != "optimizer"})}}
@@ -232,10 +237,9 @@ class LegacyFormat(Format):
                                     meta={**meta, "layout": layout})
         note = f"read legacy file {ck.path}" + (
             f"; merged main_weight-layout LoRA into {len(ck.merged)} weights" if ck.merged else "")
-        return Source.in_memory(ck.path, ck.model, notes=(note,), meta=meta)
-
-
-_OWN_KIND = "dcp_universal.lora"
+        source = Source.in_memory(ck.path, ck.model, notes=(note,), meta=meta)
+        # the state dict of the library's own layers: factors to the target, or merged
+        return source if want.target is None else own_lora.read_own_factors(source, want.target)
 
 
 def _into_own_adapters(ck: LegacyCheckpoint, view) -> tuple[dict, dict] | None:
@@ -246,7 +250,7 @@ def _into_own_adapters(ck: LegacyCheckpoint, view) -> tuple[dict, dict] | None:
     its optimizer state relates to the file's). ``None``: no such target (merged)."""
     sites = {s.name: s for s in view.sites}
     if not ck.factors or set(sites) != set(ck.factors) or any(
-            s.kind.name != _OWN_KIND for s in sites.values()):
+            s.kind.name != own_lora.OWN_KIND for s in sites.values()):
         return None
     tensors, layout = dict(ck.base), {}
     for stem, f in ck.factors.items():

@@ -4,7 +4,9 @@ subtree found or given, other state listed: :mod:`dcp_universal.sources.foreign`
 
 Other tools also save adapter factors beside the base weights (a PEFT model's plain
 DCP). A *factor rule* (:func:`register_factor_rule`) turns such factors into updates
-merged on load; the PEFT rule lives with the rest of PEFT (:mod:`dcp_universal.interop.peft`).
+merged on load; the PEFT rule lives with the rest of PEFT (:mod:`dcp_universal.interop.peft`),
+the rule for the library's own layers saved as a plain state dict in
+:mod:`dcp_universal.sources.own_lora`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 from typing import Callable
 
 from dcp_universal.errors import ManifestError
-from dcp_universal.sources import foreign
+from dcp_universal.sources import foreign, own_lora
 from dcp_universal.format import manifest
 from dcp_universal.sources import DcpDir, Format, Source, Want, dir_entries, register_format
 from dcp_universal.storage import Storage, join
@@ -32,6 +34,9 @@ def register_factor_rule(rule: FactorRule) -> FactorRule:
     if rule not in _FACTOR_RULES:
         _FACTOR_RULES.append(rule)
     return rule
+
+
+register_factor_rule(own_lora.factor_rule)
 
 
 def model_dir(store: Storage, path: str) -> str | None:
