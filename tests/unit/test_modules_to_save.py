@@ -16,31 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from hf_models import peft, transformers
+from hf_models import bert_classifier, peft, vit_classifier
 from dcp_universal import CheckpointManager, export_hf, load_model, save_model
 from dcp_universal.model.view import ModelView
 
 HEAD = "classifier.original_module.weight"
 
-
-def bert(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=24,
-                                  max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
-def vit(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=24, num_labels=3)
-    return transformers.ViTForImageClassification(cfg).eval()
-
-
 _TARGETS = {"bert": ["query", "value"], "vit": ["q_proj", "v_proj"]}
-_BUILD = {"bert": bert, "vit": vit}
+_BUILD = {"bert": bert_classifier, "vit": vit_classifier}
 
 
 def inputs(kind: str) -> dict:
@@ -130,10 +113,10 @@ def test_resume_restores_the_trained_head_and_the_original_exactly(tmp_path, kin
 
 def test_a_resumed_run_keeps_its_base(tmp_path):
     """The original is frozen: the next save after a resume reuses the base."""
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     mgr = CheckpointManager(str(tmp_path / "ck"))
     mgr.save(1, src)
-    dst = with_head(bert(seed=5), seed=9)
+    dst = with_head(bert_classifier(seed=5), seed=9)
     mgr.load(dst)
     _train(dst, "bert", steps=1)
     mgr.save(2, dst)
@@ -144,11 +127,11 @@ def test_a_resumed_run_keeps_its_base(tmp_path):
 # ---- first start from a Hugging Face directory ----------------------------------------
 
 def test_init_from_an_hf_directory_fills_the_original_with_the_pretrained_head(tmp_path):
-    pretrained = bert()
+    pretrained = bert_classifier()
     hf = _hf_dir(pretrained, tmp_path / "hf")
     want = logits(pretrained)
 
-    fresh = with_head(bert(seed=5), seed=9)
+    fresh = with_head(bert_classifier(seed=5), seed=9)
     assert not torch.equal(disabled(fresh), want)
     root = str(tmp_path / "ck")
     report = CheckpointManager(root).load(fresh, init_from=hf)
@@ -159,16 +142,16 @@ def test_init_from_an_hf_directory_fills_the_original_with_the_pretrained_head(t
     # and the run that started so resumes with that original
     _train(fresh, "bert")
     CheckpointManager(root).save(1, fresh)
-    again = with_head(bert(seed=6), seed=10)
+    again = with_head(bert_classifier(seed=6), seed=10)
     CheckpointManager(root).load(again)
     assert torch.equal(disabled(again), want)
     assert torch.equal(logits(again), logits(fresh))
 
 
 def test_load_model_of_an_hf_directory_fills_the_original(tmp_path):
-    pretrained = bert()
+    pretrained = bert_classifier()
     hf = _hf_dir(pretrained, tmp_path / "hf")
-    fresh = with_head(bert(seed=5), seed=9)
+    fresh = with_head(bert_classifier(seed=5), seed=9)
     report = load_model(fresh, hf)
     assert HEAD in report.loaded
     assert any("filled from their modules' values" in n for n in report.notes), report.notes
@@ -178,11 +161,11 @@ def test_load_model_of_an_hf_directory_fills_the_original(tmp_path):
 # ---- merged checkpoints and exports ----------------------------------------------------
 
 def test_merged_writes_hold_the_trained_head_never_the_original(tmp_path):
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     root = str(tmp_path / "ck")
     CheckpointManager(root).save(1, src)
     assert HEAD in _base_keys(root, 1)
-    plain = set(bert().state_dict())
+    plain = set(bert_classifier().state_dict())
     trained = _wrapper(src).modules_to_save["default"].weight
 
     save_model(src, str(tmp_path / "m"))
@@ -199,9 +182,9 @@ def test_merged_writes_hold_the_trained_head_never_the_original(tmp_path):
 def test_a_merged_model_fills_the_original_from_its_head(tmp_path):
     """A merged model holds one head, the trained one: the original is filled from it
     (said in the report), and the trained function is exact."""
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     save_model(src, str(tmp_path / "m"))
-    dst = with_head(bert(seed=5), seed=9)
+    dst = with_head(bert_classifier(seed=5), seed=9)
     report = load_model(dst, str(tmp_path / "m"))
     assert any("filled from their modules' values" in n for n in report.notes), report.notes
     assert torch.equal(_wrapper(dst).original_module.weight,
@@ -224,14 +207,14 @@ def _as_before(monkeypatch) -> None:
 
 
 def test_an_older_step_loads_as_before_with_the_original_filled(tmp_path, monkeypatch):
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     root = str(tmp_path / "ck")
     with monkeypatch.context() as m:
         _as_before(m)
         CheckpointManager(root).save(1, src)
     assert HEAD not in _base_keys(root, 1)
 
-    dst = with_head(bert(seed=5), seed=9)
+    dst = with_head(bert_classifier(seed=5), seed=9)
     mgr = CheckpointManager(root)
     report = mgr.load(dst)
     assert any("exactly" in n for n in report.notes), report.notes
@@ -245,7 +228,7 @@ def test_an_older_step_loads_as_before_with_the_original_filled(tmp_path, monkey
     mgr.save(2, dst)
     assert mgr.manifest(2).base != mgr.manifest(1).base
     assert HEAD in _base_keys(root, 2)
-    again = with_head(bert(seed=6), seed=10)
+    again = with_head(bert_classifier(seed=6), seed=10)
     mgr.load(again)
     assert torch.equal(disabled(again), disabled(dst))
 
@@ -253,18 +236,19 @@ def test_an_older_step_loads_as_before_with_the_original_filled(tmp_path, monkey
 # ---- targets without modules_to_save ---------------------------------------------------
 
 def test_a_target_without_modules_to_save_does_not_need_the_originals(tmp_path):
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     want = logits(src)
     root = str(tmp_path / "ck")
     CheckpointManager(root).save(1, src)
     assert HEAD in _base_keys(root, 1)
 
-    same_lora = with_head(bert(seed=5), seed=9, modules_to_save=())
+    same_lora = with_head(bert_classifier(seed=5), seed=9, modules_to_save=())
     report = CheckpointManager(root).load(same_lora)  # strict: no mismatch
     assert not any("original_module" in k for k in report.loaded + report.dropped)
     assert torch.equal(logits(same_lora), want)
 
-    for plain in (bert(seed=5), with_head(bert(seed=5), seed=9, modules_to_save=())):
+    for plain in (bert_classifier(seed=5),
+                  with_head(bert_classifier(seed=5), seed=9, modules_to_save=())):
         load_model(plain, os.path.join(root, "step-00000001"))  # merged: other adapters
         torch.testing.assert_close(logits(plain), want, atol=1e-6, rtol=0)
 
@@ -273,10 +257,10 @@ def test_other_adapters_still_get_the_stored_original(tmp_path):
     """A target with other adapters takes merged weights (so its disabled adapters do
     not give the saved model's reference function: the saved update is in the base),
     and the original stored in the base, not a fill from the trained head."""
-    src = with_head(bert())
+    src = with_head(bert_classifier())
     root = str(tmp_path / "ck")
     CheckpointManager(root).save(1, src)
-    dst = peft.get_peft_model(bert(seed=5), peft.LoraConfig(
+    dst = peft.get_peft_model(bert_classifier(seed=5), peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["query"], modules_to_save=["classifier"])).eval()
     report = CheckpointManager(root).load(dst)
     assert HEAD in report.loaded
