@@ -58,6 +58,25 @@ def bart(*, seed: int = 0, tied: bool = True):
     return transformers.BartForConditionalGeneration(cfg).eval()
 
 
+def bert_classifier(*, seed: int = 0):
+    """A tiny BERT sequence classifier: its head, ``classifier``, is what PEFT puts in
+    ``modules_to_save`` (task_type="SEQ_CLS")."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=24,
+                                  max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def vit_classifier(*, seed: int = 0):
+    """A tiny ViT image classifier (8x8 images, 4x4 patches; head ``classifier``)."""
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=24, num_labels=3)
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
 def config_of(model) -> dict:
     """The config.json that save_pretrained would write (with ``architectures``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

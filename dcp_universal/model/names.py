@@ -6,6 +6,12 @@ the tree (rather than deleting substrings) means a user module that happens to b
 ``module`` or ``model`` keeps its name unless it really is a DDP or PEFT wrapper's child.
 Below an adapted module, its adapter kind maps the rest of the key
 (:meth:`~dcp_universal.adapters.AdapterKind.canonical_key`).
+
+A PEFT ``modules_to_save`` wrapper holds two copies of its module: the active adapter's
+trained copy, named as the module itself (``head.weight``), and the frozen original that
+``disable_adapter()`` computes with, named with an explicit ``original_module`` part
+(``head.original_module.weight``, :data:`ORIGINAL`): a name that cannot collide with the
+trained copy's, and that a plain model never has (:func:`stored_originals`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import torch.nn as nn
 
 from dcp_universal import _torch_compat, adapters
 
-__all__ = ["Namer", "canonical_names", "canonical_module_names",
-           "canonical_parameters"]
+__all__ = ["Namer", "ORIGINAL", "canonical_names", "canonical_module_names",
+           "canonical_parameters", "stored_originals"]
+
+#: the part of a canonical name that marks a PEFT ``modules_to_save`` frozen original
+ORIGINAL = "original_module"
 
 
 def _type_named(*qualnames: str) -> Callable[[nn.Module], bool]:
@@ -74,15 +83,17 @@ def _visible_branch(wrapper: nn.Module) -> tuple[str, ...]:
     active = [] if wrapper.disable_adapters else list(wrapper.active_adapters)
     if active and active[0] in wrapper.modules_to_save:
         return ("modules_to_save", active[0])
-    return ("original_module",)
+    return (ORIGINAL,)
 
 
 def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
-    """The canonical name of one state-dict key, parameter or module name of ``model``;
-    ``None`` for a key the model does not compute with (a PEFT ``modules_to_save``
-    module's frozen original, or an inactive adapter's copy). ``memo`` (shared by the
-    names of one model) remembers the
-    walk's state after each prefix, so names that share a prefix walk it once."""
+    """The canonical name of one state-dict key, parameter or module name of ``model``.
+
+    Below a PEFT ``modules_to_save`` wrapper the branch the model computes with is named
+    as the module; the frozen original, when it is not that branch, keeps its
+    :data:`ORIGINAL` part; an inactive adapter's copy gives ``None`` (no name: not saved,
+    not loaded). ``memo`` (shared by the names of one model) remembers the walk's state
+    after each prefix, so names that share a prefix walk it once."""
     parts = fqn.split(".") if fqn else []
     module: nn.Module | None = model
     kept: list[str] = []
@@ -107,12 +118,17 @@ def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
             kept.extend(rest.split(".") if rest else [])
             break
         if module is not None and _is_modules_to_save(module) and \
-                part in ("modules_to_save", "original_module"):
+                part in ("modules_to_save", ORIGINAL):
             branch = _visible_branch(module)
-            if tuple(parts[i:i + len(branch)]) != branch:
+            if tuple(parts[i:i + len(branch)]) == branch:
+                module = module.get_submodule(".".join(branch))
+                i += len(branch)
+            elif part == ORIGINAL:  # the frozen original beside the trained copy
+                kept.append(ORIGINAL)
+                module = module.get_submodule(ORIGINAL)
+                i += 1
+            else:
                 return None
-            module = module.get_submodule(".".join(branch))
-            i += len(branch)
             continue
         child = _child(module, part) if module is not None else None
         if child is not None and _is_wrapper_edge(module, part):
@@ -173,6 +189,24 @@ class Namer:
                 out.setdefault(module, name)
         return out
 
+    def originals(self, keys) -> dict[str, str]:
+        """The PEFT ``modules_to_save`` frozen originals among state-dict ``keys`` (of
+        wrappers that compute with their trained copy): canonical name -> the name of the
+        same tensor in the plain module (``head.original_module.weight`` ->
+        ``head.weight``), the value a checkpoint without originals holds for it."""
+        if self._memo is None:
+            return {}
+        wrappers = {self.name(fqn) for fqn, m in self.model.named_modules()
+                    if _is_modules_to_save(m) and _visible_branch(m) != (ORIGINAL,)}
+        out: dict[str, str] = {}
+        for key in keys:
+            name = self.name(key)
+            value = _without_original(name, lambda module: module in wrappers) \
+                if name is not None else None
+            if value is not None:
+                out[name] = value
+        return out
+
     def parameters(self) -> dict[str, nn.Parameter]:
         """See :func:`canonical_parameters`."""
         params = dict(self.model.named_parameters())
@@ -180,9 +214,33 @@ class Namer:
         return {names[n]: p for n, p in params.items() if n in names}
 
 
+def _without_original(name: str, is_wrapper: Callable[[str], bool]) -> str | None:
+    """``name`` without its :data:`ORIGINAL` part, the first one that follows a module
+    for which ``is_wrapper(module name)``; ``None`` if it has no such part."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == ORIGINAL and is_wrapper(".".join(parts[:i])):
+            return ".".join(parts[:i] + parts[i + 1:])
+    return None
+
+
+def stored_originals(keys) -> dict[str, str]:
+    """The PEFT ``modules_to_save`` originals among a checkpoint's canonical ``keys``,
+    each -> the key of its module's value (``head.original_module.weight`` ->
+    ``head.weight``). Known by name: a key with an :data:`ORIGINAL` part whose name
+    without it is among ``keys`` too (the trained copy, saved beside it)."""
+    keys = set(keys)
+    out: dict[str, str] = {}
+    for key in keys:
+        value = _without_original(key, lambda module: True)
+        if value is not None and value in keys:
+            out[key] = value
+    return out
+
+
 def canonical_names(model: nn.Module, keys) -> dict[str, str]:
-    """Map each state-dict key of ``model`` to its canonical name (keys the model does
-    not compute with, see :func:`_walk`, are left out).
+    """Map each state-dict key of ``model`` to its canonical name (an inactive PEFT
+    adapter's ``modules_to_save`` copy, which has none, see :func:`_walk`, is left out).
 
     Raises:
         ValueError: two keys map to one canonical name (a model whose wrapper layout
@@ -192,7 +250,7 @@ def canonical_names(model: nn.Module, keys) -> dict[str, str]:
 
 
 def canonical_module_names(model: nn.Module) -> dict[nn.Module, str]:
-    """Canonical name of every module the model computes with, by identity."""
+    """Canonical name of every module that has one (see :func:`_walk`), by identity."""
     return Namer(model).module_names()
 
 

@@ -48,6 +48,21 @@ def _ties(namer: Namer, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...
     return sorted(groups)
 
 
+def _own_originals(namer: Namer, originals: dict[str, str]) -> dict[str, str]:
+    """The PEFT ``modules_to_save`` originals (``namer.originals``) that are tensors of
+    their own. One bound to a tensor that has another name (PEFT keeps a tied head's
+    original as the token embedding itself) is that name's: saved and loaded once,
+    under it (two loads into one tensor could disagree)."""
+    model = namer.model
+    by_id: dict[int, set] = {}
+    for fqn, t in [*model.named_parameters(remove_duplicate=False),
+                   *model.named_buffers(remove_duplicate=False)]:
+        by_id.setdefault(id(t), set()).add(namer.name(fqn))
+    shared = {n for names in by_id.values() if names - originals.keys() - {None}
+              for n in names}
+    return {k: v for k, v in originals.items() if k not in shared}
+
+
 def _non_persistent(namer: Namer, sd: dict) -> list[str]:
     names = {namer.name(n) for n, _ in namer.model.named_buffers() if n not in sd}
     return sorted(n for n in names if n is not None)
@@ -72,6 +87,13 @@ class ModelView:
             token embedding tied to the output head), each group sorted; groups sorted.
         non_persistent: canonical names of buffers outside the state dict (rotary
             ``inv_freq``): no checkpoint holds them, the model's own code sets them.
+        originals: canonical key (``head.original_module.weight``) -> tensor of each
+            PEFT ``modules_to_save`` frozen original (what ``disable_adapter()``
+            computes with). Not in ``tensors``: the model computes with the trained
+            copy, so merged writes (``model/``, exports) leave them out; they are
+            frozen (in ``frozen``), so a LoRA step keeps them with its base.
+        original_of: original key -> the key of its module's value (``head.weight``),
+            which fills it from a checkpoint that stores no originals.
     """
 
     model: nn.Module
@@ -84,6 +106,8 @@ class ModelView:
     param_keys: dict[int, str]
     ties: list[tuple[str, ...]]
     non_persistent: list[str]
+    originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    original_of: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
@@ -96,19 +120,25 @@ class ModelView:
         for site in sites:
             adapter_keys.update(f"{site.name}.{n}" for n in site.adapter_params())
             structural.update(site.structural_names())
-        tensors, adapter_tensors = {}, {}
+        every_original = namer.originals(sd.keys())
+        original_of = _own_originals(namer, every_original)
+        tensors, adapter_tensors, originals = {}, {}, {}
         for key, value in sd.items():
             name = names.get(key)
-            if name is None:  # a modules_to_save original: not part of the model's function
-                continue
-            (adapter_tensors if name in adapter_keys else tensors)[name] = value
+            if name is None or (name in every_original and name not in original_of):
+                continue  # an inactive adapter's copy; an original saved under its tie
+            (originals if name in original_of else
+             adapter_tensors if name in adapter_keys else tensors)[name] = value
         params = namer.parameters()
-        frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys}
+        frozen = {n for n, p in params.items() if not p.requires_grad and n not in adapter_keys
+                  and (n in tensors or n in originals)}
+        frozen.update(originals)  # buffers too: the original never changes
         ties = _ties(namer, tensors)
         # named_parameters() lists a tied parameter once: its other names are frozen too
         frozen.update(k for g in ties if frozen.intersection(g) for k in g)
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
-                   {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd))
+                   {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd),
+                   originals, original_of)
 
     def optimizer_param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """``id(parameter) -> canonical name`` for the parameters ``optimizer`` holds
@@ -135,7 +165,10 @@ class ModelView:
         return (key,)
 
     def frozen_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: self.tensors[k] for k in sorted(self.frozen)}
+        """Everything a LoRA run's shared base holds: the frozen weights and the PEFT
+        ``modules_to_save`` originals."""
+        every = {**self.tensors, **self.originals}
+        return {k: every[k] for k in sorted(self.frozen)}
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a LoRA step's ``adapters/`` holds: all but the frozen base."""

@@ -45,7 +45,7 @@ def _host_buffer(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_materialized(view: ModelView) -> None:
-    meta = [k for k, t in {**view.tensors, **view.adapter_tensors}.items()
+    meta = [k for k, t in {**view.tensors, **view.originals, **view.adapter_tensors}.items()
             if local_block(t)[0].is_meta]
     if meta:
         raise CheckpointError(
@@ -91,6 +91,17 @@ def _check_ties(ties: list[tuple[str, ...]], buffers: dict[str, torch.Tensor], d
             "whatever its config says), or load a LoRA step into a model with an adapter of "
             "at least the saved rank on each tied module, which carries the update without "
             "merging it (the same adapters restore exactly)")
+
+
+def _aliased(source: sources.Source, reads: dict[str, str]) -> set[str]:
+    """Target keys of ``reads`` (checkpoint key -> target key) that ``source`` reads
+    from one stored tensor (a tied pair stored once, a PEFT original filled from its
+    module's value)."""
+    by_stored: dict[tuple, list[str]] = {}
+    for ck, tk in reads.items():
+        e = source.entries[ck]
+        by_stored.setdefault((id(e.dir), e.raw), []).append(tk)
+    return {k for group in by_stored.values() if len(group) > 1 for k in group}
 
 
 def _check_committed(store: Storage, path: str) -> None:
@@ -184,8 +195,8 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
             target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
         if source.loader is not None:
             return source, None
-        source = source.sharing(view.ties)
-        return source, plan_load(source.keys, _infos(view.tensors),
+        source = source.sharing(view.ties).filling_originals(view.original_of)
+        return source, plan_load(source.keys, _infos({**view.tensors, **view.originals}),
                                  adapters=_infos(view.adapter_tensors),
                                  structural_names=view.structural, strict=strict,
                                  source=source.desc)
@@ -193,15 +204,16 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
     source, plan = _comm.agreed(planned)
     if plan is None:
         return source.loader(view, strict=strict)
-    targets = {**view.tensors, **view.adapter_tensors}
+    targets = {**view.tensors, **view.originals, **view.adapter_tensors}
     read = set(plan.reads.values())
     ties = [tuple(k for k in g if k in read) for g in view.ties]
     ties = [g for g in ties if len(g) > 1]
     # Staging keeps the model untouched until every read succeeded. A source prepared in
     # full needs none: its copies wait (views of memory maps) for the commit. Tied keys
-    # are always staged (compared before one of them is installed), and so are keys that
+    # are always staged (compared before one of them is installed), and so are keys read
+    # from one stored tensor (copied from each other as soon as it is read) and keys that
     # get an adapter delta, when staging.
-    held = {k for g in ties for k in g}
+    held = {k for g in ties for k in g} | _aliased(source, plan.reads)
     if stage:
         held |= {tk for ck, tk in plan.reads.items() if ck in source.deltas}
     waits = stage and source.prepared_in_full

@@ -226,6 +226,29 @@ class Source:
                          f"{', '.join(k for k in group if k != present[0])} too")
         return self.replace(entries=entries, notes=tuple(notes))
 
+    def filling_originals(self, original_of: Mapping[str, str]) -> "Source":
+        """A source that stores no PEFT ``modules_to_save`` original (a Hugging Face
+        directory, a merged model, a step written before originals were stored) serves
+        each from its module's value (``original_of``: original key -> that key), as
+        PEFT made it when it wrapped the model: for a pretrained model's directory that
+        is the pretrained module itself."""
+        entries, deltas = dict(self.entries), dict(self.deltas)
+        filled = []
+        for key, value in sorted(original_of.items()):
+            if key in entries or value not in entries:
+                continue
+            entries[key] = entries[value]
+            if value in deltas:
+                deltas[key] = deltas[value]
+            filled.append(key)
+        if not filled:
+            return self
+        note = (f"{len(filled)} PEFT modules_to_save originals ({filled[0]}"
+                f"{', ...' if len(filled) > 1 else ''}) filled from their modules' values: "
+                "the checkpoint stores no originals, so disable_adapter() computes with "
+                "the module as loaded")
+        return self.replace(entries=entries, deltas=deltas, notes=(*self.notes, note))
+
     def read(self, into: dict[str, torch.Tensor], *, single_process: bool = False,
              later: Copies | None = None) -> None:
         """Read canonical keys into ``into`` (each rank fills the block it holds), then

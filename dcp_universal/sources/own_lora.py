@@ -25,7 +25,7 @@ import math
 from typing import Mapping
 
 from dcp_universal.errors import CheckpointMismatchError
-from dcp_universal.format.manifest import AdapterTerm
+from dcp_universal.format.manifest import AdapterTerm, AdapterUpdate
 from dcp_universal.model.plan import TensorInfo
 from dcp_universal.model.view import ModelView
 from dcp_universal.sources import Source
@@ -157,14 +157,15 @@ def read_own_factors(source: Source, view: ModelView) -> Source:
     if merging and alpha is None:
         raise _alpha_unknown(source.desc, merging)
     entries, factors = dict(source.entries), dict(source.factors)
-    deltas = {k: list(v) for k, v in source.deltas.items()}
+    deltas = dict(source.deltas)
     for f in keep:  # LoRALinear's factor modules: "x.lora_A.weight" is canonically "x.lora_A"
         entries[f"{f.site}.lora_A"], entries[f"{f.site}.lora_B"] = entries.pop(f.a), entries.pop(f.b)
     for f in merging:
         factors[f.a], factors[f.b] = entries.pop(f.a), entries.pop(f.b)
-        deltas.setdefault(f"{f.site}.weight", []).append(f.term(alpha))
+        weight = f"{f.site}.weight"
+        deltas[weight] = deltas.get(weight, AdapterUpdate(())).add(f.term(alpha))
     return source.replace(entries=entries, factors=factors,
-                          deltas={k: tuple(v) for k, v in deltas.items()},
+                          deltas=deltas,
                           notes=(*source.notes, *_notes(keep, merging, alpha)))
 
 

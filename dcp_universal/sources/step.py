@@ -3,9 +3,12 @@
 A plain step's model is ``model/``. A LoRA step (``adapters/`` plus a shared frozen
 base) restores exactly into a model with the same adapters; any other target (and an
 export) gets merged weights: ``model/`` when the step has it, otherwise base plus
-adapters, composed while reading. The files read are checked against the manifest:
-sizes always, and every byte read against its block checksums unless ``verify=False``
-(``verify=True``: every file read and checked whole first).
+adapters, composed while reading. The base also holds the frozen originals of PEFT
+``modules_to_save`` modules (``head.original_module.weight``): read into a target that
+has them (whatever its adapters), left out for any other target and for exports. The
+files read are checked against the manifest: sizes always, and every byte read against
+its block checksums unless ``verify=False`` (``verify=True``: every file read and
+checked whole first).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dcp_universal.storage import dcp_io, steps
 from dcp_universal.sources.dcp import dir_source
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import Manifest
+from dcp_universal.model import names
 from dcp_universal.sources import (DcpDir, Entry, Format, Source, Want, dir_entries,
                                    register_format)
 from dcp_universal.storage import Storage, join
@@ -60,6 +64,8 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         return dir_source(store, model_dir, merged)
     base, base_keys = _opened(store, manifest.base_path(path, m), want.trusted)
     adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR), want.trusted)
+    complete = view is not None and view.frozen == base_keys.keys()
+    base_keys, originals = _split_originals(base_keys, step_keys, view)
     sites = m.adapters.sites
     factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
     same_adapters = view is not None and (
@@ -74,10 +80,14 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         return Source(desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()},
                                           **{k: Entry(i, adapters, k) for k, i in step_keys.items()}},
                       notes=(f"restored base ({m.base}) and adapters exactly",),
-                      meta={"restored_base": m.base})
+                      # the next save may reuse this base only if it holds what that
+                      # save's base would (not a step written before originals were)
+                      meta={"restored_base": m.base if complete else None})
     if m.has(manifest.MODEL_DIR):
         checked(manifest.MODEL_DIR)
-        return dir_source(store, model_dir, merged)
+        source = dir_source(store, model_dir, merged)
+        return source.replace(entries={**source.entries,
+                                       **{k: Entry(i, base, k) for k, i in originals.items()}})
     checked(manifest.ADAPTERS_DIR)
     trained = {k: Entry(i, adapters, k) for k, i in step_keys.items()
                if k not in factor_keys and k not in idle}
@@ -104,6 +114,16 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         deltas={f"{name}.weight": update for name, update in merging.items()},
         factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
         notes=tuple(notes))
+
+
+def _split_originals(base_keys: dict, step_keys: dict, view) -> tuple[dict, dict]:
+    """``(base keys a load reads, the PEFT modules_to_save originals among them)``: an
+    original only where the target has one (an export, and a target without
+    ``modules_to_save`` there, do not need it; it is no mismatch)."""
+    stored = names.stored_originals({**base_keys, **step_keys}.keys())
+    wanted = view.originals if view is not None else {}
+    keep = {k: i for k, i in base_keys.items() if k not in stored or k in wanted}
+    return keep, {k: i for k, i in keep.items() if k in stored}
 
 
 def _rank(info, transposed: bool, side: int) -> int:
