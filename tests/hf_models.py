@@ -87,7 +87,11 @@ def with_lora(model, *, seed: int = 1, **config):
     """PEFT LoRA on ``model`` with every adapter factor random (so merges are not no-ops)."""
     config.setdefault("r", 4)
     config.setdefault("lora_alpha", 8)
-    model = peft.get_peft_model(model, peft.LoraConfig(**config))
+    return randomize_lora(peft.get_peft_model(model, peft.LoraConfig(**config)), seed)
+
+
+def randomize_lora(model, seed: int):
+    """Every adapter tensor (``lora_`` in its name) random, so merges are not no-ops."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -33,7 +33,7 @@ calls :func:`register`::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -41,12 +41,14 @@ import torch.nn as nn
 from dcp_universal._registry import Registry
 from dcp_universal.errors import UnsupportedAdapterError
 
-__all__ = ["AdapterKind", "Term", "Magnitude", "Site", "register", "registered", "kind_of",
+__all__ = ["AdapterKind", "Term", "SPLITS", "expert_pieces", "Magnitude", "Site", "register", "registered", "kind_of",
            "find_sites", "adapter_config", "is_conv1d", "LAYOUTS", "BASE_KEEPING_INITS",
            "base_changing_inits"]
 
-#: the base-weight layouts an adapter kind may declare (:meth:`AdapterKind.layout`)
-LAYOUTS = ("linear", "conv1d", "embedding")
+#: the base-weight layouts an adapter kind may declare (:meth:`AdapterKind.layout`);
+#: ``parameter``: an adapter on a parameter other than a layer's ``.weight`` (PEFT's
+#: ``target_parameters``, e.g. a mixture of experts' fused ``gate_up_proj``)
+LAYOUTS = ("linear", "conv1d", "embedding", "parameter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +56,42 @@ class Term:
     """One low-rank update ``scale * L @ R``: ``L`` is ``left`` (``left.T`` when
     ``left_transposed``), shaped ``(base rows, r)``; ``R`` is ``right`` (``right.T`` when
     ``right_transposed``), shaped ``(r, base columns)``. ``left`` and ``right`` are
-    parameters of the adapted module."""
+    parameters of the adapted module.
+
+    On a 3-D parameter of ``experts`` stacked matrices (a mixture of experts' fused
+    ``(E, rows, columns)`` weight), expert ``e`` gets ``scale * L_e @ R_e``: each factor
+    is split into ``E`` pieces as its ``*_split`` says (:data:`SPLITS`), and each piece
+    is transposed where the term says so.
+    """
 
     left: torch.Tensor
     right: torch.Tensor
     scale: float
     left_transposed: bool = False
     right_transposed: bool = False
+    experts: int = 0
+    left_split: str = ""
+    right_split: str = ""
+
+
+#: how a factor of an expert term holds its ``E`` pieces: ``rows``: ``(E * r, n)``, expert
+#: ``e`` the rows ``e*r:(e+1)*r`` (PEFT's ``lora_A``); ``cols_strided``: ``(n, r * E)``,
+#: expert ``e`` the columns ``e::E`` (PEFT's ``lora_B``); ``stacked``: ``(E, a, b)``
+SPLITS = ("rows", "cols_strided", "stacked")
+
+
+def expert_pieces(t: torch.Tensor, experts: int, split: str, transposed: bool) -> torch.Tensor:
+    """The ``(E, a, b)`` view of an expert term's factor ``t`` (each piece transposed
+    when ``transposed``)."""
+    if split == "rows":
+        out = t.reshape(experts, t.shape[0] // experts, t.shape[1])
+    elif split == "cols_strided":
+        out = t.reshape(t.shape[0], t.shape[1] // experts, experts).permute(2, 0, 1)
+    elif split == "stacked":
+        out = t
+    else:
+        raise ValueError(f"expert factor split {split!r}: expected one of {SPLITS}")
+    return out.transpose(1, 2) if transposed else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +124,18 @@ class AdapterKind:
         base parameters, named canonically without this infix."""
         return "base_layer"
 
+    def param(self, module: nn.Module) -> str:
+        """The base parameter the update adds to (default ``"weight"``), a parameter of
+        :meth:`base_module`."""
+        return "weight"
+
+    def base_module(self, module: nn.Module) -> nn.Module:
+        """The module holding the adapted parameter: the base layer, or, where adapters
+        nest (PEFT wraps a module once per targeted parameter), the innermost one."""
+        base = getattr(module, self.base_attr(module))
+        inner = kind_of(base)
+        return inner.base_module(base) if inner is not None else base
+
     def terms(self, module: nn.Module) -> list[Term]:
         """The active updates. Raises
         :class:`~dcp_universal.errors.UnsupportedAdapterError` for variants whose
@@ -119,7 +162,9 @@ class AdapterKind:
         ``"linear"`` (weight ``(out, in)``), ``"conv1d"`` (``(in, out)``, transformers'
         ``Conv1D``) or ``"embedding"`` (``(num, dim)``). Recorded in the manifest; by
         default read off the base layer's type."""
-        base = getattr(module, self.base_attr(module))
+        if self.param(module) != "weight":
+            return "parameter"
+        base = self.base_module(module)
         if isinstance(base, nn.Embedding):
             return "embedding"
         return "conv1d" if is_conv1d(base) else "linear"
@@ -127,11 +172,24 @@ class AdapterKind:
     def canonical_key(self, module: nn.Module, local_key: str) -> str:
         """The canonical name of a key below ``module`` (``"base_layer.weight"`` ->
         ``"weight"``; adapter parameters keep their own names). Returns ``""`` for the
-        base layer itself, which shares the adapted module's name."""
+        base layer itself, which shares the adapted module's name.
+
+        Where the base layer is itself an adapter (nested PEFT wrappers, one per targeted
+        parameter of a module), the base's parameters lose every infix and the inner
+        adapter's own parameters keep theirs (``base_layer.lora_A.default.weight``), so
+        the two adapters' factors never share a name."""
         attr = self.base_attr(module)
         if local_key == attr:
             return ""
-        return local_key[len(attr) + 1:] if local_key.startswith(attr + ".") else local_key
+        if not local_key.startswith(attr + "."):
+            return local_key
+        rest = local_key[len(attr) + 1:]
+        base = getattr(module, attr, None)
+        inner = kind_of(base) if isinstance(base, nn.Module) else None
+        if inner is None:
+            return rest
+        name = inner.canonical_key(base, rest)
+        return local_key if name == rest else name
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -166,19 +224,35 @@ def kind_of(module: nn.Module) -> AdapterKind | None:
 
 @dataclasses.dataclass
 class Site:
-    """An adapted module, resolved: where its base weight is and what to add to it."""
+    """An adapted parameter, resolved: where it is and what to add to it.
 
-    name: str  # canonical module name, e.g. "blocks.0.attn.q"
+    ``name`` identifies the site: the canonical module name for a layer's ``.weight``
+    (``blocks.0.attn.q``), the canonical parameter key otherwise
+    (``layers.0.mlp.experts.gate_up_proj``: one module may carry several sites).
+    """
+
+    name: str
     module: nn.Module
     kind: AdapterKind
+    module_name: str = ""  # canonical module name; defaults to ``name``
+    adapter_keys: dict[str, nn.Parameter] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.module_name = self.module_name or self.name
 
     @property
     def base(self) -> nn.Module:
-        return getattr(self.module, self.kind.base_attr(self.module))
+        """The module holding the adapted parameter."""
+        return self.kind.base_module(self.module)
+
+    @property
+    def param(self) -> str:
+        return self.kind.param(self.module)
 
     @property
     def weight_key(self) -> str:
-        return f"{self.name}.weight"
+        """The canonical key of the adapted parameter."""
+        return f"{self.module_name}.{self.param}"
 
     def terms(self) -> list[Term]:
         return self.kind.terms(self.module)
@@ -192,16 +266,16 @@ class Site:
         return [f for t in self.terms() for f in (t.left, t.right)] + ([m.vector] if m else [])
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The adapter's own parameters (everything outside the base layer), by their
-        canonical local names (the kind's :meth:`AdapterKind.canonical_key`)."""
-        prefix = self.kind.base_attr(self.module) + "."
-        return {self.kind.canonical_key(self.module, n): p
-                for n, p in self.module.named_parameters() if not n.startswith(prefix)}
+        """The adapter's own parameters (everything outside the base layer) by canonical
+        key (set by :func:`find_sites`)."""
+        return dict(self.adapter_keys)
 
     def structural_names(self) -> dict[str, str]:
         """Canonical base parameter key -> the same key with the base infix kept."""
         attr = self.kind.base_attr(self.module)
-        return {f"{self.name}.{p}": f"{self.name}.{attr}.{p}"
+        if self.param != "weight":
+            return {self.weight_key: f"{self.module_name}.{attr}.{self.param}"}
+        return {f"{self.module_name}.{p}": f"{self.module_name}.{attr}.{p}"
                 for p, _ in self.base.named_parameters()}
 
 
@@ -243,23 +317,38 @@ def base_changing_inits(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def find_sites(model: nn.Module, module_names: dict[nn.Module, str]) -> list[Site]:
-    """Every adapter in ``model``, sorted by canonical name (a collective-safe order).
+def find_sites(model: nn.Module, name_of: Callable[[str], str | None]) -> list[Site]:
+    """Every adapter in ``model``, sorted by site name (a collective-safe order).
+    ``name_of`` gives the canonical name of a module or parameter path of ``model``.
 
     Raises:
         UnsupportedAdapterError: a prompt-learning PEFT adapter (prefix, prompt or
             p-tuning): its virtual tokens are not weights of the model, so no save of the
             model's weights could hold what it computes.
+        ValueError: two adapters claim one parameter.
     """
     _refuse_prompt_learning(model)
-    sites = []
-    for module, name in module_names.items():
-        kind = kind_of(module)
-        if kind is not None:
-            site = Site(name=name, module=module, kind=kind)
-            site.terms()  # unsupported variants raise here, before anything is written
-            sites.append(site)
-    return sorted(sites, key=lambda s: s.name)
+    sites: dict[str, Site] = {}
+    seen: set[int] = set()
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        kind = kind_of(module) if id(module) not in seen else None
+        module_name = name_of(fqn) if kind is not None else None
+        if module_name is None:
+            continue
+        seen.add(id(module))  # a module reached by several paths is one site
+        param = kind.param(module)
+        name = module_name if param == "weight" else f"{module_name}.{param}"
+        if name in sites:
+            raise ValueError(f"two adapters on {name!r}: one adapter per parameter")
+        prefix = kind.base_attr(module) + "."
+        keys = {name_of(f"{fqn}.{n}" if fqn else n): p
+                for n, p in module.named_parameters() if not n.startswith(prefix)}
+        keys.pop(None, None)
+        site = Site(name=name, module=module, kind=kind, module_name=module_name,
+                    adapter_keys=keys)
+        site.terms()  # unsupported variants raise here, before anything is written
+        sites[name] = site
+    return [sites[n] for n in sorted(sites)]
 
 
 def adapter_config(sites: list[Site]) -> dict[str, Any]:

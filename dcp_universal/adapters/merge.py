@@ -30,9 +30,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dcp_universal import _comm
 from dcp_universal._torch_compat import local_block
-from dcp_universal.adapters import Site
+from dcp_universal.adapters import Site, Term, expert_pieces
 
-__all__ = ["Factors", "Merge", "prepare", "gather_factors", "add_norms", "norms", "merge_block"]
+__all__ = ["Factors", "Merge", "prepare", "gather_factors", "factors_of", "add_norms", "norms",
+           "merge_block"]
 
 
 def _rows_line_up(left: torch.Tensor, base: torch.Tensor) -> bool:
@@ -48,7 +49,8 @@ def _rows_line_up(left: torch.Tensor, base: torch.Tensor) -> bool:
 @dataclasses.dataclass
 class Factors:
     """A term's factors, ready for local merging: ``left`` is either the rank's own rows
-    (``left_is_local``) or the full matrix; ``right`` is always full."""
+    (``left_is_local``) or the full matrix; ``right`` is always full. For a term on a
+    3-D expert weight both are 3-D: ``(E, rows, r)`` and ``(E, r, columns)``."""
 
     left: torch.Tensor
     right: torch.Tensor
@@ -99,7 +101,7 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[Merge]:
     for site, base in zip(sites, bases):
         terms = []
         for term in site.terms():
-            local = not term.left_transposed and _rows_line_up(term.left, base)
+            local = not term.left_transposed and not term.experts and _rows_line_up(term.left, base)
             terms.append((term, local))
             if not local:
                 wanted.append(term.left)
@@ -114,13 +116,27 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[Merge]:
         factors = []
         for term, local in terms:
             left = term.left.to_local() if local else next(full)
-            right = next(full)
-            factors.append(Factors(left.T if term.left_transposed else left,
-                                   right.T if term.right_transposed else right,
-                                   term.scale, local))
+            factors.append(factors_of(term, left, next(full), left_is_local=local))
         out.append(Merge(factors) if magnitude is None
                      else Merge(factors, next(full), magnitude.axis))
     return out
+
+
+def factors_of(term, left: torch.Tensor, right: torch.Tensor, *,
+               left_is_local: bool = False) -> Factors:
+    """The :class:`Factors` of ``term`` (an :class:`~dcp_universal.adapters.Term`, or a
+    manifest's ``AdapterTerm``: the same fields, spelled ``left_t`` / ``right_t``) from
+    its tensors ``left`` and ``right`` (whole, or ``left`` the rank's own rows)."""
+    if isinstance(term, Term):
+        left_t, right_t = term.left_transposed, term.right_transposed
+    else:
+        left_t, right_t = term.left_t, term.right_t
+    if term.experts:
+        return Factors(expert_pieces(left, term.experts, term.left_split, left_t),
+                       expert_pieces(right, term.experts, term.right_split, right_t),
+                       term.scale, False)
+    return Factors(left.T if left_t else left, right.T if right_t else right, term.scale,
+                   left_is_local)
 
 
 @torch.no_grad()
@@ -189,6 +205,8 @@ def merge_block(block: torch.Tensor, offsets, m: Merge,
 
     Computed in float32 and returned as a new tensor in ``dtype`` (default: ``block``'s).
     """
+    if block.dim() == 3:
+        return _merge_experts(block, offsets, m, dtype)
     r0, c0 = offsets
     nr, nc = block.shape
     out = block.to(torch.float32)  # no copy for float32 blocks: the first addmm makes one
@@ -205,5 +223,22 @@ def merge_block(block: torch.Tensor, offsets, m: Merge,
         scale = m.magnitude.to(torch.float32) / m.norms
         out = out * (scale[r0:r0 + nr, None] if m.axis == 0 else scale[None, c0:c0 + nc])
     elif out.data_ptr() == block.data_ptr():
+        out = out.clone()
+    return out.to(dtype or block.dtype)
+
+
+def _merge_experts(block: torch.Tensor, offsets, m: Merge, dtype) -> torch.Tensor:
+    """:func:`merge_block` of a block ``(experts, rows, columns)`` of a 3-D expert weight:
+    each expert the rank holds gets its own pieces' product (one batched matmul)."""
+    if m.magnitude is not None:
+        raise RuntimeError("a rescaled (DoRA) update of an expert weight")
+    e0, r0, c0 = offsets
+    ne, nr, nc = block.shape
+    out = block.to(torch.float32)
+    for f in m.factors:
+        left = f.left[e0:e0 + ne, r0:r0 + nr].to(torch.float32)
+        right = f.right[e0:e0 + ne, :, c0:c0 + nc].to(torch.float32)
+        out = torch.baddbmm(out, left, right, alpha=f.scale)  # a new tensor each time
+    if out.data_ptr() == block.data_ptr():
         out = out.clone()
     return out.to(dtype or block.dtype)

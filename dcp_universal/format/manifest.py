@@ -238,6 +238,11 @@ class AdapterTerm:
         scale: the factor in front of the product (LoRA: ``alpha / r``).
         left_t: ``left`` is stored transposed.
         right_t: ``right`` is stored transposed.
+        experts: on a 3-D ``(E, rows, columns)`` weight (format 3), ``E``: expert ``e``
+            gets ``scale * L_e @ R_e``, each factor split into ``E`` pieces as
+            ``left_split`` / ``right_split`` say (``rows``, ``cols_strided``,
+            ``stacked``: :data:`dcp_universal.adapters.SPLITS`), each piece transposed
+            where ``left_t`` / ``right_t`` say. 0 for a 2-D weight.
     """
 
     left: str
@@ -245,19 +250,38 @@ class AdapterTerm:
     scale: float
     left_t: bool = False
     right_t: bool = False
+    experts: int = 0
+    left_split: str = ""
+    right_split: str = ""
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.experts:
+            for k in ("experts", "left_split", "right_split"):
+                del out[k]
+        return out
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> "AdapterTerm":
         if not isinstance(d, dict):
             raise _fail(where, "an object {left, right, scale, left_t, right_t}", d)
-        return cls(left=_get(d, "left", str, where, "a tensor key"),
+        experts = _get(d, "experts", int, where, "a number of experts", optional=True, default=0)
+        splits = ("rows", "cols_strided", "stacked")
+        term = cls(left=_get(d, "left", str, where, "a tensor key"),
                    right=_get(d, "right", str, where, "a tensor key"),
                    scale=float(_get(d, "scale", (int, float), where, "a number")),
                    left_t=_get(d, "left_t", bool, where, "a boolean", optional=True, default=False),
-                   right_t=_get(d, "right_t", bool, where, "a boolean", optional=True, default=False))
+                   right_t=_get(d, "right_t", bool, where, "a boolean", optional=True, default=False),
+                   experts=experts,
+                   left_split=_get(d, "left_split", str, where, f"one of {splits}",
+                                   optional=True, default=""),
+                   right_split=_get(d, "right_split", str, where, f"one of {splits}",
+                                    optional=True, default=""))
+        if isinstance(experts, bool) or experts < 0 or (experts and not (
+                term.left_split in splits and term.right_split in splits)):
+            raise _fail(where, f"experts >= 0, and with experts both splits one of {splits}",
+                        {k: d.get(k) for k in ("experts", "left_split", "right_split")})
+        return term
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +330,9 @@ class Adapters:
     Attributes:
         kinds: names of the adapter kinds present (``dcp_universal.adapters``).
         modules: canonical module name -> the kind's configuration (rank, alpha, ...).
-        sites: canonical module name -> the terms added to its ``.weight``.
+        sites: site -> the terms added to its weight: a canonical module name (its
+            ``.weight``), or for a ``parameter`` layout the canonical key of the
+            parameter itself (:meth:`weight_key`).
         layouts: canonical module name -> its base weight's layout, as its kind declares
             it (``linear``, ``conv1d``, ``embedding``); exports to other tools' adapter
             formats follow it. Empty in steps written before it was recorded.
@@ -367,8 +393,17 @@ class Adapters:
                 for n, terms in self.sites.items() if terms}
 
     def least_version(self) -> int:
-        """The lowest format version that records these adapters."""
-        return 3 if self.magnitudes else CHECKSUMS_SINCE
+        """The lowest format version that records these adapters: 3 for a rescale
+        (DoRA), an adapted parameter other than a ``.weight``, or an expert term."""
+        newer = (self.magnitudes or "parameter" in self.layouts.values()
+                 or any(t.experts for terms in self.sites.values() for t in terms))
+        return 3 if newer else CHECKSUMS_SINCE
+
+    def weight_key(self, site: str) -> str:
+        """The canonical key of the parameter ``site`` adapts: the site itself for a
+        ``parameter`` layout (``layers.0.mlp.experts.gate_up_proj``), else its
+        ``.weight``."""
+        return site if self.layouts.get(site) == "parameter" else f"{site}.weight"
 
     def factor_keys(self) -> set[str]:
         """The ``adapters/`` tensors of every active update (magnitudes included)."""

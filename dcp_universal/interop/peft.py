@@ -76,6 +76,11 @@ _PREFIX = "base_model.model."
 _TUNER_LAYER: dict[type, bool] = {}
 
 
+#: PEFT LoRA variants whose forward and merge are plain LoRA's (``W + scale * B @ A``):
+#: MiCA only changes the initialisation and freezes ``B``
+_PLAIN_VARIANTS = ("MiCALinearVariant", "MiCAEmbeddingVariant")
+
+
 class PeftLoRAKind(adapters.AdapterKind):
     """HF PEFT LoRA on Linear and Embedding. The scale is the layer's own ``scaling``
     (so rsLoRA's ``alpha / sqrt(r)`` is honoured); adapters already merged into the base
@@ -99,12 +104,17 @@ class PeftLoRAKind(adapters.AdapterKind):
     def _check(self, module) -> str:
         cls = type(module)
         qual = f"{cls.__module__}.{cls.__qualname__}"
-        if not qual.startswith("peft.tuners.lora.") or cls.__name__ not in ("Linear", "Embedding"):
+        if not qual.startswith("peft.tuners.lora.") or cls.__name__ not in (
+                "Linear", "Embedding", "ParamWrapper"):
             raise UnsupportedAdapterError(
                 f"{qual} is not supported: dcp_universal merges PEFT LoRA Linear and Embedding "
-                "layers only; merge this adapter with PEFT's merge_and_unload() before saving"
+                "layers and LoRA on parameters (target_parameters) only; merge this adapter "
+                "with PEFT's merge_and_unload() before saving"
             )
         return cls.__name__
+
+    def param(self, module):
+        return module.parameter_name if self._check(module) == "ParamWrapper" else "weight"
 
     def _active(self, module) -> list[str]:
         if module.disable_adapters:
@@ -125,7 +135,9 @@ class PeftLoRAKind(adapters.AdapterKind):
                     "lora_B bias adds to the layer's output, which a merge into W would drop; "
                     "merge it with PEFT's merge_and_unload() before saving, or train with "
                     "lora_bias=False")
-            if kind == "Linear" and module.fan_in_fan_out:
+            if kind == "ParamWrapper":
+                out.append(self._param_term(module, a))
+            elif kind == "Linear" and module.fan_in_fan_out:
                 # a Conv1D base (GPT-2) stores W as (in, out): delta = (B @ A).T = A.T @ B.T
                 out.append(Term(left=module.lora_A[a].weight, right=module.lora_B[a].weight,
                                 scale=float(module.scaling[a]), left_transposed=True,
@@ -141,6 +153,23 @@ class PeftLoRAKind(adapters.AdapterKind):
         return out
 
     @staticmethod
+    def _param_term(module, a: str) -> Term:
+        """PEFT LoRA on a parameter (``target_parameters``): on a 2-D ``(out, in)`` one,
+        ``B @ A``; on a 3-D stack of ``E`` experts, expert ``e`` gets ``B[:, e::E] @
+        A[e*r:(e+1)*r]`` (``A``: ``(r * E, in)``, ``B``: ``(out, r * E)``), transposed
+        where the weight stores each expert as ``(in, out)`` (GPT-OSS: PEFT did not swap
+        the features)."""
+        lora_a, lora_b = module.lora_A[a].weight, module.lora_B[a].weight
+        scale, experts = float(module.scaling[a]), int(module.num_experts)
+        if experts == 1:
+            return Term(left=lora_b, right=lora_a, scale=scale)
+        if module._did_swap_in_out_features:  # (E, out, in): Qwen3-MoE, Mixtral
+            return Term(left=lora_b, right=lora_a, scale=scale, experts=experts,
+                        left_split="cols_strided", right_split="rows")
+        return Term(left=lora_a, right=lora_b, scale=scale, experts=experts, left_split="rows",
+                    right_split="cols_strided", left_transposed=True, right_transposed=True)
+
+    @staticmethod
     def _dora(module, a: str) -> bool:
         return bool(getattr(module, "use_dora", {}).get(a, False))
 
@@ -154,6 +183,8 @@ class PeftLoRAKind(adapters.AdapterKind):
                     f"with {[x for x in active if x != a]}: PEFT rescales each DoRA update "
                     "on its own, which no single merged weight of this form holds -> keep one "
                     "adapter active (set_adapter) when saving, or merge_and_unload() first")
+            return
+        if name in _PLAIN_VARIANTS and not self._dora(module, a):
             return
         if variant is not None or self._dora(module, a):
             raise UnsupportedAdapterError(
@@ -174,7 +205,7 @@ class PeftLoRAKind(adapters.AdapterKind):
         kind = self._check(module)
         with torch.no_grad():
             for a in self._active(module):
-                if kind == "Linear":
+                if kind != "Embedding":
                     module.lora_B[a].weight.zero_()
                 else:
                     module.lora_embedding_A[a].zero_()
@@ -190,6 +221,8 @@ class PeftLoRAKind(adapters.AdapterKind):
                "scaling": {k: float(v) for k, v in module.scaling.items()}}
         if getattr(module, "fan_in_fan_out", False):
             out["fan_in_fan_out"] = True
+        if type(module).__name__ == "ParamWrapper":
+            out["num_experts"] = int(module.num_experts)
         return out
 
 adapters.register(PeftLoRAKind())
@@ -454,9 +487,14 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
                 f"{site!r} carries {len(terms)} active updates; a PEFT adapter holds one per "
                 "module: export each adapter separately, or export_hf the merged model")
         t = terms[0]
+        layout = layouts[site] = m.adapters.layouts.get(site) or _layout_by_names(t)
+        if layout == "parameter":  # PEFT's own factors: its key less the adapter's name
+            for key in (t.left, t.right):
+                tensors[_PREFIX + _file_key(key, src)] = full[key].contiguous()
+            ranks[site], scales[site] = _param_rank(t, full), t.scale
+            continue
         left = full[t.left].T if t.left_t else full[t.left]      # L: (rows, r)
         right = full[t.right].T if t.right_t else full[t.right]  # R: (r, cols)
-        layout = layouts[site] = m.adapters.layouts.get(site) or _layout_by_names(t)
         if layout == "linear":
             a, b, names = right, left, ("lora_A.weight", "lora_B.weight")
         else:
@@ -500,6 +538,22 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         logger.info("export_peft of %s: the active adapter in %s, inactive ones in %s", src,
                     out, ", ".join(d for d in written if d != out))
     return out
+
+
+def _file_key(key: str, src: str) -> str:
+    """The key of a PEFT factor in an adapter file (``x.lora_A.default.weight`` ->
+    ``x.lora_A.weight``)."""
+    m = _LINEAR.match(key)
+    if m is None:
+        raise UnsupportedAdapterError(f"{src}: adapter factor {key!r} is no PEFT LoRA factor; "
+                                      "export_hf the merged model")
+    return f"{m['site']}.lora_{m['f']}.weight"
+
+
+def _param_rank(t: manifest.AdapterTerm, full: dict[str, torch.Tensor]) -> int:
+    """The LoRA rank of a term on a parameter: ``A`` is ``(r * E, in)``."""
+    a = full[t.right] if t.right_split in ("", "rows") and not t.right_t else full[t.left]
+    return int(a.shape[0]) // max(t.experts, 1)
 
 
 def _inactive_adapters(adapters: manifest.Adapters, idle: set[str]) -> list[PeftFactors]:
@@ -546,12 +600,16 @@ def _config(ranks: dict[str, int], scales: dict[str, float], layouts: dict[str, 
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alphas = {site: scales[site] * ranks[site] for site in ranks}
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    # PEFT reads pattern keys as regexes matched at the end of the module name
+    params = sorted(s for s in ranks if layouts.get(s) == "parameter")
+    modules = sorted(s for s in ranks if layouts.get(s) != "parameter")
+    # PEFT reads pattern keys as regexes matched at the end of the module name (of
+    # "module.parameter" for target_parameters)
     return {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
+        "target_modules": modules if modules or not params else None,
+        **({"target_parameters": params} if params else {}),
         "use_rslora": False,
         "use_dora": use_dora,
         "fan_in_fan_out": any(v == "conv1d" for v in layouts.values()),

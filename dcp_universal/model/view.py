@@ -115,10 +115,10 @@ class ModelView:
         sd = model.state_dict()
         namer = Namer(model)
         names = namer.names(sd.keys())
-        sites = adapters.find_sites(model, namer.module_names())
+        sites = adapters.find_sites(model, namer.name)
         adapter_keys, structural = set(), {}
         for site in sites:
-            adapter_keys.update(f"{site.name}.{n}" for n in site.adapter_params())
+            adapter_keys.update(site.adapter_params())
             structural.update(site.structural_names())
         every_original = namer.originals(sd.keys())
         original_of = _own_originals(namer, every_original)
@@ -179,7 +179,9 @@ class ModelView:
         """The manifest's description of the adapters: enough to merge them from disk."""
         def term(t: adapters.Term) -> AdapterTerm:
             return AdapterTerm(left=self.param_keys[id(t.left)], right=self.param_keys[id(t.right)],
-                               scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed)
+                               scale=t.scale, left_t=t.left_transposed, right_t=t.right_transposed,
+                               experts=t.experts, left_split=t.left_split,
+                               right_split=t.right_split)
 
         config = adapters.adapter_config(self.sites)
         inits = adapters.base_changing_inits(self.model)

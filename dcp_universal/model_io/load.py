@@ -239,7 +239,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
             local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
         fresh = set(plan.report.fresh)
         for site in view.sites:
-            if any(f"{site.name}.{n}" in fresh for n in site.adapter_params()):
+            if any(k in fresh for k in site.adapter_params()):
                 site.kind.reset(site.module)
         if _comm.rank() == 0:
             logger.info("loaded %s in %.2f s\n%s", source.desc, time.perf_counter() - start,

@@ -162,5 +162,5 @@ def _full_merged(view: ModelView) -> dict[str, torch.Tensor]:
         bases = [full[site.weight_key] for site in view.sites]
         merge.add_norms(gathered, bases, collective=False)
         for site, m, base in zip(view.sites, gathered, bases):
-            full[site.weight_key] = merge.merge_block(base, (0, 0), m)
+            full[site.weight_key] = merge.merge_block(base, (0,) * base.dim(), m)
     return full

@@ -309,9 +309,7 @@ class Source:
 
 def _merge_of(update: AdapterUpdate, full: dict[str, torch.Tensor]) -> merge.Merge:
     """``update`` with its tensors read whole (``full``), ready for the merge."""
-    factors = [merge.Factors(left=full[t.left].T if t.left_t else full[t.left],
-                             right=full[t.right].T if t.right_t else full[t.right],
-                             scale=t.scale, left_is_local=False) for t in update.terms]
+    factors = [merge.factors_of(t, full[t.left], full[t.right]) for t in update.terms]
     mag = update.magnitude
     return merge.Merge(factors, full[mag.key] if mag else None, mag.axis if mag else 0)
 

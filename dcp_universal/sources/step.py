@@ -111,7 +111,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         trained.update(Source.in_memory(path, padded).entries)
     return Source(
         desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()}, **trained},
-        deltas={f"{name}.weight": update for name, update in merging.items()},
+        deltas={m.adapters.weight_key(name): update for name, update in merging.items()},
         factors={k: Entry(step_keys[k], adapters, k) for k in factor_keys},
         notes=tuple(notes))
 

@@ -293,6 +293,34 @@ def test_an_adapter_that_changed_the_base_is_not_exported_for_the_original_base(
     assert max_diff(logits(loaded), logits(source)) < 1e-5
 
 
+@pytest.mark.parametrize("init", ["mica", "orthogonal", "nora"])
+def test_initialisations_known_to_keep_the_base_export_to_peft(tmp_path, init):
+    """An allow-list: these start with B @ A = 0 on the untouched base (MiCA was refused
+    by the old deny-list)."""
+    source = peft.get_peft_model(llama(tied=False), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)).eval()
+    with torch.no_grad():
+        for name, p in source.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05)
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    out = export_peft(mgr.save(1, source), str(tmp_path / "adapter"))
+    loaded = peft.PeftModel.from_pretrained(llama(tied=False), out).eval()
+    assert max_diff(logits(loaded), logits(source)) < 1e-5
+
+
+def test_an_initialisation_not_known_to_keep_the_base_is_not_exported(tmp_path):
+    """ASTRA (and any initialisation added after this release) changes the base like
+    PiSSA: exported as plain LoRA it was off by 0.083 under the old deny-list."""
+    source = with_lora(llama(tied=False), target_modules=["q_proj"])
+    source.peft_config["default"].init_lora_weights = "astra"  # what an ASTRA run's config says
+    mgr = CheckpointManager(str(tmp_path / "run"))
+    step = mgr.save(1, source)
+    with pytest.raises(CheckpointError, match="init_lora_weights='astra'"):
+        export_peft(step, str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_export_peft_of_bart_leaves_its_buffer_to_the_base(tmp_path):
     """BART's final_logits_bias is a buffer, never trained: export_peft refused BART as
     'trained weights outside the adapters' before."""
