@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["MiB", "Block", "Model", "model_shape", "merge_lora", "PeakRSS", "timed",
-           "init_gloo", "remove_on_rank0", "exit_rank", "torch_save_fsynced", "tree_bytes"]
+           "init_gloo", "remove_on_rank0", "exit_rank", "torch_save_fsynced", "tree_bytes",
+           "elements_sent"]
 
 MiB = 2**20
 
@@ -176,6 +177,24 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
         dist.barrier()
         seconds = time.perf_counter() - start
     return seconds, rss.extra_mb
+
+
+def elements_sent(fn: Callable[[], None]) -> int:
+    """Elements this rank put into gloo collectives while ``fn`` ran (one profiled run).
+
+    Object collectives (``all_gather_object``, ...) count their pickled bytes as elements.
+    """
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    total = 0
+    for e in prof.events():
+        if e.name.startswith("gloo:"):
+            for shape in e.input_shapes:
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n if shape else 0
+    return total
 
 
 def torch_save_fsynced(obj, path: str) -> None:

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import exit_rank, init_gloo, timed  # noqa: E402
+from _common import elements_sent, exit_rank, init_gloo, timed  # noqa: E402
 from dcp_universal import apply_lora, load_model, save_model  # noqa: E402
 
 OPS = ["save_model sharded merge", "save_model rank0 merge", "dcp.save (no merge)",
@@ -92,21 +92,6 @@ def _build(cfg: dict) -> nn.Module:
     return model
 
 
-def _elements_sent(fn) -> int:
-    """Elements this rank put into gloo collectives while ``fn`` ran (one profiled run)."""
-    with torch.profiler.profile(record_shapes=True) as prof:
-        fn()
-    total = 0
-    for e in prof.events():
-        if e.name.startswith("gloo:"):
-            for shape in e.input_shapes:
-                n = 1
-                for d in shape:
-                    n *= d
-                total += n if shape else 0
-    return total
-
-
 def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) -> None:
     init_gloo(rank, world, init_file)
     model = _build(cfg)
@@ -130,7 +115,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
             s, mb = timed(ops[op])
             seconds[op].append(s)
             peak[op] = max(peak[op], mb)
-    sent = {op: _elements_sent(ops[op]) for op in OPS}
+    sent = {op: elements_sent(ops[op]) for op in OPS}
     everyone = [None] * world
     dist.all_gather_object(everyone, {"seconds": seconds, "peak": peak, "sent": sent})
     if rank == 0:
