@@ -27,7 +27,6 @@ model or a checkpoint holds 4-bit weights. 8-bit layers (``Linear8bitLt``) are r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,7 +36,8 @@ from dcp_universal._torch_compat import local_block
 from dcp_universal.errors import CheckpointError, UnsupportedAdapterError
 from dcp_universal.format.manifest import Quantization
 
-__all__ = ["Quantization", "Live4bit", "is_4bit", "is_8bit", "live_weights", "stored_keys",
+__all__ = ["Quantization", "Live4bit", "is_4bit", "is_8bit", "refuse_unsupported",
+           "live_weights", "stored_keys",
            "dequantize", "rebuild", "STATE_BLOB"]
 
 #: the stored key suffix of the packed non-tensor fields, followed by the quant type
@@ -101,32 +101,24 @@ class Live4bit:
         bytes are sharded: one ``full_tensor()``; a 4-bit block may straddle shards)."""
         bnb = _bitsandbytes("dequantizing a 4-bit weight")
         packed = self.packed.full_tensor() if isinstance(self.packed, DTensor) else self.packed
-        out = bnb.functional.dequantize_4bit(packed.data, self.module.quant_state)
+        out = bnb.functional.dequantize_4bit(packed.data, _quant_state(self.module))
         return out.to(getattr(torch, self.quantization.compute_dtype))
 
 
-def _refuse_repacked(name: str, module: nn.Module) -> None:
-    state = getattr(module, "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
-        raise CheckpointError(
-            f"the 4-bit weight of {name!r} was repacked in place by bitsandbytes' CPU "
-            "inference path (AVX512-BF16: an eval-mode forward without grad), which rewrote "
-            "its bytes and quantization state lossily; no checkpoint of it restores the "
-            "model it was -> set support_avx512bf16_for_cpu = False on every Linear4bit (or "
-            "keep the model in train mode) before any such forward, and rebuild the model")
+def _quant_state(module: nn.Module):
+    """The state the layer computes with: its weight's (FSDP2's sharded weight has
+    none; the layer keeps it, as bitsandbytes' own forward reads it)."""
+    return getattr(module.weight, "quant_state", None) or module.quant_state
 
 
-def live_weights(model: nn.Module, names: dict[str, str]) -> tuple[dict[str, Live4bit], set[str]]:
-    """The model's 4-bit weights by canonical name, and the state-dict keys of their
-    quantization state (which the caller leaves out of the plain tensors).
-
-    ``names``: state-dict key -> canonical name, as the caller computed them.
+def refuse_unsupported(model: nn.Module) -> None:
+    """Raise for quantized layers no checkpoint can hold exactly. Call it before the
+    model's ``state_dict()``, which undoes a CPU repack in place, lossily.
 
     Raises:
         UnsupportedAdapterError: an 8-bit layer (``Linear8bitLt``).
         CheckpointError: a 4-bit weight repacked by bitsandbytes' CPU inference path.
     """
-    out, state_keys = {}, set()
     for fqn, module in model.named_modules():
         if is_8bit(module):
             raise UnsupportedAdapterError(
@@ -134,13 +126,28 @@ def live_weights(model: nn.Module, names: dict[str, str]) -> tuple[dict[str, Liv
                 "4-bit bases (QLoRA) but not 8-bit ones -> merge the adapters with PEFT's "
                 "merge_and_unload() and save the model loaded without quantization, or "
                 "quantize the base in 4 bits (load_in_4bit=True)")
-        if not is_4bit(module):
-            continue
-        key = names.get(f"{fqn}.weight")
+        if is_4bit(module) and getattr(_quant_state(module), "packing_format_for_cpu", False):
+            raise CheckpointError(
+                f"the 4-bit weight of {fqn!r} was repacked in place by bitsandbytes' CPU "
+                "inference path (AVX512-BF16: an eval-mode forward without grad), which "
+                "rewrites its bytes and quantization state, and a state_dict() of it only "
+                "approximately undoes that; no checkpoint of it restores the model it was -> "
+                "set support_avx512bf16_for_cpu = False on every Linear4bit (or keep the "
+                "model in train mode) before any such forward, and rebuild the model")
+
+
+def live_weights(model: nn.Module, names: dict[str, str]) -> tuple[dict[str, Live4bit], set[str]]:
+    """The model's 4-bit weights by canonical name, and the state-dict keys of their
+    quantization state (which the caller leaves out of the plain tensors).
+
+    ``names``: state-dict key -> canonical name, as the caller computed them.
+    """
+    out, state_keys = {}, set()
+    for fqn, module in model.named_modules():
+        key = names.get(f"{fqn}.weight") if is_4bit(module) else None
         if key is None:
             continue
-        _refuse_repacked(key, module)
-        state = module.quant_state
+        state = _quant_state(module)
         stats = state.as_dict(packed=True)
         state_keys.update(f"{fqn}.weight.{s}" for s in stats)
         compute = module.compute_dtype if module.compute_dtype is not None else state.dtype

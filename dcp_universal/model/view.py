@@ -117,6 +117,7 @@ class ModelView:
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
+        bnb.refuse_unsupported(model)  # before state_dict(), which changes a repacked one
         reshard(model)
         sd = model.state_dict()
         namer = Namer(model)
