@@ -24,7 +24,8 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")  # the dev extra installs it
 
-from hf_models import max_diff, transformers, with_lora  # noqa: E402
+from hf_models import (VOCAB, max_diff, qlora_llama, transformers, with_lora,  # noqa: E402
+                       write_tiny_llama)
 from dcp_universal import (CheckpointError, CheckpointManager,  # noqa: E402
                            CheckpointMismatchError, UnsupportedAdapterError, export_hf,
                            load_model, save_model)
@@ -37,31 +38,13 @@ IDS = [f"{t}-{'dq' if d else 'nodq'}" for t, d in QUANTS]
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    """A tiny Llama written with save_pretrained (4-bit loading needs from_pretrained)."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-def _no_repack(model):
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-    return model
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def qlora(llama_dir, quant_type="nf4", double_quant=True, *, seed=1,
           compute_dtype=torch.float32, targets=TARGETS):
-    config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
-    base = transformers.LlamaForCausalLM.from_pretrained(
-        llama_dir, quantization_config=config, device_map="cpu", dtype=torch.float32)
-    return _no_repack(with_lora(base, seed=seed, target_modules=list(targets)))
+    return qlora_llama(llama_dir, quant_type, double_quant, seed=seed,
+                       compute_dtype=compute_dtype, targets=targets)
 
 
 def plain_llama(llama_dir, seed=5):
@@ -74,7 +57,7 @@ def plain_llama(llama_dir, seed=5):
 
 
 def tokens():
-    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(7))
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7))
 
 
 @torch.no_grad()
@@ -86,7 +69,7 @@ def _train(model, steps=2):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for i in range(steps):
-        x = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(i))
+        x = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(i))
         model(x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
