@@ -11,4 +11,5 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.13.0
 fi
+# dev includes bitsandbytes (QLoRA tests): it requires torch>=2.4, so the torch above stays
 .venv/bin/pip install -q -e ".[dev,peft,hf]"

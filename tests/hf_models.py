@@ -100,6 +100,36 @@ def randomize_lora(model, seed: int):
     return model.eval()
 
 
+def write_tiny_llama(path) -> str:
+    """A tiny Llama written with save_pretrained: a 4-bit model is built only by
+    from_pretrained (:func:`qlora_llama`)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def qlora_llama(path, quant_type: str = "nf4", double_quant: bool = True, *, seed: int = 1,
+                compute_dtype=torch.float32, targets=("q_proj", "v_proj", "down_proj")):
+    """QLoRA as people build it: the model at ``path`` loaded in 4 bits (bitsandbytes),
+    PEFT LoRA with random factors on ``targets``. bitsandbytes' in-place CPU repack
+    (AVX512-BF16, eval forwards) is turned off: it rewrites the weights lossily."""
+    import bitsandbytes as bnb
+
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    base = transformers.LlamaForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cpu", dtype=torch.float32)
+    model = with_lora(base, seed=seed, target_modules=list(targets))
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def tokens(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(7))
 

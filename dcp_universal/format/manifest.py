@@ -33,7 +33,7 @@ from dcp_universal._paths import join, parent
 __all__ = [
     "FORMAT_VERSION", "MODEL_DIR", "OPTIMIZER_DIR", "ADAPTERS_DIR", "MANIFEST", "BASE_FILES",
     "METADATA_FILE", "ITEMS", "FileRecord", "AdapterTerm", "AdapterMagnitude",
-    "AdapterUpdate", "Adapters", "Mesh", "TrainingState",
+    "AdapterUpdate", "Adapters", "Quantization", "Mesh", "TrainingState",
     "Manifest", "step_path", "split_step_path", "base_name", "base_path", "base_fingerprint",
     "step_of_name", "is_base_name", "records_to_json", "records_from_json", "CHECKSUM_ALGOS",
     "CHECKSUMS_SINCE", "MAX_STEP", "MAX_MANIFEST_BYTES", "MAX_DEPTH", "step_name",
@@ -473,9 +473,53 @@ class TrainingState(_ListsRecord):
     per_rank: list[str] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """How one weight is quantized: what an exact restore needs to match.
+
+    Attributes:
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: weights per ``absmax`` value.
+        double_quant: ``absmax`` is itself quantized (``bnb_4bit_use_double_quant``).
+        compute_dtype: the layer's compute dtype (``bnb_4bit_compute_dtype``), also the
+            dtype of the weight dequantized.
+        dtype: the dtype bitsandbytes dequantizes to (the weights' dtype when quantized).
+        shape: the weight's shape, ``(out, in)``.
+    """
+
+    quant_type: str
+    blocksize: int
+    double_quant: bool
+    compute_dtype: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str) -> "Quantization":
+        types = {"quant_type": str, "blocksize": int, "double_quant": bool,
+                 "compute_dtype": str, "dtype": str, "shape": list}
+        if not isinstance(d, dict) or set(d) != set(types) or any(
+                not isinstance(d[k], t) for k, t in types.items()) or any(
+                not isinstance(n, int) for n in d["shape"]):
+            raise _fail(where, f"an object {sorted(types)} (a 4-bit weight's quantization)", d)
+        return cls(**{**d, "shape": tuple(d["shape"])})
+
+    def differences(self, other: "Quantization") -> list[str]:
+        """``"<field> <self's> vs <other's>"`` for every field that differs."""
+        return [f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def describe(self) -> str:
+        return (f"{self.quant_type}, blocksize {self.blocksize}, double quant "
+                f"{'on' if self.double_quant else 'off'}, compute dtype {self.compute_dtype}")
+
+
 # Fields written only when they carry something (so manifests without them are
 # byte-for-byte what earlier versions of this library wrote).
-_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties", "writer")
+_OMITTED_WHEN_EMPTY = ("base_files", "archived", "legacy", "ties", "writer", "quantized")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -510,6 +554,8 @@ class Manifest:
             (a token embedding tied to the output head).
         writer: the writer lease's acquisition that committed the step (the fencing
             token, :mod:`dcp_universal.training.lease`); None without a lease.
+        quantized: canonical key -> the quantization of each 4-bit weight the base holds
+            packed (QLoRA, :mod:`dcp_universal.model.bnb`); empty otherwise.
     """
 
     format_version: int = CHECKSUMS_SINCE
@@ -532,6 +578,7 @@ class Manifest:
     legacy: dict | None = None
     ties: list[list[str]] = dataclasses.field(default_factory=list)
     writer: str | None = None
+    quantized: dict[str, Quantization] = dataclasses.field(default_factory=dict)
 
     def has(self, item: str) -> bool:
         """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
@@ -556,6 +603,8 @@ class Manifest:
                 continue
             if f.name in ("files", "base_files"):
                 value = records_to_json(value)
+            elif f.name == "quantized":
+                value = {k: q.to_json() for k, q in sorted(value.items())}
             elif hasattr(value, "to_json"):
                 value = value.to_json()
             out[f.name] = value
@@ -607,6 +656,8 @@ class Manifest:
         for name, value in items.items():
             _get(items, name, bool, f"{where}.items", "a boolean")
         mesh, adapters = d.get("mesh"), d.get("adapters")
+        quantized = _get(d, "quantized", dict, where, "an object of key -> quantization",
+                         optional=True, default={}) or {}
         metrics = _get(d, "metrics", dict, where, "an object", optional=True, default={}) or {}
         return cls(
             format_version=d["format_version"],
@@ -633,6 +684,8 @@ class Manifest:
             legacy=_get(d, "legacy", dict, where, "an object", optional=True),
             ties=_ties_from_json(d.get("ties", []), f"{where}.ties"),
             writer=_get(d, "writer", str, where, "a lease token", optional=True),
+            quantized={k: Quantization.from_json(q, f"{where}.quantized[{k!r}]")
+                       for k, q in quantized.items()},
         )
 
 

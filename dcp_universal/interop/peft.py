@@ -53,6 +53,7 @@ from dcp_universal.format import manifest
 from dcp_universal.adapters import Term, merge
 from dcp_universal.sources.dcp import register_factor_rule
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, UnsupportedAdapterError
+from dcp_universal.model import bnb
 from dcp_universal.model.names import canonical_module_names
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.interop.safetensors import safetensors_torch
@@ -74,6 +75,8 @@ _PREFIX = "base_model.model."
 # ---- the adapter kind -------------------------------------------------------------------
 
 _TUNER_LAYER: dict[type, bool] = {}
+#: PEFT's LoRA layer on a bitsandbytes ``Linear4bit``
+_QLORA = "peft.tuners.lora.bnb.Linear4bit"
 
 
 #: PEFT LoRA variants whose forward and merge are plain LoRA's (``W + scale * B @ A``):
@@ -104,12 +107,15 @@ class PeftLoRAKind(adapters.AdapterKind):
     def _check(self, module) -> str:
         cls = type(module)
         qual = f"{cls.__module__}.{cls.__qualname__}"
+        if qual == _QLORA:  # LoRA on a 4-bit base: the merge sees it dequantized (model.bnb)
+            return "Linear"
         if not qual.startswith("peft.tuners.lora.") or cls.__name__ not in (
                 "Linear", "Embedding", "ParamWrapper"):
             raise UnsupportedAdapterError(
                 f"{qual} is not supported: dcp_universal merges PEFT LoRA Linear and Embedding "
-                "layers and LoRA on parameters (target_parameters) only; merge this adapter "
-                "with PEFT's merge_and_unload() before saving"
+                "layers, Linear on a bitsandbytes 4-bit base (QLoRA) and LoRA on parameters "
+                "(target_parameters) only; merge this adapter with PEFT's merge_and_unload() "
+                "before saving"
             )
         return cls.__name__
 
@@ -197,6 +203,11 @@ class PeftLoRAKind(adapters.AdapterKind):
         dora = [a for a in self._active(module) if self._dora(module, a)]
         if not dora:
             return None
+        if bnb.is_4bit(getattr(module, self.base_attr(module))):
+            raise UnsupportedAdapterError(
+                f"PEFT DoRA adapter {dora[0]!r} on a 4-bit base (QLoRA with use_dora=True) is "
+                "not supported -> train plain LoRA on the 4-bit base, or merge with PEFT's "
+                "merge_and_unload() before saving")
         per_column = type(module).__name__ == "Embedding" or module.fan_in_fan_out
         return adapters.Magnitude(vector=module.lora_magnitude_vector[dora[0]].weight,
                                   axis=1 if per_column else 0)

@@ -14,6 +14,7 @@ from dcp_universal import adapters
 from dcp_universal._torch_compat import local_block
 from dcp_universal.errors import CheckpointError
 from dcp_universal.format.manifest import AdapterMagnitude, AdapterTerm, Adapters, Mesh
+from dcp_universal.model import bnb
 from dcp_universal.model.names import Namer
 
 __all__ = ["ModelView", "reshard", "local_block"]
@@ -94,6 +95,10 @@ class ModelView:
             frozen (in ``frozen``), so a LoRA step keeps them with its base.
         original_of: original key -> the key of its module's value (``head.weight``),
             which fills it from a checkpoint that stores no originals.
+        quantized: canonical key -> each 4-bit weight (bitsandbytes ``Linear4bit``,
+            :mod:`~dcp_universal.model.bnb`). ``tensors`` holds it dequantized (what
+            merges, ``model/`` and exports see); the frozen base holds its packed bytes
+            and quantization state (:meth:`frozen_tensors`).
     """
 
     model: nn.Module
@@ -108,13 +113,17 @@ class ModelView:
     non_persistent: list[str]
     originals: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     original_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    quantized: dict[str, bnb.Live4bit] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
+        bnb.refuse_unsupported(model)  # before state_dict(), which changes a repacked one
         reshard(model)
         sd = model.state_dict()
         namer = Namer(model)
         names = namer.names(sd.keys())
+        # 4-bit weights: their state is stored with the base, never as plain tensors
+        quantized, state_keys = bnb.live_weights(model, names)
         sites = adapters.find_sites(model, namer.name)
         adapter_keys, structural = set(), {}
         for site in sites:
@@ -125,8 +134,11 @@ class ModelView:
         tensors, adapter_tensors, originals = {}, {}, {}
         for key, value in sd.items():
             name = names.get(key)
-            if name is None or (name in every_original and name not in original_of):
+            if name is None or key in state_keys or (
+                    name in every_original and name not in original_of):
                 continue  # an inactive adapter's copy; an original saved under its tie
+            if name in quantized:
+                value = quantized[name].dequantized()
             (originals if name in original_of else
              adapter_tensors if name in adapter_keys else tensors)[name] = value
         params = namer.parameters()
@@ -138,7 +150,7 @@ class ModelView:
         frozen.update(k for g in ties if frozen.intersection(g) for k in g)
         return cls(model, tensors, adapter_tensors, sites, structural, frozen, params,
                    {id(p): n for n, p in params.items()}, ties, _non_persistent(namer, sd),
-                   originals, original_of)
+                   originals, original_of, quantized)
 
     def optimizer_param_names(self, optimizer: torch.optim.Optimizer) -> dict[int, str]:
         """``id(parameter) -> canonical name`` for the parameters ``optimizer`` holds
@@ -168,7 +180,14 @@ class ModelView:
         """Everything a LoRA run's shared base holds: the frozen weights and the PEFT
         ``modules_to_save`` originals."""
         every = {**self.tensors, **self.originals}
-        return {k: every[k] for k in sorted(self.frozen)}
+        out = {}
+        for k in sorted(self.frozen):
+            out.update(self.quantized[k].stored(k) if k in self.quantized else {k: every[k]})
+        return out
+
+    def quantization(self) -> dict[str, bnb.Quantization]:
+        """How each 4-bit weight is quantized, by canonical key (the manifest's record)."""
+        return {k: q.quantization for k, q in sorted(self.quantized.items())}
 
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Everything a LoRA step's ``adapters/`` holds: all but the frozen base."""

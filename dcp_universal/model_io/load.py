@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, sources
+from dcp_universal.sources import quantized
 from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
 from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
@@ -194,14 +195,18 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
         source = sources.open_source(store, path, sources.Want(
             target=view, prefix=prefix, verify=verify, manifest=step_manifest, trusted=trusted))
         if source.loader is not None:
-            return source, None
+            return source, None, None
         source = source.sharing(view.ties).filling_originals(view.original_of)
-        return source, plan_load(source.keys, _infos({**view.tensors, **view.originals}),
-                                 adapters=_infos(view.adapter_tensors),
-                                 structural_names=view.structural, strict=strict,
-                                 source=source.desc)
+        # a 4-bit target's weights: restored exactly from stored state, outside the plan
+        source, restore = quantized.split_4bit(view, source)
+        taken = restore.weights.keys() if restore is not None else ()
+        model = {k: t for k, t in {**view.tensors, **view.originals}.items() if k not in taken}
+        return source, restore, plan_load(source.keys, _infos(model),
+                                          adapters=_infos(view.adapter_tensors),
+                                          structural_names=view.structural, strict=strict,
+                                          source=source.desc)
 
-    source, plan = _comm.agreed(planned)
+    source, restore, plan = _comm.agreed(planned)
     if plan is None:
         return source.loader(view, strict=strict)
     targets = {**view.tensors, **view.originals, **view.adapter_tensors}
@@ -221,6 +226,9 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
     buffers = {tk: _host_buffer(targets[tk]) if tk in staged else targets[tk] for tk in read}
     later = Copies({ck for ck, tk in plan.reads.items() if tk not in staged} if waits else ())
     source.read({ck: buffers[tk] for ck, tk in plan.reads.items()}, later=later)
+    restored = restore.stage() if restore is not None else None
+    if restored is not None:
+        plan.report.merge(restored.report)
     _check_ties(ties, buffers, source.desc)
     plan.report.notes.extend(source.notes)
     if view.non_persistent:
@@ -237,6 +245,8 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
         later.run()
         for tk in sorted(installed):
             local_block(targets[tk])[0].copy_(local_block(buffers[tk])[0])
+        if restored is not None:
+            restored.commit()
         fresh = set(plan.report.fresh)
         for site in view.sites:
             if any(k in fresh for k in site.adapter_params()):

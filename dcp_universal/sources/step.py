@@ -18,6 +18,7 @@ import torch
 from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.format import manifest
 from dcp_universal.storage import dcp_io, steps
+from dcp_universal.sources import quantized
 from dcp_universal.sources.dcp import dir_source
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import Manifest
@@ -40,7 +41,7 @@ class StepFormat(Format):
         m = want.manifest if want.manifest is not None else steps.read_manifest(store, path)
         if want.verify is not False:
             store = steps.verified_store(store, path, m)
-        source = _step_source(store, path, want, m)
+        source = quantized.serve(_step_source(store, path, want, m), m.quantized, want.target)
         return source.replace(ties=tuple(tuple(g) for g in m.ties),
                               meta={**source.meta, "ties_recorded": True})
 
@@ -64,7 +65,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
         return dir_source(store, model_dir, merged)
     base, base_keys = _opened(store, manifest.base_path(path, m), want.trusted)
     adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR), want.trusted)
-    complete = view is not None and view.frozen == base_keys.keys()
+    complete = view is not None and view.frozen_tensors().keys() == base_keys.keys()
     base_keys, originals = _split_originals(base_keys, step_keys, view)
     sites = m.adapters.sites
     factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
