@@ -47,11 +47,12 @@ __all__ = [
 #:    step's (or a model directory's) DCP directories has a record: a record without
 #:    them, or a file without a record, is damage, not an older writer;
 #: 3. adapters may rescale their update (``adapters.magnitudes``: DoRA), which a reader
-#:    of version 2 would merge as plain LoRA.
+#:    of version 2 would merge as plain LoRA, adapt a parameter other than a ``.weight``
+#:    or a stack of experts, and the base may hold 4-bit weights (``quantized``).
 #:
 #: A manifest records the lowest version that holds what it records
-#: (:meth:`Manifest.record_adapters`): a step without DoRA stays version 2, readable by
-#: the releases that read 2.
+#: (:meth:`Manifest.raise_version`): a step without DoRA, expert or parameter adapters or
+#: 4-bit weights stays version 2, readable by the releases that read 2.
 FORMAT_VERSION = 3
 #: the first version whose files all carry block checksums: an older step (or model
 #: directory) loads with what it recorded; a newer one missing any loads only unchecked
@@ -529,7 +530,7 @@ class Manifest:
     Attributes:
         format_version: this layout's version; a newer one raises FormatVersionError.
             A new manifest is written with the lowest version that holds what it
-            records: :data:`CHECKSUMS_SINCE`, raised by :meth:`record_adapters`.
+            records: :data:`CHECKSUMS_SINCE`, raised by :meth:`raise_version`.
         step: the step number.
         world_size: processes that wrote the step.
         mesh: the model's device mesh at save (None when not sharded).
@@ -584,18 +585,25 @@ class Manifest:
         """True if the step holds data of ``item`` (:data:`ITEMS`, or another one)."""
         return bool(self.items.get(item))
 
-    def record_adapters(self, adapters: Adapters) -> None:
-        """Set :attr:`adapters`, raising :attr:`format_version` to what they need."""
-        self.adapters = adapters
-        self.format_version = max(self.format_version, adapters.least_version())
+    def least_version(self) -> int:
+        """The lowest format version that records what this manifest records: 3 for
+        adapters that need it (:meth:`Adapters.least_version`) or 4-bit weights
+        (``quantized``), else :data:`CHECKSUMS_SINCE`."""
+        return max(CHECKSUMS_SINCE, self.adapters.least_version() if self.adapters else 0,
+                   3 if self.quantized else 0)
+
+    def raise_version(self) -> None:
+        """Raise :attr:`format_version` to :meth:`least_version` (a writer calls it once
+        what the step records is set)."""
+        self.format_version = max(self.format_version, self.least_version())
 
     def files_under(self, item: str) -> dict[str, FileRecord]:
         return {k: v for k, v in self.files.items() if k.startswith(f"{item}/")}
 
     def to_json(self) -> str:
-        if self.adapters is not None and self.format_version < self.adapters.least_version():
-            raise ValueError(f"a manifest of format {self.format_version} cannot record "
-                             "rescaled adapters (DoRA): set them with record_adapters()")
+        if CHECKSUMS_SINCE <= self.format_version < self.least_version():
+            raise ValueError(f"a manifest of format {self.format_version} cannot record what "
+                             f"needs format {self.least_version()}: call raise_version()")
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -148,9 +148,10 @@ class AdaptersItem(Item):
         if not ctx.view.sites:
             return None
         m = ctx.manifest
-        m.record_adapters(ctx.view.adapters_record())
+        m.adapters = ctx.view.adapters_record()
         m.base, m.base_files = ctx.bases.save(ctx.view)
         m.quantized = ctx.view.quantization()  # 4-bit weights: the base holds them packed
+        m.raise_version()
         trainable = ctx.snapshot(ctx.view.trainable_tensors(), "adapters")
         return lambda path, group: dcp_io.save_state(ctx.store, trainable, path, group=group)
 

@@ -80,7 +80,7 @@ def _again(rank, world, arch, root, layout, step):
     return report.notes, _full(model, opt)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gpt_oss"])  # transposed experts with biases; the unit tests cover the rest
 def test_expert_lora_resumes_exactly_across_ep_degrees(tmp_path, arch):
     root = str(tmp_path)
     saved = harness.run(_first, 2, arch, root)[0]

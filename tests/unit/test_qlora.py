@@ -112,6 +112,7 @@ def test_qlora_resumes_exactly(tmp_path, llama_dir, quant_type, double_quant):
     assert len(bases) == 1  # the 4-bit base is stored once
     m = json.loads((tmp_path / "run" / "step-00000002" / "manifest.json").read_text())
     q = m["quantized"]["model.layers.0.self_attn.q_proj.weight"]
+    assert m["format_version"] == 3  # a reader of version 2 refuses it, never half-reads it
     assert (q["quant_type"], q["double_quant"], q["compute_dtype"]) == (
         quant_type, double_quant, "float32")
 
