@@ -12,8 +12,11 @@ torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
 w_true = torch.randn(32, 1)
 
-step = CheckpointManager(root).latest_step()
-report = load_model(model, f"{root}/step-{step:08d}")
+mgr = CheckpointManager(root)
+step = mgr.latest_step()
+if step is None:  # nothing committed there (yet): say so rather than fail on a None
+    sys.exit(f"{root} holds no committed step: train first (examples/train.py {root})")
+report = load_model(model, mgr.step_path(step))
 print(report.summary())
 x = torch.randn(256, 32, generator=torch.Generator().manual_seed(-1 % 2**31))
 with torch.no_grad():

@@ -14,7 +14,7 @@
 #      evaluation from the fp32 export: same EVAL_LOSS
 #
 # Usage: bash launch/demo.sh (from any directory). Runs on CPU (gloo), about 2 minutes on
-# 2 cores. Logs go to runs/demo/*.log.
+# 2 CPU cores once set up. Logs go to runs/demo/*.log.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -21,8 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
 
 
-def _run(*cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+def _run(*cmd: str, cwd: str = REPO) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=400)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     return done.stdout
@@ -33,7 +33,9 @@ def _torchrun(n: int, *args: str) -> str:
 
 
 def test_eight_ranks_resumed_on_three_and_served_by_one(tmp_path):
-    out = _run("bash", "examples/resume_8_on_3.sh", str(tmp_path / "ckpt"))
+    # started from another directory than the repository's: it finds its examples
+    out = _run("bash", os.path.join(REPO, "examples", "resume_8_on_3.sh"), "ckpt",
+               cwd=str(tmp_path))
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", out)]
     assert re.findall(r"step (\d+): loss", out) == ["20", "40"], out
     assert losses[1] < losses[0]  # the resumed run went on learning from where it stopped
