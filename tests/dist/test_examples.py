@@ -34,7 +34,7 @@ def _torchrun(n: int, *args: str) -> str:
 
 def test_eight_ranks_resumed_on_three_and_served_by_one(tmp_path):
     # started from another directory than the repository's: it finds its examples
-    out = _run("bash", os.path.join(REPO, "examples", "resume_8_on_3.sh"), "ckpt",
+    out = _run("bash", os.path.join(REPO, "examples/resume_8_on_3.sh"), "ckpt",
                cwd=str(tmp_path))
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", out)]
     assert re.findall(r"step (\d+): loss", out) == ["20", "40"], out

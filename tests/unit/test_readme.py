@@ -29,7 +29,8 @@ def test_every_example_is_in_the_readme_and_run_by_a_test():
     names = sorted(os.listdir(os.path.join(REPO, "examples")))
     # run by the tests: named there, or by an example script they run
     ran = [n for n in names if f"examples/{n}" in runs]
-    ran += [n for n in names for s in ran if s.endswith(".sh") and f"examples/{n}" in _read("examples", s)]
+    ran += [n for n in names for s in ran if s.endswith(".sh")
+            and any(f"{d}/{n}" in _read("examples", s) for d in ("examples", "$here"))]
     for name in names:
         assert f"examples/{name}" in readme, f"examples/{name} is not in the README"
         assert name in ran, f"examples/{name} is run by no test"
