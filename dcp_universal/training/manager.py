@@ -676,16 +676,17 @@ class CheckpointManager:
         """Load step ``step`` (default: the latest committed) into any configuration.
 
         A root with no committed step (a job's first start) loads nothing and returns
-        ``None``, or, with ``init_from``, loads the model alone from that path and
-        returns its report (RNG and ``extra`` stay as they are: a fine-tune starting
-        from pre-trained weights). ``init_from`` is anything
-        :func:`~dcp_universal.load_model` reads: a step or model directory, a Hugging
-        Face safetensors directory, a ``torch.save`` file. A ``torch.save`` file's
-        optimizer state (``optimizer.state_dict()``, keyed by position) is mapped onto
-        ``optimizer`` (:func:`~dcp_universal.interop.legacy.stage_legacy_optimizer`:
-        every shape checked, a mismatch refused); from other sources the optimizer
-        starts fresh. Once the root holds a committed step it is resumed and
-        ``init_from`` is not read.
+        ``None``, or, with ``init_from``, loads the model from that path and carries
+        what maps beside it (:mod:`~dcp_universal.training.migrate`): optimizer state
+        keyed by parameter FQN (torchtitan, a plain DCP ``optim``) by canonical name;
+        keyed by position (a ``torch.save`` file, Accelerate's ``optimizer.bin``) with
+        :func:`~dcp_universal.interop.legacy.stage_legacy_optimizer` (every shape
+        checked, a mismatch refused); Accelerate's ``scheduler.bin`` into the LR
+        scheduler in ``extra``; the step the source records as ``report.step``. The
+        report's notes name what was left behind (RNG, data loader, ...); other
+        ``extra`` objects and the RNG stay as they are. ``init_from`` is anything
+        :func:`~dcp_universal.load_model` reads. Once the root holds a committed step it
+        is resumed (``report.step``: its number) and ``init_from`` is not read.
 
         Collective. Call order, every rank: rank 0 picks the step and tells every rank
         (so a reader racing a writer loads one step everywhere); every rank reads the

@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import random
+import re
 import runpy
 import sys
 
@@ -225,3 +226,14 @@ def test_two_step_records_that_disagree_are_not_guessed(tmp_path):
     with pytest.raises(Exception, match="two step numbers"):
         convert(moved, str(tmp_path / "root"))
     assert convert(moved, str(tmp_path / "root"), step=41).endswith("step-00000041")
+
+
+def test_the_recipes_in_coming_from_are_the_files():
+    with open(os.path.join(REPO, "docs", "coming-from.md")) as f:
+        doc = f.read()
+    blocks = dict(re.findall(r"```python\n# (examples/migrate/\S+)\n(.*?)```", doc, flags=re.S))
+    assert sorted(blocks) == [f"examples/migrate/{n}" for n in sorted(os.listdir(RECIPES))
+                              if n.endswith(".py")]
+    for path, body in blocks.items():
+        with open(os.path.join(REPO, path)) as f:
+            assert body == f.read(), f"docs/coming-from.md's copy of {path} differs"
