@@ -9,8 +9,9 @@ from dcp_universal.errors import (CheckpointError, CheckpointIOError, Checkpoint
                                   UnsafeCheckpointError, UnsupportedAdapterError)
 from dcp_universal.lora import LoRAEmbedding, LoRALinear, apply_lora  # registers its kind
 # Input formats register themselves on import, in the order they are asked: a legacy
-# file, a committed step, a DCP directory, a PEFT adapter directory, a Hugging Face one.
-from dcp_universal.interop import legacy, safetensors  # noqa: F401
+# file, a committed step, a DCP directory, a PEFT adapter directory, an Accelerate
+# save_state directory, a Hugging Face one.
+from dcp_universal.interop import legacy, safetensors, accelerate  # noqa: F401
 from dcp_universal.sources import dcp, step  # noqa: F401
 from dcp_universal.interop.peft import export_peft  # also the PEFT LoRA kind
 from dcp_universal.interop.hf import export_hf

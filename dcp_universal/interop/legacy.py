@@ -37,7 +37,7 @@ from dcp_universal.sources import Format, Source, Want, register_format
 from dcp_universal.storage import Storage
 
 __all__ = ["LegacyCheckpoint", "MainWeightLoRA", "LegacyFormat", "is_legacy_file",
-           "read_legacy", "stage_legacy_optimizer"]
+           "read_legacy", "load_file", "stage_legacy_optimizer"]
 
 _SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _MODEL_KEYS = ("model", "model_state_dict", "state_dict")
@@ -87,6 +87,12 @@ def _load(store: Storage, path: str) -> Any:
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable torch.save file ({e}); it may be "
                               "truncated or damaged") from None
+
+
+def load_file(store: Storage, path: str) -> Any:
+    """One ``torch.save`` file (an ``optimizer.state_dict()``, a scheduler's), read as
+    plain data (``weights_only``) after its archive is checked."""
+    return _load(store, path)
 
 
 def _check_archive(f, size: int, path: str) -> None:

@@ -36,6 +36,9 @@ class LoadReport:
         optimizer_restored / optimizer_fresh / optimizer_dropped: optimizer state by
             canonical parameter name (filled by optimizer loads).
         notes: anything else worth knowing (dtype casts, param-group decisions).
+        step: the step loaded (a committed step's number), or the one a checkpoint of
+            another tool records (``init_from``: torchtitan's ``step-N``, Accelerate's
+            ``checkpoint_N``, a legacy file's ``iter_num``); None when it records none.
     """
 
     loaded: list[str] = dataclasses.field(default_factory=list)
@@ -49,12 +52,15 @@ class LoadReport:
     optimizer_fresh: list[str] = dataclasses.field(default_factory=list)
     optimizer_dropped: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    step: int | None = None
 
     def merge(self, other: "LoadReport") -> "LoadReport":
         """Add ``other``'s entries (another part of the same load) to this report."""
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(mine, dict):
+            if f.name == "step":
+                self.step = theirs if theirs is not None else mine
+            elif isinstance(mine, dict):
                 mine.update(theirs)
             else:
                 mine.extend(theirs)

@@ -259,4 +259,5 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
     # the file's tensors relate to the model's (dcp_universal.interop.legacy)
     return Staged(plan.report, commit, {"restored_base": source.meta.get("restored_base"),
                                         "legacy_optimizer": source.meta.get("optimizer"),
-                                        "layout": source.meta.get("layout") or {}})
+                                        "layout": source.meta.get("layout") or {},
+                                        "source_meta": source.meta})

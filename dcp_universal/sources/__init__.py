@@ -7,7 +7,8 @@ registration order (:func:`register_format`), and ``load_model``, ``export_hf``,
 ``inspect`` and ``convert`` all go through :func:`open_source`, so a path that one of
 them reads is read the same way by all. The package registers: a legacy
 ``torch.save`` file (:mod:`~dcp_universal.interop.legacy`), a committed step
-(:mod:`.step`), a DCP directory, this library's or another tool's (:mod:`.dcp`), a PEFT
+(:mod:`.step`), a DCP directory, this library's or another tool's (:mod:`.dcp`), an
+Accelerate ``save_state`` directory (:mod:`~dcp_universal.interop.accelerate`), a PEFT
 adapter directory (:mod:`~dcp_universal.interop.peft`) and a Hugging Face safetensors
 directory (:mod:`~dcp_universal.interop.safetensors`). A new format is one module::
 

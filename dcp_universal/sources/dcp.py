@@ -56,19 +56,21 @@ def dir_source(store: Storage, d: DcpDir, want: Want, *, notes: tuple[str, ...] 
     infos, other, meta = dir_entries(d)
     if d.reader_of is None:  # planning read it: the load need not parse it again
         d = dataclasses.replace(d, metadata=meta)
+    # what a migration may carry beside the model (dcp_universal.training.migrate)
+    found = {"other_keys": other, "beside": foreign.beside_model(infos, other), "dir": d}
     if want.target is None:
         res = foreign.model_only(infos, other, prefix=want.prefix, desc=d.path) \
             if want.model_only else None
         if res is None:
-            return Source.in_directory(d.path, d, infos, notes=notes, meta={"other_keys": other})
+            return Source.in_directory(d.path, d, infos, notes=notes, meta=found)
         return Source.in_directory(d.path, d, {name: infos[raw] for name, raw in res.raw_of.items()},
                                    raw_of=res.raw_of, notes=(*notes, *res.notes),
-                                   meta={"other_keys": other})
+                                   meta=found)
     res = foreign.resolve(infos, other, set(want.target.tensors), prefix=want.prefix,
                           desc=d.path)
     source = Source.in_directory(d.path, d, {name: infos[raw] for name, raw in res.raw_of.items()},
                                  raw_of=res.raw_of, notes=(*notes, *res.notes),
-                                 meta={"other_keys": other})
+                                 meta=found)
     for rule in _FACTOR_RULES:
         source = rule(store, source, want.target)
     return source

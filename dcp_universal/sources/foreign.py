@@ -27,7 +27,8 @@ from typing import Iterable
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointMismatchError
 
-__all__ = ["canonical_key", "Resolution", "resolve", "OTHER_STATE_NAMES"]
+__all__ = ["canonical_key", "Resolution", "resolve", "OTHER_STATE_NAMES", "Beside",
+           "beside_model"]
 
 # infixes of wrappers that are never a user's module name (compile, activation
 # checkpointing, FSDP1): the attributes names.py walks through
@@ -257,3 +258,68 @@ def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix:
         notes.append(f"{len(hidden)} PEFT modules_to_save originals left out (the trained "
                      "copies are the model's weights)")
     return Resolution(raw_of, other, hidden, prefix, notes)
+
+
+#: top-level names of the optimizer's state as ``get_optimizer_state_dict`` writes it
+#: (``<name>.state.<param FQN>.<state key>``): torchtitan's, the DCP tutorial's, ...
+_OPTIMIZER_NAMES = ("optimizer", "optim", "optimizers")
+#: where tools keep the training step beside the model (torchtitan's ``TrainState``)
+_STEP_KEYS = ("train_state.step", "step")
+
+
+@dataclasses.dataclass
+class Beside:
+    """What another tool's DCP checkpoint keeps beside its model, as far as it maps.
+
+    Attributes:
+        optimizer: canonical parameter name -> state key (``exp_avg``) -> stored key, for
+            optimizer state keyed by parameter FQN (``get_optimizer_state_dict``, flat or
+            nested); empty when there is none.
+        optimizer_at: the stored prefix of that state (``"optim."``), for messages.
+        step_key: the stored key of the training step (``train_state.step``), or None.
+        left: what is not carried, grouped (``"dataloader (2 keys)"``), for notes.
+    """
+
+    optimizer: dict[str, dict[str, str]]
+    optimizer_at: str | None
+    step_key: str | None
+    left: list[str]
+
+
+def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Beside:
+    """The state beside the model in a checkpoint whose model :func:`model_only` finds
+    beside other state (:func:`_beside_other_state`): the optimizer's state by canonical
+    parameter name, the step's key, and the rest, named."""
+    tensors, others = sorted(tensor_keys), sorted(other_keys)
+    found = _beside_other_state(sorted(tensors + others))
+    if found is None:
+        return Beside({}, None, None, [])
+    level, prefix = found
+    optimizer: dict[str, dict[str, str]] = {}
+    at = None
+    for name in _OPTIMIZER_NAMES:
+        head = f"{level}{name}.state."
+        for k in tensors:
+            fqn, _, key = k[len(head):].rpartition(".") if k.startswith(head) else ("", "", "")
+            canonical = canonical_key(fqn) if fqn else None
+            if canonical:
+                optimizer.setdefault(canonical, {})[key] = k
+                at = f"{level}{name}."
+        if optimizer:
+            break
+    step_key = next((f"{level}{k}" for k in _STEP_KEYS if f"{level}{k}" in tensors), None)
+    taken = {raw for state in optimizer.values() for raw in state.values()} | {step_key}
+
+    def is_model(k: str) -> bool:
+        return k.startswith(prefix) and k[len(level):].split(".")[0] not in OTHER_STATE_NAMES
+
+    groups: dict[str, int] = {}
+    for k in tensors + others:
+        if k in taken or is_model(k):
+            continue
+        parts = k[len(level):].split(".")
+        deep = parts[0] in _OPTIMIZER_NAMES or parts[0] == "train_state"
+        group = level + ".".join(parts[:2 if deep and len(parts) > 1 else 1])
+        groups[group] = groups.get(group, 0) + 1
+    left = [f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items())]
+    return Beside(optimizer, at, step_key, left)

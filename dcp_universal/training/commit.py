@@ -29,13 +29,14 @@ import torch
 from dcp_universal import _comm, sources
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
+from dcp_universal.training import migrate
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.lease import Lease
 from dcp_universal.training.roots import check_root
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
-from dcp_universal.format.manifest import FileRecord, Manifest
+from dcp_universal.format.manifest import FileRecord, Manifest, TrainingState
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
 __all__ = ["StepWriter", "convert"]
@@ -138,29 +139,52 @@ def convert(src: str, root: str, *, step: int | None = None,
             storage_options: dict | None = None, trusted: bool = False) -> str:
     """Write the model of ``src`` (any format :func:`~dcp_universal.sources.open_source`
     reads: a legacy ``torch.save`` file, a Hugging Face directory, another tool's DCP
-    checkpoint, ...) as a committed step under ``root``; returns its path.
+    checkpoint, an Accelerate ``save_state`` directory, ...) as a committed step under
+    ``root``, with what maps beside it (:mod:`~dcp_universal.training.migrate`); returns
+    its path.
 
-    Not collective (one process). The step number defaults to the one the source records
-    (a legacy file's ``iter_num`` / ``global_step``), else 0. A legacy file's optimizer
-    state is not converted: it is keyed by position, which only the model it belongs to
-    can turn into names (resume it with ``mgr.load(model, optimizer, init_from=src)``);
-    a warning says so, and the step records ``optimizer: false``.
+    Not collective (one process). The model alone goes to ``model/`` (another tool's
+    optimizer, scheduler or data loader state is never taken for weights). Optimizer
+    state keyed by parameter FQN (torchtitan's, a plain ``dcp.save`` of
+    ``get_optimizer_state_dict``) goes to ``optimizer/`` by canonical name, without its
+    param groups (a load keeps the target optimizer's hyperparameters). Optimizer state
+    keyed by position (a legacy file's, Accelerate's ``optimizer.bin``) is not written:
+    only the live optimizer can name its parameters (resume it with
+    ``mgr.load(model, optimizer, init_from=src)``). The step number defaults to the one
+    the source records (a legacy file's ``iter_num`` / ``global_step``, torchtitan's
+    ``train_state.step`` and ``step-N`` directory, Accelerate's ``checkpoint_N``), else
+    0. A warning names everything not carried.
+
+    Raises:
+        CheckpointError: the source records two different step numbers and ``step`` is
+            not given; the source is an adapter without base weights.
     """
     src, root = normalize(src), normalize(root)
-    source = sources.open_source(storage_for(src, storage_options), src,
-                                 sources.Want(trusted=trusted))
+    src_store = storage_for(src, storage_options)
+    source = sources.open_source(src_store, src, sources.Want(trusted=trusted,
+                                                              model_only=True))
     if source.meta.get("adapter_only"):
         raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
                               "to convert; load it into a model with load_model instead")
+    carried = migrate.find(src_store, src, source.meta, trusted=trusted)
     if step is None:
-        if source.meta.get("step") is None:
-            logger.warning("%s records no step number (iter_num / global_step): written as "
-                           "step 0; pass step=N (CLI: --step N) to number it", src)
-        step = int(source.meta.get("step") or 0)
-    if source.meta.get("optimizer"):
+        if carried.conflict:
+            raise CheckpointError(f"{src} records two step numbers: {carried.conflict} -> "
+                                  "pass step=N (CLI: --step N)")
+        if carried.step is None:
+            logger.warning("%s records no step number (iter_num / global_step, "
+                           "train_state.step, a step-N or checkpoint_N directory): written "
+                           "as step 0; pass step=N (CLI: --step N) to number it", src)
+        step = int(carried.step or 0)
+    if carried.by_name is None and carried.by_position is not None:
         logger.warning("%s holds optimizer state, which convert does not write: it is keyed "
                        "by position, which only its model can turn into parameter names -> "
                        "resume it with mgr.load(model, optimizer, init_from=%r)", src, src)
+    if carried.scheduler is not None:
+        carried.left.append("scheduler.bin (LR scheduler: resume with mgr.load(..., "
+                            f"init_from={src!r}, extra={{'lr_scheduler': scheduler}}))")
+    if carried.left:
+        logger.warning("%s", carried.left_note())
     store = storage_for(root, storage_options)
     path = manifest.step_path(root, step)
     if store.exists(join(path, manifest.MANIFEST)):
@@ -168,13 +192,21 @@ def convert(src: str, root: str, *, step: int | None = None,
                                      "step=N (CLI: --step N)")
     tensors = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in sorted(source.keys.items())}
     source.read(tensors, single_process=True)
+    optimizer = migrate.converted_optimizer(carried, trusted=trusted)
     written = dcp_io.save_state(store, tensors, join(path, manifest.MODEL_DIR),
                                 single_process=True)
+    files = {f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()}
+    if optimizer is not None:
+        written = dcp_io.save_state(store, optimizer, join(path, manifest.OPTIMIZER_DIR),
+                                    single_process=True)
+        files.update({f"{manifest.OPTIMIZER_DIR}/{n}": rec for n, rec in written.items()})
+        logger.info("%s: optimizer state of %d parameters carried by name into step %d",
+                    src, len(carried.by_name[1].optimizer), step)
     m = Manifest(
         step=step, world_size=1, merge="rank0",
         dtypes=sorted({str(t.dtype) for t in tensors.values()}),
-        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: False},
-        files={f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()},
-        legacy=source.meta.get("legacy"))
+        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: optimizer is not None},
+        files=files, legacy=source.meta.get("legacy"),
+        training_state=TrainingState(extra=[], per_rank=[]))
     steps.write_manifest(store, path, m)
     return path

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from dcp_universal import _comm
 from dcp_universal.format import manifest
-from dcp_universal.training import optim_io, retention, training_state
+from dcp_universal.training import migrate, optim_io, retention, training_state
 from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.commit import StepWriter
@@ -45,7 +45,6 @@ from dcp_universal.training.lease import Lease
 from dcp_universal.training.roots import check_root
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
-from dcp_universal.interop import legacy
 from dcp_universal.model_io.load import stage_model
 from dcp_universal.model_io.save import check_merge
 from dcp_universal.training.snapshot import Snapshotter
@@ -677,16 +676,17 @@ class CheckpointManager:
         """Load step ``step`` (default: the latest committed) into any configuration.
 
         A root with no committed step (a job's first start) loads nothing and returns
-        ``None``, or, with ``init_from``, loads the model alone from that path and
-        returns its report (RNG and ``extra`` stay as they are: a fine-tune starting
-        from pre-trained weights). ``init_from`` is anything
-        :func:`~dcp_universal.load_model` reads: a step or model directory, a Hugging
-        Face safetensors directory, a ``torch.save`` file. A ``torch.save`` file's
-        optimizer state (``optimizer.state_dict()``, keyed by position) is mapped onto
-        ``optimizer`` (:func:`~dcp_universal.interop.legacy.stage_legacy_optimizer`:
-        every shape checked, a mismatch refused); from other sources the optimizer
-        starts fresh. Once the root holds a committed step it is resumed and
-        ``init_from`` is not read.
+        ``None``, or, with ``init_from``, loads the model from that path and carries
+        what maps beside it (:mod:`~dcp_universal.training.migrate`): optimizer state
+        keyed by parameter FQN (torchtitan, a plain DCP ``optim``) by canonical name;
+        keyed by position (a ``torch.save`` file, Accelerate's ``optimizer.bin``) with
+        :func:`~dcp_universal.interop.legacy.stage_legacy_optimizer` (every shape
+        checked, a mismatch refused); Accelerate's ``scheduler.bin`` into the LR
+        scheduler in ``extra``; the step the source records as ``report.step``. The
+        report's notes name what was left behind (RNG, data loader, ...); other
+        ``extra`` objects and the RNG stay as they are. ``init_from`` is anything
+        :func:`~dcp_universal.load_model` reads. Once the root holds a committed step it
+        is resumed (``report.step``: its number) and ``init_from`` is not read.
 
         Collective. Call order, every rank: rank 0 picks the step and tells every rank
         (so a reader racing a writer loads one step everywhere); every rank reads the
@@ -735,7 +735,7 @@ class CheckpointManager:
             picked = _comm.on_rank0(self._pick_step, step)
             if picked is None:
                 return self._initial(model, optimizer, init_from, init_storage_options,
-                                     strict, verify, hyperparams)
+                                     strict, verify, hyperparams, extra)
             step, local, remote = picked
             report = self._load_tiered(model, optimizer, step, local, remote, strict, extra,
                                        hyperparams, skip, verify)
@@ -743,11 +743,13 @@ class CheckpointManager:
                 self._recover()
             if init_from is not None:
                 report.notes.append(f"resumed step {step}; init_from={init_from} not read")
+            report.step = step
             return report
 
     def _initial(self, model, optimizer, init_from, storage_options, strict, verify,
-                 hyperparams) -> LoadReport | None:
-        """A root without a committed step: nothing, or the model from ``init_from``."""
+                 hyperparams, extra) -> LoadReport | None:
+        """A root without a committed step: nothing, or the model from ``init_from`` and
+        what maps beside it (:mod:`~dcp_universal.training.migrate`)."""
         if init_from is None:
             if _comm.rank() == 0:
                 logger.info("no committed step under %s: nothing loaded (a first start)",
@@ -755,19 +757,19 @@ class CheckpointManager:
             return None
         path = normalize(init_from)
         options = self.options.storage_options if storage_options is None else storage_options
+        store = storage_for(path, options)
         view = ModelView.of(model)
         staged = stage_model(view, path, strict=strict, verify=verify, stage=True,
-                             store=storage_for(path, options), trusted=self.trusted)
-        saved = staged.facts.get("legacy_optimizer")
-        what = "optimizer and training state fresh"
-        if optimizer is not None and saved is not None:  # a torch.save file's optimizer
-            staged = Staged.combine([staged, _comm.agreed(lambda: legacy.stage_legacy_optimizer(
-                view, optimizer, saved, fresh=set(staged.report.fresh),
-                layout=staged.facts["layout"], hyperparams=hyperparams, desc=path))])
-            what = "its optimizer state mapped onto the optimizer; training state fresh"
+                             store=store, trusted=self.trusted)
+        carried = migrate.find(store, path, staged.facts.get("source_meta") or {},
+                               trusted=self.trusted)
+        staged = Staged.combine([staged, migrate.stage(
+            view, optimizer, extra, carried, fresh=set(staged.report.fresh),
+            layout=staged.facts.get("layout") or {}, hyperparams=hyperparams,
+            trusted=self.trusted)])
         staged.commit()
         staged.report.notes.append(f"no committed step under {self.root}: the model starts "
-                                   f"from {path} ({what})")
+                                   f"from {path}")
         return staged.report
 
     def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:

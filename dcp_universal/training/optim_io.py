@@ -16,23 +16,23 @@ dropped. All three land in the :class:`~dcp_universal.LoadReport`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError
-from dcp_universal.model.plan import LoadReport, Staged
+from dcp_universal.model.plan import LoadReport, Staged, TensorInfo
 from dcp_universal.storage import Storage
 from dcp_universal.model.view import ModelView
 
-__all__ = ["optimizer_state", "stage_optimizer", "META_KEY", "HYPERPARAM_SOURCES",
-           "check_hyperparams"]
+__all__ = ["optimizer_state", "stage_optimizer", "stage_saved", "SavedState",
+           "converted_state", "META_KEY", "HYPERPARAM_SOURCES", "check_hyperparams"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +84,47 @@ def optimizer_state(view: ModelView, optimizer: torch.optim.Optimizer) -> dict[s
     return out
 
 
-def _read_meta(opt_dir: str, store: Storage, trusted: bool
-               ) -> tuple[dict, dict[str, dict[str, TensorStorageMetadata]]]:
+@dataclasses.dataclass(frozen=True)
+class SavedState:
+    """Optimizer state saved by canonical parameter name, not read yet.
+
+    Attributes:
+        meta: ``param_groups`` (canonical names; empty: not recorded), ``scalars``
+            (non-tensor state by name) and ``ties``.
+        entries: canonical name -> state key -> ``(stored key, shape and dtype)``.
+        read: ``read(state)`` fills stored key -> tensor (collective as ``dcp.load``).
+    """
+
+    meta: dict
+    entries: dict[str, dict[str, tuple[str, TensorInfo]]]
+    read: Callable[[dict[str, torch.Tensor]], None]
+
+
+def _read_meta(opt_dir: str, store: Storage, trusted: bool) -> SavedState:
     md = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted).state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
     dcp_io.load_state(store, box, opt_dir, trusted=trusted)
-    by_param: dict[str, dict[str, TensorStorageMetadata]] = {}
+    entries: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
             name, _, state_key = key[len(_STATE):].rpartition("/")
-            by_param.setdefault(name, {})[state_key] = m
-    return state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}",
-                             trusted=trusted), by_param
+            entries.setdefault(name, {})[state_key] = (
+                key, TensorInfo(tuple(m.size), m.properties.dtype))
+    meta = state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}", trusted=trusted)
+    return SavedState(meta, entries, lambda state: dcp_io.load_state(store, state, opt_dir,
+                                                                     trusted=trusted))
+
+
+def converted_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """A flat DCP state dict of an ``optimizer/`` directory from another tool's state
+    (canonical name -> state key -> tensor, tensors only): no param groups are recorded
+    (a load keeps the target's), no scalars, no ties."""
+    out: dict[str, Any] = {f"{_STATE}{name}/{key}": t for name, entry in state.items()
+                           for key, t in entry.items()}
+    out[META_KEY] = state_blobs.dumps({"param_groups": [], "scalars": {}, "ties": []})
+    return out
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
@@ -113,9 +140,17 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
             values the optimizer was built with.
     """
     check_hyperparams(hyperparams)
+    return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted),
+                       hyperparams=hyperparams)
+
+
+def stage_saved(view: ModelView, optimizer: torch.optim.Optimizer, saved_state: SavedState,
+                *, hyperparams: str) -> Staged:
+    """:func:`stage_optimizer` of state found anywhere (a step's ``optimizer/``, another
+    tool's optimizer by FQN): one ``saved_state.read`` (collective as it is)."""
     names = view.optimizer_param_names(optimizer)
     _warn_frozen(optimizer, names)
-    meta, saved = _read_meta(opt_dir, store, trusted)
+    meta, saved = saved_state.meta, saved_state.entries
     report = LoadReport()
     params = {names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
     to_read: dict[str, torch.Tensor] = {}
@@ -133,21 +168,21 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
                  if n in saved and n not in source_of]
         entries = saved.get(found[0]) if found else None
         fits = entries is not None and p.requires_grad and all(
-            len(m.size) == 0 or tuple(m.size) == tuple(p.shape) for m in entries.values())
+            len(i.shape) == 0 or tuple(i.shape) == tuple(p.shape) for _, i in entries.values())
         if not fits:
             report.optimizer_fresh.append(name)
             continue
         state = {}
-        for key, m in entries.items():
-            t = (torch.empty((), dtype=m.properties.dtype) if len(m.size) == 0
-                 else torch.empty_like(p, dtype=m.properties.dtype))
-            state[key] = to_read[f"{_STATE}{found[0]}/{key}"] = t
+        for key, (raw, info) in entries.items():
+            t = (torch.empty((), dtype=info.dtype) if len(info.shape) == 0
+                 else torch.empty_like(p, dtype=info.dtype))
+            state[key] = to_read[raw] = t
         restored[name] = state
         source_of[found[0]] = name
     report.optimizer_dropped.extend(sorted(n for n in saved if n not in source_of))
     report.optimizer_restored.extend(restored)
     if to_read:
-        dcp_io.load_state(store, to_read, opt_dir, trusted=trusted)
+        saved_state.read(to_read)
     groups = _groups_rule(optimizer, names, meta["param_groups"], report, hyperparams)
 
     def commit() -> None:
@@ -165,6 +200,11 @@ def _groups_rule(optimizer, names, saved_groups, report: LoadReport,
     """``(group, saved group)`` pairs whose hyperparameters the load restores (none when
     the structure differs or ``hyperparams="current"``), with the decision in ``report``."""
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if not saved_groups:  # converted from another tool: its groups were not carried
+        report.notes.append("the checkpoint records no optimizer param groups (another "
+                            "tool's state, carried by parameter name): the target's groups "
+                            "and hyperparameters stand")
+        return []
     saved = [g["params"] for g in saved_groups]
     if [set(g) for g in current] != [set(g) for g in saved]:
         report.notes.append(

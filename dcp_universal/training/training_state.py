@@ -152,12 +152,17 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
         else:  # resharding rule: every saved rank's state
             wanted.update({f"{_RANK}{r}/{name}": b"" for r in range(saved_world)})
             report.notes.append(f"per-rank state {name!r} resharded from {saved_world} ranks")
-    if same_world:
+    rng = same_world and RNG in per_rank  # a converted step's optimizer/ holds no RNG
+    if rng:
         wanted[f"{_RANK}{rank}/{RNG}"] = b""
+    elif RNG not in per_rank:
+        report.notes.append(f"step {m.step} holds no RNG state (converted from another "
+                            "format): the RNG is left as it is")
     else:
         report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
                             f"{_comm.world_size()})")
-    dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
+    if wanted:
+        dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
     values = _comm.agreed(lambda: {
         k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}", trusted=trusted)
@@ -172,7 +177,7 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
             elif name not in skip:
                 obj.load_resharded_state_dicts(
                     [values[f"{_RANK}{r}/{name}"] for r in range(saved_world)])
-        if same_world:
+        if rng:
             _set_rng_state(values[f"{_RANK}{rank}/{RNG}"])
 
     return Staged(report, commit)

@@ -1,6 +1,7 @@
 """The README's code is the examples' code: a Python block that starts with
 ``# examples/<file>`` must equal that file, and every example is named in the README
-(tests/dist/test_examples.py runs them)."""
+(tests/dist/test_examples.py runs them; tests/unit/test_migrate.py the migration
+recipes of examples/migrate/)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_readme_blocks_are_the_example_files():
 
 def test_every_example_is_in_the_readme_and_run_by_a_test():
     readme = _read("README.md")
-    runs = _read("tests", "dist", "test_examples.py")
+    runs = _read("tests", "dist", "test_examples.py") + _read("tests", "unit", "test_migrate.py")
     names = sorted(os.listdir(os.path.join(REPO, "examples")))
     # run by the tests: named there, or by an example script they run
     ran = [n for n in names if f"examples/{n}" in runs]

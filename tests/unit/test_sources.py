@@ -66,7 +66,7 @@ def _out(model):
 
 def test_the_registry_asks_formats_in_order_and_names_them_all_when_none_fits(flat, tmp_path):
     names = [f.name for f in sources.registered_formats()]
-    assert names == ["legacy", "step", "dcp", "peft_adapter", "flat", "hf"]
+    assert names == ["legacy", "step", "dcp", "accelerate", "peft_adapter", "flat", "hf"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotACheckpointError, match="index.json and weights.bin") as e:
         load_model(tiny.make("plain"), str(tmp_path / "empty"))
