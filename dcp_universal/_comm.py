@@ -257,7 +257,7 @@ _PEER_LOST = ("timed out waiting", "connection closed by peer", "connection rese
               "broken pipe", "pair closure", "socket timeout")
 
 
-def _lost_peer(e: BaseException) -> BaseException | None:
+def _lost_peer(e: BaseException | None) -> BaseException | None:
     """The collective failure (a gloo timeout or a closed connection) behind ``e``."""
     seen = set()
     while e is not None and id(e) not in seen:
@@ -386,6 +386,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
         op = getattr(_thread, "op", None)
         if op is not None:
             op.mark(f"running {getattr(fn, '__name__', 'a step')} on rank 0", advance=False)
+    result: Any
     result, error, told = _attempt(fn, args, kwargs) if rank() == 0 else (None, None, None)
     if not is_distributed():
         if error is not None:
@@ -461,7 +462,7 @@ def _rebuild(told: tuple, rank: int = 0) -> Exception:
         exc = pickle.loads(blob)
     else:
         try:
-            cls = importlib.import_module(module)
+            cls: Any = importlib.import_module(module)
             for part in qualname.split("."):
                 cls = getattr(cls, part)
             try:

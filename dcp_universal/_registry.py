@@ -3,11 +3,18 @@ items): named entries, asked in order, a name taken once."""
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, Iterator, Protocol, TypeVar
 
 __all__ = ["Registry"]
 
-T = TypeVar("T")
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
 
 
 class Registry(Generic[T]):

@@ -21,7 +21,7 @@ import json
 import re
 import time
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -164,6 +164,7 @@ class FileRecord:
             if self.sidecar is not None:
                 out["checksum"]["file"] = self.sidecar
             else:
+                assert self.sums is not None  # has_blocks without a sidecar
                 out["checksum"]["sums"] = self.sums.hex()
         return out
 
@@ -435,11 +436,11 @@ class _ListsRecord:
     _expect: dict[str, str] = {}
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(cast(Any, self))  # a mixin: its subclasses are dataclasses
 
     @classmethod
     def from_json(cls, d: Any, where: str):
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cast(Any, cls))]
         if not isinstance(d, dict):
             raise _fail(where, "an object {" + ", ".join(names) + "}", d)
         return cls(**{n: _get(d, n, list, where, cls._expect[n]) for n in names})

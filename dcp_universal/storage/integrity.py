@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import os
 import zlib
+from types import ModuleType
 from typing import Callable, Mapping
 
 from dcp_universal.errors import CheckpointError, IntegrityError, NotACheckpointError
@@ -30,6 +31,7 @@ from dcp_universal.storage import Storage, join
 __all__ = ["Checksummed", "BlockCheck", "crc32_of", "check_files", "block_checks", "unchecked",
            "BLOCK_BYTES", "INLINE_BLOCKS", "SUMS_SUFFIX", "ALGO", "checksum"]
 
+_crc32c: ModuleType | None
 try:
     import crc32c as _crc32c
 except ImportError:  # pragma: no cover - a core dependency; zlib keeps saves working
@@ -86,7 +88,7 @@ class _CrcStream:
             view = view.cast("B")
         n_bytes = len(view)
         self.size += n_bytes
-        if self._algo is None:
+        if self._fn is None:  # no algo: sizes only
             return n
         if self._fill + n_bytes < BLOCK_BYTES:  # most writes: within the block
             self._cur = self._fn(view, self._cur)
@@ -155,6 +157,7 @@ class Checksummed:
         """Write ``rec``'s sums beside the file (synced, as DCP syncs its files);
         returns the record naming it."""
         sums, side = rec.sums, name + SUMS_SUFFIX
+        assert sums is not None and rec.algo is not None  # the caller's record has sums
         with self._inner.create_stream(path + SUMS_SUFFIX, "wb") as f:
             f.write(sums)
             f.flush()
@@ -221,6 +224,7 @@ class BlockCheck:
     def sums(self, name: str, rec: FileRecord) -> bytes:
         """The block sums of ``name``: its record's, or (checked) its sums file's."""
         if rec.sidecar is None:
+            assert rec.sums is not None  # has_blocks: sums or a sidecar
             return rec.sums
         if name not in self._sums:
             if self._read is None:
@@ -247,6 +251,7 @@ class BlockCheck:
         rec = self.record(name)
         if rec is None or end <= start:
             return start, end
+        assert rec.block is not None  # has_blocks: FileRecord.from_json requires a block
         return start - start % rec.block, min(rec.size, -(-end // rec.block) * rec.block)
 
     def check(self, name: str, buf, at: int, start: int, end: int, *,
@@ -262,6 +267,7 @@ class BlockCheck:
         rec = self.record(name)
         if rec is None or end <= start:
             return
+        assert rec.block is not None and rec.algo is not None  # has_blocks: both are set
         sums = self.sums(name, rec)
         done = self._done.setdefault(name, set())
         view = memoryview(buf)
@@ -334,6 +340,7 @@ def _blocks(store: Storage, path: str, size: int):
 def _check_whole(store: Storage, path: str, full: str, rel: str, rec: FileRecord,
                  files: Mapping[str, FileRecord]) -> None:
     if rec.has_blocks:
+        assert rec.block is not None  # has_blocks: FileRecord.from_json requires a block
         # the file's own directory: a sums file is named relative to the file beside it
         folder, _, name = rel.rpartition("/")
         directory = join(path, folder) if folder else path
