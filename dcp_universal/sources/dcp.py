@@ -12,7 +12,7 @@ the rule for the library's own layers saved as a plain state dict in
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, cast
 
 from dcp_universal.errors import ManifestError
 from dcp_universal.sources import foreign, own_lora
@@ -86,7 +86,7 @@ class DcpFormat(Format):
         return model_dir(store, path) is not None
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        d = model_dir(store, path)
+        d = cast(str, model_dir(store, path))  # detect() found it
         ties, files = model_records(store, d)
         if files is not None:  # a save_model directory: sizes, and its checksums
             check_files(store, d, files, checksums=bool(want.verify))
@@ -95,9 +95,9 @@ class DcpFormat(Format):
         source = dir_source(store, DcpDir(store, d, trusted=want.trusted), want)
         if ties is None or want.prefix is not None:
             return source
-        ties = tuple(g for g in (tuple(k for k in g if k in source.entries) for g in ties)
+        kept = tuple(g for g in (tuple(k for k in g if k in source.entries) for g in ties)
                      if len(g) > 1)
-        return source.replace(ties=ties, meta={**source.meta, "ties_recorded": True})
+        return source.replace(ties=kept, meta={**source.meta, "ties_recorded": True})
 
 
 _MODEL_INFO_LIMIT = 64 << 20

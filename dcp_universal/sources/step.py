@@ -13,6 +13,8 @@ checked whole first).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from dcp_universal.errors import CheckpointMismatchError
@@ -63,7 +65,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
     if m.adapters is None:
         checked(manifest.MODEL_DIR)
         return dir_source(store, model_dir, merged)
-    base, base_keys = _opened(store, manifest.base_path(path, m), want.trusted)
+    base, base_keys = _opened(store, cast(str, manifest.base_path(path, m)), want.trusted)
     adapters, step_keys = _opened(store, join(path, manifest.ADAPTERS_DIR), want.trusted)
     complete = view is not None and view.frozen_tensors().keys() == base_keys.keys()
     base_keys, originals = _split_originals(base_keys, step_keys, view)
@@ -76,6 +78,7 @@ def _step_source(store: Storage, path: str, want: Want, m: Manifest) -> Source:
                 for k in factor_keys | idle))
     check_files(store, base.path, m.base_files or {}, checksums=want.verify)
     if same_adapters:
+        assert view is not None  # same_adapters needs a view
         _check_same_updates(path, view.active_factor_keys(), factor_keys)
         checked(manifest.ADAPTERS_DIR)
         return Source(desc=path, entries={**{k: Entry(i, base, k) for k, i in base_keys.items()},

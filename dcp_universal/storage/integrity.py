@@ -359,7 +359,7 @@ def _check_whole(store: Storage, path: str, full: str, rel: str, rec: FileRecord
 
 
 def check_files(store: Storage, path: str, files: Mapping[str, FileRecord], *,
-                checksums: bool = False, prefixes: tuple[str, ...] = ("",),
+                checksums: bool | None = False, prefixes: tuple[str, ...] = ("",),
                 progress: Callable[[int], None] | None = None) -> None:
     """Compare the files under ``path`` whose names start with one of ``prefixes`` with
     their records: sizes always (one listing), every checksum when ``checksums`` (a

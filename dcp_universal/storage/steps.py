@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable
+from typing import Callable, cast
 
 from dcp_universal.errors import (FormatVersionError, ManifestError, NotACheckpointError,
                                   UnsafeCheckpointError)
@@ -131,7 +131,7 @@ def check_recorded(store: Storage, step_dir: str, m: Manifest) -> None:
         bare = sorted(rel for rel, rec in base_files.items() if not rec.has_blocks) \
             if m.requires_checksums() else []
         if not base_files or bare:
-            raise unchecked(base_path(step_dir, m), "has no block checksums recorded in "
+            raise unchecked(cast(str, base_path(step_dir, m)), "has no block checksums recorded in "
                             f"{join(step_dir, MANIFEST)}" + (f" ({bare[0]})" if bare else ""))
 
 
@@ -145,7 +145,7 @@ def verified_store(store: Storage, step_dir: str, m: Manifest) -> Storage:
     checks = block_checks(store, m.files, {f"{i}/": join(step_dir, i) for i in items},
                           require=require)
     if m.base:
-        checks.update(block_checks(store, m.base_files or {}, {"": base_path(step_dir, m)},
+        checks.update(block_checks(store, m.base_files or {}, {"": cast(str, base_path(step_dir, m))},
                                    require=require))
     return store.verifying(checks)
 

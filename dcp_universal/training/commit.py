@@ -22,7 +22,7 @@ thread; ``None``: the default group).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -112,7 +112,8 @@ class StepWriter:
         try:
             check_files(self.store, self.path, m.files)
             if m.base:
-                check_files(self.store, manifest.base_path(self.path, m), m.base_files or {})
+                check_files(self.store, cast(str, manifest.base_path(self.path, m)),
+                            m.base_files or {})
         except IntegrityError as e:
             raise CheckpointIOError(
                 f"step {self.step} was written, but before its commit a file it wrote was "
@@ -197,6 +198,7 @@ def convert(src: str, root: str, *, step: int | None = None,
                                 single_process=True)
     files = {f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()}
     if optimizer is not None:
+        assert carried.by_name is not None  # converted_optimizer: None without it
         written = dcp_io.save_state(store, optimizer, join(path, manifest.OPTIMIZER_DIR),
                                     single_process=True)
         files.update({f"{manifest.OPTIMIZER_DIR}/{n}": rec for n, rec in written.items()})

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 import torch.nn as nn
@@ -110,7 +110,9 @@ class _Options:
         if self.keep_every is not None:
             out.append(retention.KeepEvery(self.keep_every))
         if self.keep_best is not None:
-            out.append(retention.KeepBest(self.keep_best, self.best_metric, self.best_mode))
+            # __post_init__: keep_best needs best_metric
+            out.append(retention.KeepBest(self.keep_best, cast(str, self.best_metric),
+                                          self.best_mode))
         return out
 
 
@@ -522,6 +524,7 @@ class CheckpointManager:
 
     def _recover(self) -> None:
         """Queue the uploads of local steps an earlier job left (collective, once)."""
+        assert self._tier is not None  # its callers checked
         if not self._tier.started:  # uploads nobody waited for are reported at exit
             atexit.register(self._at_exit)
         self._tier.start()
@@ -542,7 +545,8 @@ class CheckpointManager:
                 "overwrite=True to replace it, or save under another step number")
 
     def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
-                  snapshot) -> Callable[[float], str]:
+                  snapshot) -> Callable[[float, Any],
+                                        tuple[str, concurrent.futures.Future | None]]:
         """Everything of a save that reads model, optimizer and ``extra`` (collective on
         the caller's group: prepare, then every item's save: the base, factor gathers,
         training state), with what the writes will read copied by ``snapshot``
@@ -889,7 +893,7 @@ class CheckpointManager:
         check_files(store, path, m.files, checksums=True, progress=progress)
         records = list(m.files.values())
         if m.base:
-            check_files(store, manifest.base_path(path, m), m.base_files or {},
+            check_files(store, cast(str, manifest.base_path(path, m)), m.base_files or {},
                         checksums=True, progress=progress)
             records += list((m.base_files or {}).values())
         return {"files": len(records), "bytes": sum(r.size for r in records)}

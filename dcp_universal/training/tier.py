@@ -29,10 +29,11 @@ uploads in the same order, which every save and load call keeps (they are collec
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 import time
-from typing import Callable
+from typing import Callable, cast
 
 from dcp_universal import _comm
 from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
@@ -40,6 +41,7 @@ from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage import Storage, join, steps
 from dcp_universal.storage.integrity import check_files
+from dcp_universal.storage.local import LocalStorage
 
 __all__ = ["LocalTier", "owner"]
 
@@ -70,7 +72,7 @@ class LocalTier:
         timeout: the upload thread's gloo group's timeout.
     """
 
-    def __init__(self, local: Storage, local_root: str, remote: Storage, remote_root: str, *,
+    def __init__(self, local: LocalStorage, local_root: str, remote: Storage, remote_root: str, *,
                  retain_remote: Callable[[], None], retries: int = 3, backoff: float = 1.0,
                  timeout: float = _comm.DEFAULT_TIMEOUT_S, fence=None) -> None:
         self.local, self.local_root = local, local_root
@@ -112,7 +114,7 @@ class LocalTier:
             m = steps.read_manifest(self.local, path)
             check_files(self.local, path, m.files)
             if m.base:
-                check_files(self.local, manifest.base_path(path, m), m.base_files or {})
+                check_files(self.local, cast(str, manifest.base_path(path, m)), m.base_files or {})
         except (CheckpointError, OSError):
             return False
         return True
@@ -146,7 +148,7 @@ class LocalTier:
 
         future = self._pool.submit(run)
         self.pending[step] = future
-        future.add_done_callback(lambda f, s=step: self._done(s, f))
+        future.add_done_callback(functools.partial(self._done, step))
         return future
 
     def _done(self, step: int, future: concurrent.futures.Future) -> None:
@@ -196,7 +198,9 @@ class LocalTier:
                                   self._prepare, step, remote_dir, m, overwrite, group=group)
         dirs = [(local_dir, remote_dir, m.files)]
         if new_base:
-            dirs.append((manifest.base_path(local_dir, m), manifest.base_path(remote_dir, m),
+            # new_base: the step names a base
+            dirs.append((cast(str, manifest.base_path(local_dir, m)),
+                         cast(str, manifest.base_path(remote_dir, m)),
                          m.base_files or {}))
 
         def push() -> None:
@@ -229,7 +233,7 @@ class LocalTier:
                 "save under another step number, or with overwrite=True")
         steps.remove_step(self.remote, remote_dir, fence=self.fence)
         return bool(m.base) and not self.remote.exists(
-            join(manifest.base_path(remote_dir, m), manifest.BASE_FILES))
+            join(cast(str, manifest.base_path(remote_dir, m)), manifest.BASE_FILES))
 
     def _put(self, step: int, src: str, dst: str) -> None:
         self._retried(step, f"uploading {src} to {dst}", self.remote.upload,
@@ -255,7 +259,7 @@ class LocalTier:
     def _commit(self, step: int, m: Manifest, remote_dir: str, new_base: bool) -> None:
         try:
             if new_base:
-                steps.write_base_files(self.remote, manifest.base_path(remote_dir, m),
+                steps.write_base_files(self.remote, cast(str, manifest.base_path(remote_dir, m)),
                                        m.base_files or {})
             check_files(self.remote, remote_dir, m.files)  # every rank's files arrived
             # only while this job holds the remote root (the manifest stays the local
