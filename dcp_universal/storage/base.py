@@ -93,7 +93,7 @@ class Storage(abc.ABC):
         """Whole or not at all."""
 
     @abc.abstractmethod
-    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+    def write_atomic_with(self, path: str, write: Callable[[str], object]) -> None:
         """Like :meth:`write_atomic`, for a writer that wants a local file name
         (``write(tmp_path)``): no copy of the data in memory."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
@@ -287,9 +287,10 @@ def _fetch(fs, ranges: list[tuple[str, int, int]]) -> list[bytes]:
     return datas
 
 
-def _batches(items: list, size: Callable[[object], int]) -> Iterator[list]:
+def _batches(items: list, size: Callable[[Any], int]) -> Iterator[list]:
     """``items`` in runs of at most ``RANGED_BATCH_BYTES`` (an item larger alone)."""
-    batch, total = [], 0
+    batch: list = []
+    total = 0
     for item in items:
         if batch and total + size(item) > RANGED_BATCH_BYTES:
             yield batch

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.storage import StorageReader
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import _comm, _torch_compat
@@ -115,7 +116,7 @@ def gather_records(files: dict[str, FileRecord], *, group=None) -> dict[str, Fil
 
 
 #: ``reader_of(path, copies, metadata)``: a DCP ``StorageReader`` of a directory
-ReaderOf = Callable[[str, "Copies | None", "Metadata | None"], object]
+ReaderOf = Callable[[str, "Copies | None", "Metadata | None"], StorageReader]
 
 
 class _PlainBytesPlanner(DefaultLoadPlanner):

@@ -127,7 +127,7 @@ class FsspecStorage(Storage):
         fs, p = self.fs(path)
         fs.pipe_file(p, data)
 
-    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+    def write_atomic_with(self, path: str, write: Callable[[str], object]) -> None:
         # a local temporary file, uploaded in one put
         with tempfile.TemporaryDirectory(prefix="dcpu-upload-") as d:
             local = os.path.join(d, "data")

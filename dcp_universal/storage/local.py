@@ -84,7 +84,7 @@ class LocalStorage(Storage):
     def write_atomic(self, path: str, data: bytes) -> None:
         self.write_atomic_with(path, lambda tmp: _write_file(tmp, data))
 
-    def write_atomic_with(self, path: str, write: Callable[[str], None]) -> None:
+    def write_atomic_with(self, path: str, write: Callable[[str], object]) -> None:
         local = self.os_path(path)
         tmp = f"{local}.{uuid.uuid4().hex[:12]}.tmp"  # two processes writing one file
         try:

@@ -93,17 +93,17 @@ class MappedFiles:
     """
 
     def __init__(self, check=None) -> None:
-        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+        self._maps: dict[str, tuple[mmap.mmap | bytes, torch.Tensor]] = {}
         self.check = check
 
-    def checked(self, path: str, rec: DcpRecord) -> tuple[mmap.mmap, torch.Tensor]:
+    def checked(self, path: str, rec: DcpRecord) -> tuple[mmap.mmap | bytes, torch.Tensor]:
         """:meth:`get`, with the blocks holding ``rec`` checked."""
         mm, whole = self.get(path)
         if self.check is not None and rec.offset + rec.length <= whole.numel():
             self.check.check(rec.file, mm, 0, rec.offset, rec.offset + rec.length)
         return mm, whole
 
-    def get(self, path: str) -> tuple[mmap.mmap, torch.Tensor]:
+    def get(self, path: str) -> tuple[mmap.mmap | bytes, torch.Tensor]:
         if path not in self._maps:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -261,9 +261,10 @@ class MappedReader(FileSystemReader):
             return dcp_metadata(self, rank=kwargs.get("rank"), trusted=self.trusted,
                                 check=self.check)
         md = self._metadata  # as the parent's: tagged with this load's id
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
+        meta = getattr(md, "storage_meta", None)
+        if meta is None:
+            meta = md.storage_meta = StorageMeta()
+        meta.load_id = self.load_id
         return md
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:

@@ -120,6 +120,7 @@ def decide(policies: list[Any], manifests: dict[int, Manifest], bases: list[str]
     steps = sorted(manifests)
     if not steps:
         return Decision([], [], [], [], unreadable=unreadable)
+    archived: set[int]
     keep, archived = ({steps[-1]}, set()) if policies else (set(steps), set())
     for p in policies:
         keep |= p.keep(manifests) if hasattr(p, "keep") else set()
@@ -164,13 +165,13 @@ def apply(decision: Decision, root: str, store: Storage,
             trees.append(store.detach(opt, None, fence))
     for base in decision.delete_bases:  # incomplete first
         trees.append(store.detach(join(root, base), manifest.BASE_FILES, fence))
-    trees = [t for t in trees if t is not None]
+    detached = [t for t in trees if t is not None]
 
     def remove() -> None:
-        for path in trees:
+        for path in detached:
             store.remove_tree(path)
 
-    if defer is not None and trees:
+    if defer is not None and detached:
         defer(remove)
     else:
         remove()
