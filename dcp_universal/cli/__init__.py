@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from typing import Sequence
 
 import torch
 
@@ -109,7 +110,7 @@ def _inspect(args) -> int:
     return 0
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right=()) -> None:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], right=()) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     for row in (header, *rows):
@@ -130,7 +131,9 @@ def _inspect_root(store, root: str, start: float) -> int:
     """A checkpoint root: its committed steps (items, bytes, metrics), the latest marked,
     and the bases the LoRA steps share."""
     committed = steps.list_steps(store, root)
-    rows, bases, readable = [], {}, []
+    rows: list = []
+    bases: dict = {}
+    readable: list = []
     for step in committed:
         try:
             m = steps.read_manifest(store, manifest.step_path(root, step))

@@ -142,7 +142,8 @@ def live_weights(model: nn.Module, names: dict[str, str]) -> tuple[dict[str, Liv
 
     ``names``: state-dict key -> canonical name, as the caller computed them.
     """
-    out, state_keys = {}, set()
+    out: dict[str, Live4bit] = {}
+    state_keys: set[str] = set()
     for fqn, module in model.named_modules():
         key = names.get(f"{fqn}.weight") if is_4bit(module) else None
         if key is None:

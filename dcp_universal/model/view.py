@@ -4,6 +4,7 @@ every part that needs it (model, adapters, optimizer, frozen base)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -125,13 +126,16 @@ class ModelView:
         # 4-bit weights: their state is stored with the base, never as plain tensors
         quantized, state_keys = bnb.live_weights(model, names)
         sites = adapters.find_sites(model, namer.name)
-        adapter_keys, structural = set(), {}
+        adapter_keys: set[str] = set()
+        structural: dict = {}
         for site in sites:
             adapter_keys.update(site.adapter_params())
             structural.update(site.structural_names())
         every_original = namer.originals(sd.keys())
         original_of = _own_originals(namer, every_original)
-        tensors, adapter_tensors, originals = {}, {}, {}
+        tensors: dict[str, Any] = {}
+        adapter_tensors: dict[str, Any] = {}
+        originals: dict[str, Any] = {}
         for key, value in sd.items():
             name = names.get(key)
             if name is None or key in state_keys or (
