@@ -44,7 +44,7 @@ def _ties(namer: Namer, tensors: dict[str, torch.Tensor]) -> list[tuple[str, ...
         by_id.setdefault(id(t), []).append(fqn)
     groups = []
     for fqns in by_id.values():  # only shared tensors need names
-        names = {namer.name(f) for f in fqns} & tensors.keys() if len(fqns) > 1 else ()
+        names = tensors.keys() & {namer.name(f) for f in fqns} if len(fqns) > 1 else ()
         if len(names) > 1:
             groups.append(tuple(sorted(names)))
     return sorted(groups)

@@ -229,6 +229,7 @@ class OptimizerItem(Item):
 def _fresh_optimizer(ctx: LoadContext) -> Staged:
     """A step saved without optimizer state (a model-only save, a converted checkpoint):
     the optimizer is left as it is, fresh, and the report says so."""
+    assert ctx.optimizer is not None  # its caller checked
     names = ctx.view.optimizer_param_names(ctx.optimizer)
     report = LoadReport()
     report.optimizer_fresh.extend(sorted(

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import _comm
 from dcp_universal.errors import CheckpointMismatchError
@@ -131,7 +132,7 @@ def _what(name: str) -> str:
 
 def _read_step(d: DcpDir, key: str, trusted: bool) -> int:
     meta = d.metadata if d.metadata is not None else dcp_io.read_metadata(d.store, d.path)
-    m = meta.state_dict_metadata[key]
+    m = cast(TensorStorageMetadata, meta.state_dict_metadata[key])  # a tensor entry
     box = {key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}
     dcp_io.load_state(d.store, box, d.path, single_process=True, trusted=trusted)
     return int(box[key].item())
@@ -139,7 +140,9 @@ def _read_step(d: DcpDir, key: str, trusted: bool) -> int:
 
 def _saved_by_name(d: DcpDir, beside: Beside, trusted: bool, *,
                    single_process: bool = False) -> optim_io.SavedState:
-    md = (d.metadata or dcp_io.read_metadata(d.store, d.path)).state_dict_metadata
+    # optimizer state entries are tensors
+    md = cast("dict[str, TensorStorageMetadata]",
+              (d.metadata or dcp_io.read_metadata(d.store, d.path)).state_dict_metadata)
     entries = {name: {key: (raw, TensorInfo(tuple(md[raw].size), md[raw].properties.dtype))
                       for key, raw in state.items()}
                for name, state in beside.optimizer.items()}

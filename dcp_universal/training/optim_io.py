@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
@@ -110,8 +111,9 @@ def _read_meta(opt_dir: str, store: Storage, trusted: bool) -> SavedState:
     for key, m in md.items():
         if key.startswith(_STATE):
             name, _, state_key = key[len(_STATE):].rpartition("/")
+            t = cast(TensorStorageMetadata, m)  # optimizer state entries are tensors
             entries.setdefault(name, {})[state_key] = (
-                key, TensorInfo(tuple(m.size), m.properties.dtype))
+                key, TensorInfo(tuple(t.size), t.properties.dtype))
     meta = state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}", trusted=trusted)
     return SavedState(meta, entries, lambda state: dcp_io.load_state(store, state, opt_dir,
                                                                      trusted=trusted))
@@ -172,6 +174,7 @@ def stage_saved(view: ModelView, optimizer: torch.optim.Optimizer, saved_state: 
         if not fits:
             report.optimizer_fresh.append(name)
             continue
+        assert entries is not None  # fits
         state = {}
         for key, (raw, info) in entries.items():
             t = (torch.empty((), dtype=info.dtype) if len(info.shape) == 0
