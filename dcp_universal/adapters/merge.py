@@ -23,6 +23,7 @@ included, counts each element once.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -115,7 +116,7 @@ def gather_factors(sites: list[Site], bases: list[torch.Tensor]) -> list[Merge]:
     for terms, magnitude in plans:
         factors = []
         for term, local in terms:
-            left = term.left.to_local() if local else next(full)
+            left = cast(DTensor, term.left).to_local() if local else next(full)
             factors.append(factors_of(term, left, next(full), left_is_local=local))
         out.append(Merge(factors) if magnitude is None
                      else Merge(factors, next(full), magnitude.axis))
@@ -151,7 +152,7 @@ def add_norms(merges: list[Merge], bases: list[torch.Tensor], *,
 
 
 @torch.no_grad()
-def norms(base: torch.Tensor, axis: int, factors: list[Factors] = (), *,
+def norms(base: torch.Tensor, axis: int, factors: Sequence[Factors] = (), *,
           collective: bool = True) -> torch.Tensor:
     """The whole ``||W + sum(terms)||`` of every row (``axis`` 0) or column (1) of the
     weight ``base`` (a DTensor or a plain tensor), in float32.
@@ -168,9 +169,11 @@ def norms(base: torch.Tensor, axis: int, factors: list[Factors] = (), *,
     if isinstance(base, DTensor) and collective:
         shape = tuple(base.shape)
         stride = tuple(torch.empty(shape, device="meta").stride())
-        squares = DTensor.from_local(squares, base.device_mesh, base.placements,
-                                     shape=shape, stride=stride, run_check=False)
-        return squares.sum(dim=1 - axis).full_tensor().sqrt()
+        whole = DTensor.from_local(squares, base.device_mesh, base.placements,
+                                   shape=shape,  # type: ignore[arg-type]  # any int tuple works
+                                   stride=stride, run_check=False)
+        # a DTensor's sum is a DTensor (torch's stubs say Tensor)
+        return cast(DTensor, whole.sum(dim=1 - axis)).full_tensor().sqrt()
     return squares.sum(dim=1 - axis).sqrt()
 
 
@@ -188,12 +191,12 @@ def _gather_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             out[i] = t.full_tensor()
     for mesh, idx in by_mesh.items():
         group = mesh.get_group()
-        pieces = [None] * dist.get_world_size(group)
+        pieces: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(pieces, [tensors[i].to_local().detach().cpu() for i in idx], group=group)
         for n, i in enumerate(idx):
             full = torch.cat([p[n] for p in pieces], dim=0)
             out[i] = full.to(tensors[i].to_local().device)
-    return out
+    return cast("list[torch.Tensor]", out)  # every slot filled
 
 
 @torch.no_grad()
