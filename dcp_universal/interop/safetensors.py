@@ -18,8 +18,8 @@ import math
 
 import torch
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata,
-                                                   MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
+                                                   MetadataIndex, STORAGE_TYPES,
+                                                   TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
@@ -151,17 +151,18 @@ class SafetensorsReader(StorageReader):
                     header = json.loads(f.read(n))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise IntegrityError(f"{full} is not a safetensors file ({e})") from None
-            for key, e in _entries(header, full, 8 + n, size).items():
+            for key, entry in _entries(header, full, 8 + n, size).items():
                 if key in entries:
                     raise IntegrityError(
                         f"{key!r} is in both {entries[key].file} and {full}: a tensor "
                         "has one shard -> the directory mixes two exports; copy it again")
-                entries[key] = e
+                entries[key] = entry
         self.entries = entries
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         self._read_headers()
-        md, storage = {}, {}
+        md: dict[str, STORAGE_TYPES] = {}
+        storage: dict[MetadataIndex, str] = {}
         for key, e in self.entries.items():
             zeros = torch.Size([0] * len(e.shape))
             md[key] = TensorStorageMetadata(
@@ -215,6 +216,8 @@ class SafetensorsReader(StorageReader):
         for what, key, offsets, lengths in items:
             e = self.entries[key]
             row = math.prod(e.shape[1:]) * e.dtype.itemsize
+            shape: tuple[int, ...]
+            at: tuple[int, ...]
             if not e.shape:  # a scalar
                 span, shape, at = (e.start, e.dtype.itemsize), (), ()
             else:
