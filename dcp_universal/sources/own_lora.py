@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Mapping, cast
 
 from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.format.manifest import AdapterTerm, AdapterUpdate
@@ -163,7 +163,8 @@ def read_own_factors(source: Source, view: ModelView) -> Source:
     for f in merging:
         factors[f.a], factors[f.b] = entries.pop(f.a), entries.pop(f.b)
         weight = f"{f.site}.weight"
-        deltas[weight] = deltas.get(weight, AdapterUpdate(())).add(f.term(alpha))
+        # merging: alpha is known (checked above)
+        deltas[weight] = deltas.get(weight, AdapterUpdate(())).add(f.term(cast(float, alpha)))
     return source.replace(entries=entries, factors=factors,
                           deltas=deltas,
                           notes=(*source.notes, *_notes(keep, merging, alpha)))

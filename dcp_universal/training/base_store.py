@@ -41,7 +41,8 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
             h.update(repr((t.placements, t.device_mesh.shape)).encode())
             t = t.to_local()
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        h.update(data)  # type: ignore[arg-type]  # an ndarray is a buffer; numpy's stubs lag
     digests = _comm.all_gather_object(h.hexdigest()) if sharded else [h.hexdigest()]
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
@@ -89,7 +90,8 @@ class BaseStore:
         frozen = view.frozen_tensors()
         signature = _signature(frozen)
         hit = signature is not None and self._cache is not None and self._cache[0] == signature
-        fp = self._cache[1] if _comm.all_true(hit) else fingerprint(frozen)
+        fp = (self._cache[1] if _comm.all_true(hit) and self._cache is not None
+              else fingerprint(frozen))
         name = manifest.base_name(fp)
         path = self.path(name)
         records = _comm.on_rank0(steps.read_base_files, self.store, path)

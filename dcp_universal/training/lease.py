@@ -51,6 +51,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any, cast
 
 from dcp_universal.errors import RootBusyError
 from dcp_universal.storage import Storage, join
@@ -82,7 +83,7 @@ def _local_process(held: dict | None) -> bool | None:
     if not held or held.get("host") != socket.gethostname():
         return None
     try:
-        pid = int(held.get("pid"))
+        pid = int(cast(Any, held.get("pid")))  # none recorded: TypeError, below
         os.kill(pid, 0)
     except ProcessLookupError:
         return False

@@ -232,6 +232,7 @@ def _stage_scheduler(extra: dict, names: list[str], carried: Carried) -> Staged:
             f"take it ({names}) -> pass only the scheduler to restore under "
             f"extra={{'lr_scheduler': ...}}")
     target = extra[names[0]]
+    assert carried.scheduler is not None  # its caller checked
     state = carried.scheduler()
     saved = state.get("base_lrs") if isinstance(state, dict) else None
     mine = getattr(target, "base_lrs", None)
