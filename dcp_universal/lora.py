@@ -17,6 +17,7 @@ The base layer lives at ``.base_layer`` (the same infix PEFT uses), which
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -128,7 +129,9 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, targets: list[str])
         )
     for parent, attr, child in replacements:
         child.requires_grad_(False)
-        cls = LoRALinear if isinstance(child, nn.Linear) else LoRAEmbedding
+        # replacements hold nn.Linear and nn.Embedding children only
+        cls: Callable[..., nn.Module] = (LoRALinear if isinstance(child, nn.Linear)
+                                         else LoRAEmbedding)
         setattr(parent, attr, cls(child, rank=rank, alpha=alpha))
     return model
 

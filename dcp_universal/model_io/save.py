@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,7 @@ class _MergingSavePlanner(DefaultSavePlanner):
         if factors is None:
             return super().resolve_data(write_item)
         block = self.lookup_object(write_item.index)
+        assert write_item.tensor_data is not None  # factors are of tensor items
         return merge.merge_block(block, write_item.tensor_data.chunk.offsets, factors)
 
 
@@ -104,7 +105,7 @@ def write_model(view: ModelView, path: str, merge: str, store: Storage, *,
 
 
 def model_writer(view: ModelView, mode: str, store: Storage, *, checksums: bool = True,
-                 snapshot: Callable[[object, str], object] | None = None
+                 snapshot: Callable[[Any, str], Any] | None = None
                  ) -> Callable[[str, object], dict[str, FileRecord]]:
     """A model save in two parts: what reads the model happens now, and the write is
     returned (``write(path, group)`` -> the records of this rank's files).
