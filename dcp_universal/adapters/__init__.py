@@ -33,7 +33,7 @@ calls :func:`register`::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn as nn
@@ -188,7 +188,7 @@ class AdapterKind:
         inner = kind_of(base) if isinstance(base, nn.Module) else None
         if inner is None:
             return rest
-        name = inner.canonical_key(base, rest)
+        name = inner.canonical_key(cast(nn.Module, base), rest)  # inner: base is a module
         return local_key if name == rest else name
 
 
@@ -336,6 +336,7 @@ def find_sites(model: nn.Module, name_of: Callable[[str], str | None]) -> list[S
         if module_name is None:
             continue
         seen.add(id(module))  # a module reached by several paths is one site
+        assert kind is not None  # module_name is set only with a kind
         param = kind.param(module)
         name = module_name if param == "weight" else f"{module_name}.{param}"
         if name in sites:
@@ -345,7 +346,7 @@ def find_sites(model: nn.Module, name_of: Callable[[str], str | None]) -> list[S
                 for n, p in module.named_parameters() if not n.startswith(prefix)}
         keys.pop(None, None)
         site = Site(name=name, module=module, kind=kind, module_name=module_name,
-                    adapter_keys=keys)
+                    adapter_keys=cast("dict[str, nn.Parameter]", keys))  # None popped
         site.terms()  # unsupported variants raise here, before anything is written
         sites[name] = site
     return [sites[n] for n in sorted(sites)]

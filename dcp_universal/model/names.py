@@ -16,7 +16,7 @@ trained copy's, and that a plain model never has (:func:`stored_originals`).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch.nn as nn
 
@@ -80,8 +80,9 @@ _is_modules_to_save = _type_named("peft.utils.other.ModulesToSaveWrapper")
 def _visible_branch(wrapper: nn.Module) -> tuple[str, ...]:
     """The path below a PEFT ``ModulesToSaveWrapper`` that the model computes with: the
     active adapter's trainable copy, or the frozen original when adapters are off."""
-    active = [] if wrapper.disable_adapters else list(wrapper.active_adapters)
-    if active and active[0] in wrapper.modules_to_save:
+    w: Any = wrapper  # peft's attributes, which torch's Module stubs type as Tensor | Module
+    active = [] if w.disable_adapters else list(w.active_adapters)
+    if active and active[0] in w.modules_to_save:
         return ("modules_to_save", active[0])
     return (ORIGINAL,)
 
@@ -114,7 +115,7 @@ def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
             module = _wrapped(module)
         kind = adapters.kind_of(module) if module is not None else None
         if kind is not None:  # the adapter's kind names everything below it
-            rest = kind.canonical_key(module, ".".join(parts[i:]))
+            rest = kind.canonical_key(cast(nn.Module, module), ".".join(parts[i:]))
             kept.extend(rest.split(".") if rest else [])
             break
         if module is not None and _is_modules_to_save(module) and \
@@ -131,7 +132,7 @@ def _walk(model: nn.Module, fqn: str, memo: dict | None) -> str | None:
                 return None
             continue
         child = _child(module, part) if module is not None else None
-        if child is not None and _is_wrapper_edge(module, part):
+        if child is not None and _is_wrapper_edge(cast(nn.Module, module), part):
             module = child
             i += 1
             continue
@@ -204,7 +205,7 @@ class Namer:
             value = _without_original(name, lambda module: module in wrappers) \
                 if name is not None else None
             if value is not None:
-                out[name] = value
+                out[cast(str, name)] = value  # a value needs a name
         return out
 
     def parameters(self) -> dict[str, nn.Parameter]:
