@@ -41,10 +41,11 @@ import json
 import logging
 import math
 import re
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dcp_universal import adapters
 from dcp_universal.storage import dcp_io, steps
@@ -301,7 +302,7 @@ def read_peft_config(store: Storage, model_dir: str) -> tuple[dict, str] | None:
     return None
 
 
-def _pattern_value(patterns: dict, site: str, default):
+def _pattern_value(patterns: dict | None, site: str, default):
     # PEFT matches rank_pattern / alpha_pattern keys as a suffix of the module name
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", site):
@@ -387,7 +388,7 @@ def merge_foreign_factors(store: Storage, source: Source, view: ModelView) -> So
             f"{why}; nothing was loaded -> load it into a PEFT model with the same LoraConfig, "
             f"or put the adapter's {ADAPTER_CONFIG} (as PEFT's save_pretrained "
             "writes it) into the checkpoint directory")
-    config, where = config
+    cfg, where = config
     modules = {name: m for m, name in canonical_module_names(view.model).items()}
     entries, factors = dict(source.entries), dict(source.factors)
     deltas = dict(source.deltas)
@@ -399,7 +400,7 @@ def merge_foreign_factors(store: Storage, source: Source, view: ModelView) -> So
                 f"weight {weight!r}: it is incomplete")
         factors[f.a], factors[f.b] = entries.pop(f.a), entries.pop(f.b)
         deltas[weight] = deltas.get(weight, manifest.AdapterUpdate(())).add(merge_terms(
-            f, keys[weight].shape, keys[f.a].shape, keys[f.b].shape, config, where,
+            f, keys[weight].shape, keys[f.a].shape, keys[f.b].shape, cfg, where,
             base_module=_base_module(modules.get(f.site))))
     return source.replace(
         entries=entries, factors=factors, deltas=deltas,
@@ -410,7 +411,8 @@ def merge_foreign_factors(store: Storage, source: Source, view: ModelView) -> So
 def _base_module(module: nn.Module | None) -> nn.Module | None:
     """The layer holding the weight: an adapted module's base layer, else itself."""
     kind = adapters.kind_of(module) if module is not None else None
-    return getattr(module, kind.base_attr(module)) if kind is not None else module
+    # a kind: module is not None
+    return getattr(module, kind.base_attr(cast(nn.Module, module))) if kind is not None else module
 
 
 
@@ -457,7 +459,9 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         raise CheckpointError(f"{src} is not a LoRA step (its manifest records no adapters); "
                               "export_peft needs the adapters of a LoRA run")
     adapters_dir = join(src, manifest.ADAPTERS_DIR)
-    meta = dcp_io.read_metadata(store, adapters_dir, trusted=trusted).state_dict_metadata
+    # the entries of adapters/ are tensors
+    meta = cast("dict[str, TensorStorageMetadata]",
+                dcp_io.read_metadata(store, adapters_dir, trusted=trusted).state_dict_metadata)
     factor_keys, idle = m.adapters.factor_keys(), set(m.adapters.idle)
     rebased = sorted({c["init_lora_weights"] for c in m.adapters.modules.values()
                       if isinstance(c, dict) and "init_lora_weights" in c})
@@ -669,7 +673,8 @@ class PeftAdapterFormat(Format):
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
         load = safetensors_torch("loading a PEFT adapter").load
-        config, where = read_peft_config(store, path)  # detect: it is there
+        # detect: it is there
+        config, where = cast("tuple[dict, str]", read_peft_config(store, path))
         tensors = load(store.read_bytes(join(path, ADAPTER_WEIGHTS)))
         return Source.in_memory(
             path, tensors, meta={"adapter_only": True},
@@ -752,7 +757,9 @@ def stage_adapter(view: ModelView, path: str, tensors: dict[str, torch.Tensor], 
     @torch.no_grad()
     def commit() -> None:
         for key, full in values.items():
-            block, offsets = local_block(view.adapter_tensors.get(key, view.tensors.get(key)))
+            # values holds keys of the view only
+            block, offsets = local_block(
+                cast(torch.Tensor, view.adapter_tensors.get(key, view.tensors.get(key))))
             block.copy_(full[tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))])
         for site in fresh_sites:
             site.kind.reset(site.module)
