@@ -28,7 +28,7 @@ import math
 import os
 import pickle
 import struct
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 import torch
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -353,7 +353,7 @@ def check_torch_archive(read, start: int, length: int, what: str) -> None:
     (:func:`check_pickle`)."""
     end = start + length
 
-    def refuse(found: str):
+    def refuse(found: str) -> NoReturn:
         raise IntegrityError(
             f"{what} cannot be read as a torch.save archive: {found}. It is truncated or "
             "damaged, or was crafted (torch.save writes uncompressed records of exactly "
@@ -458,8 +458,8 @@ def _sized(module: str, name: str, args, limit: int) -> int | None:
         n = len(range(*args)) if args else 0
     elif module.startswith("numpy") and name in ("_reconstruct", "ndarray", "empty", "zeros"):
         shape = args[1] if name == "_reconstruct" and len(args) > 1 else (args[0] if args else 0)
-        n = count(shape)
-        n = limit + 1 if n is None else n
+        counted = count(shape)
+        n = limit + 1 if counted is None else counted
     elif module.startswith("torch") and name.endswith("Tensor") and args:
         n = limit + 1  # a legacy constructor: torch.save never calls one
     else:
@@ -672,7 +672,7 @@ def check_dcp_metadata(md, size_of, what: str) -> None:
     never larger than the files it is read from), else
     :class:`~dcp_universal.errors.IntegrityError`. ``size_of(name)``: a file's size, or
     ``None`` when it is missing."""
-    def damaged(found: str):
+    def damaged(found: str) -> NoReturn:
         raise IntegrityError(f"{what}: {found} -> the checkpoint was damaged or crafted; "
                              "load another checkpoint")
 

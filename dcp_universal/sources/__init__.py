@@ -32,7 +32,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -58,8 +58,10 @@ class Dir(abc.ABC):
     """A set of stored tensors and the way to read them: a DCP directory, another
     format's directory, or tensors already in memory."""
 
-    #: for messages
-    desc: str
+    if TYPE_CHECKING:  # a field of the subclasses, or a property (DcpDir)
+        @property
+        def desc(self) -> str:
+            """For messages."""
 
     @property
     @abc.abstractmethod
