@@ -20,7 +20,11 @@ Races. A free root is taken by creating the file only if it does not exist
 PUT on S3); of two jobs racing for it exactly one wins, and a loser that then finds the
 lease gone again tries again. An abandoned lease is taken over by creating
 ``writer.lease.taken-<key>`` the same way first (``key`` names that acquisition), so of
-two jobs taking over one dead holder exactly one wins.
+two jobs taking over one dead holder exactly one wins. The winner reads the lease again
+after creating the marker and backs off (removing it) if the bytes changed meanwhile: a
+holder that renewed just after the last look is not taken over. So a marker is needed
+only while its takeover is under way, and the holder removes the markers of earlier
+acquisitions (and its own at release): a root that a job released holds no lease files.
 
 Fencing. A writer that was paused (SIGSTOP, a long GC pause, a stalled NFS) past the ttl
 may wake up after another job took over, in the middle of a save. Every commit and
@@ -265,7 +269,11 @@ class Lease:
 
     def _take_over(self, held: dict | None, raw: bytes) -> bool:
         self._acquired = uuid.uuid4().hex
-        if not self.store.create_new(self._marker(held, raw), self._content()):
+        marker = self._marker(held, raw)
+        if not self.store.create_new(marker, self._content()):
+            return False
+        if self._raw() != raw:  # renewed after the last look, or taken over and cleared
+            self.store.remove_file(marker)  # a live holder must not read it as lost
             return False
         # fence the old holder off before anything else: its renames fail from now on
         old = (held or {}).get("acquired")
@@ -311,12 +319,19 @@ class Lease:
         self.store.fenced_write(self.path, self._content(), self)
 
     def _clear_debris(self) -> None:
-        """Holding the lease: remove temporary lease files of killed writers, and the
-        fence directories of acquisitions that are over (their holders are fenced)."""
+        """Holding the lease: remove temporary lease files of killed writers, takeover
+        markers of acquisitions that are over, and their fence directories (their holders
+        are fenced). The marker that would take over this acquisition stays: it tells
+        :meth:`check` that another job is taking the root."""
         mine = f"{FENCE_PREFIX}{self._acquired}"
+        against_me = self._marker({"owner": self.owner, "acquired": self._acquired})
         for name in self.store.listdir(self.root):
-            if (name.startswith(LEASE_FILE + ".") and name.endswith(".tmp")):
-                self.store.remove_file(join(self.root, name))
+            path = join(self.root, name)
+            if name.startswith(LEASE_FILE + ".") and name.endswith(".tmp"):
+                self.store.remove_file(path)
+            elif name.startswith(LEASE_FILE + ".taken-") and path != against_me:
+                # a racer that looked at the old lease re-reads it after creating one
+                self.store.remove_file(path)
             elif (name.startswith(FENCE_PREFIX) and name != mine) \
                     or name.startswith(_FENCED_PREFIX):
                 self.store.remove_tree(join(self.root, name))
@@ -349,6 +364,7 @@ class Lease:
                 held = _parse(self._raw())
                 if held is not None and held.get("owner") == self.owner \
                         and held.get("acquired") == self._acquired:
+                    self._clear_debris()
                     self.store.remove_file(self.path)
                     self.store.remove_tree(self.fence_dir)
             except Exception as e:  # the store is gone (exit): the lease expires by itself

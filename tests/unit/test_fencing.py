@@ -172,6 +172,23 @@ def test_a_dead_holder_whose_clock_is_ahead_is_taken_over_once_watched_for_ttl(t
     assert not any(n.startswith(lease_mod.FENCE_PREFIX + holder.token)
                    for n in os.listdir(root))  # fenced off, then cleared
     other.release()
+    assert os.listdir(root) == []  # no takeover marker, lease or fence left behind
+
+
+def test_a_holder_that_renewed_just_after_the_last_look_is_not_taken_over(tmp_path):
+    root = str(tmp_path / "run")
+    holder = _holder(root, skew=0.0)
+    holder._stop.set()
+    holder._thread.join()
+    other = _contender(root)
+    seen = other._raw()  # the watcher's last look: unchanged for the ttl, it thinks
+    holder._renew("renewing the writer lease")  # the holder renews right after
+    assert other._take_over(json.loads(seen), seen) is False
+    holder.check("a commit")  # still the holder: no marker against it is left
+    assert sorted(os.listdir(root)) == sorted([lease_mod.LEASE_FILE,
+                                               lease_mod.FENCE_PREFIX + holder.token])
+    holder.release()
+    assert os.listdir(root) == []
 
 
 def test_a_manager_watching_since_its_start_takes_an_abandoned_root_without_waiting(tmp_path):
