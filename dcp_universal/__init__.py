@@ -3,7 +3,7 @@
 from dcp_universal._version import __version__
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, CheckpointMismatchError,
                                   CheckpointTimeoutError, DamagedManifestError,
-                                  FormatVersionError, IntegrityError, ManifestError,
+                                  ExportExistsError, FormatVersionError, IntegrityError, ManifestError,
                                   NotACheckpointError, NotARootError, PerRankStateError,
                                   RootBusyError, StepAlreadyExistsError,
                                   UnsafeCheckpointError, UnsupportedAdapterError)
@@ -45,6 +45,7 @@ __all__ = [
     "NotARootError",
     "PerRankStateError",
     "StepAlreadyExistsError",
+    "ExportExistsError",
     "UnsupportedAdapterError",
     "UnsafeCheckpointError",
     "RootBusyError",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "UnsupportedAdapterError",
            "NotACheckpointError", "ManifestError", "FormatVersionError", "IntegrityError",
-           "DamagedManifestError", "CheckpointIOError", "StepAlreadyExistsError", "PerRankStateError",
+           "DamagedManifestError", "CheckpointIOError", "StepAlreadyExistsError", "ExportExistsError",
+           "PerRankStateError",
            "UnsafeCheckpointError", "RootBusyError", "NotARootError"]
 
 
@@ -55,6 +56,11 @@ class CheckpointIOError(CheckpointError, OSError):
 
 class StepAlreadyExistsError(CheckpointError, ValueError):
     """``save(step)`` found that step already committed (pass ``overwrite=True``)."""
+
+
+class ExportExistsError(CheckpointError, FileExistsError):
+    """``export_hf`` / ``export_peft`` found an earlier export in the output directory:
+    writing over it could mix two exports (pass ``overwrite=True``)."""
 
 
 class PerRankStateError(CheckpointError):

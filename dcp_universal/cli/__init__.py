@@ -173,7 +173,7 @@ def _verify(args) -> int:
     path = normalize(args.path)
     store = _store(args, path)
     if not store.exists(path):
-        raise CheckpointError(f"{path} does not exist")
+        raise NotACheckpointError(f"{path} does not exist")
     parts = manifest.split_step_path(path)
     if parts is not None and store.exists(f"{path}/{manifest.MANIFEST}"):
         root, wanted = parts[0], [parts[1]]
@@ -233,11 +233,11 @@ def _prune(args) -> int:
     root = normalize(args.root)
     store = _store(args, root)
     if not store.exists(root):
-        raise CheckpointError(f"{root} does not exist")
+        raise NotACheckpointError(f"{root} does not exist")
     if not (steps.list_steps(store, root) or steps.list_steps(store, root, committed=False)
             or steps.list_bases(store, root)):
-        raise CheckpointError(f"{root} holds no checkpoint (no step-<number> directory, no "
-                              "base): pass the root a CheckpointManager wrote")
+        raise NotACheckpointError(f"{root} holds no checkpoint (no step-<number> directory, no "
+                                  "base): pass the root a CheckpointManager wrote")
     mgr = CheckpointManager(root, keep_last=args.keep_last, keep_every=args.keep_every,
                             keep_best=args.keep_best, best_metric=args.metric,
                             best_mode=args.mode, storage_options=args.storage_options)

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.metadata import (MetadataIndex, StorageMeta,
                                                    TensorStorageMetadata)
 
 from dcp_universal import _torch_compat
-from dcp_universal.errors import CheckpointError, IntegrityError, UnsafeCheckpointError
+from dcp_universal.errors import IntegrityError, UnsafeCheckpointError
 from dcp_universal.format import manifest
 
 __all__ = ["Stored", "Layout", "torch_save_layout", "DcpRecord", "dcp_record",
@@ -74,9 +74,9 @@ class Stored:
         offsets = [int(o) for o in offsets]
         lengths = [int(n) for n in lengths]
         if list(dst.shape) != lengths:  # checked now: a failing copy at the commit is too late
-            raise CheckpointError(f"a block of shape {lengths} does not fit its destination "
-                                  f"of shape {list(dst.shape)}: the checkpoint's metadata is "
-                                  "damaged -> load another checkpoint")
+            raise IntegrityError(f"a block of shape {lengths} does not fit its destination "
+                                 f"of shape {list(dst.shape)}: the checkpoint's metadata is "
+                                 "damaged -> load another checkpoint")
         if len(offsets) != len(self.size) or math.prod(lengths) and any(
                 o < 0 or o + n > full for o, n, full in zip(offsets, lengths, self.size)):
             raise IntegrityError(f"a block at {offsets} of {lengths} lies outside the stored "
@@ -284,9 +284,9 @@ class Layout:
             return self.data, 0
         if len(offsets) != len(self.size) or math.prod(lengths) and any(
                 o < 0 or o + n > full for o, n, full in zip(offsets, lengths, self.size)):
-            raise CheckpointError(f"a block at {offsets} of {lengths} lies outside its saved "
-                                  f"chunk of shape {list(self.size)}: the checkpoint's "
-                                  "metadata is damaged -> load another checkpoint")
+            raise IntegrityError(f"a block at {offsets} of {lengths} lies outside its saved "
+                                 f"chunk of shape {list(self.size)}: the checkpoint's "
+                                 "metadata is damaged -> load another checkpoint")
         first = self.offset + sum(o * st for o, st in zip(offsets, self.stride))
         last = first + sum((n - 1) * st for n, st in zip(lengths, self.stride))
         item = self.dtype.itemsize

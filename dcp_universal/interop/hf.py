@@ -27,7 +27,8 @@ import torch
 
 from dcp_universal import _comm, sources
 from dcp_universal.format import manifest
-from dcp_universal.errors import CheckpointError, CheckpointIOError, CheckpointMismatchError
+from dcp_universal.errors import (CheckpointError, CheckpointIOError,
+                                  CheckpointMismatchError, ExportExistsError)
 from dcp_universal.interop.safetensors import safetensors_torch
 from dcp_universal.model.view import ModelView
 from dcp_universal.storage import Storage, join, normalize, storage_for
@@ -332,7 +333,7 @@ def _prepare_out(store: Storage, out: str, overwrite: bool, cfg: dict | None) ->
     first so it never looks complete while half removed; then write the config."""
     earlier = sorted(n for n in store.listdir(out) if _is_export_file(n))
     if earlier and not overwrite:
-        raise CheckpointError(
+        raise ExportExistsError(
             f"{out} already holds an export ({', '.join(earlier[:4])}"
             f"{', ...' if len(earlier) > 4 else ''}): writing over it could mix two exports "
             "-> pass overwrite=True (CLI: --overwrite) to replace it, or export to an "

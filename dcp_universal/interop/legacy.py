@@ -29,7 +29,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from dcp_universal.sources import foreign, own_lora
-from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
+from dcp_universal.errors import (CheckpointError, CheckpointMismatchError, IntegrityError,
+                                  NotACheckpointError, UnsafeCheckpointError,
+                                  UnsupportedAdapterError)
 from dcp_universal.format.torch_formats import check_torch_archive, is_zip
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.model.view import ModelView, local_block
@@ -78,15 +80,15 @@ def _load(store: Storage, path: str) -> Any:
             f.seek(0)
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+        raise NotACheckpointError(f"checkpoint file {path} does not exist") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"{path} holds objects outside torch.load's safe set ({str(e).splitlines()[0]}); "
             "it may not be a checkpoint. If you trust the file, re-save its tensors with "
             "torch.save(state_dict) and load that") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable torch.save file ({e}); it may be "
-                              "truncated or damaged") from None
+        raise IntegrityError(f"{path} is not a readable torch.save file ({e}); it may be "
+                             "truncated or damaged") from None
 
 
 def load_file(store: Storage, path: str) -> Any:
@@ -159,7 +161,7 @@ def _merge_main_weight_lora(sd: dict[str, torch.Tensor], alpha: float | None, pa
         elif a.shape[0] == w.shape[0] and b.shape == (w.shape[1], a.shape[1]):
             r, delta, emb = a.shape[1], a.double() @ b.double().T, True  # Embedding
         else:
-            raise CheckpointError(
+            raise UnsupportedAdapterError(
                 f"{path}: cannot merge {stem}: main_weight {tuple(w.shape)}, lora_A "
                 f"{tuple(a.shape)}, lora_B {tuple(b.shape)} fit neither the Linear nor the "
                 "Embedding LoRA layout")
@@ -174,14 +176,14 @@ def read_legacy(store: Storage, path: str) -> LegacyCheckpoint:
     model_path, opt_path = _pair(store, path)
     blob = _load(store, model_path)
     if not isinstance(blob, dict):
-        raise CheckpointError(f"{model_path} holds a {type(blob).__name__}, not a checkpoint dict")
+        raise NotACheckpointError(f"{model_path} holds a {type(blob).__name__}, not a checkpoint dict")
     key = next((k for k in _MODEL_KEYS if isinstance(blob.get(k), dict)), None)
     if key is not None:
         sd, meta = blob[key], {k: v for k, v in blob.items() if k != key}
     elif blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         sd, meta = blob, {}
     else:
-        raise CheckpointError(
+        raise NotACheckpointError(
             f"{model_path} has no model state: expected one of {list(_MODEL_KEYS)} or a bare "
             f"state dict; found keys {sorted(blob)[:10]}")
     optimizer = meta.pop("optimizer", None) or meta.pop("optimizer_state_dict", None)

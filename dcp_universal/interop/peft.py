@@ -53,7 +53,8 @@ from dcp_universal.sources import foreign
 from dcp_universal.format import manifest
 from dcp_universal.adapters import Term, merge
 from dcp_universal.sources.dcp import register_factor_rule
-from dcp_universal.errors import CheckpointError, CheckpointMismatchError, UnsupportedAdapterError
+from dcp_universal.errors import (CheckpointError, CheckpointMismatchError,
+                                  ExportExistsError, UnsupportedAdapterError)
 from dcp_universal.model import bnb
 from dcp_universal.model.names import canonical_module_names
 from dcp_universal.model.plan import LoadReport, Staged
@@ -538,9 +539,9 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
     earlier = [join(d, n) for d in written for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
                if out_store.exists(join(d, n))]
     if earlier and not overwrite:
-        raise CheckpointError(f"{out} already holds an adapter ({', '.join(earlier)}) -> pass "
-                              "overwrite=True (CLI: --overwrite) to replace it, or export to "
-                              "an empty directory")
+        raise ExportExistsError(f"{out} already holds an adapter ({', '.join(earlier)}) -> pass "
+                                "overwrite=True (CLI: --overwrite) to replace it, or export to "
+                                "an empty directory")
     for path in sorted(earlier, key=lambda p: not p.endswith(ADAPTER_CONFIG)):
         out_store.remove_file(path)  # configs first: without one a directory is no adapter
     # the inactive adapters first and each config last: a killed export is never taken

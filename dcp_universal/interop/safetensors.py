@@ -26,7 +26,7 @@ from torch.futures import Future
 
 from dcp_universal.format import manifest
 from dcp_universal.sources.dcp import dir_source
-from dcp_universal.errors import CheckpointError, IntegrityError
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError, IntegrityError
 from dcp_universal.storage.mapped import Copies, Stored, take_read
 from dcp_universal.sources import DcpDir, Format, Source, Want, register_format
 from dcp_universal.storage import Storage, join
@@ -121,8 +121,8 @@ def safetensors_files(store: Storage, path: str) -> list[str]:
             manifest.inside(name, f"{index} (weight_map)")
         missing = [f for f in files if not store.exists(join(path, f))]
         if missing:
-            raise CheckpointError(f"{index} names shard files that are not in {path}: "
-                                  f"{missing[:4]} -> copy the whole directory again")
+            raise IntegrityError(f"{index} names shard files that are not in {path}: "
+                                 f"{missing[:4]} -> copy the whole directory again")
         return files
     return [manifest.HF_SINGLE]
 
@@ -198,8 +198,8 @@ class SafetensorsReader(StorageReader):
         for key, dst in state.items():
             if key not in self.entries or self.entries[key].shape != tuple(dst.shape):
                 found = self.entries[key].shape if key in self.entries else "missing"
-                raise CheckpointError(f"{self.path}: {key!r} is {found} in the safetensors "
-                                      f"files; the load wants shape {tuple(dst.shape)}")
+                raise CheckpointMismatchError(f"{self.path}: {key!r} is {found} in the safetensors "
+                                              f"files; the load wants shape {tuple(dst.shape)}")
         items = [((key, dst), key, (0,) * dst.dim(), tuple(dst.shape))
                  for key, dst in state.items()]
         for (key, dst), stored, offsets in self._located(items):

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from dcp_universal import adapters
 from dcp_universal._torch_compat import local_block
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.format.manifest import AdapterMagnitude, AdapterTerm, Adapters, Mesh
 from dcp_universal.model import bnb
 from dcp_universal.model.names import Namer
@@ -167,7 +167,7 @@ class ModelView:
         unknown = [p for g in optimizer.param_groups for p in g["params"]
                    if id(p) not in self.param_keys]
         if unknown:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"the optimizer holds {len(unknown)} tensors that are not parameters of the "
                 "model passed with it; build the optimizer from this model's parameters "
                 "(after wrapping)")

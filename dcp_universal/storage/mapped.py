@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from dcp_universal import _torch_compat
-from dcp_universal.errors import CheckpointError, IntegrityError
+from dcp_universal.errors import CheckpointMismatchError, IntegrityError
 from dcp_universal.format.torch_formats import (DcpRecord, Stored, check_torch_archive,
                                                 dcp_metadata, dcp_record, is_zip,
                                                 torch_save_layout)
@@ -183,8 +183,8 @@ def take_read(planner: LoadPlanner, req, record, copies: Copies, offsets=None) -
     request's ``storage_offsets``)."""
     dst = planner.resolve_tensor(req).detach()
     if list(dst.shape) != [int(n) for n in req.lengths]:
-        raise CheckpointError(f"{req.storage_index.fqn!r}: the destination has shape "
-                              f"{list(dst.shape)}, the read {list(req.lengths)}")
+        raise CheckpointMismatchError(f"{req.storage_index.fqn!r}: the destination has shape "
+                                      f"{list(dst.shape)}, the read {list(req.lengths)}")
     if type(planner).commit_tensor is not DefaultLoadPlanner.commit_tensor:
         copies = Copies()
     at = req.storage_offsets if offsets is None else offsets
@@ -212,8 +212,8 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
         tmd = md.state_dict_metadata.get(key)
         if not isinstance(tmd, TensorStorageMetadata) or tuple(tmd.size) != tuple(dst.shape):
             found = tuple(tmd.size) if isinstance(tmd, TensorStorageMetadata) else tmd
-            raise CheckpointError(f"{path}: {key!r} is {found} in the checkpoint; the load "
-                                  f"wants a tensor of shape {tuple(dst.shape)}")
+            raise CheckpointMismatchError(f"{path}: {key!r} is {found} in the checkpoint; the load "
+                                          f"wants a tensor of shape {tuple(dst.shape)}")
         covered = 0
         for i, chunk in enumerate(tmd.chunks):
             rec = dcp_record(md.storage_data, MetadataIndex(key, chunk.offsets, i))
@@ -226,7 +226,7 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
             copies.take(key, *pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
             covered += math.prod(chunk.sizes)
         if covered != dst.numel():
-            raise CheckpointError(
+            raise IntegrityError(
                 f"{path}: the saved chunks of {key!r} cover {covered} of its {dst.numel()} "
                 "elements: the checkpoint's metadata is damaged -> load another checkpoint")
     return True

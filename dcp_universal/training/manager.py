@@ -38,7 +38,8 @@ from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.commit import StepWriter
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
-                                  NotACheckpointError, RootBusyError, StepAlreadyExistsError)
+                                  NotACheckpointError, RootBusyError,
+                                  StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
@@ -791,7 +792,7 @@ class CheckpointManager:
             if step is None:
                 return None
         elif step not in found:
-            raise CheckpointError(
+            raise NotACheckpointError(
                 f"step={step} is not a committed step under {self.root}; committed: {found}")
         return step, step in local, step in remote
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dcp_universal import _comm
-from dcp_universal.errors import CheckpointError
+from dcp_universal.errors import CheckpointError, CheckpointMismatchError
 
 __all__ = ["ResumableSampler"]
 
@@ -135,7 +135,7 @@ class ResumableSampler(Sampler[int]):
     def _check(self, state: dict) -> None:
         for k in _FIELDS:
             if state.get(k) != getattr(self, k):
-                raise CheckpointError(
+                raise CheckpointMismatchError(
                     f"the saved sampler has {k}={state.get(k)!r}, this one {getattr(self, k)!r}: "
                     "another dataset or order; resuming would repeat or skip samples -> build "
                     "the sampler with the saved run's arguments")

@@ -22,7 +22,7 @@ import torch
 
 from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
-from dcp_universal.errors import CheckpointError, PerRankStateError
+from dcp_universal.errors import CheckpointMismatchError, PerRankStateError
 from dcp_universal.format import state as state_blobs
 from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
@@ -110,7 +110,7 @@ def check_load(m: Manifest, extra: dict, skip: set[str]) -> None:
     """Raise before anything is read if the load cannot restore what it was asked to."""
     missing = sorted(n for n in extra if n not in m.training_state.extra)
     if missing:
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"extra{missing} {'is' if len(missing) == 1 else 'are'} not in step {m.step}; it "
             f"holds {m.training_state.extra}. Nothing was loaded.")
     if m.world_size == _comm.world_size():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tiny
-from dcp_universal import CheckpointError, CheckpointMismatchError, load_model, save_model
+from dcp_universal import (CheckpointError, CheckpointMismatchError, NotACheckpointError,
+                           load_model, save_model)
 from dcp_universal.errors import UnsupportedAdapterError
 from dcp_universal.lora import apply_lora
 
@@ -60,7 +61,7 @@ def test_missing_and_unexpected_keys_raise_strict_and_report_non_strict(tmp_path
 def test_not_a_checkpoint_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="is not a model checkpoint"):
         load_model(tiny.make(), str(tmp_path))
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(NotACheckpointError, match="does not exist"):
         load_model(tiny.make(), str(tmp_path / "nope"))
 
 

@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from dcp_universal import CheckpointError, CheckpointManager, load_model, save_model
-from dcp_universal import StepAlreadyExistsError
+from dcp_universal import NotACheckpointError, StepAlreadyExistsError
 from train_loop import Data, build, moments, train
 
 
@@ -204,7 +204,7 @@ def test_a_first_start_loads_nothing_or_the_initial_weights(tmp_path):
     mgr = CheckpointManager(str(tmp_path / "run"))
     assert mgr.load(model) is None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(CheckpointError, match="step=3 is not a committed step"):
+    with pytest.raises(NotACheckpointError, match="step=3 is not a committed step"):
         mgr.load(model, step=3)
 
     pretrained = tiny.make(seed=5)

@@ -13,7 +13,7 @@ import torch
 from hf_models import (bart, llama, logits, max_diff, peft, seq2seq_logits, transformers,
                        with_lora)
 from dcp_universal import (CheckpointError, CheckpointManager, CheckpointMismatchError,
-                           UnsupportedAdapterError,
+                           ExportExistsError, UnsupportedAdapterError,
                            export_hf, export_peft, load_model,
                            save_model)
 from dcp_universal.cli import main as cli
@@ -182,7 +182,7 @@ def test_export_peft_writes_every_adapter_under_its_name(tmp_path):
     loaded.load_adapter(os.path.join(out, "b"), adapter_name="b")
     loaded.set_adapter("b"), source.set_adapter("b")
     assert max_diff(logits(loaded), logits(source)) < 1e-5
-    with pytest.raises(CheckpointError, match="already holds an adapter"):
+    with pytest.raises(ExportExistsError, match="already holds an adapter"):
         export_peft(step, out)
 
 

@@ -354,7 +354,7 @@ def test_ordinary_training_state_loads_without_trusted(tmp_path, monkeypatch, ol
 
 def test_an_export_never_mixes_with_an_earlier_one_and_a_killed_one_never_looks_complete(
         tmp_path, monkeypatch):
-    from dcp_universal import CheckpointError, NotACheckpointError, save_model
+    from dcp_universal import ExportExistsError, NotACheckpointError, save_model
     from dcp_universal.interop import hf
 
     src, other = tiny.make("plain", seed=1), tiny.make("plain", seed=2)
@@ -363,7 +363,7 @@ def test_an_export_never_mixes_with_an_earlier_one_and_a_killed_one_never_looks_
     out = str(tmp_path / "hf")
     export_hf(str(tmp_path / "a"), out, max_shard_size=2000)  # sharded, with an index
     (tmp_path / "hf" / "tokenizer.json").write_text("{}")    # the user's own file
-    with pytest.raises(CheckpointError, match="already holds an export.*overwrite=True"):
+    with pytest.raises(ExportExistsError, match="already holds an export.*overwrite=True"):
         export_hf(str(tmp_path / "b"), out)
     export_hf(str(tmp_path / "b"), out, overwrite=True)      # one file: the stale index goes
     assert sorted(os.listdir(out)) == ["model.safetensors", "tokenizer.json"]
@@ -387,14 +387,14 @@ def test_an_export_never_mixes_with_an_earlier_one_and_a_killed_one_never_looks_
 
 
 def test_export_peft_refuses_to_write_over_an_adapter_unless_asked(tmp_path):
-    from dcp_universal import CheckpointError, apply_lora, export_peft
+    from dcp_universal import ExportExistsError, apply_lora, export_peft
 
     model = apply_lora(tiny.make("plain", seed=1).requires_grad_(False), rank=2, alpha=4.0,
                        targets=["q"])
     tiny.randomize_adapters(model, seed=3)
     step = CheckpointManager(str(tmp_path / "run")).save(1, model)
     out = export_peft(step, str(tmp_path / "adapter"))
-    with pytest.raises(CheckpointError, match="already holds an adapter"):
+    with pytest.raises(ExportExistsError, match="already holds an adapter"):
         export_peft(step, out)
     assert export_peft(step, out, overwrite=True) == out
 
