@@ -263,6 +263,9 @@ def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix:
 #: top-level names of the optimizer's state as ``get_optimizer_state_dict`` writes it
 #: (``<name>.state.<param FQN>.<state key>``): torchtitan's, the DCP tutorial's, ...
 _OPTIMIZER_NAMES = ("optimizer", "optim", "optimizers")
+#: where tools keep an LR scheduler's state (torchtitan's ``LRSchedulersContainer``
+#: saves its first scheduler's ``state_dict()`` as ``lr_scheduler``)
+_SCHEDULER_NAMES = ("lr_scheduler", "scheduler")
 #: where tools keep the training step beside the model (torchtitan's ``TrainState``)
 _STEP_KEYS = ("train_state.step", "step")
 
@@ -278,12 +281,17 @@ class Beside:
         optimizer_at: the stored prefix of that state (``"optim."``), for messages.
         step_key: the stored key of the training step (``train_state.step``), or None.
         left: what is not carried, grouped (``"dataloader (2 keys)"``), for notes.
+        scheduler: an LR scheduler's ``state_dict()`` key -> stored key (torchtitan's
+            ``lr_scheduler.last_epoch``, ...), empty when there is none.
+        scheduler_at: the stored prefix of that state (``"lr_scheduler"``), for messages.
     """
 
     optimizer: dict[str, dict[str, str]]
     optimizer_at: str | None
     step_key: str | None
     left: list[str]
+    scheduler: dict[str, str] = dataclasses.field(default_factory=dict)
+    scheduler_at: str | None = None
 
 
 def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Beside:
@@ -308,7 +316,16 @@ def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Besid
         if optimizer:
             break
     step_key = next((f"{level}{k}" for k in _STEP_KEYS if f"{level}{k}" in tensors), None)
-    taken = {raw for state in optimizer.values() for raw in state.values()} | {step_key}
+    scheduler: dict[str, str] = {}
+    scheduler_at = None
+    for name in _SCHEDULER_NAMES:  # one LRScheduler.state_dict(), flattened by DCP
+        head = f"{level}{name}."
+        entries = {k[len(head):]: k for k in others if k.startswith(head)}
+        if "last_epoch" in entries and all("." not in key for key in entries):
+            scheduler, scheduler_at = entries, f"{level}{name}"
+            break
+    taken = ({raw for state in optimizer.values() for raw in state.values()} | {step_key}
+             | set(scheduler.values()))
 
     def is_model(k: str) -> bool:
         return k.startswith(prefix) and k[len(level):].split(".")[0] not in OTHER_STATE_NAMES
@@ -322,4 +339,4 @@ def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Besid
         group = level + ".".join(parts[:2 if deep and len(parts) > 1 else 1])
         groups[group] = groups.get(group, 0) + 1
     left = [f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items())]
-    return Beside(optimizer, at, step_key, left)
+    return Beside(optimizer, at, step_key, left, scheduler, scheduler_at)

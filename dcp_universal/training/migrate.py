@@ -13,7 +13,8 @@ module finds the rest (:func:`find`) and carries it:
   ``optimizer.bin``): onto a live optimizer only, with the legacy checks
   (:func:`~dcp_universal.interop.legacy.stage_legacy_optimizer`); ``convert`` cannot
   name its parameters and says so;
-* Accelerate's ``scheduler.bin`` into the one LR scheduler the caller passes in ``extra``;
+* an LR scheduler's state (Accelerate's ``scheduler.bin``, torchtitan's ``lr_scheduler``
+  entries, read as plain data) into the one LR scheduler the caller passes in ``extra``;
 * the step number: the source's record (a legacy file's ``iter_num``, torchtitan's
   ``train_state.step``) and its directory's name (torchtitan's ``step-<N>``,
   Accelerate's ``checkpoint_<N>``); two that disagree are not guessed between.
@@ -63,6 +64,7 @@ class Carried:
         by_name: optimizer state keyed by parameter FQN: its directory and keys.
         by_position: reads an ``optimizer.state_dict()`` keyed by position.
         scheduler: reads an LR scheduler's ``state_dict()``.
+        scheduler_at: where the source keeps it (``scheduler.bin``), for messages.
         left: what is not carried, named.
     """
 
@@ -73,6 +75,7 @@ class Carried:
     by_name: tuple[DcpDir, Beside] | None = None
     by_position: Callable[[], Any] | None = None
     scheduler: Callable[[], Any] | None = None
+    scheduler_at: str = "scheduler.bin"
     left: list[str] = dataclasses.field(default_factory=list)
 
     def left_note(self) -> str | None:
@@ -101,6 +104,10 @@ def find(store: Storage, path: str, meta, *, trusted: bool = False) -> Carried:
             out.by_name = (d, beside)
         if beside.step_key is not None:
             records.append((_read_step(d, beside.step_key, trusted), beside.step_key))
+        if beside.scheduler:
+            entries = beside.scheduler
+            out.scheduler = lambda: _read_entries(d, entries, trusted)
+            out.scheduler_at = str(beside.scheduler_at)
         out.left += beside.left
     if meta.get("optimizer") is not None:  # a legacy file's optimizer.state_dict()
         saved = meta["optimizer"]
@@ -136,6 +143,14 @@ def _read_step(d: DcpDir, key: str, trusted: bool) -> int:
     box = {key: torch.empty(tuple(m.size), dtype=m.properties.dtype)}
     dcp_io.load_state(d.store, box, d.path, single_process=True, trusted=trusted)
     return int(box[key].item())
+
+
+def _read_entries(d: DcpDir, entries: dict[str, str], trusted: bool) -> dict[str, Any]:
+    """Byte entries of a DCP directory (plain data unless ``trusted``), by their keys in
+    ``entries`` (key -> stored key). This process reads alone."""
+    box: dict[str, Any] = {raw: None for raw in entries.values()}
+    dcp_io.load_state(d.store, box, d.path, single_process=True, trusted=trusted)
+    return {key: box[raw] for key, raw in entries.items()}
 
 
 def _saved_by_name(d: DcpDir, beside: Beside, trusted: bool, *,
@@ -208,8 +223,8 @@ def stage(view: ModelView, optimizer, extra: dict, carried: Carried, *, fresh: s
         parts.append(_comm.agreed(lambda: _stage_scheduler(extra, names, carried)))
         carried_what.append(f"its LR scheduler into extra[{names[0]!r}]")
     elif carried.scheduler is not None:
-        carried.left.append("scheduler.bin (LR scheduler: pass it in extra={'lr_scheduler': "
-                            "scheduler} to carry it)")
+        carried.left.append(f"{carried.scheduler_at} (LR scheduler: pass it in "
+                            "extra={'lr_scheduler': scheduler} to carry it)")
     rest = sorted(set(extra) - set(names[:1] if carried.scheduler is not None else []))
     report = LoadReport(step=carried.step)
     if carried.step is not None:
@@ -238,7 +253,7 @@ def _stage_scheduler(extra: dict, names: list[str], carried: Carried) -> Staged:
     mine = getattr(target, "base_lrs", None)
     if saved is None or (mine is not None and len(saved) != len(mine)):
         raise CheckpointMismatchError(
-            f"{carried.desc}: scheduler.bin is for {len(saved or [])} param groups "
+            f"{carried.desc}: {carried.scheduler_at} is for {len(saved or [])} param groups "
             f"(base_lrs), extra[{names[0]!r}] schedules {len(mine or [])} -> build the "
             "scheduler over an optimizer with the saved run's param groups, or leave it "
             "out of extra (it starts fresh)")

@@ -86,7 +86,7 @@ def _torchtitan(path, step: int, *, top_level_model: bool = False):
     else:
         state["model"] = get_model_state_dict(model)
     dcp.save(state, checkpoint_id=str(path / f"step-{step}"), no_dist=True)
-    return str(path / f"step-{step}"), model, optimizer
+    return str(path / f"step-{step}"), model, optimizer, scheduler
 
 
 def _plain_dcp(path):
@@ -131,14 +131,17 @@ def _resumed(root: str, step: int, *, scheduler: bool = False):
 @pytest.mark.parametrize("top_level_model", [False, True])
 def test_torchtitan_recipe_carries_optimizer_and_step(tmp_path, monkeypatch, capsys,
                                                       top_level_model):
-    src, model, optimizer = _torchtitan(tmp_path / "checkpoint", 40,
-                                        top_level_model=top_level_model)
+    src, model, optimizer, scheduler = _torchtitan(tmp_path / "checkpoint", 40,
+                                                   top_level_model=top_level_model)
     root = str(tmp_path / "root")
     out = _run("from_torchtitan.py", src, root, monkeypatch=monkeypatch, capsys=capsys)
     assert CheckpointManager(root).steps() == [40, 50, 60]  # torchtitan's step-40, then on
     assert "step 40 taken from" in out
-    assert "dataloader" in out and "lr_scheduler" in out  # named as left behind
-    got_model, got_opt, _ = _resumed(root, 40)
+    assert "dataloader" in out and "lr_scheduler'] (last_epoch 3)" in out
+    left = re.search(r"\(left behind\): (.*)", out).group(1)
+    assert "dataloader" in left and "lr_scheduler" not in left
+    got_model, got_opt, got_sched = _resumed(root, 40, scheduler=True)
+    assert got_sched.last_epoch == 3 and got_sched.get_last_lr() == scheduler.get_last_lr()
     want, got = _exp_avg(model, optimizer), _exp_avg(got_model, got_opt)
     assert want.keys() == got.keys()
     for name in want:
@@ -187,7 +190,7 @@ def test_accelerate_optimizer_of_another_shape_is_refused(tmp_path):
 @pytest.mark.parametrize("layout", ["torchtitan", "plain"])
 def test_convert_writes_the_model_alone_and_the_optimizer_by_name(tmp_path, layout, capsys):
     if layout == "torchtitan":
-        src, model, optimizer = _torchtitan(tmp_path / "checkpoint", 40)
+        src, model, optimizer, _ = _torchtitan(tmp_path / "checkpoint", 40)
     else:
         src, model, optimizer = _plain_dcp(tmp_path / "plain")
     root = str(tmp_path / "root")
@@ -237,3 +240,27 @@ def test_the_recipes_in_coming_from_are_the_files():
     for path, body in blocks.items():
         with open(os.path.join(REPO, path)) as f:
             assert body == f.read(), f"docs/coming-from.md's copy of {path} differs"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_torchtitan_scheduler_that_is_not_plain_data_is_refused_and_nothing_loads(tmp_path):
+    from dcp_universal import UnsafeCheckpointError
+
+    model, optimizer, scheduler = _trained()
+    sched = scheduler.state_dict()
+    sched["lr_lambdas"] = [_Payload()]
+    dcp.save({"model": get_model_state_dict(model), "lr_scheduler": sched,
+              "train_state": {"step": torch.tensor(8, dtype=torch.int32)}},
+             checkpoint_id=str(tmp_path / "step-8"), no_dist=True)
+    target, target_opt, target_sched = _trained(0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(UnsafeCheckpointError, match="lr_scheduler.lr_lambdas.*trusted=True"):
+        CheckpointManager(str(tmp_path / "root")).load(
+            target, target_opt, init_from=str(tmp_path / "step-8"),
+            extra={"lr_scheduler": target_sched})
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    assert target_sched.last_epoch == 0
