@@ -28,7 +28,7 @@ from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointMismatchError
 
 __all__ = ["canonical_key", "Resolution", "resolve", "OTHER_STATE_NAMES", "Beside",
-           "beside_model"]
+           "beside_model", "optimizer_only"]
 
 # infixes of wrappers that are never a user's module name (compile, activation
 # checkpointing, FSDP1): the attributes names.py walks through
@@ -303,18 +303,7 @@ def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Besid
     if found is None:
         return Beside({}, None, None, [])
     level, prefix = found
-    optimizer: dict[str, dict[str, str]] = {}
-    at = None
-    for name in _OPTIMIZER_NAMES:
-        head = f"{level}{name}.state."
-        for k in tensors:
-            fqn, _, key = k[len(head):].rpartition(".") if k.startswith(head) else ("", "", "")
-            canonical = canonical_key(fqn) if fqn else None
-            if canonical:
-                optimizer.setdefault(canonical, {})[key] = k
-                at = f"{level}{name}."
-        if optimizer:
-            break
+    optimizer, at = _optimizer_state(tensors, level)
     step_key = next((f"{level}{k}" for k in _STEP_KEYS if f"{level}{k}" in tensors), None)
     scheduler: dict[str, str] = {}
     scheduler_at = None
@@ -338,5 +327,40 @@ def beside_model(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Besid
         deep = parts[0] in _OPTIMIZER_NAMES or parts[0] == "train_state"
         group = level + ".".join(parts[:2 if deep and len(parts) > 1 else 1])
         groups[group] = groups.get(group, 0) + 1
-    left = [f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items())]
-    return Beside(optimizer, at, step_key, left, scheduler, scheduler_at)
+    return Beside(optimizer, at, step_key, _grouped(groups), scheduler, scheduler_at)
+
+
+def _optimizer_state(tensors: list[str], level: str) -> tuple[dict[str, dict[str, str]],
+                                                               str | None]:
+    """Optimizer state keyed by parameter FQN under ``level``: canonical parameter name ->
+    state key -> stored key, and the stored prefix (None: none found)."""
+    optimizer: dict[str, dict[str, str]] = {}
+    for name in _OPTIMIZER_NAMES:
+        head = f"{level}{name}.state."
+        for k in tensors:
+            fqn, _, key = k[len(head):].rpartition(".") if k.startswith(head) else ("", "", "")
+            canonical = canonical_key(fqn) if fqn else None
+            if canonical:
+                optimizer.setdefault(canonical, {})[key] = k
+        if optimizer:
+            return optimizer, f"{level}{name}."
+    return {}, None
+
+
+def _grouped(groups: dict[str, int]) -> list[str]:
+    return [f"{g} ({n} keys)" if n > 1 else g for g, n in sorted(groups.items())]
+
+
+def optimizer_only(tensor_keys: Iterable[str], other_keys: Iterable[str]) -> Beside:
+    """A DCP directory that holds an optimizer's state alone, keyed by parameter FQN
+    (Accelerate's ``optimizer_0/``: ``{"optimizer": get_optimizer_state_dict(...)}``):
+    its state by canonical parameter name; the rest (param groups) named."""
+    tensors, others = sorted(tensor_keys), sorted(other_keys)
+    optimizer, at = _optimizer_state(tensors, "")
+    taken = {raw for state in optimizer.values() for raw in state.values()}
+    groups: dict[str, int] = {}
+    for k in tensors + others:
+        if k not in taken:
+            group = ".".join(k.split(".")[:2])
+            groups[group] = groups.get(group, 0) + 1
+    return Beside(optimizer, at, None, _grouped(groups))

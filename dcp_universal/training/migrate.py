@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from dcp_universal import _comm
 from dcp_universal.errors import CheckpointMismatchError
 from dcp_universal.interop import legacy
+from dcp_universal.interop.accelerate import FSDP_OPTIMIZER_DIR as FSDP_OPTIMIZER
 from dcp_universal.model.plan import LoadReport, Staged, TensorInfo
 from dcp_universal.model.view import ModelView
 from dcp_universal.sources import DcpDir
@@ -114,7 +115,10 @@ def find(store: Storage, path: str, meta, *, trusted: bool = False) -> Carried:
         out.by_position = lambda: saved
     accel = meta.get("accelerate")
     if accel is not None:
-        if accel["optimizer"]:
+        if accel.get("optimizer_by_name") is not None:  # FSDP's optimizer_0/
+            out.by_name = accel["optimizer_by_name"]
+            out.left += [f"{FSDP_OPTIMIZER}/{g}" for g in out.by_name[1].left]
+        elif accel["optimizer"]:
             out.by_position = lambda: legacy.load_file(store, accel["optimizer"])
         if accel["scheduler"]:
             out.scheduler = lambda: legacy.load_file(store, accel["scheduler"])

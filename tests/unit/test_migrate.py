@@ -114,6 +114,21 @@ def _accelerate(path, step: int, *, safetensors: bool = True):
     return str(out), model, optimizer, scheduler
 
 
+def _accelerate_fsdp(path, step: int):
+    """accelerate's FSDP SHARDED_STATE_DICT layout (``fsdp_utils.save_fsdp_model`` /
+    ``save_fsdp_optimizer``): the model and optimizer as DCP directories."""
+    model, optimizer, scheduler = _trained()
+    out = path / "checkpoints" / f"checkpoint_{step}"
+    dcp.save({"model": get_model_state_dict(model)},
+             checkpoint_id=str(out / "pytorch_model_fsdp_0"), no_dist=True)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=str(out / "optimizer_0"), no_dist=True)
+    torch.save(scheduler.state_dict(), out / "scheduler.bin")
+    torch.save({"random_state": random.getstate(), "torch_manual_seed": torch.get_rng_state()},
+               out / "random_states_0.pkl")
+    return str(out), model, optimizer, scheduler
+
+
 def _run(recipe: str, *args: str, monkeypatch, capsys) -> str:
     monkeypatch.setattr(sys, "argv", [recipe, *args])
     runpy.run_path(os.path.join(RECIPES, recipe), run_name="__main__")
@@ -173,6 +188,27 @@ def test_accelerate_recipe_carries_optimizer_scheduler_and_step(tmp_path, monkey
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     assert got_sched.last_epoch == scheduler.last_epoch == 3
+
+
+def test_accelerate_fsdp_sharded_layout_carries_model_optimizer_and_scheduler(
+        tmp_path, monkeypatch, capsys):
+    src, model, optimizer, scheduler = _accelerate_fsdp(tmp_path / "project", 5)
+    root = str(tmp_path / "root")
+    out = _run("from_accelerate.py", src, root, monkeypatch=monkeypatch, capsys=capsys)
+    assert CheckpointManager(root).steps() == [5, 10, 20]
+    assert "optimizer_0/optimizer.param_groups" in out and "random_states_0.pkl" in out
+    got_model, got_opt, got_sched = _resumed(root, 5, scheduler=True)
+    want, got = _exp_avg(model, optimizer), _exp_avg(got_model, got_opt)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    for a, b in zip(model.parameters(), got_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got_sched.last_epoch == scheduler.last_epoch == 3
+    convert(src, str(tmp_path / "converted"))  # no live optimizer: written by name
+    converted, converted_opt, _ = _resumed(str(tmp_path / "converted"), 5)
+    for name, t in _exp_avg(converted, converted_opt).items():
+        torch.testing.assert_close(t, want[name], rtol=0, atol=0)
 
 
 def test_accelerate_optimizer_of_another_shape_is_refused(tmp_path):
