@@ -10,7 +10,7 @@ from typing import Callable, cast
 
 from dcp_universal.errors import (FormatVersionError, ManifestError, NotACheckpointError,
                                   UnsafeCheckpointError)
-from dcp_universal.format import manifest
+from dcp_universal.format import manifest, records
 from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, OPTIMIZER_DIR, FileRecord,
                                            Manifest, base_path, is_base_name,
                                            records_from_json, records_to_json,
@@ -49,14 +49,14 @@ def read_manifest(store: Storage, step_dir: str) -> Manifest:
     Raises:
         NotACheckpointError: it has none (not committed).
         DamagedManifestError: it cannot be parsed (read at most
-            :data:`~dcp_universal.format.manifest.MAX_MANIFEST_BYTES` + 1 bytes).
+            :data:`~dcp_universal.format.records.MAX_MANIFEST_BYTES` + 1 bytes).
         ManifestError: a field is wrong, or its ``step`` is not the one its
             directory's name says.
     """
     path = join(step_dir, MANIFEST)
     try:
         with store.open_read(path) as f:
-            data = f.read(manifest.MAX_MANIFEST_BYTES + 1)
+            data = f.read(records.MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise NotACheckpointError(
             f"{step_dir} has no {MANIFEST}: it is not a committed step (a save that "

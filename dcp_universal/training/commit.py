@@ -28,7 +28,7 @@ import torch
 
 from dcp_universal import _comm, sources
 from dcp_universal.storage import dcp_io, steps
-from dcp_universal.format import manifest
+from dcp_universal.format import manifest, records
 from dcp_universal.training import migrate
 from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.lease import Lease
@@ -122,10 +122,10 @@ class StepWriter:
         if self.fence is not None:
             m.writer = self.fence.token
         data = m.to_json().encode()
-        if len(data) > manifest.MAX_MANIFEST_BYTES:  # a load would refuse it as damage
+        if len(data) > records.MAX_MANIFEST_BYTES:  # a load would refuse it as damage
             raise CheckpointIOError(
                 f"step {self.step}'s manifest would be {len(data)} bytes, more than the "
-                f"{manifest.MAX_MANIFEST_BYTES} a load reads; it is not committed -> write "
+                f"{records.MAX_MANIFEST_BYTES} a load reads; it is not committed -> write "
                 "fewer, larger files (fewer ranks per node, or DCP's thread_count=1)")
         _comm.claim_commit()  # unless another rank gave up waiting for this one
         try:  # only while this job holds the root (see training.lease)

@@ -19,6 +19,7 @@ from dcp_universal import CheckpointManager, load_model, save_model
 from dcp_universal.cli import main
 from dcp_universal.errors import DamagedManifestError, IntegrityError, ManifestError
 from dcp_universal.format import manifest as manifest_mod
+from dcp_universal.format import records
 from train_loop import assert_same, snapshot, trained_job
 
 
@@ -217,7 +218,7 @@ def test_a_damaged_manifest_raises_is_kept_and_is_never_latest(root, target, cas
 
 
 def test_an_oversized_manifest_is_damaged_before_it_is_read(root, monkeypatch):
-    monkeypatch.setattr(manifest_mod, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(records, "MAX_MANIFEST_BYTES", 1000)
     with pytest.raises(DamagedManifestError, match="bytes"):
         CheckpointManager(root).manifest(3)
 

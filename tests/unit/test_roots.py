@@ -115,11 +115,11 @@ def test_an_unreachable_remote_never_holds_up_the_local_commit(tmp_path):
 
 
 def test_a_manifest_too_large_to_read_back_is_never_committed(tmp_path, monkeypatch):
-    from dcp_universal.format import manifest
+    from dcp_universal.format import records
 
     mgr = CheckpointManager(str(tmp_path / "run"))
     mgr.save(1, tiny.make("plain", seed=1))
-    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 300)  # a step with many files
+    monkeypatch.setattr(records, "MAX_MANIFEST_BYTES", 300)  # a step with many files
     with pytest.raises(CheckpointIOError, match="manifest would be .* not committed"):
         mgr.save(2, tiny.make("plain", seed=2))
     monkeypatch.undo()
