@@ -340,3 +340,26 @@ def test_a_failed_upload_stays_pending_and_not_durable(roots):
     assert (t.pending, t.durable) == ({1: failed}, {2})
     assert t.not_durable() == {1}
 
+
+def test_recover_skips_a_local_step_whose_manifest_cannot_be_read(roots, caplog):
+    # a damaged local manifest must not fail every later save and load of the job: loads
+    # skip such a step and retention keeps it; recover leaves it where it is, and says so
+    local, remote = roots
+    _commit(local, 1)
+    _commit(local, 3)
+    os.makedirs(os.path.join(local, "step-00000002"))
+    with open(os.path.join(local, "step-00000002", "manifest.json"), "w") as f:
+        f.write("{not json")
+    t, _ = _tier(roots)
+    try:
+        with caplog.at_level("WARNING", logger="dcp_universal.training.tier"):
+            queued = t.recover()
+        assert [s for s, _ in queued] == [1, 3]
+        assert [f.result() for _, f in queued] == [f"{remote}/step-00000001",
+                                                   f"{remote}/step-00000003"]
+    finally:
+        t.close()
+    assert t.remote_steps() == [1, 3]
+    assert t.not_durable() == {2}  # local retention keeps it
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"local step 2 is not uploaded: its manifest under {local} cannot be read"]
