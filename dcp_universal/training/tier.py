@@ -36,7 +36,9 @@ import time
 from typing import Callable, cast
 
 from dcp_universal import _comm
-from dcp_universal.errors import CheckpointError, CheckpointIOError, StepAlreadyExistsError
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, ManifestError,
+                                  NotACheckpointError, StepAlreadyExistsError,
+                                  UnsafeCheckpointError)
 from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage import Storage, join, steps
@@ -174,8 +176,20 @@ class LocalTier:
                 return None
             newest = remote[-1] if remote else -1
             self.durable = set(remote)
-            return [(s, steps.read_manifest(self.local, manifest.step_path(self.local_root, s)))
-                    for s in self.local_steps() if s > newest and s not in self.pending]
+            todo = []
+            for s in self.local_steps():
+                if s <= newest or s in self.pending:
+                    continue
+                try:
+                    todo.append((s, steps.read_manifest(
+                        self.local, manifest.step_path(self.local_root, s))))
+                except (ManifestError, UnsafeCheckpointError, NotACheckpointError) as e:
+                    # as loads and retention do: skipped and kept, never failing every
+                    # later save and load of the job
+                    logger.warning("local step %d is not uploaded: its manifest under %s "
+                                   "cannot be read (%s: %s)", s, self.local_root,
+                                   type(e).__name__, e)
+            return todo
 
         self.start()
         todo = _comm.on_rank0(missing)
