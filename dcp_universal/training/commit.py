@@ -53,12 +53,13 @@ class StepWriter:
         items: the item directories written.
     """
 
-    def __init__(self, store: Storage, root: str, step: int, *, fence: Lease | None = None
-                 ) -> None:
+    def __init__(self, store: Storage, root: str, step: int, *, fence: Lease | None = None,
+                 alone: bool = False) -> None:
         self.store = store
         self.root = root
         self.step = step
         self.fence = fence  # the lease whose holder alone commits and removes here
+        self.alone = alone  # this process writes the step by itself: nothing collective
         self.path = manifest.step_path(root, step)
         self.files: dict[str, FileRecord] = {}
         self.items: dict[str, bool] = {}
@@ -72,7 +73,10 @@ class StepWriter:
             RootBusyError: another live job writes the root (on every rank).
             StepAlreadyExistsError: on every rank.
         """
-        _comm.on_rank0(self._prepare, overwrite, bases, lease)
+        if self.alone:
+            self._prepare(overwrite, bases, lease)
+        else:
+            _comm.on_rank0(self._prepare, overwrite, bases, lease)
 
     def _prepare(self, overwrite: bool, bases: BaseStore, lease) -> None:
         check_root(self.store, self.root)
@@ -101,9 +105,13 @@ class StepWriter:
         ``all_gather_object``), then rank 0 writes the manifest (``on_rank0``). Every
         rank returns once the step is committed, or raises :class:`CheckpointIOError` if
         the commit failed."""
-        m.files = dcp_io.gather_records(self.files, group=group)
         m.items = {**self.items, **m.items}
-        _comm.on_rank0(self._commit, m, group=group)
+        if self.alone:
+            m.files = dict(self.files)
+            self._commit(m)
+        else:
+            m.files = dcp_io.gather_records(self.files, group=group)
+            _comm.on_rank0(self._commit, m, group=group)
 
     def _commit(self, m: Manifest) -> None:
         # Never commit a step that lost a file between its write and now (another job's
@@ -127,7 +135,8 @@ class StepWriter:
                 f"step {self.step}'s manifest would be {len(data)} bytes, more than the "
                 f"{records.MAX_MANIFEST_BYTES} a load reads; it is not committed -> write "
                 "fewer, larger files (fewer ranks per node, or DCP's thread_count=1)")
-        _comm.claim_commit()  # unless another rank gave up waiting for this one
+        if not self.alone:
+            _comm.claim_commit()  # unless another rank gave up waiting for this one
         try:  # only while this job holds the root (see training.lease)
             self.store.fenced_write(join(self.path, manifest.MANIFEST), data, self.fence)
         except OSError as e:
@@ -137,7 +146,8 @@ class StepWriter:
 
 
 def convert(src: str, root: str, *, step: int | None = None,
-            storage_options: dict | None = None, trusted: bool = False) -> str:
+            storage_options: dict | None = None, trusted: bool = False,
+            lease_ttl: float = 120.0) -> str:
     """Write the model of ``src`` (any format :func:`~dcp_universal.sources.open_source`
     reads: a legacy ``torch.save`` file, a Hugging Face directory, another tool's DCP
     checkpoint, an Accelerate ``save_state`` directory, ...) as a committed step under
@@ -156,9 +166,17 @@ def convert(src: str, root: str, *, step: int | None = None,
     ``train_state.step`` and ``step-N`` directory, Accelerate's ``checkpoint_N``), else
     0. A warning names everything not carried.
 
+    The step is written and committed as a save writes one (:class:`StepWriter`): under
+    the root's writer lease (``lease_ttl``, as :class:`~dcp_universal.CheckpointManager`
+    takes it), every file checked before the commit, the debris of a killed save or
+    convert removed first. So a convert never writes beside a live job, which would take
+    its unfinished step for debris, and a killed convert leaves only debris.
+
     Raises:
         CheckpointError: the source records two different step numbers and ``step`` is
             not given; the source is an adapter without base weights.
+        StepAlreadyExistsError: the step is committed under ``root``.
+        RootBusyError: another live job writes ``root``.
     """
     src, root = normalize(src), normalize(root)
     src_store = storage_for(src, storage_options)
@@ -182,33 +200,37 @@ def convert(src: str, root: str, *, step: int | None = None,
                        "by position, which only its model can turn into parameter names -> "
                        "resume it with mgr.load(model, optimizer, init_from=%r)", src, src)
     if carried.scheduler is not None:
-        carried.left.append("scheduler.bin (LR scheduler: resume with mgr.load(..., "
+        carried.left.append(f"{carried.scheduler_at} (LR scheduler: resume with mgr.load(..., "
                             f"init_from={src!r}, extra={{'lr_scheduler': scheduler}}))")
     if carried.left:
         logger.warning("%s", carried.left_note())
     store = storage_for(root, storage_options)
-    path = manifest.step_path(root, step)
-    if store.exists(join(path, manifest.MANIFEST)):
-        raise StepAlreadyExistsError(f"step {step} already exists under {root}; pass another "
-                                     "step=N (CLI: --step N)")
-    tensors = {k: torch.empty(i.shape, dtype=i.dtype) for k, i in sorted(source.keys.items())}
-    source.read(tensors, single_process=True)
-    optimizer = migrate.converted_optimizer(carried, trusted=trusted)
-    written = dcp_io.save_state(store, tensors, join(path, manifest.MODEL_DIR),
-                                single_process=True)
-    files = {f"{manifest.MODEL_DIR}/{n}": rec for n, rec in written.items()}
-    if optimizer is not None:
-        assert carried.by_name is not None  # converted_optimizer: None without it
-        written = dcp_io.save_state(store, optimizer, join(path, manifest.OPTIMIZER_DIR),
-                                    single_process=True)
-        files.update({f"{manifest.OPTIMIZER_DIR}/{n}": rec for n, rec in written.items()})
-        logger.info("%s: optimizer state of %d parameters carried by name into step %d",
-                    src, len(carried.by_name[1].optimizer), step)
-    m = Manifest(
-        step=step, world_size=1, merge="rank0",
-        dtypes=sorted({str(t.dtype) for t in tensors.values()}),
-        items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: optimizer is not None},
-        files=files, legacy=source.meta.get("legacy"),
-        training_state=TrainingState(extra=[], per_rank=[]))
-    steps.write_manifest(store, path, m)
-    return path
+    lease = Lease(store, root, ttl=lease_ttl)
+    writer = StepWriter(store, root, step, fence=lease, alone=True)
+    try:
+        try:
+            writer.prepare(overwrite=False, bases=BaseStore(store, root), lease=lease)
+        except StepAlreadyExistsError:
+            raise StepAlreadyExistsError(f"step {step} already exists under {root}; pass "
+                                         "another step=N (CLI: --step N)") from None
+        tensors = {k: torch.empty(i.shape, dtype=i.dtype)
+                   for k, i in sorted(source.keys.items())}
+        source.read(tensors, single_process=True)
+        optimizer = migrate.converted_optimizer(carried, trusted=trusted)
+        writer.write(manifest.MODEL_DIR, lambda d, _: dcp_io.save_state(
+            store, tensors, d, single_process=True))
+        if optimizer is not None:
+            assert carried.by_name is not None  # converted_optimizer: None without it
+            writer.write(manifest.OPTIMIZER_DIR, lambda d, _: dcp_io.save_state(
+                store, optimizer, d, single_process=True))
+            logger.info("%s: optimizer state of %d parameters carried by name into step %d",
+                        src, len(carried.by_name[1].optimizer), step)
+        writer.commit(Manifest(
+            step=step, world_size=1, merge="rank0",
+            dtypes=sorted({str(t.dtype) for t in tensors.values()}),
+            items={manifest.MODEL_DIR: True, manifest.OPTIMIZER_DIR: optimizer is not None},
+            legacy=source.meta.get("legacy"),
+            training_state=TrainingState(extra=[], per_rank=[])))
+    finally:
+        lease.release()
+    return writer.path

@@ -300,3 +300,34 @@ def test_a_torchtitan_scheduler_that_is_not_plain_data_is_refused_and_nothing_lo
             extra={"lr_scheduler": target_sched})
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     assert target_sched.last_epoch == 0
+
+
+def test_convert_commits_under_the_lease_and_never_beside_a_live_job(tmp_path):
+    """Issue 32: convert used to write its manifest without the lease or the file check,
+    so a live job could take its unfinished step for debris and delete it."""
+    import json
+    import socket
+
+    from dcp_universal import RootBusyError
+    from dcp_universal.training import lease
+
+    src, model, _, _ = _torchtitan(tmp_path / "checkpoint", 40)
+    root = tmp_path / "root"
+    root.mkdir()
+    held = {"owner": "live-job", "acquired": "a1", "host": socket.gethostname(),
+            "pid": os.getppid(), "started": lease._started(os.getppid()), "ttl_s": 120.0}
+    (root / lease.LEASE_FILE).write_text(json.dumps(held))  # a live job on this host
+    with pytest.raises(RootBusyError, match="being written by another job"):
+        convert(src, str(root))
+    assert sorted(os.listdir(root)) == [lease.LEASE_FILE]  # nothing written beside it
+
+    (root / lease.LEASE_FILE).unlink()  # that job ended
+    (root / "step-00000007" / "model").mkdir(parents=True)  # a killed save's debris
+    (root / "step-00000007" / "model" / "__0_0.distcp").write_bytes(b"x" * 10)
+    path = convert(src, str(root))
+    assert sorted(os.listdir(root)) == ["step-00000040"]  # debris gone, lease released
+    written = json.loads(open(os.path.join(path, "manifest.json")).read())
+    assert written["writer"]  # committed under the lease (its fencing token)
+    got, _, _ = _resumed(str(root), 40)
+    for a, b in zip(model.parameters(), got.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
