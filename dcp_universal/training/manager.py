@@ -36,10 +36,9 @@ from dcp_universal.format import manifest
 from dcp_universal.training import migrate, optim_io, retention, training_state
 from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
-from dcp_universal.training.commit import StepWriter
+from dcp_universal.training.commit import StepWriter, refuse_committed
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
-                                  NotACheckpointError, RootBusyError,
-                                  StepAlreadyExistsError)
+                                  NotACheckpointError, RootBusyError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
@@ -534,16 +533,11 @@ class CheckpointManager:
 
     def _refuse_durable(self, step: int) -> None:
         try:
-            committed = self._store.exists(join(self.step_path(step), manifest.MANIFEST))
+            refuse_committed(self._store, step, self.step_path(step))
         except (OSError, CheckpointIOError) as e:  # the upload checks again
             logger.warning("could not tell whether step %d is committed at %s (%s: %s); "
                            "saving it locally, its upload checks again", step, self.root,
                            type(e).__name__, e)
-            return
-        if committed:
-            raise StepAlreadyExistsError(
-                f"step {step} is already committed at {self.step_path(step)}; pass "
-                "overwrite=True to replace it, or save under another step number")
 
     def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
                   snapshot) -> Callable[[float, Any],
