@@ -89,10 +89,8 @@ class _Options:
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every", "keep_best", "merged_every"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name}={value!r}: expected a positive whole number (or "
-                                 "None to turn it off)")
+            if value is not None:
+                retention.check_count(name, value, " (or None to turn it off)")
         if self.keep_best is not None and not self.best_metric:
             raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
         if self.best_metric is not None and not isinstance(self.best_metric, str):
@@ -313,11 +311,9 @@ class CheckpointManager:
             raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
                              "(the local tier is the node's own disk)")
         _check_apart(local, local_root, self._store, self.root)
-        if keep_last_local is not None and (isinstance(keep_last_local, bool)
-                                            or not isinstance(keep_last_local, int)
-                                            or keep_last_local < 1):
-            raise ValueError(f"keep_last_local={keep_last_local!r}: expected a positive whole "
-                             "number (or None: the root's own retention policies)")
+        if keep_last_local is not None:
+            retention.check_count("keep_last_local", keep_last_local,
+                                  " (or None: the root's own retention policies)")
         self._keep_last_local = keep_last_local
         self._wstore, self._wroot = local, local_root
         # a save takes the local tier's lease only; uploads take the root's (so an
