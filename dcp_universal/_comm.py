@@ -43,7 +43,7 @@ import torch.distributed as dist
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointError, CheckpointTimeoutError
 
-__all__ = ["is_distributed", "rank", "world_size", "barrier", "on_rank0", "agreed", "all_true",
+__all__ = ["is_distributed", "rank", "world_size", "on_rank0", "agreed", "all_true",
            "all_gather_object", "new_gloo_group", "writes_only", "check_group",
            "on_caller_thread", "operation", "resolve_group", "check_timeout", "claim_commit", "progress",
            "DEFAULT_TIMEOUT_S"]
@@ -330,15 +330,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def barrier(*, group=None) -> None:
-    """Collective: returns once every rank has called it."""
-    group = resolve_group(group)
-    check_group(group, "barrier")
-    if is_distributed():
-        progress("waiting in a barrier")
-        dist.barrier(group=group)
 
 
 def all_true(flag: bool, *, group=None) -> bool:

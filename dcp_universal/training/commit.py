@@ -39,9 +39,18 @@ from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import FileRecord, Manifest, TrainingState
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
-__all__ = ["StepWriter", "convert"]
+__all__ = ["StepWriter", "convert", "refuse_committed"]
 
 logger = logging.getLogger(__name__)
+
+
+def refuse_committed(store: Storage, step: int, path: str) -> None:
+    """Raise :class:`StepAlreadyExistsError` if step ``step`` is committed at ``path``
+    (a save without ``overwrite``)."""
+    if store.exists(join(path, manifest.MANIFEST)):
+        raise StepAlreadyExistsError(
+            f"step {step} is already committed at {path}; pass overwrite=True to replace "
+            "it, or save under another step number")
 
 
 class StepWriter:
@@ -82,10 +91,8 @@ class StepWriter:
         check_root(self.store, self.root)
         if lease is not None:
             lease.acquire()
-        if self.store.exists(join(self.path, manifest.MANIFEST)) and not overwrite:
-            raise StepAlreadyExistsError(
-                f"step {self.step} is already committed at {self.path}; pass overwrite=True "
-                "to replace it, or save under another step number")
+        if not overwrite:
+            refuse_committed(self.store, self.step, self.path)
         # an overwritten step, then debris (each fenced: only while this job holds the root)
         for path in [self.path] + [manifest.step_path(self.root, s) for s in
                                    steps.list_steps(self.store, self.root, committed=False)]:

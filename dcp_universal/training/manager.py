@@ -36,10 +36,9 @@ from dcp_universal.format import manifest
 from dcp_universal.training import migrate, optim_io, retention, training_state
 from dcp_universal.storage import steps
 from dcp_universal.training.base_store import BaseStore
-from dcp_universal.training.commit import StepWriter
+from dcp_universal.training.commit import StepWriter, refuse_committed
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
-                                  NotACheckpointError, RootBusyError,
-                                  StepAlreadyExistsError)
+                                  NotACheckpointError, RootBusyError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
 from dcp_universal.training.lease import Lease
@@ -90,10 +89,8 @@ class _Options:
     def __post_init__(self) -> None:
         for name in ("keep_last", "keep_every", "keep_best", "merged_every"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name}={value!r}: expected a positive whole number (or "
-                                 "None to turn it off)")
+            if value is not None:
+                retention.check_count(name, value, " (or None to turn it off)")
         if self.keep_best is not None and not self.best_metric:
             raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
         if self.best_metric is not None and not isinstance(self.best_metric, str):
@@ -314,11 +311,9 @@ class CheckpointManager:
             raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
                              "(the local tier is the node's own disk)")
         _check_apart(local, local_root, self._store, self.root)
-        if keep_last_local is not None and (isinstance(keep_last_local, bool)
-                                            or not isinstance(keep_last_local, int)
-                                            or keep_last_local < 1):
-            raise ValueError(f"keep_last_local={keep_last_local!r}: expected a positive whole "
-                             "number (or None: the root's own retention policies)")
+        if keep_last_local is not None:
+            retention.check_count("keep_last_local", keep_last_local,
+                                  " (or None: the root's own retention policies)")
         self._keep_last_local = keep_last_local
         self._wstore, self._wroot = local, local_root
         # a save takes the local tier's lease only; uploads take the root's (so an
@@ -534,16 +529,11 @@ class CheckpointManager:
 
     def _refuse_durable(self, step: int) -> None:
         try:
-            committed = self._store.exists(join(self.step_path(step), manifest.MANIFEST))
+            refuse_committed(self._store, step, self.step_path(step))
         except (OSError, CheckpointIOError) as e:  # the upload checks again
             logger.warning("could not tell whether step %d is committed at %s (%s: %s); "
                            "saving it locally, its upload checks again", step, self.root,
                            type(e).__name__, e)
-            return
-        if committed:
-            raise StepAlreadyExistsError(
-                f"step {step} is already committed at {self.step_path(step)}; pass "
-                "overwrite=True to replace it, or save under another step number")
 
     def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
                   snapshot) -> Callable[[float, Any],

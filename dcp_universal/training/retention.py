@@ -30,9 +30,16 @@ from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.storage import Storage, join
 
-__all__ = ["KeepLast", "KeepEvery", "KeepBest", "Decision", "decide", "apply"]
+__all__ = ["KeepLast", "KeepEvery", "KeepBest", "Decision", "decide", "apply", "check_count"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_count(name: str, value: Any, note: str = "") -> None:
+    """Raise ValueError unless ``value`` is a positive whole number (``bool`` is not);
+    ``note`` ends the message, e.g. what ``None`` would mean where it is allowed."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive whole number{note}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +49,7 @@ class KeepLast:
     n: int
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"keep_last={self.n}: must be >= 1 (the newest step is always kept)")
+        check_count("keep_last", self.n, " (the newest step is always kept)")
 
     def keep(self, manifests: dict[int, Manifest]) -> set[int]:
         return set(sorted(manifests)[-self.n:])
@@ -57,8 +63,7 @@ class KeepEvery:
     k: int
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"keep_every={self.k}: must be >= 1")
+        check_count("keep_every", self.k)
 
     def archive(self, manifests: dict[int, Manifest]) -> set[int]:
         return {s for s in manifests if s % self.k == 0}
@@ -74,8 +79,7 @@ class KeepBest:
     mode: str = "min"
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"keep_best={self.n}: must be >= 1")
+        check_count("keep_best", self.n)
         if self.mode not in ("min", "max"):
             raise ValueError(f"best_mode={self.mode!r}: expected 'min' or 'max'")
 

@@ -70,7 +70,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import harness  # noqa: E402
 import tiny  # noqa: E402
-from dcp_universal import CheckpointManager, _comm, storage
+from dcp_universal import CheckpointManager, storage
 from dcp_universal.storage import dcp_io, integrity
 from dcp_universal.format import manifest  # noqa: E402
 from dcp_universal.model.view import reshard  # noqa: E402
@@ -188,7 +188,6 @@ class _Hooks:
         around(integrity.Checksummed, "rename", "dcp_rename", "dcp_renamed")
         around(storage.Storage, "remove_file", "remove_file")
         around(storage.Storage, "remove_tree", "remove_tree")
-        around(_comm, "barrier", "barrier")
         for name in ("all_gather_object", "broadcast_object_list", "all_reduce",
                      "scatter_object_list", "gather_object", "barrier"):
             around(dist, name, f"dist.{name}")
