@@ -74,9 +74,9 @@ def test_keep_steps_keeps_only_steps_that_are_committed():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: KeepLast(0), "keep_last=0: must be >= 1"),
-    (lambda: KeepEvery(0), "keep_every=0: must be >= 1"),
-    (lambda: KeepBest(0, "loss"), "keep_best=0: must be >= 1"),
+    (lambda: KeepLast(0), "keep_last=0: expected a positive whole number"),
+    (lambda: KeepEvery(0), "keep_every=0: expected a positive whole number"),
+    (lambda: KeepBest(0, "loss"), "keep_best=0: expected a positive whole number"),
     (lambda: KeepBest(1, "loss", mode="lowest"), "best_mode='lowest': expected 'min' or 'max'"),
 ])
 def test_a_policy_refuses_an_option_it_cannot_honour_by_name(make, message):
