@@ -19,11 +19,16 @@ from dcp_universal.model.plan import LoadReport
 from dcp_universal.model_io.load import load_model
 from dcp_universal.model_io.save import save_model
 from dcp_universal.training.manager import CheckpointManager, SaveHandle
+from dcp_universal.training.retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy
 from dcp_universal.training.sampler import ResumableSampler
 
 __all__ = [
     "CheckpointManager",
     "SaveHandle",
+    "RetentionPolicy",
+    "KeepLast",
+    "KeepEvery",
+    "KeepBest",
     "ResumableSampler",
     "save_model",
     "load_model",

@@ -16,11 +16,11 @@ from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, OPTIMIZER_DIR, 
                                            records_from_json, records_to_json,
                                            split_step_path, step_of_name)
 from dcp_universal.storage import Storage, join
-from dcp_universal.storage.integrity import block_checks, unchecked
+from dcp_universal.storage.integrity import block_checks, check_files, unchecked
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
            "read_base_files", "write_base_files",
-           "verified_store", "check_recorded", "newest_readable"]
+           "verified_store", "check_recorded", "newest_readable", "verify_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +184,22 @@ def write_base_files(store: Storage, base_dir: str, records: dict[str, FileRecor
     store.write_atomic(join(base_dir, BASE_FILES),
                        json.dumps(records_to_json(records), sort_keys=True).encode())
 
+
+
+def verify_step(store: Storage, step_dir: str, *,
+                progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Check every file of the committed step ``step_dir`` and of its base, whole: size
+    and checksums (one process). Returns ``{"files": n, "bytes": total}``.
+
+    Raises:
+        IntegrityError: naming the first bad file.
+    """
+    m = read_manifest(store, step_dir)
+    check_recorded(store, step_dir, m)
+    check_files(store, step_dir, m.files, checksums=True, progress=progress)
+    checked = list(m.files.values())
+    if m.base:
+        check_files(store, cast(str, manifest.base_path(step_dir, m)), m.base_files or {},
+                    checksums=True, progress=progress)
+        checked += list((m.base_files or {}).values())
+    return {"files": len(checked), "bytes": sum(r.size for r in checked)}

@@ -1,225 +1,69 @@
 """CheckpointManager: numbered steps under one root.
 
-The manager coordinates; each part has a module of its own: the step layout and
-manifest (:mod:`~dcp_universal.format.manifest`), writing and committing a step
-(:mod:`~dcp_universal.training.commit`), the shared frozen base of LoRA runs
-(:mod:`~dcp_universal.training.base_store`), RNG and ``extra`` state
-(:mod:`~dcp_universal.training.training_state`), the model and the optimizer
-(:mod:`~dcp_universal.model_io`, :mod:`~dcp_universal.training.optim_io`) and retention
-(:mod:`~dcp_universal.training.retention`). Public methods validate every argument before the
-first byte is read or written, then call those parts.
+The manager coordinates; it holds no policy of its own. Each job has a module:
+
+* its settings, checked at construction, and the requests ``save`` and ``load`` pass
+  down: :mod:`~dcp_universal.training.options`;
+* where saves commit and loads read first, the root itself or a local tier in front of
+  it: a tier (:mod:`~dcp_universal.training.tier`, a protocol);
+* saves in flight (asynchronous writes, uploads, their handles):
+  :mod:`~dcp_universal.training.saving`, with snapshots from
+  :mod:`~dcp_universal.training.snapshot`;
+* writing and committing a step: :mod:`~dcp_universal.training.commit`, its items
+  (model, adapters, optimizer, training state): :mod:`~dcp_universal.training.items`;
+* retention, as composable policies and their executor:
+  :mod:`~dcp_universal.training.retention`;
+* a job's first start (``init_from``): :mod:`~dcp_universal.training.first_start`;
+* checking a step's files: :func:`dcp_universal.storage.steps.verify_step`.
+
+Data goes down: the manager calls these parts and none calls back into it.
 
 Concurrency contract: not thread-safe; multi-process safe (every rank of one job calls
 ``save`` / ``load`` together); one job writes a root at a time (enforced: a writer
 lease, :mod:`~dcp_universal.training.lease`), while any number of readers load
 committed steps. At most one asynchronous save's write is in flight: ``save`` and
 ``load`` first wait for it; ``prune``, ``wait`` and ``close`` also wait for uploads (a
-local tier, :mod:`~dcp_universal.training.tier`) and for retention's removals.
+local tier) and for retention's removals.
 """
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures
-import dataclasses
+import functools
 import logging
-import os
-import sys
 import time
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from dcp_universal import _comm
+from dcp_universal.errors import NotACheckpointError
 from dcp_universal.format import manifest
-from dcp_universal.training import migrate, optim_io, retention, training_state
-from dcp_universal.storage import steps
-from dcp_universal.training.base_store import BaseStore
-from dcp_universal.training.commit import StepWriter, refuse_committed
-from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
-                                  NotACheckpointError, RootBusyError)
-from dcp_universal.storage.integrity import check_files
-from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
-from dcp_universal.training.lease import Lease
-from dcp_universal.training.roots import check_root
 from dcp_universal.format.manifest import Manifest
 from dcp_universal.model.plan import LoadReport, Staged
-from dcp_universal.model_io.load import stage_model
-from dcp_universal.model_io.save import check_merge
-from dcp_universal.training.snapshot import Snapshotter
-from dcp_universal.storage import LocalStorage, join, normalize, storage_for
-from dcp_universal.training.tier import LocalTier
 from dcp_universal.model.view import ModelView
+from dcp_universal.storage import Storage, normalize, steps, storage_for
+from dcp_universal.training import optim_io, training_state
+from dcp_universal.training.base_store import BaseStore
+from dcp_universal.training.commit import StepWriter
+from dcp_universal.training.first_start import first_start
+from dcp_universal.training.items import BUILTIN, Item, LoadContext, SaveContext
+from dcp_universal.training.lease import Lease
+from dcp_universal.training.options import LoadRequest, ManagerOptions, SaveRequest
+from dcp_universal.training.retention import Decision, Retainer, RetentionPolicy
+from dcp_universal.training.roots import check_root
+from dcp_universal.training.saving import SaveHandle, Saves
+from dcp_universal.training.snapshot import Snapshotter
+from dcp_universal.training.tier import RootTier, Tier, local_tier
 
 __all__ = ["CheckpointManager", "SaveHandle"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(kw_only=True)
-class _Options:
-    """CheckpointManager's settings.
-
-    Attributes:
-        keep_last: keep this many newest committed steps whole.
-        keep_every: archive steps divisible by this: they keep their model and lose
-            their optimizer state (steps no policy keeps are deleted).
-        keep_best: keep this many steps with the best ``best_metric`` whole.
-        best_metric / best_mode: the ``save(metrics=...)`` key ranking ``keep_best``, and
-            whether lower ("min") or higher ("max") is better.
-        With no policy every step is kept. Retention runs after a commit and never
-        removes the newest step or a base a remaining step uses.
-        merge: how merged ``model/`` directories are written: "sharded" or "rank0".
-        merged_every: in LoRA runs, also write the merged ``model/`` every this many
-            steps (None: only when ``save(..., merged=True)``). Runs without adapters
-            always write ``model/``.
-        storage_options: fsspec options for remote roots (e.g. ``endpoint_url``).
-    """
-
-    keep_last: int | None = None
-    keep_every: int | None = None
-    keep_best: int | None = None
-    best_metric: str | None = None
-    best_mode: str = "min"
-    merge: str = "sharded"
-    merged_every: int | None = None
-    storage_options: dict | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "keep_best", "merged_every"):
-            value = getattr(self, name)
-            if value is not None:
-                retention.check_count(name, value, " (or None to turn it off)")
-        if self.keep_best is not None and not self.best_metric:
-            raise ValueError("keep_best needs best_metric, the save(metrics=...) key to rank by")
-        if self.best_metric is not None and not isinstance(self.best_metric, str):
-            raise ValueError(f"best_metric={self.best_metric!r}: expected a metric name (str)")
-        if self.storage_options is not None and not isinstance(self.storage_options, dict):
-            raise ValueError(f"storage_options={self.storage_options!r}: expected a dict of "
-                             "fsspec options, e.g. {'endpoint_url': ...}")
-        self.policies()  # validates the rest
-        check_merge(self.merge)
-
-    def policies(self) -> list:
-        out: list = []
-        if self.keep_last is not None:
-            out.append(retention.KeepLast(self.keep_last))
-        if self.keep_every is not None:
-            out.append(retention.KeepEvery(self.keep_every))
-        if self.keep_best is not None:
-            # __post_init__: keep_best needs best_metric
-            out.append(retention.KeepBest(self.keep_best, cast(str, self.best_metric),
-                                          self.best_mode))
-        return out
-
-
-def _check_items(items: Iterable[Item]) -> tuple[Item, ...]:
-    items = tuple(items)
-    taken = {i.name for i in BUILTIN}
-    for item in items:
-        if not isinstance(item, Item):
-            raise TypeError(f"items: {item!r} is not a dcp_universal.training.items.Item")
-        name = item.name
-        if not isinstance(name, str) or not name or "/" in name or name.startswith(".") \
-                or name == manifest.MANIFEST:
-            raise ValueError(f"items: {type(item).__name__}.name={name!r}: expected a directory "
-                             "name (no '/', not hidden, not manifest.json)")
-        if name in taken:
-            raise ValueError(f"items: two items named {name!r} (the library's own are "
-                             f"{sorted(i.name for i in BUILTIN)})")
-        taken.add(name)
-    return items
-
-
-def _check_apart(local: LocalStorage, local_root: str, store, root: str) -> None:
-    """Refuse a local tier that is the root, inside it or around it, symbolic links
-    followed: an upload would copy a step onto itself, or into its own source."""
-    if not isinstance(store, LocalStorage):
-        return  # a remote root
-    mine = os.path.realpath(local.os_path(local_root))
-    theirs = os.path.realpath(store.os_path(root))
-    if mine == theirs:
-        how = "is the root itself"
-    elif mine.startswith(theirs.rstrip(os.sep) + os.sep):
-        how = "is inside the root"
-    elif theirs.startswith(mine.rstrip(os.sep) + os.sep):
-        how = "contains the root"
-    else:
-        return
-    raise ValueError(f"local_dir={local_root!r} {how} ({mine}, root {theirs}, symbolic links "
-                     "followed): uploads would copy steps onto themselves -> give the local "
-                     "tier a directory of its own, apart from the root")
-
-
 def _check_step(step) -> int:
     manifest.step_name(step)  # ValueError unless 0 <= step <= MAX_STEP
     return step
-
-
-def _then_upload(write: concurrent.futures.Future) -> concurrent.futures.Future:
-    """The future of a save whose write returns ``(path, upload)``: the path once
-    written and committed, or (with a local tier) the upload's remote path once durable."""
-    out: concurrent.futures.Future = concurrent.futures.Future()
-
-    def settle(f: concurrent.futures.Future) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())
-        else:
-            out.set_result(f.result())
-
-    def written(f: concurrent.futures.Future) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())
-            return
-        path, upload = f.result()
-        if upload is None:
-            out.set_result(path)
-        else:
-            upload.add_done_callback(settle)
-
-    write.add_done_callback(written)
-    return out
-
-
-class SaveHandle:
-    """An asynchronous save in flight (``save(..., blocking=False)``).
-
-    The state was staged when ``save`` returned; the write and the commit run in the
-    background. Its error, if any, is raised once: by :meth:`result`, or else by the
-    manager's next ``save``, ``load``, ``prune``, ``wait`` or ``close``.
-    """
-
-    def __init__(self, step: int, future: concurrent.futures.Future, stall_s: float) -> None:
-        self.step = step
-        self.stall_s = stall_s  # how long ``save`` blocked the caller
-        self._future = future
-        self._told = False
-
-    def done(self) -> bool:
-        """Whether the save has finished (committed, or failed)."""
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> str:
-        """The committed step's directory, once committed (``timeout`` seconds at most,
-        else ``TimeoutError``); raises the save's error."""
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(
-                f"step {self.step} is still being written after {timeout} s") from None
-        except BaseException:
-            self._told = True
-            raise
-
-    def _settle(self) -> None:
-        """Wait; raise the error unless :meth:`result` already raised it."""
-        try:
-            self._future.result()
-        except BaseException:
-            if not self._told:
-                self._told = True
-                raise
 
 
 class CheckpointManager:
@@ -239,6 +83,11 @@ class CheckpointManager:
     ...         if step % 100 == 0:
     ...             mgr.save(step, model, optimizer, blocking=False)
 
+    Retention: ``keep_last``, ``keep_every`` and ``keep_best`` (ranked by ``best_metric``
+    of ``save(metrics=...)``, ``best_mode`` "min" or "max") are shortcuts for the built-in
+    policies; ``retention`` adds any :class:`~dcp_universal.RetentionPolicy` (your own
+    included). They compose; with none every step is kept. ``merge`` / ``merged_every``:
+    see :class:`~dcp_universal.training.options.ManagerOptions`.
     ``items``: a run's own step items (:mod:`dcp_universal.training.items`).
     ``trusted``: loads read pickles in the checkpoints as they are; by default they
     build plain data only (tensors, containers, numbers, numpy arrays, DCP's records)
@@ -265,63 +114,35 @@ class CheckpointManager:
                  storage_options: dict | None = None, merged_every: int | None = None,
                  keep_every: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min",
+                 retention: list[RetentionPolicy] | None = None,
                  items: Iterable[Item] = (), trusted: bool = False,
                  lease_ttl: float = 120.0, timeout: float = _comm.DEFAULT_TIMEOUT_S,
                  local_dir: str | None = None, keep_last_local: int | None = None) -> None:
         self.root = normalize(root)
-        self.timeout = _comm.check_timeout(timeout)
-        if not isinstance(trusted, bool):
-            raise ValueError(f"trusted={trusted!r}: expected True or False")
-        self.trusted = trusted
-        if isinstance(lease_ttl, bool) or not isinstance(lease_ttl, (int, float)) \
-                or not lease_ttl > 0:
-            raise ValueError(f"lease_ttl={lease_ttl!r}: expected seconds (> 0)")
-        self._items = (*BUILTIN, *_check_items(items))
-        self.options = _Options(keep_last=keep_last, merge=merge, merged_every=merged_every,
-                                storage_options=storage_options, keep_every=keep_every,
-                                keep_best=keep_best, best_metric=best_metric, best_mode=best_mode)
+        self.options = ManagerOptions(
+            keep_last=keep_last, keep_every=keep_every, keep_best=keep_best,
+            best_metric=best_metric, best_mode=best_mode,
+            retention=retention if retention is not None else [], merge=merge,
+            merged_every=merged_every, storage_options=storage_options, items=tuple(items),
+            trusted=trusted, lease_ttl=lease_ttl, timeout=timeout, local_dir=local_dir,
+            keep_last_local=keep_last_local)
+        self.timeout, self.trusted = self.options.timeout, self.options.trusted
+        self._items = (*BUILTIN, *self.options.items)
         self._store = storage_for(self.root, storage_options)
-        self._lease = Lease(self._store, self.root, ttl=lease_ttl)
-        # where saves write and commit: the root, or the local tier in front of it
-        self._tier: LocalTier | None = None
-        # the lease a save takes (the one of the root it commits to), and every lease
-        self._wstore, self._wroot = self._store, self.root
-        self._wlease, self._leases = self._lease, [self._lease]
-        if local_dir is not None or keep_last_local is not None:
-            self._tier = self._local_tier(local_dir, keep_last_local, lease_ttl)
-        self._bases = BaseStore(self._wstore, self._wroot)
-        self._writing: concurrent.futures.Future | None = None  # an async save's write
-        self._handles: list[SaveHandle] = []  # saves not yet settled (async, uploads)
-        self._background: concurrent.futures.ThreadPoolExecutor | None = None
-        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None  # rank 0
-        self._deleting: concurrent.futures.Future | None = None
-        self._group = None  # the background thread's gloo group (collective to create)
+        self._lease = Lease(self._store, self.root, ttl=self.options.lease_ttl)
+        self._retainer = Retainer(self._store, self.root, self.options.policies(),
+                                  fence=self._lease)
+        root_tier = RootTier(self._store, self.root, self._lease, self._retainer)
+        # where saves write and commit: the root, or a local tier in front of it
+        self._tier: Tier = (local_tier(local_dir, keep_last_local, root_tier,
+                                       timeout=self.timeout)
+                            if self.options.tiered else root_tier)
+        self._bases = BaseStore(self._tier.store, self._tier.root)
+        self._saves = Saves(self.timeout, self._tier.unsettled)
         self._snapshots = Snapshotter()
         if _comm.rank() == 0:  # start watching the leases: a save judges them by it
-            for lease in self._leases:
+            for lease in self._tier.leases:
                 lease.observe()
-
-    def _local_tier(self, local_dir, keep_last_local, lease_ttl) -> LocalTier:
-        if not isinstance(local_dir, str) or not local_dir:
-            raise ValueError(f"local_dir={local_dir!r}: expected a local directory (str)"
-                             + (" for keep_last_local" if local_dir is None else ""))
-        local_root = normalize(local_dir)
-        local = storage_for(local_root)
-        if not isinstance(local, LocalStorage):
-            raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
-                             "(the local tier is the node's own disk)")
-        _check_apart(local, local_root, self._store, self.root)
-        if keep_last_local is not None:
-            retention.check_count("keep_last_local", keep_last_local,
-                                  " (or None: the root's own retention policies)")
-        self._keep_last_local = keep_last_local
-        self._wstore, self._wroot = local, local_root
-        # a save takes the local tier's lease only; uploads take the root's (so an
-        # unreachable remote never holds up a local commit)
-        self._wlease = Lease(local, local_root, ttl=self._lease.ttl)
-        self._leases = [self._lease, self._wlease]
-        return LocalTier(local, local_root, self._store, self.root, fence=self._lease,
-                         retain_remote=self._retain_remote, timeout=self.timeout)
 
     def __enter__(self) -> "CheckpointManager":
         return self
@@ -336,71 +157,26 @@ class CheckpointManager:
             logger.error("an asynchronous save failed while leaving the block: %s: %s",
                          type(e).__name__, e)
 
-    def _at_exit(self) -> None:
-        """At interpreter exit, an asynchronous save nobody waited for: the interpreter
-        let it finish (its thread is joined first); a failure is printed, naming the
-        step, instead of vanishing with the process."""
-        for pending in list(self._handles):
-            if pending._told:
-                continue
-            try:
-                pending._future.result()
-            except BaseException as e:
-                what = (f"the save of step {pending.step} failed and is not durable at"
-                        if self._tier is not None else
-                        f"the asynchronous save of step {pending.step} under")
-                if self._tier is None:
-                    what += f" {self.root} failed and is not committed"
-                else:
-                    what += f" {self.root}"
-                print(f"dcp_universal: {what} ({type(e).__name__}: {e}); call mgr.wait() or "
-                      "mgr.close() before exiting to get this as an exception",
-                      file=sys.stderr, flush=True)
-
     def wait(self) -> None:
         """Block until every save in flight is committed (with a local tier: durable on
         the remote root, every upload finished); raise the first error no handle's
         ``result()`` raised already. Not collective."""
-        self._writing = None
-        self._await_deletes()
-        handles, self._handles = self._handles, []
-        errors = []
-        for h in handles:
-            try:
-                h._settle()
-            except BaseException as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def _settle_write(self) -> None:
-        """Wait for the asynchronous save's local write (not for uploads), then raise
-        the error of any save or upload that finished failing (once)."""
-        if self._writing is not None:
-            concurrent.futures.wait([self._writing])
-            self._writing = None
-        for h in [h for h in self._handles if h.done()]:
-            self._handles.remove(h)
-            h._settle()
+        self._tier.retainer.settle()
+        self._saves.wait()
 
     def close(self) -> None:
-        """:meth:`wait`, then stop the background thread and free the staging buffers.
+        """:meth:`wait`, then stop the background threads and free the staging buffers.
         The manager still saves (blocking or not) after it; its background gloo group is
         kept for that (freed with the default group at ``destroy_process_group``)."""
         try:
             self.wait()
         finally:
-            if self._background is not None:
-                self._background.shutdown(wait=True)
-                self._background = None
-            if self._tier is not None:
-                self._tier.close()
-            if self._deleter is not None:
-                self._await_deletes()
-                self._deleter.shutdown(wait=True)
-                self._deleter = None
+            self._saves.close()
+            self._tier.close()
+            for retainer in {id(r): r for r in (self._tier.retainer, self._retainer)}.values():
+                retainer.close()
             self._snapshots = Snapshotter()
-            for lease in self._leases:
+            for lease in self._tier.leases:
                 lease.release()
 
     # ---- listing ----------------------------------------------------------------------
@@ -408,10 +184,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending (read by the caller alone, not collective); with a
         local tier, those committed in either tier."""
-        remote = steps.list_steps(self._store, self.root)
-        if self._tier is None:
-            return remote
-        return sorted(set(remote) | set(self._tier.local_steps()))
+        return self._tier.steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step whose manifest reads (a newer one that cannot be
@@ -422,16 +195,17 @@ class CheckpointManager:
         return manifest.step_path(self.root, step)
 
     def manifest(self, step: int) -> Manifest:
-        store, root = self._where(step)
-        return steps.read_manifest(store, manifest.step_path(root, step))
+        """Committed ``step``'s manifest (with a local tier: the copy a load reads first)."""
+        return self._tier.manifest(step)
 
-    def _where(self, step: int) -> tuple:
-        """``(store, root)`` holding committed ``step``: the local tier's when committed
-        there, else the root's."""
-        if self._tier is not None and self._tier.local.exists(
-                join(manifest.step_path(self._tier.local_root, step), manifest.MANIFEST)):
-            return self._tier.local, self._tier.local_root
-        return self._store, self.root
+    def latest_remote(self) -> int | None:
+        """The newest step committed at the root itself (with a local tier: durable)."""
+        remote = self.remote_steps()
+        return remote[-1] if remote else None
+
+    def remote_steps(self) -> list[int]:
+        """Steps committed at the root itself (with a local tier: durable), ascending."""
+        return steps.list_steps(self._store, self.root)
 
     # ---- saving -----------------------------------------------------------------------
 
@@ -476,124 +250,77 @@ class CheckpointManager:
         if merged is None:
             every = self.options.merged_every
             merged = every is not None and step % every == 0
-        self._settle_write()
+        req = SaveRequest(step=step, model=model, optimizer=optimizer, extra=extra,
+                          merged=bool(merged), overwrite=overwrite, metrics=metrics)
+        self._saves.settle_write()
         with _comm.operation(f"save of step {step}", self.timeout):
-            return self._save(step, model, optimizer, extra, bool(merged), overwrite, metrics,
-                              blocking)
+            return self._save(req, blocking)
 
-    def _save(self, step, model, optimizer, extra, merged, overwrite, metrics,
-              blocking) -> str | SaveHandle:
+    def _save(self, req: SaveRequest, blocking: bool) -> str | SaveHandle:
         start = time.perf_counter()
-        if self._tier is not None:
-            self._recover()
-            if not overwrite:
-                _comm.on_rank0(self._refuse_durable, step)
+        for step, future in self._tier.before_save(req.step, req.overwrite):
+            self._saves.track(step, future)
         if blocking:
-            path, upload = self._snapshot(step, model, optimizer, extra, merged, overwrite,
-                                          metrics, None)(start, None)
+            path, upload = self._stage(req, None)(start, None)
             if upload is not None:
-                self._handles.append(SaveHandle(step, upload, 0.0))
+                self._saves.track(req.step, upload)
             return path
-        if self._background is None:
-            self._group = self._group or _comm.new_gloo_group(self.timeout)
-            self._background = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="dcp-universal-save")
-            atexit.register(self._at_exit)
+        self._saves.start_background()
         self._snapshots.begin()
-        finish = self._snapshot(step, model, optimizer, extra, merged, overwrite, metrics,
-                                self._snapshots.copy)
+        finish = self._stage(req, self._snapshots.copy)
         self._snapshots.end()
         stall = time.perf_counter() - start
         if _comm.rank() == 0:
-            logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
-                        self._snapshots.nbytes / 1e6, stall)
+            logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background",
+                        req.step, self._snapshots.nbytes / 1e6, stall)
+        return self._saves.write_in_background(req.step, functools.partial(finish, start),
+                                               stall)
 
-        def background() -> tuple:
-            with _comm.writes_only(self._group), _comm.operation(
-                    f"save of step {step} (in the background)", group=self._group):
-                return finish(start, self._group)
-
-        self._writing = self._background.submit(background)
-        handle = SaveHandle(step, _then_upload(self._writing), stall)
-        self._handles.append(handle)
-        return handle
-
-    def _recover(self) -> None:
-        """Queue the uploads of local steps an earlier job left (collective, once)."""
-        assert self._tier is not None  # its callers checked
-        if not self._tier.started:  # uploads nobody waited for are reported at exit
-            atexit.register(self._at_exit)
-        self._tier.start()
-        for step, future in self._tier.recover():
-            self._handles.append(SaveHandle(step, future, 0.0))
-
-    def _refuse_durable(self, step: int) -> None:
-        try:
-            refuse_committed(self._store, step, self.step_path(step))
-        except (OSError, CheckpointIOError) as e:  # the upload checks again
-            logger.warning("could not tell whether step %d is committed at %s (%s: %s); "
-                           "saving it locally, its upload checks again", step, self.root,
-                           type(e).__name__, e)
-
-    def _snapshot(self, step, model, optimizer, extra, merged, overwrite, metrics,
-                  snapshot) -> Callable[[float, Any],
-                                        tuple[str, concurrent.futures.Future | None]]:
+    def _stage(self, req: SaveRequest, snapshot) -> Callable[[float, Any], tuple]:
         """Everything of a save that reads model, optimizer and ``extra`` (collective on
         the caller's group: prepare, then every item's save: the base, factor gathers,
         training state), with what the writes will read copied by ``snapshot``
         (``None``: read in place, for a blocking save). Returns the writes and the
-        commit, ``finish(start, group)``: collective on ``group``, the default one
-        (``None``) for a blocking save, the background thread's own for an asynchronous
-        one, which runs nothing else (``_comm.writes_only``)."""
-        view = ModelView.of(model)
-        self._await_deletes()  # the last retention's removals (rank 0): before any debris
-        writer = StepWriter(self._wstore, self._wroot, step, fence=self._wlease)
-        writer.prepare(overwrite=overwrite, bases=self._bases, lease=self._wlease)
-        m = Manifest(step=step, world_size=_comm.world_size(), mesh=view.mesh(),
-                     merge=self.options.merge, dtypes=view.dtypes(), items={}, metrics=metrics,
-                     ties=[list(g) for g in view.ties])
-        ctx = SaveContext(view=view, optimizer=optimizer, extra=extra, store=self._wstore,
-                          manifest=m, merge=self.options.merge, merged=merged,
+        commit, ``finish(start, group) -> (path, upload)``: collective on ``group``, the
+        default one (``None``) for a blocking save, the background thread's own for an
+        asynchronous one, which runs nothing else (``_comm.writes_only``); ``upload``:
+        the tier's future that makes the step durable, or None."""
+        tier = self._tier
+        view = ModelView.of(req.model)
+        tier.retainer.settle()  # the last retention's removals (rank 0): before any debris
+        writer = StepWriter(tier.store, tier.root, req.step, fence=tier.lease)
+        writer.prepare(overwrite=req.overwrite, bases=self._bases, lease=tier.lease)
+        m = Manifest(step=req.step, world_size=_comm.world_size(), mesh=view.mesh(),
+                     merge=self.options.merge, dtypes=view.dtypes(), items={},
+                     metrics=req.metrics, ties=[list(g) for g in view.ties])
+        ctx = SaveContext(view=view, optimizer=req.optimizer, extra=req.extra, store=tier.store,
+                          manifest=m, merge=self.options.merge, merged=req.merged,
                           bases=self._bases, snapshotter=snapshot)
         writes = [(item.name, w) for item in self._items if (w := item.save(ctx)) is not None]
         del ctx
 
-        def finish(start: float, group) -> tuple[str, concurrent.futures.Future | None]:
+        def finish(start: float, group) -> tuple:
             while writes:  # each write's data is freed once written
                 item, write = writes.pop(0)
                 writer.write(item, write, group)
                 del write
             writer.commit(m, group)
-            _comm.on_rank0(self._retain, step, group=group)
+            _comm.on_rank0(self._retain, req.step, group=group)
             if _comm.rank() == 0:
                 size = sum(f.size for f in m.files.values())
-                logger.info("saved step %d (%.1f MB) in %.2f s", step, size / 1e6,
+                logger.info("saved step %d (%.1f MB) in %.2f s", req.step, size / 1e6,
                             time.perf_counter() - start)
-            upload = (self._tier.submit(step, m, overwrite=overwrite)
-                      if self._tier is not None else None)
-            return writer.path, upload
+            return writer.path, tier.after_commit(req.step, m, req.overwrite)
 
         return finish
 
     def _retain(self, step: int) -> None:
-        try:
-            if self._tier is None:
-                self._prune_at(self._store, self.root, self.options.policies(),
-                               dry_run=False, defer=self._defer, fence=self._lease)
-            else:  # the local tier: never a step not yet durable remotely
-                local = ([retention.KeepLast(self._keep_last_local)]
-                         if self._keep_last_local is not None else self.options.policies())
-                self._prune_at(self._tier.local, self._tier.local_root, local, dry_run=False,
-                               protect=self._tier.not_durable(), defer=self._defer,
-                               fence=self._wlease)
-        except RootBusyError:
-            raise  # lost the root: nothing was removed after that
-        except Exception as e:
-            raise CheckpointError(f"step {step} is committed, but retention failed "
-                                  f"({type(e).__name__}: {e}); the next save retries it") from e
+        """Retention where the save committed, after its commit (rank 0); removals of
+        data run on the retainer's thread."""
+        self._tier.retainer.after_commit(f"step {step}", "the next save", defer=True)
 
-    def prune(self, *, dry_run: bool = False) -> retention.Decision:
-        """Apply the retention policies now (``save`` does after every commit).
+    def prune(self, *, dry_run: bool = False) -> Decision:
+        """Apply the root's retention policies now (``save`` does after every commit).
 
         Not collective: call it on one process only. Returns what was (or, with
         ``dry_run``, would be) done.
@@ -602,64 +329,7 @@ class CheckpointManager:
         check_root(self._store, self.root)
         if not dry_run:
             self._lease.acquire()  # a pruner writes too: never beside another job
-        return self._prune(dry_run=dry_run)
-
-    def _prune(self, *, dry_run: bool) -> retention.Decision:
-        """Retention of the root (the remote root, with a local tier)."""
-        return self._prune_at(self._store, self.root, self.options.policies(), dry_run=dry_run,
-                              fence=self._lease)
-
-    def _retain_remote(self) -> None:
-        """Retention of the remote root after an upload's commit (rank 0)."""
-        try:
-            self._prune(dry_run=False)
-        except RootBusyError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"an upload to {self.root} is committed, but retention "
-                                  f"there failed ({type(e).__name__}: {e}); the next upload "
-                                  "retries it") from e
-
-    def _defer(self, remove: Callable[[], None]) -> None:
-        """Run a retention's removal of data on rank 0's deleter thread: a save returns
-        once the deleted steps are uncommitted, not once their gigabytes are gone."""
-        self._await_deletes()
-        if self._deleter is None:
-            self._deleter = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="dcp-universal-retention")
-        self._deleting = self._deleter.submit(remove)
-
-    def _await_deletes(self) -> None:
-        """Wait for the deleter (rank 0); a failure leaves debris, which the next save
-        removes, so it is logged, not raised."""
-        deleting, self._deleting = self._deleting, None
-        if deleting is None:
-            return
-        try:
-            deleting.result()
-        except Exception as e:
-            logger.warning("retention left debris (%s: %s); the next save removes it",
-                           type(e).__name__, e)
-
-    def _prune_at(self, store, root: str, policies: list, *, dry_run: bool,
-                  protect: Iterable[int] = (), defer=None, fence=None) -> retention.Decision:
-        self._await_deletes()
-        manifests, unreadable = {}, {}
-        for s in steps.list_steps(store, root):
-            try:
-                manifests[s] = steps.read_manifest(store, manifest.step_path(root, s))
-            except CheckpointError as e:  # kept and reported; the others are still pruned
-                unreadable[s] = f"{type(e).__name__}: {e}"
-        protect = set(protect)
-        if protect and policies:  # no policy keeps every step: protecting must not delete
-            policies = [*policies, retention.KeepSteps(protect)]
-        decision = retention.decide(policies, manifests, steps.list_bases(store, root),
-                                    unreadable=unreadable)
-        for s, why in sorted(unreadable.items()):
-            logger.warning("retention keeps step %d, whose manifest it cannot read (%s)", s, why)
-        if not dry_run:
-            retention.apply(decision, root, store, manifests, defer=defer, fence=fence)
-        return decision
+        return self._retainer.run(dry_run=dry_run)
 
     # ---- loading ----------------------------------------------------------------------
 
@@ -718,7 +388,6 @@ class CheckpointManager:
         """
         optim_io.check_hyperparams(hyperparams)
         extra = training_state.check_extra(extra)
-        self._settle_write()
         skip = set(skip_per_rank)
         if not all(isinstance(s, str) for s in skip):
             raise ValueError(f"skip_per_rank={sorted(map(repr, skip))}: expected names (str)")
@@ -726,122 +395,42 @@ class CheckpointManager:
             _check_step(step)
         if init_from is not None and not isinstance(init_from, str):
             raise ValueError(f"init_from={init_from!r}: expected a path or URL (str)")
+        req = LoadRequest(model=model, optimizer=optimizer, extra=extra, strict=strict,
+                          hyperparams=hyperparams, skip_per_rank=skip, verify=verify)
+        self._saves.settle_write()
         with _comm.operation("load" if step is None else f"load of step {step}", self.timeout):
-            picked = _comm.on_rank0(self._pick_step, step)
+            picked = _comm.on_rank0(self._pick, step)
             if picked is None:
-                return self._initial(model, optimizer, init_from, init_storage_options,
-                                     strict, verify, hyperparams, extra)
-            step, local, remote = picked
-            report = self._load_tiered(model, optimizer, step, local, remote, strict, extra,
-                                       hyperparams, skip, verify)
-            if self._tier is not None:  # local steps a killed job did not upload
-                self._recover()
+                options = (self.options.storage_options if init_storage_options is None
+                           else init_storage_options)
+                return first_start(self.root, req, init_from, options, trusted=self.trusted)
+            step, found = picked
+            report = self._tier.read(step, found, functools.partial(self._load, req, step))
+            for later, future in self._tier.after_load():
+                self._saves.track(later, future)
             if init_from is not None:
                 report.notes.append(f"resumed step {step}; init_from={init_from} not read")
             report.step = step
             return report
 
-    def _initial(self, model, optimizer, init_from, storage_options, strict, verify,
-                 hyperparams, extra) -> LoadReport | None:
-        """A root without a committed step: nothing, or the model from ``init_from`` and
-        what maps beside it (:mod:`~dcp_universal.training.migrate`)."""
-        if init_from is None:
-            if _comm.rank() == 0:
-                logger.info("no committed step under %s: nothing loaded (a first start)",
-                            self.root)
-            return None
-        path = normalize(init_from)
-        options = self.options.storage_options if storage_options is None else storage_options
-        store = storage_for(path, options)
-        view = ModelView.of(model)
-        staged = stage_model(view, path, strict=strict, verify=verify, stage=True,
-                             store=store, trusted=self.trusted)
-        carried = migrate.find(store, path, staged.facts.get("source_meta") or {},
-                               trusted=self.trusted)
-        staged = Staged.combine([staged, migrate.stage(
-            view, optimizer, extra, carried, fresh=set(staged.report.fresh),
-            layout=staged.facts.get("layout") or {}, hyperparams=hyperparams,
-            trusted=self.trusted)])
-        staged.commit()
-        staged.report.notes.append(f"no committed step under {self.root}: the model starts "
-                                   f"from {path}")
-        return staged.report
-
-    def _pick_step(self, step: int | None) -> tuple[int, bool, bool] | None:
-        """``(step, committed locally, committed at the root)`` of the step to load
-        (rank 0), or None when there is none."""
+    def _pick(self, step: int | None) -> tuple[int, Any] | None:
+        """Rank 0: the step to load and where (the tier says), or None."""
         check_root(self._store, self.root)
-        if self._tier is None:
-            found = self.steps()
-            local, remote = [], found
-        else:  # committed in either tier: each listed once
-            local, remote = self._tier.local_steps(), self.remote_steps()
-            found = sorted(set(local) | set(remote))
-        if step is None:
-            step = steps.newest_readable(found, self.manifest)
-            if step is None:
-                return None
-        elif step not in found:
-            raise NotACheckpointError(
-                f"step={step} is not a committed step under {self.root}; committed: {found}")
-        return step, step in local, step in remote
+        return self._tier.find(step)
 
-    def _load_tiered(self, model, optimizer, step, local, remote, strict, extra, hyperparams,
-                     skip, verify) -> LoadReport:
-        """Load from the local tier when its copy is committed and whole on every rank
-        (then every byte read is checked as always; a failed check falls back to the
-        root), else from the root."""
-        args = (model, optimizer, step, strict, extra, hyperparams, skip, verify)
-        if self._tier is None or not local:
-            return self._load(*args, self._store, self.root)
-        tier = self._tier
-        if not _comm.all_true(tier.local_copy_whole(step)):
-            if not remote:
-                raise CheckpointError(
-                    f"step {step} is committed only in the local tier, and its copy is not "
-                    f"whole on every rank (node-local disks of several nodes?) and not at "
-                    f"{self.root} yet -> load it on the node(s) that wrote it, or load "
-                    f"step={self.latest_remote()} from the root")
-            report = self._load(*args, self._store, self.root)
-            report.notes.append(f"read step {step} from {self.root}: its local copy is not "
-                                "whole on every rank")
-            return report
-        try:
-            report = self._load(*args, tier.local, tier.local_root)
-        except IntegrityError as e:
-            if not remote:
-                raise
-            logger.warning("the local copy of step %d fails its check (%s); reading it from "
-                           "%s", step, e, self.root)
-            report = self._load(*args, self._store, self.root)
-            report.notes.append(f"read step {step} from {self.root}: its local copy failed "
-                                f"its check ({e})")
-            return report
-        report.notes.append(f"read step {step} from the local tier {tier.local_root}")
-        return report
-
-    def latest_remote(self) -> int | None:
-        """The newest step committed at the root itself (with a local tier: durable)."""
-        remote = self.remote_steps()
-        return remote[-1] if remote else None
-
-    def remote_steps(self) -> list[int]:
-        """Steps committed at the root itself (with a local tier: durable), ascending."""
-        return steps.list_steps(self._store, self.root)
-
-    def _load(self, model, optimizer, step, strict, extra, hyperparams, skip, verify,
-              store, root) -> LoadReport:
+    def _load(self, req: LoadRequest, step: int, store: Storage, root: str) -> LoadReport:
+        """Collective: read step ``step`` from ``root`` of ``store``, every item staged
+        first, installed only once every read succeeded."""
         path = manifest.step_path(root, step)
-        base_store = store
+        verify = req.verify
 
         def prepare() -> LoadContext:  # per-rank reads and checks, agreed on below
-            m = steps.read_manifest(base_store, path)
-            store = base_store if verify is False else steps.verified_store(base_store, path, m)
-            ctx = LoadContext(view=ModelView.of(model), optimizer=optimizer, extra=extra,
-                              path=path, manifest=m,
-                              store=store, strict=strict, verify=verify,
-                              hyperparams=hyperparams, skip_per_rank=skip,
-                              trusted=self.trusted)
+            m = steps.read_manifest(store, path)
+            checked = store if verify is False else steps.verified_store(store, path, m)
+            ctx = LoadContext(view=ModelView.of(req.model), optimizer=req.optimizer,
+                              extra=req.extra, path=path, manifest=m, store=checked,
+                              strict=req.strict, verify=verify, hyperparams=req.hyperparams,
+                              skip_per_rank=req.skip_per_rank, trusted=self.trusted)
             for item in self._items:
                 item.check(ctx)
             return ctx
@@ -877,14 +466,5 @@ class CheckpointManager:
         step = self.latest_step() if step is None else _check_step(step)
         if step is None:
             raise NotACheckpointError(f"no committed step under {self.root}")
-        store, root = self._where(step)  # with a local tier: the copy a load reads first
-        path = manifest.step_path(root, step)
-        m = steps.read_manifest(store, path)
-        steps.check_recorded(store, path, m)
-        check_files(store, path, m.files, checksums=True, progress=progress)
-        records = list(m.files.values())
-        if m.base:
-            check_files(store, cast(str, manifest.base_path(path, m)), m.base_files or {},
-                        checksums=True, progress=progress)
-            records += list((m.base_files or {}).values())
-        return {"files": len(records), "bytes": sum(r.size for r in records)}
+        store, root = self._tier.where(step)  # with a local tier: the copy a load reads first
+        return steps.verify_step(store, manifest.step_path(root, step), progress=progress)

@@ -1,4 +1,10 @@
-"""A local tier in front of remote storage: steps commit to a local directory first and
+"""Tiers: where a manager's saves commit and where its loads look first.
+
+:class:`Tier` is the protocol the manager talks to; :class:`RootTier` is the root
+itself, :class:`LocalTier` a local directory in front of it (a RAM or a peer tier would
+be one more implementation, and the manager would not change).
+
+A local tier in front of remote storage: steps commit to a local directory first and
 are uploaded in the background (``CheckpointManager(root, local_dir=...)``).
 
 A save writes and commits the step under ``local_dir`` exactly as under any root (the
@@ -31,21 +37,29 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import os
 import re
 import time
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 from dcp_universal import _comm
-from dcp_universal.errors import (CheckpointError, CheckpointIOError, ManifestError,
-                                  NotACheckpointError, StepAlreadyExistsError,
+from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
+                                  ManifestError, NotACheckpointError, StepAlreadyExistsError,
                                   UnsafeCheckpointError)
 from dcp_universal.format import manifest
 from dcp_universal.format.manifest import Manifest
-from dcp_universal.storage import Storage, join, steps
+from dcp_universal.model.plan import LoadReport
+from dcp_universal.storage import Storage, join, normalize, steps, storage_for
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.storage.local import LocalStorage
+from dcp_universal.training import retention
+from dcp_universal.training.commit import refuse_committed
+from dcp_universal.training.lease import Lease
 
-__all__ = ["LocalTier", "owner"]
+__all__ = ["Tier", "RootTier", "LocalTier", "local_tier", "owner"]
+
+#: reads one step into the job from ``(store, root)``: the manager's load
+Read = Callable[[Storage, str], LoadReport]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +75,148 @@ def owner(rel: str, world: int) -> int:
     return int(m.group(1)) % world if m else 0
 
 
-class LocalTier:
+class Tier:
+    """Where a manager's saves write and commit, and where its loads read first.
+
+    Attributes:
+        store / root: where a save writes and commits.
+        lease: the writer lease a save takes (``root``'s).
+        leases: every lease the tier holds (released at ``close``).
+        retainer: retention of ``root`` after each save's commit.
+
+    Collective methods are called by every rank in the same order (the manager's
+    ``save`` and ``load`` are collective); the others by one process.
+    """
+
+    store: Storage
+    root: str
+    lease: Lease
+    leases: list[Lease]
+    retainer: retention.Retainer
+
+    def steps(self) -> list[int]:
+        """The committed steps a load can read, ascending (not collective)."""
+        raise NotImplementedError
+
+    def where(self, step: int) -> tuple[Storage, str]:
+        """``(store, root)`` of the copy of committed ``step`` a reader takes first."""
+        raise NotImplementedError
+
+    def manifest(self, step: int) -> Manifest:
+        store, root = self.where(step)
+        return steps.read_manifest(store, manifest.step_path(root, step))
+
+    def find(self, step: int | None) -> tuple[int, Any] | None:
+        """Rank 0: the step to load (``None``: the newest whose manifest reads) and what
+        :meth:`read` needs to know about it, or None when there is none.
+
+        Raises:
+            NotACheckpointError: ``step`` is not committed.
+        """
+        found = self.steps()
+        if step is None:
+            step = steps.newest_readable(found, self.manifest)
+            return None if step is None else (step, None)
+        if step not in found:
+            raise NotACheckpointError(f"step={step} is not a committed step under "
+                                      f"{self.root}; committed: {found}")
+        return step, None
+
+    def read(self, step: int, found: Any, load: Read) -> LoadReport:
+        """Collective: ``load`` the step from the copy to read (``found``: what
+        :meth:`find` told every rank)."""
+        return load(self.store, self.root)
+
+    def before_save(self, step: int, overwrite: bool
+                    ) -> list[tuple[int, concurrent.futures.Future]]:
+        """Collective, before a save of ``step`` writes anything; returns background
+        work it started (step, future)."""
+        return []
+
+    def after_commit(self, step: int, m: Manifest, overwrite: bool
+                     ) -> concurrent.futures.Future | None:
+        """After the save's commit (every rank): background work that makes the step
+        durable, whose result is the step's durable path; None: it is durable."""
+        return None
+
+    def after_load(self) -> list[tuple[int, concurrent.futures.Future]]:
+        """Collective, after a load; returns background work it started."""
+        return []
+
+    def unsettled(self, step: int) -> str:
+        """What a failed save of ``step`` nobody waited for means (said at exit)."""
+        return f"the asynchronous save of step {step} under {self.root} failed and is not committed"
+
+    def close(self) -> None:
+        """Stop background work (after the manager waited for it)."""
+
+
+class RootTier(Tier):
+    """The root itself: saves commit there, loads read there."""
+
+    def __init__(self, store: Storage, root: str, lease: Lease,
+                 retainer: retention.Retainer) -> None:
+        self.store, self.root, self.lease, self.retainer = store, root, lease, retainer
+        self.leases = [lease]
+
+    def steps(self) -> list[int]:
+        return steps.list_steps(self.store, self.root)
+
+    def where(self, step: int) -> tuple[Storage, str]:
+        return self.store, self.root
+
+
+def check_apart(local: LocalStorage, local_root: str, store: Storage, root: str) -> None:
+    """Refuse a local tier that is the root, inside it or around it, symbolic links
+    followed: an upload would copy a step onto itself, or into its own source."""
+    if not isinstance(store, LocalStorage):
+        return  # a remote root
+    mine = os.path.realpath(local.os_path(local_root))
+    theirs = os.path.realpath(store.os_path(root))
+    if mine == theirs:
+        how = "is the root itself"
+    elif mine.startswith(theirs.rstrip(os.sep) + os.sep):
+        how = "is inside the root"
+    elif theirs.startswith(mine.rstrip(os.sep) + os.sep):
+        how = "contains the root"
+    else:
+        return
+    raise ValueError(f"local_dir={local_root!r} {how} ({mine}, root {theirs}, symbolic links "
+                     "followed): uploads would copy steps onto themselves -> give the local "
+                     "tier a directory of its own, apart from the root")
+
+
+def local_tier(local_dir: Any, keep_last_local: Any, root: RootTier, *,
+               timeout: float) -> "LocalTier":
+    """The local tier ``local_dir`` in front of the root tier ``root``; its retention
+    keeps ``keep_last_local`` newest steps (None: the root's policies), never one not
+    yet uploaded. Validates both arguments (ValueError)."""
+    if not isinstance(local_dir, str) or not local_dir:
+        raise ValueError(f"local_dir={local_dir!r}: expected a local directory (str)"
+                         + (" for keep_last_local" if local_dir is None else ""))
+    local_root = normalize(local_dir)
+    local = storage_for(local_root)
+    if not isinstance(local, LocalStorage):
+        raise ValueError(f"local_dir={local_dir!r}: expected a local directory, not a URL "
+                         "(the local tier is the node's own disk)")
+    check_apart(local, local_root, root.store, root.root)
+    if keep_last_local is not None:
+        retention.check_count("keep_last_local", keep_last_local,
+                              " (or None: the root's own retention policies)")
+        policies: list[retention.RetentionPolicy] = [retention.KeepLast(keep_last_local)]
+    else:
+        policies = root.retainer.policies
+    # a save takes the local tier's lease only; uploads take the root's (so an
+    # unreachable remote never holds up a local commit)
+    return LocalTier(local, local_root, root.store, root.root, fence=root.lease,
+                     lease=Lease(local, local_root, ttl=root.lease.ttl), policies=policies,
+                     retain_remote=functools.partial(root.retainer.after_commit,
+                                                     f"an upload to {root.root}",
+                                                     "the next upload"),
+                     timeout=timeout)
+
+
+class LocalTier(Tier):
     """The local directory in front of a remote root, and the uploads between them.
 
     Args:
@@ -72,16 +227,27 @@ class LocalTier:
         retries / backoff: each file's upload is tried ``1 + retries`` times, waiting
             ``backoff * 2**attempt`` seconds between tries.
         timeout: the upload thread's gloo group's timeout.
+        fence: the remote root's writer lease (its uploads' commits and removals).
+        lease / policies: the local directory's own lease and retention policies (the
+            local steps not yet uploaded are always kept).
     """
 
     def __init__(self, local: LocalStorage, local_root: str, remote: Storage, remote_root: str, *,
                  retain_remote: Callable[[], None], retries: int = 3, backoff: float = 1.0,
-                 timeout: float = _comm.DEFAULT_TIMEOUT_S, fence=None) -> None:
+                 timeout: float = _comm.DEFAULT_TIMEOUT_S, fence: Lease | None = None,
+                 lease: Lease | None = None,
+                 policies: list[retention.RetentionPolicy] | None = None) -> None:
         self.local, self.local_root = local, local_root
+        self.store, self.root = local, local_root
         self.remote, self.remote_root = remote, remote_root
         self._retain_remote = retain_remote
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.fence = fence  # the remote root's writer lease: commits and removals there
+        self.lease = lease if lease is not None else Lease(
+            local, local_root, ttl=fence.ttl if fence is not None else 120.0)
+        self.leases = [x for x in (fence, self.lease) if x is not None]
+        self.retainer = retention.Retainer(local, local_root, policies or [], fence=self.lease,
+                                           protect=self.not_durable)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._group = None
         self.durable: set[int] | None = None  # steps committed remotely (None: not listed yet)
@@ -120,6 +286,92 @@ class LocalTier:
         except (CheckpointError, OSError):
             return False
         return True
+
+    # ---- the tier protocol --------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed in either tier, each listed once."""
+        return sorted(set(self.remote_steps()) | set(self.local_steps()))
+
+    def where(self, step: int) -> tuple[Storage, str]:
+        """The local copy when committed there, else the root's."""
+        if self.local.exists(join(manifest.step_path(self.local_root, step), manifest.MANIFEST)):
+            return self.local, self.local_root
+        return self.remote, self.remote_root
+
+    def find(self, step: int | None) -> tuple[int, tuple[bool, bool]] | None:
+        """Also whether the step is committed locally and at the root (rank 0 tells)."""
+        local, remote = self.local_steps(), self.remote_steps()
+        found = sorted(set(local) | set(remote))
+        if step is None:
+            step = steps.newest_readable(found, self.manifest)
+            if step is None:
+                return None
+        elif step not in found:
+            raise NotACheckpointError(f"step={step} is not a committed step under "
+                                      f"{self.remote_root}; committed: {found}")
+        return step, (step in local, step in remote)
+
+    def read(self, step: int, found: tuple[bool, bool], load: Read) -> LoadReport:
+        """From the local tier when its copy is committed and whole on every rank (then
+        every byte read is checked as always; a failed check falls back to the root),
+        else from the root."""
+        local, remote = found
+        if not local:
+            return load(self.remote, self.remote_root)
+        if not _comm.all_true(self.local_copy_whole(step)):
+            if not remote:
+                newest = self.remote_steps()
+                raise CheckpointError(
+                    f"step {step} is committed only in the local tier, and its copy is not "
+                    f"whole on every rank (node-local disks of several nodes?) and not at "
+                    f"{self.remote_root} yet -> load it on the node(s) that wrote it, or "
+                    f"load step={newest[-1] if newest else None} from the root")
+            report = load(self.remote, self.remote_root)
+            report.notes.append(f"read step {step} from {self.remote_root}: its local copy "
+                                "is not whole on every rank")
+            return report
+        try:
+            report = load(self.local, self.local_root)
+        except IntegrityError as e:
+            if not remote:
+                raise
+            logger.warning("the local copy of step %d fails its check (%s); reading it from "
+                           "%s", step, e, self.remote_root)
+            report = load(self.remote, self.remote_root)
+            report.notes.append(f"read step {step} from {self.remote_root}: its local copy "
+                                f"failed its check ({e})")
+            return report
+        report.notes.append(f"read step {step} from the local tier {self.local_root}")
+        return report
+
+    def before_save(self, step: int, overwrite: bool
+                    ) -> list[tuple[int, concurrent.futures.Future]]:
+        """Uploads a killed job left are queued first; a step committed at the root is
+        refused unless ``overwrite`` (its upload would refuse it later)."""
+        started = self.recover()
+        if not overwrite:
+            _comm.on_rank0(self._refuse_durable, step)
+        return started
+
+    def _refuse_durable(self, step: int) -> None:
+        path = manifest.step_path(self.remote_root, step)
+        try:
+            refuse_committed(self.remote, step, path)
+        except (OSError, CheckpointIOError) as e:  # the upload checks again
+            logger.warning("could not tell whether step %d is committed at %s (%s: %s); "
+                           "saving it locally, its upload checks again", step,
+                           self.remote_root, type(e).__name__, e)
+
+    def after_commit(self, step: int, m: Manifest, overwrite: bool
+                     ) -> concurrent.futures.Future | None:
+        return self.submit(step, m, overwrite=overwrite)
+
+    def after_load(self) -> list[tuple[int, concurrent.futures.Future]]:
+        return self.recover()  # local steps a killed job did not upload
+
+    def unsettled(self, step: int) -> str:
+        return f"the save of step {step} failed and is not durable at {self.remote_root}"
 
     # ---- uploads ------------------------------------------------------------------------
 

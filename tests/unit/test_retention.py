@@ -300,3 +300,38 @@ def test_archived_manifest_keeps_its_content_checksum_valid():
     again = Manifest.from_json(retention._archived(m).to_json())
     assert again.metrics == {"loss": 0.25}
     assert json.loads(again.to_json())["items"] == {"model": True, "optimizer": False}
+
+
+# ---- policies of one's own, through the manager --------------------------------------------
+
+def test_a_users_policy_composes_with_the_shortcuts_in_a_manager(tmp_path):
+    import torch
+
+    import tiny
+    from dcp_universal import CheckpointManager, RetentionPolicy
+
+    class KeepBelowLoss(RetentionPolicy):
+        def keep(self, manifests):
+            return {s for s, m in manifests.items() if m.metrics.get("loss", 1e9) < 0.1}
+
+    model = tiny.make("plain", seed=1)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(2, 3, dtype=torch.long)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(str(tmp_path / "run"), keep_last=1,
+                            retention=[KeepEvery(4), KeepBelowLoss()])
+    for step in range(1, 7):
+        mgr.save(step, model, opt, metrics={"loss": 0.05 if step == 1 else 0.5})
+    mgr.close()
+    assert mgr.steps() == [1, 4, 6]  # below the loss, every 4th (archived), the newest
+    assert mgr.manifest(4).archived and not mgr.manifest(1).archived
+    assert mgr.prune(dry_run=True).delete == []
+
+
+@pytest.mark.parametrize("given", ["keep_last=3", KeepLast(3), [object()], [KeepLast]])
+def test_retention_that_is_not_a_list_of_policies_is_refused(tmp_path, given):
+    from dcp_universal import CheckpointManager
+
+    with pytest.raises(ValueError, match="retention.*RetentionPolicy"):
+        CheckpointManager(str(tmp_path / "run"), retention=given)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
