@@ -201,8 +201,9 @@ class SaveHandle:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> str:
-        """The committed step's directory, once committed (``timeout`` seconds at most,
-        else ``TimeoutError``); raises the save's error."""
+        """The committed step's directory, once committed (with ``local_dir``: the
+        root's, once the upload committed it there; ``timeout`` seconds at most, else
+        ``TimeoutError``); raises the save's error."""
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -438,7 +439,9 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              extra: dict | None = None, merged: bool | None = None, overwrite: bool = False,
              metrics: dict[str, float] | None = None, blocking: bool = True) -> str | SaveHandle:
-        """Write and commit step ``step``; returns its directory.
+        """Write and commit step ``step``; returns its directory (with ``local_dir``: the
+        local tier's), or with ``blocking=False`` a :class:`SaveHandle` once the state is
+        staged.
 
         Collective. Call order, every rank: prepare the step (rank 0 removes debris, all
         agree); in LoRA runs the frozen base (once per content) and ``adapters/``; the
@@ -508,7 +511,7 @@ class CheckpointManager:
             logger.info("staged step %d (%.1f MB) in %.3f s; writing in the background", step,
                         self._snapshots.nbytes / 1e6, stall)
 
-        def background() -> tuple:
+        def background() -> tuple[str, concurrent.futures.Future | None]:
             with _comm.writes_only(self._group), _comm.operation(
                     f"save of step {step} (in the background)", group=self._group):
                 return finish(start, self._group)
