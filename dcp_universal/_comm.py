@@ -3,12 +3,14 @@
 Every function here that talks to other ranks is collective: every rank calls it, in
 the same order relative to the package's other collectives, on the same ``group``.
 
-The group is an argument, never ambient state: ``None`` is the default group (what the
-training loop, saves' snapshots and loads use); the background thread of an
-asynchronous save runs its writes and commit on a gloo group of its own, passed down
-explicitly. That thread marks itself (:func:`writes_only`), and any collective there on
-another group, or any gather of the model (:func:`on_caller_thread`), raises instead of
-interleaving with the training loop's collectives.
+The group is an argument, and ``group=None`` is resolved per thread
+(:func:`resolve_group`): inside an :func:`operation` on this thread it is that
+operation's group, else the default group (what the training loop uses). The state is
+thread-local, so the background thread of an asynchronous save, which runs its writes
+and commit in an operation on a gloo group of its own, never sees the caller's. That
+thread marks itself (:func:`writes_only`), and any collective there on another group,
+or any gather of the model (:func:`on_caller_thread`), raises instead of interleaving
+with the training loop's collectives.
 
 Timeouts. Every collective operation of the package (a save, a load, an export) runs in
 :func:`operation`, which resolves ``group=None`` to a gloo group of its own whose

@@ -1,5 +1,10 @@
-"""The one shape of every extension point here (adapter kinds, input formats, step
-items): named entries, asked in order, a name taken once."""
+"""Named entries, asked in order, a name taken once: the registries of adapter kinds
+(:mod:`dcp_universal.adapters`) and of input formats (:mod:`dcp_universal.sources`).
+
+Other extension points need no order or names and stay plain: storage backends are a
+dict by URL scheme (:func:`dcp_universal.storage.register_backend`), factor rules a list
+(:func:`dcp_universal.sources.dcp.register_factor_rule`), and step items the tuple each
+manager is given (``CheckpointManager(items=...)``)."""
 
 from __future__ import annotations
 

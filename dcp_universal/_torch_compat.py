@@ -92,7 +92,7 @@ def write_files(writer, plan, planner, buckets: list[list]) -> Any:
 
     Private: ``_write_data`` and the ``_StoragePrefix`` in ``plan.storage_data``. The
     public knob, ``single_file_per_rank``, offers one file per rank or one per tensor;
-    we need bounded files (see ``dcp_io._OwnFiles``), and DCP has no public hook for
+    we need bounded files (see ``dcp_files.OwnFiles``), and DCP has no public hook for
     choosing the grouping.
     """
     files: queue.Queue = queue.Queue()

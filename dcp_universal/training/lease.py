@@ -55,7 +55,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from dcp_universal.errors import RootBusyError
 from dcp_universal.storage import Storage, join
@@ -299,7 +299,7 @@ class Lease:
                 or self.store.exists(self._marker(held)):
             self.lost(what, held, raw)
 
-    def lost(self, what: str, held: dict | None = None, raw: bytes | None = None) -> None:
+    def lost(self, what: str, held: dict | None = None, raw: bytes | None = None) -> NoReturn:
         """Raise the error of a writer that lost its lease before ``what``."""
         if raw is None and held is None:
             try:

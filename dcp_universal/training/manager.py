@@ -212,7 +212,9 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              extra: dict | None = None, merged: bool | None = None, overwrite: bool = False,
              metrics: dict[str, float] | None = None, blocking: bool = True) -> str | SaveHandle:
-        """Write and commit step ``step``; returns its directory.
+        """Write and commit step ``step``; returns its directory (with ``local_dir``: the
+        local tier's), or with ``blocking=False`` a :class:`SaveHandle` once the state is
+        staged.
 
         Collective. Call order, every rank: prepare the step (rank 0 removes debris, all
         agree); in LoRA runs the frozen base (once per content) and ``adapters/``; the

@@ -1,10 +1,11 @@
 """What may be a checkpoint root: refused before a save writes into it or a load reads
 nothing from it.
 
-A root is a directory (or a URL prefix) that holds ``step-<n>/`` directories. Three
+A root is a directory (or a URL prefix) that holds ``step-<n>/`` directories. Four
 mistakes look like roots and would lose a run without a word: a file (a load finds no
 step and training silently starts over), a committed step directory (new steps would be
-written inside the committed one) and a folder of another tool's checkpoints
+written inside the committed one), a DCP checkpoint directory (its ``.metadata``: no step
+of ours, so a resume starts over inside it) and a folder of another tool's checkpoints
 (torchtitan's ``step-1000/``: no step of ours, so a resume starts over beside them).
 Each is refused with the path that was meant.
 """

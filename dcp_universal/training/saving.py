@@ -38,8 +38,9 @@ class SaveHandle:
         return self._future.done()
 
     def result(self, timeout: float | None = None) -> str:
-        """The committed step's directory, once committed (``timeout`` seconds at most,
-        else ``TimeoutError``); raises the save's error."""
+        """The committed step's directory, once committed (with ``local_dir``: the
+        root's, once the upload committed it there; ``timeout`` seconds at most, else
+        ``TimeoutError``); raises the save's error."""
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:

@@ -62,8 +62,8 @@ def _load_into(obj, state) -> None:
 
 
 def check_extra(extra: dict | None) -> dict:
-    """``extra`` validated: names are strings, values are dicts or have
-    ``state_dict()`` / ``load_state_dict()``."""
+    """``extra`` validated: names are non-empty strings without ``/``, values are dicts
+    or have ``state_dict()`` / ``load_state_dict()``."""
     extra = dict(extra or {})
     for name, obj in extra.items():
         if not isinstance(name, str) or not name or "/" in name:
@@ -132,7 +132,8 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
     """Read and decode the training state (plain data only unless ``trusted``:
     :mod:`dcp_universal.format.state`); the returned commit installs it.
 
-    Collective: one ``dcp.load`` of ``opt_dir`` and one ``all_gather_object``, every rank.
+    Collective: one ``dcp.load`` of ``opt_dir`` (none when there is nothing to read: no
+    ``extra`` asked for and no RNG to restore) and one ``all_gather_object``, every rank.
     """
     skip = set(skip)
     per_rank = set(m.training_state.per_rank)
