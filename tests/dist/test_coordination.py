@@ -52,14 +52,14 @@ def test_rank0s_exception_reaches_every_rank_with_class_message_and_traceback(wh
 def _reader(rank, world_size, root, workdir):
     mgr = CheckpointManager(root)
     if rank == 0:
-        steps = mgr.steps
+        steps = mgr._tier.steps  # where a load lists the committed steps
 
         def chosen():  # rank 0 has listed; now let the writer commit step 2
             out = steps()
             open(os.path.join(workdir, "rank0-listed"), "w").close()
             return out
 
-        mgr.steps = chosen
+        mgr._tier.steps = chosen
     else:  # rank 1 starts its load only once step 2 is committed
         deadline = time.monotonic() + 60
         while not os.path.exists(os.path.join(workdir, "step2-committed")):
