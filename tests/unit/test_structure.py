@@ -199,3 +199,22 @@ def test_registering_a_second_kind_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         adapters.register(Impostor())
     assert [k.name for k in adapters.registered()].count("dcp_universal.lora") == 1
+
+
+def _module_sizes() -> dict[str, int]:
+    import runpy
+
+    script = os.path.join(os.path.dirname(PKG_DIR), "launch", "module_sizes.py")
+    return runpy.run_path(script)["sizes"]()
+
+
+def test_modules_stay_small_and_the_readme_names_the_large_ones():
+    sizes = _module_sizes()
+    assert sizes["dcp_universal/training/manager.py"] < 500  # a coordinator
+    assert max(sizes.values()) <= 800, max(sizes.items(), key=lambda kv: kv[1])
+    with open(os.path.join(os.path.dirname(PKG_DIR), "README.md")) as f:
+        readme = f.read()
+    table = readme[readme.index("Module sizes ("):readme.index("Extension points, each")]
+    listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert listed == {path for path, n in sizes.items() if n > 400}, \
+        "update the README's module-size table: .venv/bin/python launch/module_sizes.py"
