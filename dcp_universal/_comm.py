@@ -156,9 +156,9 @@ class _Op:
         store = _torch_compat.default_store()
         self.store = None if store is None else dist.PrefixStore(
             f"dcp_universal/{info.tag}/", store)
-        self.mark(f"began the {self.what}")
+        self.post_progress(f"began the {self.what}")
 
-    def mark(self, label: str, advance: bool = True) -> None:
+    def post_progress(self, label: str, advance: bool = True) -> None:
         """Post this rank's progress: ``label`` is what it does now; ``advance``: it
         passed one more point that every rank passes (a collective, a write's end)."""
         if self._pg is None:  # nothing collective yet: nobody waits for this rank
@@ -201,7 +201,7 @@ def progress(label: str) -> None:
     """Post this rank's progress in the current operation (nothing outside one)."""
     op = getattr(_thread, "op", None)
     if op is not None:
-        op.mark(label)
+        op.post_progress(label)
 
 
 def resolve_group(group):
@@ -378,7 +378,7 @@ def on_rank0(fn: Callable[..., T], *args: Any, group=None, **kwargs: Any) -> T:
     if rank() == 0:
         op = getattr(_thread, "op", None)
         if op is not None:
-            op.mark(f"running {getattr(fn, '__name__', 'a step')} on rank 0", advance=False)
+            op.post_progress(f"running {getattr(fn, '__name__', 'a step')} on rank 0", advance=False)
     result: Any
     result, error, told = _attempt(fn, args, kwargs) if rank() == 0 else (None, None, None)
     if not is_distributed():

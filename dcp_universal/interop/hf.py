@@ -29,7 +29,7 @@ from dcp_universal import _comm, sources
 from dcp_universal.format import manifest
 from dcp_universal.errors import (CheckpointError, CheckpointIOError,
                                   CheckpointMismatchError, ExportExistsError)
-from dcp_universal.interop.safetensors import safetensors_torch
+from dcp_universal.interop.safetensors import import_safetensors
 from dcp_universal.model.view import ModelView
 from dcp_universal.storage import Storage, join, normalize, storage_for
 
@@ -348,7 +348,7 @@ def _prepare_out(store: Storage, out: str, overwrite: bool, cfg: dict | None) ->
 @torch.no_grad()
 def _write_shard(out_store: Storage, source: sources.Source, keys: list[str], path: str,
                  out_dtype) -> None:
-    save_file = safetensors_torch("export_hf").save_file
+    save_file = import_safetensors("export_hf").save_file
 
     tensors = {k: torch.empty(source.keys[k].shape, dtype=source.keys[k].dtype) for k in keys}
     source.read(tensors, single_process=True)

@@ -7,7 +7,7 @@ the headers alone. Each read item is the rows covering it, through the storage's
 the commit), one ranged read per item for a URL. Either way every rank reads only the
 bytes of its own shards and no file is read whole.
 Reading needs no safetensors package; writing (``export_hf``, ``export_peft``) imports it
-through :func:`safetensors_torch`.
+through :func:`import_safetensors`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dcp_universal.storage.mapped import Copies, Stored, take_read
 from dcp_universal.sources import DcpDir, Format, Source, Want, register_format
 from dcp_universal.storage import Storage, join
 
-__all__ = ["SafetensorsReader", "HfFormat", "safetensors_files", "safetensors_torch"]
+__all__ = ["SafetensorsReader", "HfFormat", "safetensors_files", "import_safetensors"]
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -39,7 +39,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def safetensors_torch(who: str):
+def import_safetensors(who: str):
     """``safetensors.torch`` (the ``hf`` extra), or a CheckpointError saying how to get it."""
     try:
         import numpy  # noqa: F401  (safetensors' writer imports it only when it writes)

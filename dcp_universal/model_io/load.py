@@ -221,7 +221,7 @@ def stage_model(view: ModelView, path: str, *, strict: bool, verify: bool | None
     held = {k for g in ties for k in g} | _aliased(source, plan.reads)
     if stage:
         held |= {tk for ck, tk in plan.reads.items() if ck in source.deltas}
-    waits = stage and source.prepared_in_full
+    waits = stage and source.copies_can_wait
     staged = read if stage and not waits else held
     buffers = {tk: _host_buffer(targets[tk]) if tk in staged else targets[tk] for tk in read}
     later = Copies({ck for ck, tk in plan.reads.items() if tk not in staged} if waits else ())

@@ -65,7 +65,7 @@ class Dir(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def prepared_in_full(self) -> bool:
+    def copies_can_wait(self) -> bool:
         """Whether every byte can be located and checked before any is copied (memory,
         or memory-mapped files), so copies may wait for a load's commit."""
 
@@ -92,7 +92,7 @@ class DcpDir(Dir):
         return self.path
 
     @property
-    def prepared_in_full(self) -> bool:
+    def copies_can_wait(self) -> bool:
         return self.store.maps_files
 
     def load(self, state, *, single_process, copies) -> None:
@@ -110,7 +110,7 @@ class MemoryDir(Dir):
     tensors: Mapping[str, torch.Tensor]
 
     @property
-    def prepared_in_full(self) -> bool:
+    def copies_can_wait(self) -> bool:
         return True
 
     @torch.no_grad()
@@ -203,8 +203,8 @@ class Source:
         return {k: e.info for k, e in self.entries.items()}
 
     @property
-    def prepared_in_full(self) -> bool:
-        return all(e.dir.prepared_in_full
+    def copies_can_wait(self) -> bool:
+        return all(e.dir.copies_can_wait
                    for e in (*self.entries.values(), *self.factors.values()))
 
     def replace(self, **fields) -> "Source":
@@ -259,7 +259,7 @@ class Source:
 
         ``later``: the copies of the keys in ``later.keys`` wait in ``later`` for its
         ``run()`` (the load's commit) instead of being made now; only for a source
-        :attr:`prepared_in_full`, and not for keys with deltas.
+        :attr:`copies_can_wait`, and not for keys with deltas.
 
         Collective under a process group (unless ``single_process``: this rank reads
         alone): one read per directory, in the order of their descriptions on every

@@ -83,7 +83,7 @@ class Resolution:
     notes: list[str]
 
 
-def _mapped(keys: list[str], prefix: str, canonical: bool):
+def _canonical_under(keys: list[str], prefix: str, canonical: bool):
     """(canonical -> raw, hidden) for the keys under ``prefix``."""
     out: dict[str, str] = {}
     hidden = []
@@ -168,17 +168,17 @@ def resolve(tensor_keys: Iterable[str], other_keys: Iterable[str], target: set[s
     notes = []
     if prefix is not None:
         prefix = _given_prefix(keys, prefix, desc, "prefix=None to let the loader find it")
-        raw_of, hidden = _mapped(keys, prefix, canonical=True)
+        raw_of, hidden = _canonical_under(keys, prefix, canonical=True)
         if prefix:
             notes.append(f"model keys read under prefix {prefix!r} (given)")
     else:
-        raw_of, hidden = _mapped(keys, "", canonical=False)
+        raw_of, hidden = _canonical_under(keys, "", canonical=False)
         prefix = ""
         if not target <= raw_of.keys():
             best = (len(target & raw_of.keys()), raw_of, hidden, "")
             for p in sorted(_candidate_prefixes(keys, target) | {""}, key=lambda p: (len(p), p)):
                 try:
-                    m, h = _mapped(keys, p, canonical=True)
+                    m, h = _canonical_under(keys, p, canonical=True)
                 except CheckpointMismatchError:  # ambiguous under p: not a candidate
                     continue
                 covered = len(target & m.keys())
@@ -250,7 +250,7 @@ def model_only(tensor_keys: Iterable[str], other_keys: Iterable[str], *, prefix:
                 and k[len(level):].split(".")[0] not in OTHER_STATE_NAMES]
         if prefix:
             notes.append(f"model keys read under prefix {prefix!r} (found beside other state)")
-    raw_of, hidden = _mapped(mine, prefix, canonical=True)
+    raw_of, hidden = _canonical_under(mine, prefix, canonical=True)
     taken = set(raw_of.values()) | set(hidden)
     other = sorted(k for k in keys if k not in taken) + sorted(other_keys)
     notes += filter(None, [_other_state_note(other, level, "not the model's")])

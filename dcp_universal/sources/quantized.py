@@ -66,7 +66,7 @@ class DequantizedDir(Dir):
     weights: Mapping[str, _Stored]
 
     @property
-    def prepared_in_full(self) -> bool:
+    def copies_can_wait(self) -> bool:
         return False
 
     @torch.no_grad()

@@ -200,7 +200,7 @@ class OptimizerItem(Item):
                 "was removed -> resume from a step kept whole (mgr.steps()), or load this "
                 "one with optimizer=None and start the optimizer fresh yourself")
         if ctx.training:
-            training_state.check_load(m, ctx.extra, ctx.skip_per_rank)
+            training_state.check_restorable(m, ctx.extra, ctx.skip_per_rank)
             check_files(ctx.store, ctx.path, m.files, checksums=ctx.verify,
                         prefixes=(f"{self.name}/",))
 

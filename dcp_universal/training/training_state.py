@@ -28,7 +28,7 @@ from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.storage import Storage
 
-__all__ = ["check_extra", "collect", "check_load", "stage"]
+__all__ = ["check_extra", "collect", "check_restorable", "stage"]
 
 _EXTRA = "train/extra/"
 _RANK = "train/rank-"
@@ -106,7 +106,7 @@ def collect(extra: dict) -> tuple[dict[str, Any], TrainingState]:
     return state, TrainingState(extra=sorted(extra), per_rank=per_rank)
 
 
-def check_load(m: Manifest, extra: dict, skip: set[str]) -> None:
+def check_restorable(m: Manifest, extra: dict, skip: set[str]) -> None:
     """Raise before anything is read if the load cannot restore what it was asked to."""
     missing = sorted(n for n in extra if n not in m.training_state.extra)
     if missing:

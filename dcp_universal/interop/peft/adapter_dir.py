@@ -12,7 +12,7 @@ from dcp_universal.sources import foreign
 from dcp_universal.format import manifest
 from dcp_universal.errors import CheckpointMismatchError, UnsupportedAdapterError
 from dcp_universal.model.plan import LoadReport, Staged
-from dcp_universal.interop.safetensors import safetensors_torch
+from dcp_universal.interop.safetensors import import_safetensors
 from dcp_universal.sources import Format, Source, Want, register_format
 from dcp_universal.storage import Storage, join
 from dcp_universal.model.view import ModelView, local_block
@@ -26,7 +26,7 @@ def is_adapter_dir(store: Storage, path: str) -> bool:
             and not store.exists(join(path, manifest.METADATA_FILE)))
 
 
-def _file_factors(tensors: dict[str, torch.Tensor], site, base_shape,
+def _factors_from_files(tensors: dict[str, torch.Tensor], site, base_shape,
                   fan_in_fan_out: bool, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(L, R)`` of ``site``'s update in PEFT's files (the orientation as in
     :func:`peft_transposed`, decided by the site's base module)."""
@@ -51,7 +51,7 @@ class PeftAdapterFormat(Format):
         return is_adapter_dir(store, path)
 
     def open(self, store: Storage, path: str, want: Want) -> Source:
-        load = safetensors_torch("loading a PEFT adapter").load
+        load = import_safetensors("loading a PEFT adapter").load
         # detect: it is there
         config, where = cast("tuple[dict, str]", read_peft_config(store, path))
         tensors = load(store.read_bytes(join(path, ADAPTER_WEIGHTS)))
@@ -104,7 +104,7 @@ def stage_adapter(view: ModelView, path: str, tensors: dict[str, torch.Tensor], 
         site = by_site[name]
         terms = site.terms()
         base_shape = view.tensors[site.weight_key].shape
-        left, right = _file_factors(tensors, site, base_shape,
+        left, right = _factors_from_files(tensors, site, base_shape,
                                     bool(config.get("fan_in_fan_out", False)), where)
         if len(terms) != 1:
             raise UnsupportedAdapterError(f"{name!r} has {len(terms)} active adapters in the "

@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from dcp_universal.storage import dcp_io, steps
 from dcp_universal.format import manifest
 from dcp_universal.errors import CheckpointError, ExportExistsError, UnsupportedAdapterError
-from dcp_universal.interop.safetensors import safetensors_torch
+from dcp_universal.interop.safetensors import import_safetensors
 from dcp_universal.storage import join, normalize, storage_for
 from dcp_universal.interop.peft.factors import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LINEAR_FACTOR,
                                                 PREFIX, PeftFactors, peft_factors)
@@ -57,7 +57,7 @@ def export_peft(src: str, out: str, *, storage_options: dict | None = None,
         CheckpointError: ``src`` is not a LoRA step, or no adapter was active in it.
         UnsupportedAdapterError: a module with several updates, or an unknown kind.
     """
-    save = safetensors_torch("export_peft").save
+    save = import_safetensors("export_peft").save
     src, out = normalize(src), normalize(out)
     store, out_store = storage_for(src, storage_options), storage_for(out, storage_options)
     m = steps.read_manifest(store, src)
