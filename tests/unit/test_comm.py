@@ -13,6 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from dcp_universal import _comm
+from dcp_universal._comm import operations, transport
 from dcp_universal.errors import CheckpointIOError, CheckpointTimeoutError, IntegrityError
 
 
@@ -37,7 +38,7 @@ def _raise(e: Exception):
 
 def _told(e: Exception) -> tuple:
     """What the rank that raised ``e`` sends the others."""
-    return _comm._attempt(_raise, (e,), {})[2]
+    return transport.attempt(_raise, (e,), {})[2]
 
 
 # ---- without a process group ---------------------------------------------------------------
@@ -67,7 +68,7 @@ def test_without_a_process_group_a_failure_is_raised_as_itself():
 def test_an_operation_without_a_process_group_changes_nothing():
     with _comm.operation("save of step 1", timeout=5):
         assert _comm.resolve_group(None) is None
-        assert not hasattr(_comm._thread, "op")
+        assert not hasattr(operations._thread, "op")
         _comm.claim_commit()  # nothing to claim against
         _comm.progress("writing")
         assert _comm.on_rank0(lambda: "ok") == "ok"
@@ -134,18 +135,18 @@ def test_a_lost_peer_is_found_through_causes_and_contexts():
         except RuntimeError as e:
             raise CheckpointIOError("writing shard 3 failed") from e
     except CheckpointIOError as outer:
-        assert _comm._lost_peer(outer) is gloo
-    assert _comm._lost_peer(RuntimeError("Timed out waiting 600000ms for recv")) is not None
+        assert operations._lost_peer(outer) is gloo
+    assert operations._lost_peer(RuntimeError("Timed out waiting 600000ms for recv")) is not None
 
 
 def test_other_failures_are_not_a_lost_peer():
-    assert _comm._lost_peer(RuntimeError("CUDA out of memory")) is None
-    assert _comm._lost_peer(ValueError("timed out waiting")) is None  # not a collective's
-    assert _comm._lost_peer(CheckpointTimeoutError("timed out waiting")) is None
+    assert operations._lost_peer(RuntimeError("CUDA out of memory")) is None
+    assert operations._lost_peer(ValueError("timed out waiting")) is None  # not a collective's
+    assert operations._lost_peer(CheckpointTimeoutError("timed out waiting")) is None
     loop = RuntimeError("a")
     loop.__context__ = RuntimeError("b")
     loop.__context__.__context__ = loop
-    assert _comm._lost_peer(loop) is None  # a cycle ends
+    assert operations._lost_peer(loop) is None  # a cycle ends
 
 
 # ---- error transport -------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def test_a_picklable_error_travels_as_itself_with_the_remote_traceback_as_a_note
     assert (module, qualname, message) == ("dcp_universal.errors", "IntegrityError",
                                            "a.bin fails its checksum")
     assert pickle.loads(blob).args == ("a.bin fails its checksum",)
-    exc = _comm._rebuild(told, 3)
+    exc = transport.rebuild(told, 3)
     assert (type(exc), str(exc)) == (IntegrityError, "a.bin fails its checksum")
     assert exc.__notes__ == ["raised on rank 3:\n" + trace.rstrip()]
     assert "IntegrityError: a.bin fails its checksum" in trace
@@ -165,13 +166,13 @@ def test_a_picklable_error_travels_as_itself_with_the_remote_traceback_as_a_note
 def test_an_unpicklable_error_is_rebuilt_from_its_class_and_message():
     told = _told(Unpicklable("no lock travels"))
     assert told[0] is None
-    exc = _comm._rebuild(told)
+    exc = transport.rebuild(told)
     assert (type(exc), exc.args) == (Unpicklable, ("no lock travels",))
     assert exc.__notes__[0].startswith("raised on rank 0:\nTraceback (most recent call last)")
 
 
 def test_an_error_whose_constructor_wants_more_keeps_its_class_and_message():
-    exc = _comm._rebuild(_told(NeedsTwo("x", "y")))
+    exc = transport.rebuild(_told(NeedsTwo("x", "y")))
     assert (type(exc), exc.args) == (NeedsTwo, ("x/y",))
 
 
@@ -180,7 +181,7 @@ def test_an_error_of_a_class_this_rank_cannot_import_is_a_runtime_error_naming_i
         def __reduce__(self):
             raise TypeError("cannot pickle")
 
-    exc = _comm._rebuild(_told(Local("gone")), 2)
+    exc = transport.rebuild(_told(Local("gone")), 2)
     assert type(exc) is RuntimeError
     assert str(exc) == (f"{__name__}.test_an_error_of_a_class_this_rank_cannot_import_is_a_"
                         "runtime_error_naming_it.<locals>.Local: gone")
@@ -188,9 +189,10 @@ def test_an_error_of_a_class_this_rank_cannot_import_is_a_runtime_error_naming_i
 
 
 def _as_if_distributed(monkeypatch, me: int, world: int) -> None:
-    monkeypatch.setattr(_comm, "is_distributed", lambda: True)
-    monkeypatch.setattr(_comm, "rank", lambda: me)
-    monkeypatch.setattr(_comm, "world_size", lambda: world)
+    for module in (_comm, operations):  # the collectives, and the operations' board
+        monkeypatch.setattr(module, "is_distributed", lambda: True)
+        monkeypatch.setattr(module, "rank", lambda: me)
+        monkeypatch.setattr(module, "world_size", lambda: world)
 
 
 def test_agreed_raises_the_first_failing_ranks_error_prefixed_with_its_rank(monkeypatch):
@@ -246,9 +248,9 @@ def test_on_rank0_raises_its_own_failure_when_the_broadcast_fails_too(monkeypatc
         _comm.on_rank0(lambda: 1)
 
 
-def _op_seen(monkeypatch, board: dict, world: int, fate: str | None = None) -> _comm._Op:
+def _op_seen(monkeypatch, board: dict, world: int, fate: str | None = None) -> operations._Op:
     _as_if_distributed(monkeypatch, 0, world)
-    op = _comm._Op("save of step 5")
+    op = operations._Op("save of step 5")
     op.seq, op.marks, op.timeout = 2, 4, 5.0
     monkeypatch.setattr(op, "board", lambda: board)
     monkeypatch.setattr(op, "fate", lambda desired: fate or desired)
@@ -260,7 +262,7 @@ def test_giving_up_names_the_ranks_behind_and_what_they_last_did(monkeypatch):
     op = _op_seen(monkeypatch, {1: [2, 4, now, "writing"],
                                 2: [2, 2, now - 7.2, "waiting in a barrier"],
                                 4: [1, 9, now - 30.2, "committing"]}, world=5)
-    err = _comm._give_up(op, RuntimeError("Timed out waiting 5000ms for recv\nmore"))
+    err = operations._give_up(op, RuntimeError("Timed out waiting 5000ms for recv\nmore"))
     assert isinstance(err, CheckpointTimeoutError)
     assert str(err) == (
         "save of step 5: rank 0 waited longer than timeout=5 s for rank(s) [2, 3, 4] and gave "
@@ -275,7 +277,7 @@ def test_giving_up_names_the_ranks_behind_and_what_they_last_did(monkeypatch):
 def test_giving_up_after_rank0_began_its_commit_says_it_may_be_committed(monkeypatch):
     now = time.time()
     op = _op_seen(monkeypatch, {1: [2, 6, now - 3.2, "committing"]}, world=2, fate="commit")
-    err = _comm._give_up(op, RuntimeError("Connection reset by peer"))
+    err = operations._give_up(op, RuntimeError("Connection reset by peer"))
     assert str(err).startswith(
         "save of step 5: rank 0 fell behind, and the other ranks stopped waiting for it "
         "(timeout=5 s; rank 1 (last seen 3 s ago: committing)). Rank 0 had begun committing "
@@ -286,8 +288,8 @@ def test_giving_up_after_rank0_began_its_commit_says_it_may_be_committed(monkeyp
 
 @pytest.fixture
 def world_of_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(_comm, "_groups", {})
-    monkeypatch.setattr(_comm, "_caller_groups", {})
+    monkeypatch.setattr(operations, "_groups", {})
+    monkeypatch.setattr(operations, "_caller_groups", {})
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -309,31 +311,31 @@ def test_a_world_of_one_answers_every_collective_with_its_own_value(world_of_one
 
 def test_an_operation_makes_one_gloo_group_per_timeout_and_posts_progress(world_of_one):
     with _comm.operation("save of step 1", timeout=7):
-        op = _comm._thread.op
+        op = operations._thread.op
         assert _comm.all_true(True)
         group = op._pg
-        assert (_comm._groups[id(group)].timeout, op.seq) == (7.0, 1)
+        assert (operations._groups[id(group)].timeout, op.seq) == (7.0, 1)
         assert json.loads(op.store.get("board/0"))[:2] == [1, 2]
         assert json.loads(op.store.get("board/0"))[3] == "waiting to agree"
         _comm.claim_commit()  # nobody gave up: the commit is ours
     with _comm.operation("save of step 2", timeout=7):
         assert _comm.all_true(True)
-        assert (_comm._thread.op._pg, _comm._thread.op.seq) == (group, 2)
-    assert not hasattr(_comm._thread, "op")
+        assert (operations._thread.op._pg, operations._thread.op.seq) == (group, 2)
+    assert not hasattr(operations._thread, "op")
 
 
 def test_an_operation_refuses_a_bad_timeout_before_any_collective(world_of_one):
     with pytest.raises(ValueError, match=r"^timeout=-1: expected a positive number"):
         with _comm.operation("save of step 1", timeout=-1):
             pass
-    assert _comm._caller_groups == {}
+    assert operations._caller_groups == {}
 
 
 def test_a_commit_after_another_rank_gave_up_is_refused(world_of_one):
     with pytest.raises(CheckpointTimeoutError) as e:
         with _comm.operation("save of step 3", timeout=9):
             assert _comm.all_true(True)
-            assert _comm._thread.op.fate("abandoned by rank 1") == "abandoned by rank 1"
+            assert operations._thread.op.fate("abandoned by rank 1") == "abandoned by rank 1"
             _comm.claim_commit()
     assert str(e.value).startswith("save of step 3: not committed: abandoned by rank 1 (it "
                                    "waited longer than timeout=9 s for this rank")
