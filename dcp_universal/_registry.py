@@ -1,29 +1,39 @@
-"""Named entries, asked in order, a name taken once: the registries of adapter kinds
-(:mod:`dcp_universal.adapters`) and of input formats (:mod:`dcp_universal.sources`).
+"""Named entries, asked in order, a name taken once: the one shape of the package's
+registries: adapter kinds (:mod:`dcp_universal.adapters`), input formats
+(:mod:`dcp_universal.sources`) and factor rules (:mod:`dcp_universal.sources.dcp`).
 
-Other extension points need no order or names and stay plain: storage backends are a
-dict by URL scheme (:func:`dcp_universal.storage.register_backend`), factor rules a list
-(:func:`dcp_universal.sources.dcp.register_factor_rule`), and step items the tuple each
-manager is given (``CheckpointManager(items=...)``)."""
+An entry is named by its ``name`` attribute (a kind, a format), or, for a function (a
+factor rule), by its module and qualified name. Step items are not registered: each
+manager is given its own (``CheckpointManager(items=...)``)."""
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, Protocol, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
-__all__ = ["Registry"]
-
-
-
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
+__all__ = ["Registry", "name_of"]
 
 
-T = TypeVar("T", bound=_Named)
+T = TypeVar("T")
+
+
+def name_of(entry: Any) -> str:
+    """An entry's name: its ``name``, or a function's ``module.qualname``."""
+    name = getattr(entry, "name", None)
+    if isinstance(name, str):
+        return name
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """``b`` is ``a`` registered again (a module imported twice): the same class, or the
+    same function."""
+    if callable(a) and not hasattr(a, "name"):
+        return name_of(a) == name_of(b)
+    return type(a) is type(b)
 
 
 class Registry(Generic[T]):
-    """Entries with a ``name`` attribute, in the order they are asked.
+    """Named entries (:func:`name_of`), in the order they are asked.
 
     Args:
         what: what an entry is, for messages ("an adapter kind").
@@ -42,12 +52,12 @@ class Registry(Generic[T]):
             ValueError: another class is registered under the same name.
         """
         for existing in self._entries:
-            if existing.name == entry.name:
-                if type(existing) is type(entry):
+            if name_of(existing) == name_of(entry):
+                if _same_kind(existing, entry):
                     return existing
-                raise ValueError(f"{self.what} named {entry.name!r} is already registered "
+                raise ValueError(f"{self.what} named {name_of(entry)!r} is already registered "
                                  f"({type(existing).__qualname__}); give yours another name")
-        names = [e.name for e in self._entries]
+        names = [name_of(e) for e in self._entries]
         self._entries.insert(names.index(before) if before in names else len(names), entry)
         return entry
 
@@ -56,12 +66,12 @@ class Registry(Generic[T]):
 
     def named(self, name: str) -> T:
         for entry in self._entries:
-            if entry.name == name:
+            if name_of(entry) == name:
                 return entry
         raise KeyError(f"no {self.what} named {name!r}; registered: {self.names()}")
 
     def names(self) -> list[str]:
-        return [e.name for e in self._entries]
+        return [name_of(e) for e in self._entries]
 
     def __iter__(self) -> Iterator[T]:
         return iter(list(self._entries))

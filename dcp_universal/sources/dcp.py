@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, cast
 
+from dcp_universal._registry import Registry
 from dcp_universal.errors import ManifestError
 from dcp_universal.sources import foreign, own_lora
 from dcp_universal.format import manifest
@@ -27,13 +28,13 @@ __all__ = ["DcpFormat", "model_dir", "dir_source", "register_factor_rule", "mode
 #: ``rule(store, source, target) -> source``: adapter factors of another tool, found
 #: among ``source``'s keys, turned into deltas (or left as keys the target reads as is)
 FactorRule = Callable[[Storage, Source, ModelView], Source]
-_FACTOR_RULES: list[FactorRule] = []
+_FACTOR_RULES: Registry[FactorRule] = Registry("a factor rule")
 
 
 def register_factor_rule(rule: FactorRule) -> FactorRule:
-    if rule not in _FACTOR_RULES:
-        _FACTOR_RULES.append(rule)
-    return rule
+    """Ask ``rule`` of every DCP directory a load reads (after those registered before;
+    a function registered again is one rule)."""
+    return _FACTOR_RULES.add(rule)
 
 
 register_factor_rule(own_lora.factor_rule)

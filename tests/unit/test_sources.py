@@ -132,3 +132,39 @@ def test_a_truncated_span_is_an_integrity_error_on_every_storage(tmp_path):
             mem.read_spans(url, [(8, 4)])
     finally:
         mem.remove_tree("memory://spans")
+
+
+def test_factor_rules_are_a_registry_like_kinds_and_formats():
+    """Issue 32: one registry shape. A rule registered twice (its module imported twice)
+    is one rule, asked in order after the built-in ones; another object under a taken
+    name is refused."""
+    from dcp_universal._registry import Registry, name_of
+    from dcp_universal.sources import dcp as dcp_format
+
+    def toy_rule(store, source, target):
+        return source
+
+    before = dcp_format._FACTOR_RULES.names()
+    try:
+        assert dcp_format.register_factor_rule(toy_rule) is toy_rule
+        dcp_format.register_factor_rule(toy_rule)
+        names = dcp_format._FACTOR_RULES.names()
+        assert names == before + [name_of(toy_rule)]
+        assert dcp_format._FACTOR_RULES.named(name_of(toy_rule)) is toy_rule
+    finally:
+        dcp_format._FACTOR_RULES.remove(toy_rule)
+    assert dcp_format._FACTOR_RULES.names() == before
+
+    class Kind:
+        def __init__(self, name):
+            self.name = name
+
+    reg: Registry = Registry("a toy")
+    first = reg.add(Kind("a"))
+    assert reg.add(Kind("a")) is first  # the same class again: a no-op
+
+    class Other:
+        name = "a"
+
+    with pytest.raises(ValueError, match="a toy named 'a' is already registered"):
+        reg.add(Other())
