@@ -28,7 +28,8 @@ import torch
 from dcp_universal import _comm, sources
 from dcp_universal.format import manifest
 from dcp_universal.errors import (CheckpointError, CheckpointIOError,
-                                  CheckpointMismatchError, ExportExistsError)
+                                  CheckpointMismatchError, ExportExistsError,
+                                  NotACheckpointError)
 from dcp_universal.interop.safetensors import import_safetensors
 from dcp_universal.model.view import ModelView
 from dcp_universal.storage import Storage, join, normalize, storage_for
@@ -271,7 +272,7 @@ def _export_hf(src, out, *, dtype, max_shard_size, storage_options, config, prog
         source = sources.open_source(store, src, sources.Want(trusted=trusted, prefix=prefix,
                                                                model_only=True))
         if source.meta.get("adapter_only"):
-            raise CheckpointError(
+            raise NotACheckpointError(
                 f"{src} is an adapter without base weights; export_hf writes a whole model "
                 "-> export the LoRA step it came from, or load base and adapter into a model "
                 "and save_model() it first")

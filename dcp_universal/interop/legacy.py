@@ -202,7 +202,7 @@ def read_legacy(store: Storage, path: str) -> LegacyCheckpoint:
         if name is None:  # a PEFT modules_to_save original: not the trained model's
             continue
         if name in canonical:
-            raise CheckpointError(f"{model_path}: keys {k!r} and another both mean {name!r}")
+            raise CheckpointMismatchError(f"{model_path}: keys {k!r} and another both mean {name!r}")
         canonical[name] = v
     model, merged, base, factors = _merge_main_weight_lora(canonical, _find_alpha(meta),
                                                            model_path)
@@ -284,7 +284,7 @@ def _saved_groups(saved: Any, desc: str) -> list[dict]:
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list) or not isinstance(saved.get("state"), dict) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        raise CheckpointError(
+        raise CheckpointMismatchError(
             f"{desc}: its optimizer entry is not an optimizer.state_dict() (expected "
             "{'state': {...}, 'param_groups': [{'params': [...], ...}]}); load the model "
             "alone (no optimizer) or re-save the optimizer's state_dict()")

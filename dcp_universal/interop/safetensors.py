@@ -111,11 +111,11 @@ def safetensors_files(store: Storage, path: str) -> list[str]:
         try:
             weight_map = json.loads(store.read_bytes(index)).get("weight_map", {})
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index ({e}) -> "
-                                  "restore it from the model's source") from None
+            raise IntegrityError(f"{index} is not a safetensors index ({e}) -> "
+                                 "restore it from the model's source") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str)
                                                        for v in weight_map.values()):
-            raise CheckpointError(f"{index}: weight_map is not an object of file names")
+            raise IntegrityError(f"{index}: weight_map is not an object of file names")
         files = sorted(set(weight_map.values()))
         for name in files:
             manifest.inside(name, f"{index} (weight_map)")

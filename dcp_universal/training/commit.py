@@ -34,7 +34,7 @@ from dcp_universal.training.base_store import BaseStore
 from dcp_universal.training.lease import Lease
 from dcp_universal.training.roots import check_root
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
-                                  StepAlreadyExistsError)
+                                  NotACheckpointError, StepAlreadyExistsError)
 from dcp_universal.storage.integrity import check_files
 from dcp_universal.format.manifest import FileRecord, Manifest, TrainingState
 from dcp_universal.storage import Storage, join, normalize, storage_for
@@ -190,8 +190,8 @@ def convert(src: str, root: str, *, step: int | None = None,
     source = sources.open_source(src_store, src, sources.Want(trusted=trusted,
                                                               model_only=True))
     if source.meta.get("adapter_only"):
-        raise CheckpointError(f"{src} is an adapter without base weights: there is no model "
-                              "to convert; load it into a model with load_model instead")
+        raise NotACheckpointError(f"{src} is an adapter without base weights: there is no model "
+                                  "to convert; load it into a model with load_model instead")
     carried = migrate.find(src_store, src, source.meta, trusted=trusted)
     if step is None:
         if carried.conflict:

@@ -322,7 +322,7 @@ class LocalTier(Tier):
         if not _comm.all_true(self.local_copy_whole(step)):
             if not remote:
                 newest = self.remote_steps()
-                raise CheckpointError(
+                raise IntegrityError(
                     f"step {step} is committed only in the local tier, and its copy is not "
                     f"whole on every rank (node-local disks of several nodes?) and not at "
                     f"{self.remote_root} yet -> load it on the node(s) that wrote it, or "

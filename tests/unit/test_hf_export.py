@@ -177,3 +177,34 @@ def test_export_to_s3_and_load_back(tmp_path, s3):
     report = load_model(target, url, storage_options=options)
     assert max_diff(logits(target), ref) == 0.0
     assert any(n.startswith("read Hugging Face safetensors s3://") for n in report.notes)
+
+
+def test_errors_of_damaged_indexes_and_adapter_only_sources_are_specific(tmp_path):
+    """Issue 32: specific classes instead of a bare CheckpointError."""
+    import json
+
+    import tiny
+    from dcp_universal import IntegrityError, NotACheckpointError, load_model
+    from dcp_universal.training.commit import convert
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "model.safetensors.index.json").write_text("{not json")
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(IntegrityError, match="is not a safetensors index"):
+        load_model(tiny.make("plain"), str(d))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
+    with pytest.raises(IntegrityError, match="weight_map is not an object"):
+        load_model(tiny.make("plain"), str(d))
+
+    peft_dir = tmp_path / "adapter"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    from safetensors.torch import save_file
+    save_file({"base_model.model.q.lora_A.weight": torch.zeros(2, 8),
+               "base_model.model.q.lora_B.weight": torch.zeros(8, 2)},
+              str(peft_dir / "adapter_model.safetensors"))
+    with pytest.raises(NotACheckpointError, match="adapter without base weights"):
+        export_hf(str(peft_dir), str(tmp_path / "out"))
+    with pytest.raises(NotACheckpointError, match="adapter without base weights"):
+        convert(str(peft_dir), str(tmp_path / "root"))

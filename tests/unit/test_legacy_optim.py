@@ -113,7 +113,7 @@ def test_a_bad_init_from_or_a_damaged_optimizer_entry_changes_nothing(tmp_path):
     blob = torch.load(path, weights_only=True)
     blob["optimizer"] = {"state": [1, 2], "param_groups": "all"}  # not a state_dict()
     torch.save(blob, tmp_path / "damaged.pt")
-    with pytest.raises(CheckpointError, match="is not an optimizer.state_dict"):
+    with pytest.raises(CheckpointMismatchError, match="is not an optimizer.state_dict"):
         mgr.load(model, opt, init_from=str(tmp_path / "damaged.pt"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert opt.state_dict()["state"] == {} and mgr.steps() == []
