@@ -658,6 +658,8 @@ def _file_size(reader, name: str) -> int | None:
     try:
         if isinstance(reader.fs, FileSystem):  # local: a symlink its owner placed is followed
             return os.path.getsize(path)
+        if hasattr(reader.fs, "size"):  # a reader over any Storage (storage.dcp_store)
+            return int(reader.fs.size(path))
         return int(_torch_compat.fsspec_of(reader).size(path))
     except (FileNotFoundError, NotADirectoryError):
         return None

@@ -12,12 +12,30 @@ Atomicity policy (:meth:`Storage.write_atomic`): on a local disk a temp file, fs
 then renamed; on an object store, where there is no rename, one PUT, which the store
 makes visible whole or not at all.
 
-A new backend is one subclass and one registration::
+A new backend is one subclass and one registration. It implements the seven core
+methods (:class:`Storage`'s abstract ones: ``exists``, ``size``, ``listdir``,
+``open_read``, ``write_atomic``, ``create_new``, ``remove_file``); everything else has a
+default on them, DCP's reader and writer included (:mod:`.dcp_store`: files written
+locally, then uploaded whole; ranged reads through ``read_spans``), with every file's
+size and block checksums recorded as on any other backend::
 
-    >>> class Mirror(LocalStorage):                 # "mirror://x" lives in options["base"]/x
-    ...     def os_path(self, path):
-    ...         return os.path.join(self.options["base"], path.removeprefix("mirror://"))
-    >>> register_backend("mirror", Mirror)
+    >>> class DictStore(Storage):                   # "dict://k" lives in FILES["dict://k"]
+    ...     def exists(self, path):
+    ...         return path in FILES or any(k.startswith(path + "/") for k in FILES)
+    ...     def size(self, path): return len(FILES[path])      # KeyError -> FileNotFoundError
+    ...     def listdir(self, path): ...                       # names directly below, sorted
+    ...     def open_read(self, path): return io.BytesIO(FILES[path])
+    ...     def write_atomic(self, path, data): FILES[path] = data
+    ...     def create_new(self, path, data): ...              # False if it exists (atomic)
+    ...     def remove_file(self, path): FILES.pop(path, None)
+    >>> register_backend("dict", DictStore)
+
+(the whole of it: ``tests/unit/test_storage_backend.py``). A faster way is a capability
+it overrides or declares: ``read_spans`` (ranged reads of its own), ``write_atomic_with``
+and ``upload`` (a file sent without holding it in memory), ``file_sizes`` (one listing),
+``dcp_reader`` / ``dcp_writer``, :attr:`Storage.maps_files` (memory maps: a subclass of
+:class:`LocalStorage`, whose ``os_path`` maps a URL to a local path) and
+:attr:`Storage.renames`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from dcp_universal import _comm, _torch_compat
 from dcp_universal.errors import (CheckpointError, CheckpointIOError, IntegrityError,
                                   UnsafeCheckpointError)
 from dcp_universal.format.torch_formats import numpy_safe_globals
-from dcp_universal.storage.integrity import Checksummed, vanished
+from dcp_universal.storage.integrity import vanished
 from dcp_universal.format.manifest import FileRecord
 from dcp_universal.storage.mapped import Copies
 from dcp_universal.storage import Storage
@@ -96,12 +96,10 @@ def save_state(store: Storage, state: dict, path: str, *, planner=None,
     group = _comm.resolve_group(group)
     if not alone:
         _comm.check_group(group, f"dcp.save of {path}")
-    writer = store.dcp_writer(path)
+    writer = store.dcp_writer(path, own_file_keys=own_file_keys, checksums=checksums)
     if not alone:
         _comm.progress(f"writing its part of {path}")
         _post_when_done(writer, "write_data", f"wrote its part of {path}, waiting for the others")
-    writer.own_file_keys = frozenset(own_file_keys)
-    _torch_compat.wrap_writer_fs(writer, lambda fs: Checksummed(fs, crc=checksums))
     with _torch_compat.quiet_single_process_warning(), _io_errors("writing", path):
         dcp.save(state, storage_writer=writer, planner=planner, process_group=group,
                  no_dist=alone)

@@ -172,8 +172,9 @@ class FsspecStorage(Storage):
                for full, info in fs.find(p, detail=True).items()}
         return dict(sorted(out.items()))
 
-    def dcp_writer(self, path: str):
-        return dcp_files.remote_classes()[0](path, **self.options)
+    def dcp_writer(self, path: str, *, own_file_keys=frozenset(), checksums: bool = True):
+        return dcp_files.remote_classes()[0](path, own_file_keys=own_file_keys,
+                                             checksums=checksums, **self.options)
 
     def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
                    trusted: bool = False):

@@ -180,8 +180,9 @@ class LocalStorage(Storage):
                 out[os.path.relpath(full, top)] = os.path.getsize(full)
         return dict(sorted(out.items()))
 
-    def dcp_writer(self, path: str):
-        return dcp_files.LocalWriter(self.os_path(path))
+    def dcp_writer(self, path: str, *, own_file_keys=frozenset(), checksums: bool = True):
+        return dcp_files.LocalWriter(self.os_path(path), own_file_keys=own_file_keys,
+                                     checksums=checksums)
 
     def dcp_reader(self, path: str, copies: Copies | None = None, metadata=None, *,
                    trusted: bool = False):

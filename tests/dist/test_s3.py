@@ -13,7 +13,7 @@ import harness
 import tiny
 from dcp_universal import CheckpointManager, apply_lora, load_model, save_model
 from dcp_universal.errors import IntegrityError
-from dcp_universal.storage import integrity
+from dcp_universal.storage import checksums
 from s3server import Counting, fresh_prefix
 from train_loop import Data, build, moments, train
 
@@ -103,7 +103,7 @@ def test_model_only_load_from_s3_fetches_the_models_bytes(s3, monkeypatch):
             torch.testing.assert_close(plain(x), want, atol=1e-4, rtol=1e-4)
         assert not [k for k in counter.fetched if "/optimizer/" in k], counter.fetched
         # checked loads fetch whole checksum blocks: at most one more at each end of a file
-        slack = 0 if verify is False else 2 * integrity.BLOCK_BYTES * len(counter.fetched)
+        slack = 0 if verify is False else 2 * checksums.BLOCK_BYTES * len(counter.fetched)
         assert counter.total() <= 1.05 * model_bytes + slack, (
             step, verify, counter.total() / model_bytes, counter.fetched)
         monkeypatch.undo()
@@ -113,8 +113,8 @@ def test_a_flipped_bit_in_an_s3_object_fails_the_default_load(s3, monkeypatch):
     """Ranged reads check every fetched block: a damaged object (in the part a load
     reads, and in a large file's sums object) raises IntegrityError naming it."""
     url, options = s3
-    monkeypatch.setattr(integrity, "BLOCK_BYTES", 512)  # sums objects beside the data
-    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
+    monkeypatch.setattr(checksums, "BLOCK_BYTES", 512)  # sums objects beside the data
+    monkeypatch.setattr(checksums, "INLINE_BLOCKS", 8)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
     opt = torch.optim.AdamW(model.parameters())

@@ -34,8 +34,8 @@ def _stall_in(where: str) -> None:
     if where == "write":  # inside DCP, in this rank's write of its files
         make = LocalStorage.dcp_writer
 
-        def dcp_writer(self, path):
-            writer = make(self, path)
+        def dcp_writer(self, path, **options):
+            writer = make(self, path, **options)
             writer.write_data = sleeping(writer.write_data)
             return writer
 

@@ -258,13 +258,13 @@ def test_a_bytearray_bomb_in_dcp_metadata_is_refused(tmp_path):
 def _replace_sealed(mgr, step: int, key: str, value) -> None:
     """``_replace_entry``, and the new optimizer/ files' block checksums recorded in the
     manifest (with its own checksum), as an attacker with write access would."""
-    from dcp_universal.storage import integrity
+    from dcp_universal.storage import checksums, integrity
 
     _replace_entry(mgr, step, key, value)
     m = mgr.manifest(step)
     for name in m.files:
         if name.startswith("optimizer/"):
-            sink = integrity._CrcStream(io.BytesIO(), integrity.ALGO)
+            sink = checksums._CrcStream(io.BytesIO(), integrity.ALGO)
             with open(os.path.join(mgr.step_path(step), name), "rb") as f:
                 sink.write(f.read())
             m.files[name] = sink.record()

@@ -16,7 +16,7 @@ import pytest
 
 from dcp_universal.errors import IntegrityError, NotACheckpointError
 from dcp_universal.format.manifest import FileRecord
-from dcp_universal.storage import LocalStorage, integrity
+from dcp_universal.storage import LocalStorage, checksums, integrity
 from dcp_universal.storage.integrity import BlockCheck, Checksummed, check_files
 
 BLOCK = 16
@@ -25,8 +25,8 @@ BLOCK = 16
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 16 bytes, and a sums file for more than 2 blocks."""
-    monkeypatch.setattr(integrity, "BLOCK_BYTES", BLOCK)
-    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 2)
+    monkeypatch.setattr(checksums, "BLOCK_BYTES", BLOCK)  # where files are summed
+    monkeypatch.setattr(checksums, "INLINE_BLOCKS", 2)
 
 
 class _Dir:
@@ -78,7 +78,7 @@ def step(tmp_path, small_blocks):
 
 def test_a_write_records_the_size_and_crc32c_of_every_block_across_write_boundaries(
         tmp_path, small_blocks, monkeypatch):
-    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 4)
+    monkeypatch.setattr(checksums, "INLINE_BLOCKS", 4)
     fs = Checksummed(_Dir(str(tmp_path)))
     data = bytes(range(50))
     _write(fs, str(tmp_path / "x"), data[:7], data[7:40], data[40:])

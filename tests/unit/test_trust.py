@@ -473,9 +473,9 @@ def test_a_full_disk_says_so_and_commits_nothing(tmp_path, monkeypatch):
 
     real = LocalStorage.dcp_writer
 
-    def dcp_writer(self, path):
-        writer = real(self, path)
-        writer.fs = FullDisk(writer.fs)
+    def dcp_writer(self, path, **options):
+        writer = real(self, path, **options)
+        writer.fs._inner = FullDisk(writer.fs._inner)  # the disk, below the checksums
         return writer
 
     monkeypatch.setattr(LocalStorage, "dcp_writer", dcp_writer)

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from dcp_universal import CheckpointManager, load_model, save_model
 from dcp_universal.errors import IntegrityError
 from dcp_universal.format.manifest import FileRecord
-from dcp_universal.storage import integrity, steps
+from dcp_universal.storage import checksums, steps
 from dcp_universal.storage.integrity import BlockCheck
 from train_loop import assert_same, snapshot, trained_job
 
@@ -45,8 +45,8 @@ def test_a_flipped_bit_in_any_file_of_a_step_fails_the_default_load(tmp_path, mo
     large), one at a time: the load raises IntegrityError naming that file, and model,
     optimizer and extra state are untouched."""
     if block:
-        monkeypatch.setattr(integrity, "BLOCK_BYTES", block)
-        monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
+        monkeypatch.setattr(checksums, "BLOCK_BYTES", block)
+        monkeypatch.setattr(checksums, "INLINE_BLOCKS", 8)
     model, opt, sched, counters = trained_job(variant)
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(2, model, opt, extra={"sched": sched, "train": counters})
@@ -100,8 +100,8 @@ def test_verify_false_is_the_unchecked_fast_path(tmp_path):
 
 
 def test_small_blocks_name_the_bad_block_and_check_only_what_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(integrity, "BLOCK_BYTES", 1024)
-    monkeypatch.setattr(integrity, "INLINE_BLOCKS", 8)
+    monkeypatch.setattr(checksums, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(checksums, "INLINE_BLOCKS", 8)
     model, opt, *_ = trained_job()
     mgr = CheckpointManager(str(tmp_path / "root"))
     mgr.save(1, model, opt)
@@ -140,7 +140,7 @@ def test_crc32_blocks_and_old_whole_file_crc32_steps_still_load(tmp_path, monkey
     """A file written with another algorithm (recorded per file) verifies with it; a step
     written before block checksums (a whole-file CRC-32) loads, and verify=True checks it."""
     model, opt, *_ = trained_job()
-    monkeypatch.setattr(integrity, "ALGO", "crc32")
+    monkeypatch.setattr(checksums, "ALGO", "crc32")
     mgr = CheckpointManager(str(tmp_path / "a"))
     mgr.save(1, model, opt)
     assert {r.algo for r in mgr.manifest(1).files.values()} == {"crc32"}
