@@ -71,7 +71,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import harness  # noqa: E402
 import tiny  # noqa: E402
 from dcp_universal import CheckpointManager, storage
-from dcp_universal.storage import dcp_io, integrity
+from dcp_universal.storage import checksums, dcp_io
 from dcp_universal.format import manifest  # noqa: E402
 from dcp_universal.model.view import reshard  # noqa: E402
 from dcp_universal.model.names import canonical_names  # noqa: E402
@@ -185,14 +185,14 @@ class _Hooks:
             setattr(owner, name, wrapper)
 
         around(dcp_io, "save_state", "dcp_begin", "dcp_end")
-        around(integrity.Checksummed, "rename", "dcp_rename", "dcp_renamed")
+        around(checksums.Checksummed, "rename", "dcp_rename", "dcp_renamed")
         around(storage.Storage, "remove_file", "remove_file")
         around(storage.Storage, "remove_tree", "remove_tree")
         for name in ("all_gather_object", "broadcast_object_list", "all_reduce",
                      "scatter_object_list", "gather_object", "barrier"):
             around(dist, name, f"dist.{name}")
 
-        write = integrity._CrcStream.write
+        write = checksums._CrcStream.write
 
         def torn_write(stream, data):
             if hooks.fires("file_write"):
@@ -202,7 +202,7 @@ class _Hooks:
                 hooks.kill()
             return write(stream, data)
 
-        integrity._CrcStream.write = torn_write
+        checksums._CrcStream.write = torn_write
 
         replace = os.replace
 
