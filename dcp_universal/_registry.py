@@ -1,6 +1,7 @@
 """Named entries, asked in order, a name taken once: the one shape of the package's
 registries: adapter kinds (:mod:`dcp_universal.adapters`), input formats
-(:mod:`dcp_universal.sources`) and factor rules (:mod:`dcp_universal.sources.dcp`).
+(:mod:`dcp_universal.sources`), factor rules (:mod:`dcp_universal.sources.dcp`) and
+storage backends (:mod:`dcp_universal.storage`).
 
 An entry is named by its ``name`` attribute (a kind, a format), or, for a function (a
 factor rule), by its module and qualified name. Step items are not registered: each
@@ -8,6 +9,7 @@ manager is given its own (``CheckpointManager(items=...)``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Generic, Iterator, TypeVar
 
 __all__ = ["Registry", "name_of"]
@@ -25,11 +27,11 @@ def name_of(entry: Any) -> str:
 
 
 def _same_kind(a: Any, b: Any) -> bool:
-    """``b`` is ``a`` registered again (a module imported twice): the same class, or the
-    same function."""
+    """``b`` is ``a`` registered again (a module imported twice): the same function, or
+    an object of the same class (equal to it, for a record such as a storage backend)."""
     if callable(a) and not hasattr(a, "name"):
         return name_of(a) == name_of(b)
-    return type(a) is type(b)
+    return type(a) is type(b) and (not dataclasses.is_dataclass(a) or a == b)
 
 
 class Registry(Generic[T]):

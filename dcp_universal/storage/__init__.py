@@ -40,26 +40,43 @@ and ``upload`` (a file sent without holding it in memory), ``file_sizes`` (one l
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from dcp_universal._paths import join, normalize, parent
+from dcp_universal._registry import Registry
 from dcp_universal.storage.base import Storage
 from dcp_universal.storage.fsspec import FsspecStorage
 from dcp_universal.storage.local import LocalStorage
 
 __all__ = ["Storage", "LocalStorage", "FsspecStorage", "storage_for", "register_backend",
-           "join", "normalize", "parent"]
+           "unregister_backend", "Backend", "join", "normalize", "parent"]
 
 
-_BACKENDS: dict[str, Callable[[dict], Storage]] = {}
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A registered storage backend: URLs ``<name>://...`` get ``factory(options)``."""
+
+    name: str
+    factory: Callable[[dict], Storage]
+
+
+_BACKENDS: Registry[Backend] = Registry("a storage backend")
 
 
 def register_backend(scheme: str, factory: Callable[[dict], Storage]) -> None:
     """Serve URLs ``<scheme>://...`` with ``factory(options)`` (a :class:`Storage`
-    subclass, say) instead of fsspec."""
+    subclass, say) instead of fsspec. Registering the same factory again is a no-op;
+    another one under a taken scheme is refused (ValueError)."""
     if not scheme or "://" in scheme:
         raise ValueError(f"scheme={scheme!r}: expected a URL scheme such as 'mirror'")
-    _BACKENDS[scheme] = factory
+    _BACKENDS.add(Backend(scheme, factory))
+
+
+def unregister_backend(scheme: str) -> None:
+    """Serve ``<scheme>://...`` URLs with fsspec again."""
+    if scheme in _BACKENDS:
+        _BACKENDS.remove(_BACKENDS.named(scheme))
 
 
 def storage_for(path: str, options: dict | None = None) -> Storage:
@@ -68,5 +85,6 @@ def storage_for(path: str, options: dict | None = None) -> Storage:
     scheme, sep, _ = path.partition("://")
     if not sep:
         return LocalStorage(options)
-    factory = _BACKENDS.get(scheme)
-    return factory(options or {}) if factory is not None else FsspecStorage(options)
+    if scheme in _BACKENDS:
+        return _BACKENDS.named(scheme).factory(options or {})
+    return FsspecStorage(options)

@@ -21,7 +21,7 @@ __all__ = ["FsspecStorage"]
 _PASSED_ON = (FileNotFoundError, CheckpointError, TypeError, ValueError, AttributeError)
 
 
-def _told(doing: str):
+def _store_errors_named(doing: str):
     """``method(self, path, ...)``'s failures of the store (a refused connection, a 5xx
     after the retries, denied access: botocore's errors are not even ``OSError``) become
     :class:`~dcp_universal.CheckpointIOError` naming the operation, the path and the fix."""
@@ -59,19 +59,19 @@ class FsspecStorage(Storage):
                 if path.startswith(("s3://", "s3a://")) else ""
             raise CheckpointError(f"{path}: {e}{extra}") from None
 
-    @_told("looking for")
+    @_store_errors_named("looking for")
     def exists(self, path: str) -> bool:
         fs, p = self.fs(path)
         fs.invalidate_cache(p.rsplit("/", 1)[0])
         return fs.exists(p)
 
-    @_told("looking at")
+    @_store_errors_named("looking at")
     def is_file(self, path: str) -> bool:
         fs, p = self.fs(path)
         fs.invalidate_cache(p.rsplit("/", 1)[0])
         return fs.isfile(p)
 
-    @_told("listing")
+    @_store_errors_named("listing")
     def listdir(self, path: str) -> list[str]:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)
@@ -80,22 +80,22 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return []
 
-    @_told("asking the size of")
+    @_store_errors_named("asking the size of")
     def size(self, path: str) -> int:
         fs, p = self.fs(path)
         return int(fs.size(p))
 
-    @_told("opening")
+    @_store_errors_named("opening")
     def open_read(self, path: str):
         fs, p = self.fs(path)
         return fs.open(p, "rb")
 
-    @_told("reading")
+    @_store_errors_named("reading")
     def read_bytes(self, path: str) -> bytes:
         fs, p = self.fs(path)
         return fs.cat_file(p)
 
-    @_told("reading")
+    @_store_errors_named("reading")
     def read_spans(self, path: str, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         if not spans:
             return []
@@ -111,7 +111,7 @@ class FsspecStorage(Storage):
             out.append(byte_view(data))
         return out
 
-    @_told("making")
+    @_store_errors_named("making")
     def makedirs(self, path: str) -> None:
         # Only a file system with real directories needs them made. Never on an object
         # store: s3fs's makedirs creates a missing bucket, which would hide a bucket
@@ -122,7 +122,7 @@ class FsspecStorage(Storage):
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(p, exist_ok=True)
 
-    @_told("writing")
+    @_store_errors_named("writing")
     def write_atomic(self, path: str, data: bytes) -> None:
         fs, p = self.fs(path)
         fs.pipe_file(p, data)
@@ -134,7 +134,7 @@ class FsspecStorage(Storage):
             write(local)  # its own errors are its own, not the store's
             self._upload(path, local)
 
-    @_told("uploading")
+    @_store_errors_named("uploading")
     def _upload(self, path: str, local: str) -> None:
         fs, p = self.fs(path)
         fs.put_file(local, p)
@@ -142,7 +142,7 @@ class FsspecStorage(Storage):
     def upload(self, local_path: str, path: str) -> None:
         self._upload(path, local_path)  # one put (multipart for large files)
 
-    @_told("creating")
+    @_store_errors_named("creating")
     def create_new(self, path: str, data: bytes) -> bool:
         fs, p = self.fs(path)
         try:  # S3: a conditional PUT (If-None-Match: *)
@@ -151,20 +151,20 @@ class FsspecStorage(Storage):
             return False
         return True
 
-    @_told("removing")
+    @_store_errors_named("removing")
     def remove_file(self, path: str) -> None:
         fs, p = self.fs(path)
         if fs.exists(p):
             fs.rm_file(p)
 
-    @_told("removing")
+    @_store_errors_named("removing")
     def remove_tree(self, path: str) -> None:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)
         if fs.exists(p):
             fs.rm(p, recursive=True)
 
-    @_told("listing")
+    @_store_errors_named("listing")
     def file_sizes(self, path: str) -> dict[str, int]:
         fs, p = self.fs(path)
         fs.invalidate_cache(p)

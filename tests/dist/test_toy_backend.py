@@ -86,4 +86,4 @@ def test_two_ranks_save_and_one_process_loads_through_the_generic_reader_and_wri
             for k, v in m.items():
                 torch.testing.assert_close(v, moms[name][k], atol=0, rtol=0)
     finally:
-        storage._BACKENDS.pop("toydir")
+        storage.unregister_backend("toydir")

@@ -36,7 +36,7 @@ def mirror(tmp_path):
     try:
         yield {"base": str(tmp_path / "disk")}
     finally:
-        storage._BACKENDS.pop("mirror")
+        storage.unregister_backend("mirror")
 
 
 def _out(model):
@@ -51,6 +51,12 @@ def test_the_storage_is_chosen_once_by_the_roots_scheme(mirror):
     assert LocalStorage.maps_files and not FsspecStorage.maps_files
     with pytest.raises(ValueError, match="scheme"):
         storage.register_backend("a://", Mirror)
+    storage.register_backend("mirror", Mirror)  # again (a module imported twice): one
+    assert storage._BACKENDS.names().count("mirror") == 1
+    with pytest.raises(ValueError, match="storage backend named 'mirror' is already"):
+        storage.register_backend("mirror", LocalStorage)  # one registry shape (issue 32)
+    storage.unregister_backend("s3")  # never registered: fsspec serves it as before
+    assert type(storage_for("s3://bucket/run", {"anon": True})) is FsspecStorage
 
 
 def test_a_registered_backend_serves_manager_model_io_and_export(mirror, tmp_path):

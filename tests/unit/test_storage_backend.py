@@ -71,7 +71,7 @@ def toymem():
     try:
         yield ToyMem.files
     finally:
-        storage._BACKENDS.pop("toymem")
+        storage.unregister_backend("toymem")
         ToyMem.files.clear()
 
 
