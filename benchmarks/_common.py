@@ -251,3 +251,21 @@ def exit_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def measure(ops: dict[str, Callable[[], None]], order: Callable[[int], list[str]],
+            repeats: int) -> list[dict]:
+    """Collective: run ``ops`` for ``repeats`` rounds, round ``r`` in ``order(r)``, each
+    :func:`timed`; then each op once more, profiled, for the elements it sends. Returns
+    every rank's ``{"seconds": {op: [...]}, "peak": {op: MiB}, "sent": {op: n}}``."""
+    seconds: dict[str, list[float]] = {op: [] for op in ops}
+    peak = {op: 0.0 for op in ops}
+    for r in range(repeats):
+        for op in order(r):
+            s, mb = timed(ops[op])
+            seconds[op].append(s)
+            peak[op] = max(peak[op], mb)
+    sent = {op: elements_sent(ops[op]) for op in ops}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"seconds": seconds, "peak": peak, "sent": sent})
+    return everyone

@@ -61,7 +61,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # the checkout's package before any installed one, in spawned ranks too (they inherit it)
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
-from _common import elements_sent, exit_rank, init_gloo, timed, torch_save_fsynced  # noqa: E402
+from _common import exit_rank, init_gloo, measure, torch_save_fsynced  # noqa: E402
 from dcp_universal import load_model, save_model  # noqa: E402
 
 OPS = ["save_model sharded merge", "save_model rank0 merge", "PEFT merge of the gathered model",
@@ -156,16 +156,8 @@ def _worker(rank: int, world: int, kind: str, cfg: dict, init_file: str, result_
         OPS[2]: lambda: _peft_merge_gathered(model, reference, path("peft.pt")),
         OPS[3]: lambda: dcp.save(model.state_dict(), checkpoint_id=path("dcp")),
     }
-    seconds = {op: [] for op in OPS}
-    peak = {op: 0.0 for op in OPS}
-    for r in range(cfg["repeats"]):
-        for op in OPS[r % len(OPS):] + OPS[:r % len(OPS)]:
-            s, mb = timed(ops[op])
-            seconds[op].append(s)
-            peak[op] = max(peak[op], mb)
-    sent = {op: elements_sent(ops[op]) for op in OPS}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, {"seconds": seconds, "peak": peak, "sent": sent})
+    everyone = measure(ops, lambda r: OPS[r % len(OPS):] + OPS[:r % len(OPS)],
+                       cfg["repeats"])
     if rank == 0:
         params = {"base": 0, "adapter": 0}
         for name, p in reference.named_parameters():

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import elements_sent, exit_rank, init_gloo, timed  # noqa: E402
+from _common import exit_rank, init_gloo, measure  # noqa: E402
 from dcp_universal import apply_lora, load_model, save_model  # noqa: E402
 
 OPS = ["save_model sharded merge", "save_model rank0 merge", "dcp.save (no merge)",
@@ -107,17 +107,9 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         OPS[3]: lambda: load_model(model, path("sharded")),
         OPS[4]: lambda: dcp.load(model.state_dict(), checkpoint_id=path("dcp")),
     }
-    seconds = {op: [] for op in OPS}
-    peak = {op: 0.0 for op in OPS}
-    for r in range(cfg["repeats"]):
-        saves = OPS[:3][r % 3:] + OPS[:3][:r % 3]  # rotated; loads after the saves they read
-        for op in [*saves, *OPS[3:]]:
-            s, mb = timed(ops[op])
-            seconds[op].append(s)
-            peak[op] = max(peak[op], mb)
-    sent = {op: elements_sent(ops[op]) for op in OPS}
-    everyone = [None] * world
-    dist.all_gather_object(everyone, {"seconds": seconds, "peak": peak, "sent": sent})
+    # saves rotated; loads after the saves they read
+    everyone = measure(ops, lambda r: [*OPS[:3][r % 3:], *OPS[:3][:r % 3], *OPS[3:]],
+                       cfg["repeats"])
     if rank == 0:
         with open(result_file, "w") as f:
             json.dump(everyone, f)

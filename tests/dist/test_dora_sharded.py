@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import harness
-from hf_models import llama, logits, max_diff, with_lora
+from hf_models import fsdp_layers, llama, logits, max_diff, with_lora
 from dcp_universal import CheckpointManager, load_model, save_model
 
 ATOL = 1e-5
@@ -26,14 +26,6 @@ def _dora(seed=1):
     return with_lora(llama(tied=False), seed=seed, target_modules=TARGETS, use_dora=True)
 
 
-def _fsdp(model, world):
-    mesh = init_device_mesh("cpu", (world,))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
 
 def _full(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
@@ -41,7 +33,7 @@ def _full(model) -> dict[str, torch.Tensor]:
 
 
 def _save_fsdp(rank, world, root):
-    model = _fsdp(_dora(), world)
+    model = fsdp_layers(_dora(), world)
     save_model(model, f"{root}/sharded")
     save_model(model, f"{root}/rank0", merge="rank0")
     with CheckpointManager(f"{root}/ck") as mgr:
@@ -51,12 +43,12 @@ def _save_fsdp(rank, world, root):
 
 
 def _resume_fsdp(rank, world, root):
-    model = _fsdp(_dora(seed=7), world)  # other factors and magnitudes: all overwritten
+    model = fsdp_layers(_dora(seed=7), world)  # other factors and magnitudes: all overwritten
     with CheckpointManager(f"{root}/ck") as mgr:
         report = mgr.load(model)
-    plain = _fsdp(llama(tied=False, seed=5), world)
+    plain = fsdp_layers(llama(tied=False, seed=5), world)
     load_model(plain, f"{root}/ck/step-00000001/model")  # the merged model/ of the step
-    composed = _fsdp(llama(tied=False, seed=6), world)
+    composed = fsdp_layers(llama(tied=False, seed=6), world)
     with CheckpointManager(f"{root}/composed") as mgr:
         mgr.load(composed)  # base + adapters merged while loading: norms reduced
     return report.notes, _full(model), logits(plain), logits(composed)

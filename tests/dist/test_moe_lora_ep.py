@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import harness
-from hf_models import logits, max_diff
+from hf_models import fsdp_layers, logits, max_diff
 from moe_models import BUILDERS, with_expert_lora
 from dcp_universal import CheckpointManager, load_model, save_model
 
@@ -37,17 +36,10 @@ def _expert_parallel(model, world):
     return model
 
 
-def _fsdp(model, world):
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.get_base_model().model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
 
 def _build(arch, seed, world, layout):
     model = with_expert_lora(BUILDERS[arch](seed=seed), seed=seed)
-    model = (_expert_parallel if layout == "ep" else _fsdp)(model, world)
+    model = (_expert_parallel if layout == "ep" else fsdp_layers)(model, world)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     return model, opt
 

@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 bnb = pytest.importorskip("bitsandbytes")
 
 import harness  # noqa: E402
-from hf_models import VOCAB, logits, max_diff, qlora_llama, transformers, write_tiny_llama  # noqa: E402
+from hf_models import (VOCAB, fsdp_layers, logits, max_diff, qlora_llama,  # noqa: E402
+                       transformers, write_tiny_llama)
 from dcp_universal import CheckpointManager, load_model, save_model  # noqa: E402
 
 ATOL = 1e-5
 
-
-def _fsdp(model, world):
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in model.get_base_model().model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
@@ -59,7 +51,7 @@ def _optimizer_state(opt) -> dict:
 
 
 def _run(rank, world, llama_dir, root):
-    src = _fsdp(qlora_llama(llama_dir), world)
+    src = fsdp_layers(qlora_llama(llama_dir), world)
     opt = _optimizer(src)
     _step(src, opt, 0)
     with CheckpointManager(f"{root}/run") as mgr:
@@ -67,7 +59,7 @@ def _run(rank, world, llama_dir, root):
     save_model(src, f"{root}/merged")
     saved, saved_logits = _full_state(src), logits(src)
 
-    dst = _fsdp(qlora_llama(llama_dir, seed=9), world)
+    dst = fsdp_layers(qlora_llama(llama_dir, seed=9), world)
     opt2 = _optimizer(dst)
     with CheckpointManager(f"{root}/run") as mgr:
         report = mgr.load(dst, opt2)

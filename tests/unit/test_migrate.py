@@ -65,6 +65,16 @@ def _exp_avg(model, optimizer) -> dict[str, torch.Tensor]:
     return {n: optimizer.state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
 
 
+def _assert_carried(model, optimizer, got_model, got_opt) -> None:
+    """The weights and every parameter's exp_avg equal the source's, exactly."""
+    want, got = _exp_avg(model, optimizer), _exp_avg(got_model, got_opt)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    for a, b in zip(model.parameters(), got_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def _blob(obj) -> io.BytesIO:
     b = io.BytesIO()
     torch.save(obj, b)
@@ -157,12 +167,7 @@ def test_torchtitan_recipe_carries_optimizer_and_step(tmp_path, monkeypatch, cap
     assert "dataloader" in left and "lr_scheduler" not in left
     got_model, got_opt, got_sched = _resumed(root, 40, scheduler=True)
     assert got_sched.last_epoch == 3 and got_sched.get_last_lr() == scheduler.get_last_lr()
-    want, got = _exp_avg(model, optimizer), _exp_avg(got_model, got_opt)
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    for a, b in zip(model.parameters(), got_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_carried(model, optimizer, got_model, got_opt)
 
 
 def test_plain_dcp_recipe_carries_optimizer(tmp_path, monkeypatch, capsys):
@@ -198,17 +203,11 @@ def test_accelerate_fsdp_sharded_layout_carries_model_optimizer_and_scheduler(
     assert CheckpointManager(root).steps() == [5, 10, 20]
     assert "optimizer_0/optimizer.param_groups" in out and "random_states_0.pkl" in out
     got_model, got_opt, got_sched = _resumed(root, 5, scheduler=True)
-    want, got = _exp_avg(model, optimizer), _exp_avg(got_model, got_opt)
-    assert want.keys() == got.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    for a, b in zip(model.parameters(), got_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_carried(model, optimizer, got_model, got_opt)
     assert got_sched.last_epoch == scheduler.last_epoch == 3
     convert(src, str(tmp_path / "converted"))  # no live optimizer: written by name
     converted, converted_opt, _ = _resumed(str(tmp_path / "converted"), 5)
-    for name, t in _exp_avg(converted, converted_opt).items():
-        torch.testing.assert_close(t, want[name], rtol=0, atol=0)
+    _assert_carried(model, optimizer, converted, converted_opt)
 
 
 def test_accelerate_optimizer_of_another_shape_is_refused(tmp_path):
