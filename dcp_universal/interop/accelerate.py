@@ -29,6 +29,8 @@ behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dcp_universal.format import manifest
 from dcp_universal.interop.legacy import LegacyFormat
 from dcp_universal.interop.safetensors import HfFormat
@@ -85,7 +87,7 @@ class AccelerateFormat(Format):
             beside = optimizer_only(tensors, other)
             if beside.optimizer:
                 carried.add(FSDP_OPTIMIZER_DIR)
-                by_name = (DcpDir(store, d.path, metadata=md, trusted=want.trusted), beside)
+                by_name = (dataclasses.replace(d, metadata=md), beside)  # read once
         meta["accelerate"] = {
             "optimizer_by_name": by_name,
             "optimizer": join(path, OPTIMIZER_FILE) if OPTIMIZER_FILE in present else None,

@@ -173,8 +173,8 @@ class CheckpointManager:
         finally:
             self._saves.close()
             self._tier.close()
-            for retainer in {id(r): r for r in (self._tier.retainer, self._retainer)}.values():
-                retainer.close()
+            self._tier.retainer.close()
+            self._retainer.close()  # the same one without a local tier: closing is idempotent
             self._snapshots = Snapshotter()
             for lease in self._tier.leases:
                 lease.release()

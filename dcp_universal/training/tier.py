@@ -113,14 +113,18 @@ class Tier:
         Raises:
             NotACheckpointError: ``step`` is not committed.
         """
-        found = self.steps()
+        picked = self._pick(step, self.steps(), self.root)
+        return None if picked is None else (picked, None)
+
+    def _pick(self, step: int | None, found: list[int], root: str) -> int | None:
+        """``step`` if it is in ``found`` (committed steps under ``root``), the newest of
+        them whose manifest reads when None, or None when there is none."""
         if step is None:
-            step = steps.newest_readable(found, self.manifest)
-            return None if step is None else (step, None)
+            return steps.newest_readable(found, self.manifest)
         if step not in found:
             raise NotACheckpointError(f"step={step} is not a committed step under "
-                                      f"{self.root}; committed: {found}")
-        return step, None
+                                      f"{root}; committed: {found}")
+        return step
 
     def read(self, step: int, found: Any, load: Read) -> LoadReport:
         """Collective: ``load`` the step from the copy to read (``found``: what
@@ -302,15 +306,8 @@ class LocalTier(Tier):
     def find(self, step: int | None) -> tuple[int, tuple[bool, bool]] | None:
         """Also whether the step is committed locally and at the root (rank 0 tells)."""
         local, remote = self.local_steps(), self.remote_steps()
-        found = sorted(set(local) | set(remote))
-        if step is None:
-            step = steps.newest_readable(found, self.manifest)
-            if step is None:
-                return None
-        elif step not in found:
-            raise NotACheckpointError(f"step={step} is not a committed step under "
-                                      f"{self.remote_root}; committed: {found}")
-        return step, (step in local, step in remote)
+        picked = self._pick(step, sorted(set(local) | set(remote)), self.remote_root)
+        return None if picked is None else (picked, (picked in local, picked in remote))
 
     def read(self, step: int, found: tuple[bool, bool], load: Read) -> LoadReport:
         """From the local tier when its copy is committed and whole on every rank (then
