@@ -5,7 +5,7 @@ ranks.
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_manager.py                   # 151 MB, 2 ranks, 5 rounds
-    .venv/bin/python benchmarks/bench_manager.py --world 4
+    .venv/bin/python benchmarks/bench_manager.py --world 1,2,4     # one table, 3 jobs
     .venv/bin/python benchmarks/bench_manager.py --size-mb 16 --repeats 2   # smoke, ~30 s
     .venv/bin/python benchmarks/bench_manager.py --profile save    # where ours spends its time
 
@@ -20,9 +20,14 @@ dict of counters. Each round, in an order rotated from round to round:
 
 Loads, each from its own save: ``mgr.load(model, opt, extra=...)`` (verified by default,
 and with ``verify=False``) against ``dcp.load`` of the same state dicts followed by
-``set_model_state_dict`` / ``set_optimizer_state_dict``. Warm: files just written;
-cold: the page cache dropped first (``echo 3 > /proc/sys/vm/drop_caches``, needs root;
-skipped otherwise and said so).
+``set_model_state_dict`` / ``set_optimizer_state_dict``. Warm: the same load run once
+untimed just before, so its own files are in the page cache; cold: the page cache
+dropped first (``echo 3 > /proc/sys/vm/drop_caches``, needs root; skipped otherwise and
+said so).
+
+A model-only checkpoint, in the same rounds: ``save_model`` / ``load_model`` against
+``dcp.save`` / ``dcp.load`` of ``get_model_state_dict`` (+ ``set_model_state_dict``),
+and the raw disk for the model's share alone.
 
 The raw disk, in the same rounds: each rank writes the bytes of its share of the state
 (its shards of the weights and of the optimizer's moments) to one file with 16 MiB
@@ -67,13 +72,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from dcp_universal import CheckpointManager
+from dcp_universal import CheckpointManager, load_model, save_model
 
 from _common import MiB, Model, exit_rank, init_gloo, model_shape, remove_on_rank0, timed
 
 SEED = 0
 OPS = ("ours save", "DCP save", "raw write", "ours load (verified)", "ours load verify=False",
-       "DCP load + set_state_dict", "raw read")
+       "DCP load + set_state_dict", "raw read", "save_model", "DCP save (model)",
+       "raw write (model)", "load_model", "DCP load (model) + set_state_dict",
+       "raw read (model)")
 RAW_CHUNK = 16 * 1024 * 1024
 
 
@@ -143,6 +150,11 @@ def _dcp_state(model, opt) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
 
 
+def _model_bytes(model) -> int:
+    return sum(t.to_local().numel() * t.element_size() if isinstance(t, DTensor)
+               else t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) -> None:
     init_gloo(rank, world, init_file)
     model, opt, extra = _build(cfg["size_mb"], cfg["hidden"])
@@ -170,17 +182,28 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
 
+    def model_save():
+        save_model(model, os.path.join(out, f"model-{step}"))
+
+    def dcp_model_save():
+        dcp.save({"model": get_model_state_dict(model)},
+                 checkpoint_id=os.path.join(out, f"dcpm-{step}"))
+
+    def model_load():
+        load_model(model, os.path.join(out, f"model-{step}"))
+
+    def dcp_model_load():
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=os.path.join(out, f"dcpm-{step}"))
+        set_model_state_dict(model, state["model"])
+
     share = bytearray(os.urandom(1024)) * (_rank_bytes(model, opt) // 1024 + 1)
     landing = bytearray(len(share))
+    model_share = memoryview(share)[:_model_bytes(model)]
+    model_landing = memoryview(landing)[:len(model_share)]
 
-    def raw_path(s: int) -> str:
-        return os.path.join(out, f"raw-{s}-rank{rank}.bin")
-
-    def raw_write():
-        _raw_write(raw_path(step), share)
-
-    def raw_read():
-        _raw_read(raw_path(step), landing)
+    def raw_path(s: int, what: str = "raw") -> str:
+        return os.path.join(out, f"{what}-{s}-rank{rank}.bin")
 
     if cfg["profile"]:
         profiles = {"ours": cProfile.Profile(), "DCP": cProfile.Profile()}
@@ -209,30 +232,40 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         dist.destroy_process_group()
         exit_rank()
 
-    saves = {"ours save": ours_save, "DCP save": dcp_save, "raw write": raw_write}
-    loads = {"ours load (verified)": ours_load(True), "ours load verify=False": ours_load(False),
-             "DCP load + set_state_dict": dcp_load, "raw read": raw_read}
+    groups = [  # (saves, loads) of one kind of checkpoint; order rotated per round
+        ({"ours save": ours_save, "DCP save": dcp_save,
+          "raw write": lambda: _raw_write(raw_path(step), share)},
+         {"ours load (verified)": ours_load(True), "ours load verify=False": ours_load(False),
+          "DCP load + set_state_dict": dcp_load,
+          "raw read": lambda: _raw_read(raw_path(step), landing)}),
+        ({"save_model": model_save, "DCP save (model)": dcp_model_save,
+          "raw write (model)": lambda: _raw_write(raw_path(step, "rawm"), model_share)},
+         {"load_model": model_load, "DCP load (model) + set_state_dict": dcp_model_load,
+          "raw read (model)": lambda: _raw_read(raw_path(step, "rawm"), model_landing)}),
+    ]
     for r in range(cfg["warmup"] + cfg["repeats"]):
         step = r + 1
-        order = list(saves)[r % 3:] + list(saves)[:r % 3]
-        times = {}
-        for k in order:
-            if cold:  # every save starts from the same page cache: see the docstring
-                _drop_caches()
-            times[k] = timed(saves[k])[0]
-        lorder = list(loads)[r % 4:] + list(loads)[:r % 4]
-        for k in lorder:
-            times[k] = timed(loads[k])[0]
+        times: dict[str, dict[str, float]] = {"warm": {}, "cold": {}}
+        for saves, loads in groups:
+            for k in _rotated(saves, r):
+                if cold:  # every save starts from the same page cache: see the docstring
+                    _drop_caches()
+                times["warm"][k] = timed(saves[k])[0]
+            for k in _rotated(loads, r):  # warm: this load's own files just read once
+                loads[k]()
+                times["warm"][k] = timed(loads[k])[0]
+            if cold:
+                for k in _rotated(loads, r):
+                    _drop_caches()
+                    times["cold"][k] = timed(loads[k])[0]
         if r >= cfg["warmup"]:
-            for k, v in times.items():
-                rounds["warm"][k].append(v)
-        if cold and r >= cfg["warmup"]:
-            for k in lorder:
-                _drop_caches()
-                rounds["cold"][k].append(timed(loads[k])[0])
-        remove_on_rank0([os.path.join(out, f"dcp-{step - 1}")])
-        if os.path.exists(raw_path(step - 1)):
-            os.remove(raw_path(step - 1))
+            for cache, got in times.items():
+                for k, v in got.items():
+                    rounds[cache][k].append(v)
+        remove_on_rank0([os.path.join(out, f"{d}-{step - 1}") for d in ("dcp", "dcpm", "model")])
+        for what in ("raw", "rawm"):
+            if os.path.exists(raw_path(step - 1, what)):
+                os.remove(raw_path(step - 1, what))
     if rank == 0:
         state_mb = sum(t.numel() * t.element_size() for t in
                        [*model.state_dict().values()] if hasattr(t, "numel")) / MiB
@@ -244,12 +277,46 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
     exit_rank()
 
 
+def _rotated(ops: dict, r: int) -> list[str]:
+    keys = list(ops)
+    return keys[r % len(keys):] + keys[:r % len(keys)]
+
+
+def _baselines(k: str) -> tuple[str, str]:
+    """The plain-DCP and raw-disk rows ``k`` is compared with."""
+    model = "model" in k
+    if "save" in k or "write" in k:
+        return (("DCP save (model)", "raw write (model)") if model
+                else ("DCP save", "raw write"))
+    return (("DCP load (model) + set_state_dict", "raw read (model)") if model
+            else ("DCP load + set_state_dict", "raw read"))
+
+
+def _run(world: int, args, cold: bool) -> dict | None:
+    out = tempfile.mkdtemp(prefix="bench_manager_")
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_manager_init_") as scratch:
+            result_file = os.path.join(scratch, "result.json")
+            cfg = {"size_mb": args.size_mb, "hidden": args.hidden, "repeats": args.repeats,
+                   "warmup": args.warmup, "out": out, "cold": cold, "profile": args.profile,
+                   "sort": args.sort}
+            mp.spawn(_worker, args=(world, cfg, os.path.join(scratch, "init"), result_file),
+                     nprocs=world, join=True)
+            if args.profile:
+                return None
+            with open(result_file) as f:
+                return json.load(f)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=144, help="fp32 weights, MiB "
                         "(default 144 MiB = 151 MB)")
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--world", default="2", help="ranks; a comma list runs each "
+                        "(e.g. 1,2,4)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache loads")
@@ -259,38 +326,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     cold = not args.no_cold and _can_drop_caches()
-    out = tempfile.mkdtemp(prefix="bench_manager_")
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench_manager_init_") as scratch:
-            result_file = os.path.join(scratch, "result.json")
-            cfg = {"size_mb": args.size_mb, "hidden": args.hidden, "repeats": args.repeats,
-                   "warmup": args.warmup, "out": out, "cold": cold, "profile": args.profile, "sort": args.sort}
-            mp.spawn(_worker, args=(args.world, cfg, os.path.join(scratch, "init"), result_file),
-                     nprocs=args.world, join=True)
-            if args.profile:
-                return 0
-            with open(result_file) as f:
-                raw = json.load(f)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    print(f"# {args.world} ranks, FSDP2, {args.size_mb * MiB / 1e6:.0f} MB fp32 weights + AdamW, "
-          f"median of {args.repeats} rounds, torch {torch.__version__}")
-    print("| operation | cache | median s | vs plain DCP | vs raw disk |")
-    print("|---|---|---:|---:|---:|")
-    for cache in ("warm", "cold"):
-        med = {k: statistics.median(v) for k, v in raw["rounds"][cache].items() if v}
-        for k, v in med.items():
-            writes = "save" in k or "write" in k
-            dcp_base = med.get("DCP save" if writes else "DCP load + set_state_dict")
-            raw_base = med.get("raw write" if writes else "raw read")
-            vs_dcp = f"{v / dcp_base:.2f}x" if dcp_base else "-"
-            vs_raw = f"{v / raw_base:.2f}x" if raw_base else "-"
-            print(f"| {k} | {cache} | {v:.3f} | {vs_dcp} | {vs_raw} |")
+    worlds = [int(w) for w in args.world.split(",")]
+    results = {}
+    for world in worlds:
+        got = _run(world, args, cold)
+        if got is None:
+            return 0
+        results[world] = got
+    print(f"# FSDP2, {args.size_mb * MiB / 1e6:.0f} MB fp32 weights + AdamW, median of "
+          f"{args.repeats} rounds, torch {torch.__version__}")
+    print("| ranks | operation | cache | median s | vs plain DCP | vs raw disk |")
+    print("|---:|---|---|---:|---:|---:|")
+    for world, raw in results.items():
+        for cache in ("warm", "cold"):
+            med = {k: statistics.median(v) for k, v in raw["rounds"][cache].items() if v}
+            for k, v in med.items():
+                dcp_key, raw_key = _baselines(k)
+                vs_dcp = f"{v / med[dcp_key]:.2f}x" if med.get(dcp_key) else "-"
+                vs_raw = f"{v / med[raw_key]:.2f}x" if med.get(raw_key) else "-"
+                print(f"| {world} | {k} | {cache} | {v:.3f} | {vs_dcp} | {vs_raw} |")
     if not cold:
         print("(cold loads skipped: dropping the page cache needs root)", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(raw, f, indent=1)
+            json.dump(results, f, indent=1)
     return 0
 
 
