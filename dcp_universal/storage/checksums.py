@@ -9,15 +9,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import zlib
 from types import ModuleType
 from typing import Callable
+
+import torch
 
 from dcp_universal.errors import IntegrityError
 from dcp_universal.format.manifest import FileRecord
 
 __all__ = ["Checksummed", "BLOCK_BYTES", "INLINE_BLOCKS", "SUMS_SUFFIX", "ALGO", "checksum",
-           "checksum_fn"]
+           "checksum_fn", "zip_crc_skipped"]
 
 _crc32c: ModuleType | None
 try:
@@ -53,6 +56,41 @@ def checksum_fn(name: str) -> Callable:
 def checksum(algo: str, data, prev: int = 0) -> int:
     """``algo``'s checksum of ``data`` (any contiguous buffer), continuing ``prev``."""
     return checksum_fn(algo)(data, prev)
+
+
+_zip_crc_lock = threading.Lock()
+_zip_crc_users = 0
+_zip_crc_was = True
+
+
+@contextlib.contextmanager
+def zip_crc_skipped():
+    """``torch.save`` writes its archives without the zip format's CRC-32 while inside.
+
+    A checksummed writer's files already carry a CRC-32C of every byte, computed while
+    they are written (:class:`Checksummed`); torch's own zip CRC-32 is a second pass in
+    software over the same bytes, about a sixth of a save's CPU time. ``torch.load`` (and
+    so ``dcp.load``) reads such archives as any other (``torch.serialization
+    .set_crc32_options``); a zip tool's integrity test would call them damaged.
+
+    The switch is torch's, process-wide: nested and concurrent users (an asynchronous save
+    beside a blocking one) share it, and the setting found by the first is restored by
+    the last. A ``torch.save`` of the user's own running meanwhile on another thread is
+    written without the zip CRC too, and loads the same.
+    """
+    global _zip_crc_users, _zip_crc_was
+    with _zip_crc_lock:
+        if _zip_crc_users == 0:
+            _zip_crc_was = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+        _zip_crc_users += 1
+    try:
+        yield
+    finally:
+        with _zip_crc_lock:
+            _zip_crc_users -= 1
+            if _zip_crc_users == 0:
+                torch.serialization.set_crc32_options(_zip_crc_was)
 
 
 class _CrcStream:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 from typing import Any, Callable, Iterator
@@ -26,7 +27,7 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import IntegrityError
-from dcp_universal.storage.checksums import Checksummed
+from dcp_universal.storage.checksums import Checksummed, zip_crc_skipped
 from dcp_universal.storage.mapped import (Copies, byte_view, check_record, parse_record,
                                           take_read)
 from dcp_universal.format.torch_formats import dcp_metadata, dcp_record, torch_save_layout
@@ -61,6 +62,7 @@ class OwnFiles:
     def _set_up(self, own_file_keys, checksums: bool) -> None:
         """Take the options, once DCP's writer has its ``fs``: wrap it to sum every file."""
         self.own_file_keys = frozenset(own_file_keys)
+        self.checksums = checksums
         _torch_compat.wrap_writer_fs(self, lambda fs: Checksummed(fs, crc=checksums))
 
     def write_data(self, plan, planner):
@@ -75,7 +77,9 @@ class OwnFiles:
                 size = 0
             buckets[-1].append(item)
             size += nbytes
-        return _torch_compat.write_files(self, plan, planner, buckets)
+        # our CRC-32C covers every byte: torch's zip CRC-32 would be a second pass
+        with zip_crc_skipped() if self.checksums else contextlib.nullcontext():
+            return _torch_compat.write_files(self, plan, planner, buckets)
 
 
 def _item_bytes(item) -> int:

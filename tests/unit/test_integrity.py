@@ -350,3 +350,53 @@ def test_an_unknown_algorithm_says_what_to_install():
 def test_a_file_that_vanishes_before_its_check_is_not_a_checkpoint(tmp_path):
     with pytest.raises(NotACheckpointError, match="removed while it was read"):
         integrity.crc32_of(LocalStorage(), str(tmp_path / "gone"))
+
+
+# ---- torch's zip CRC-32, skipped where ours covers every byte ----------------------------
+
+def _zip_crcs(path: str) -> list[int]:
+    """The CRC-32 field of every zip entry of the DCP data files under ``path`` (the
+    central directory's: torch's local headers leave it to a data descriptor)."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".distcp"):
+            data = open(os.path.join(path, name), "rb").read()
+            # every central directory entry (PK 1 2) holds its file's CRC-32 at byte 16
+            out += [int.from_bytes(data[m.start() + 16:m.start() + 20], "little")
+                    for m in re.finditer(b"PK\x01\x02", data)]
+    return out
+
+
+@pytest.mark.parametrize("sums", [True, False])
+def test_checksummed_writes_skip_torchs_zip_crc_and_still_load(tmp_path, sums):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    store = LocalStorage()
+    state = {"w": torch.randn(64, 32), "b": torch.arange(10.0)}
+    path = str(tmp_path / "d")
+    writer = store.dcp_writer(path, checksums=sums)
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    crcs = _zip_crcs(path)
+    assert crcs and (all(c == 0 for c in crcs) if sums else any(c != 0 for c in crcs))
+    assert torch.serialization.get_crc32_options() is True  # the process setting is back
+    got = {"w": torch.zeros(64, 32), "b": torch.zeros(10)}
+    dcp.load(got, checkpoint_id=path, no_dist=True)  # DCP's own reader: torch.load
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_the_zip_crc_switch_is_shared_and_restores_the_callers_setting():
+    import torch
+    ser = torch.serialization
+    ser.set_crc32_options(False)  # a user who turned it off keeps it off
+    try:
+        with checksums.zip_crc_skipped():
+            assert ser.get_crc32_options() is False
+        assert ser.get_crc32_options() is False
+    finally:
+        ser.set_crc32_options(True)
+    with checksums.zip_crc_skipped():
+        with checksums.zip_crc_skipped():  # an async save beside a blocking one
+            assert ser.get_crc32_options() is False
+        assert ser.get_crc32_options() is False
+    assert ser.get_crc32_options() is True
