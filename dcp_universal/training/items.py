@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
 from dcp_universal.training import optim_io, training_state
 from dcp_universal.training.base_store import BaseStore
@@ -207,12 +208,18 @@ class OptimizerItem(Item):
     def stage(self, ctx: LoadContext) -> Staged | None:
         opt_dir = join(ctx.path, self.name)
         parts = []
-        if ctx.optimizer is not None and not ctx.manifest.has(self.name):
+        with_state = ctx.optimizer is not None and ctx.manifest.has(self.name)
+        with_training = ctx.training and bool(ctx.manifest.files_under(self.name))
+        # read and checked once for the directory's two or three reads (each parse of a
+        # large optimizer's metadata costs about as much as its read from a warm cache)
+        metadata = (_comm.agreed(dcp_io.read_metadata, ctx.store, opt_dir, trusted=ctx.trusted)
+                    if with_state or with_training else None)
+        if ctx.optimizer is not None and not with_state:
             parts.append(_fresh_optimizer(ctx))
         elif ctx.optimizer is not None:
             parts.append(optim_io.stage_optimizer(ctx.view, ctx.optimizer, opt_dir,
                                                   hyperparams=ctx.hyperparams, store=ctx.store,
-                                                  trusted=ctx.trusted))
+                                                  trusted=ctx.trusted, metadata=metadata))
         if ctx.training and not ctx.manifest.files_under(self.name):
             # a converted step has no optimizer/ at all (check() refused any extra asked)
             report = LoadReport(notes=[f"step {ctx.manifest.step} holds no training state "
@@ -222,7 +229,7 @@ class OptimizerItem(Item):
         elif ctx.training:
             parts.append(training_state.stage(ctx.manifest, opt_dir, ctx.extra,
                                               ctx.skip_per_rank, ctx.store,
-                                              trusted=ctx.trusted))
+                                              trusted=ctx.trusted, metadata=metadata))
         return Staged.combine(parts) if parts else None
 
 

@@ -22,7 +22,7 @@ import warnings
 from typing import Any, Callable, cast
 
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
@@ -101,12 +101,15 @@ class SavedState:
     read: Callable[[dict[str, torch.Tensor]], None]
 
 
-def _read_meta(opt_dir: str, store: Storage, trusted: bool) -> SavedState:
-    md = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted).state_dict_metadata
+def _read_meta(opt_dir: str, store: Storage, trusted: bool,
+               metadata: Metadata | None = None) -> SavedState:
+    if metadata is None:
+        metadata = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted)
+    md = metadata.state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
     box = {META_KEY: b""}
-    dcp_io.load_state(store, box, opt_dir, trusted=trusted)
+    dcp_io.load_state(store, box, opt_dir, trusted=trusted, metadata=metadata)
     entries: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -115,8 +118,8 @@ def _read_meta(opt_dir: str, store: Storage, trusted: bool) -> SavedState:
             entries.setdefault(name, {})[state_key] = (
                 key, TensorInfo(tuple(t.size), t.properties.dtype))
     meta = state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}", trusted=trusted)
-    return SavedState(meta, entries, lambda state: dcp_io.load_state(store, state, opt_dir,
-                                                                     trusted=trusted))
+    return SavedState(meta, entries, lambda state: dcp_io.load_state(
+        store, state, opt_dir, trusted=trusted, metadata=metadata))
 
 
 def converted_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -130,7 +133,8 @@ def converted_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    hyperparams: str, store: Storage, trusted: bool = False) -> Staged:
+                    hyperparams: str, store: Storage, trusted: bool = False,
+                    metadata: Metadata | None = None) -> Staged:
     """Read the saved state into new tensors; the returned commit installs it, and its
     report says what was restored, fresh and dropped.
 
@@ -140,9 +144,11 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
         hyperparams: ``"checkpoint"`` restores lr, betas, weight decay, ... from the
             checkpoint when the param-group structure matches; ``"current"`` keeps the
             values the optimizer was built with.
+        metadata: ``opt_dir``'s DCP metadata, when the caller has read it (agreed on)
+            already: not read and parsed again.
     """
     check_hyperparams(hyperparams)
-    return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted),
+    return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted, metadata),
                        hyperparams=hyperparams)
 
 

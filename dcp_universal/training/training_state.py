@@ -19,6 +19,7 @@ import random
 from typing import Any, Iterable
 
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_universal import _comm
 from dcp_universal.storage import dcp_io
@@ -128,7 +129,7 @@ def check_restorable(m: Manifest, extra: dict, skip: set[str]) -> None:
 
 
 def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
-          store: Storage, *, trusted: bool = False) -> Staged:
+          store: Storage, *, trusted: bool = False, metadata: Metadata | None = None) -> Staged:
     """Read and decode the training state (plain data only unless ``trusted``:
     :mod:`dcp_universal.format.state`); the returned commit installs it.
 
@@ -163,7 +164,7 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
         report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
                             f"{_comm.world_size()})")
     if wanted:
-        dcp_io.load_state(store, wanted, opt_dir, trusted=trusted)
+        dcp_io.load_state(store, wanted, opt_dir, trusted=trusted, metadata=metadata)
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
     values = _comm.agreed(lambda: {
         k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}", trusted=trusted)

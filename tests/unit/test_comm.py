@@ -74,6 +74,59 @@ def test_an_operation_without_a_process_group_changes_nothing():
         assert _comm.on_rank0(lambda: "ok") == "ok"
 
 
+def test_the_garbage_collector_is_paused_inside_an_operation_and_restored_after():
+    import gc
+    assert gc.isenabled()
+    with _comm.operation("load"):
+        assert not gc.isenabled()
+        with _comm.operation("nested"):
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer one still holds the pause
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with _comm.operation("load"):
+            raise ValueError("boom")
+    assert gc.isenabled()  # restored on failure too
+
+
+def test_a_collector_the_caller_disabled_stays_disabled_and_background_writes_pause_nothing():
+    import gc
+    gc.disable()
+    try:
+        with _comm.operation("load"):
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the user's choice, kept
+    finally:
+        gc.enable()
+    seen = []
+
+    def background():
+        with _comm.writes_only(None), _comm.operation("save (in the background)"):
+            seen.append(gc.isenabled())
+
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen == [True]  # a long background write leaves the collector running
+    # two threads' pauses overlap: the collector comes back after the last one
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with operations.gc_paused():
+            entered.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait(5)
+    with _comm.operation("load"):
+        pass
+    assert not gc.isenabled()
+    release.set()
+    t.join()
+    assert gc.isenabled()
+
+
 @pytest.mark.parametrize("value, expected", [(None, 600.0), (5, 5.0), (0.25, 0.25)])
 def test_check_timeout_returns_seconds_as_a_float(value, expected):
     got = _comm.check_timeout(value)
