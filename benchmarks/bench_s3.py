@@ -16,7 +16,11 @@ It starts moto's S3 server on 127.0.0.1 (nothing else is contacted) and measures
   against ``dcp.load`` through ``FsspecReader``.
 
 Every ranged read and whole-object read s3fs makes is counted (its ``_fetch_range`` and
-``_cat_file``, patched in each process); metadata and manifests are counted apart.
+``_cat_file``, patched in each process); metadata and manifests are counted apart. The
+resharding load's speed is the rank's share per second (MB/s), beside moto's own: every
+rank GETs one object of its share's size at once, in the same run (what the server and
+the loopback can give; a load's ranged reads run several at a time per rank, in parts of
+``PART_BYTES``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import time
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -115,6 +120,15 @@ def _reshard_worker(rank, world, size_mb, url, options, init_file, result_file, 
             counter = Counting()
             share = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
             out = {"share": share}
+            # moto's own throughput: every rank GETs an object of its share's size, at once
+            fs = fsspec.filesystem("s3", **options)
+            blob = f"{url}/plain/rank{rank}"
+            fs.pipe_file(blob, os.urandom(share))
+            dist.barrier()
+            start = time.perf_counter()
+            got = len(fs.cat_file(blob))
+            dist.barrier()
+            out["plain"] = {"fetched": got, "seconds": time.perf_counter() - start}
             for system, load in (
                     ("ours", lambda: load_model(model, f"{url}/ours", storage_options=options)),
                     ("dcp", lambda: _dcp_fsspec_load(get_model_state_dict(model), f"{url}/dcp",
@@ -152,6 +166,9 @@ def reshard(size_mb: float, root: str, options: dict, src: int, dst: int) -> lis
              "dcp_fetched_mib": out["dcp"]["fetched"] / MiB,
              "dcp_ratio": out["dcp"]["fetched"] / out["share"],
              "ours_s": out["ours"]["seconds"], "dcp_s": out["dcp"]["seconds"],
+             "ours_mbs": out["share"] / 1e6 / out["ours"]["seconds"],
+             "dcp_mbs": out["share"] / 1e6 / out["dcp"]["seconds"],
+             "plain_mbs": out["plain"]["fetched"] / 1e6 / out["plain"]["seconds"],
              "ours_gets": out["ours"]["requests"], "dcp_gets": out["dcp"]["requests"]}
             for r, out in enumerate(ranks)]
 
@@ -171,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['load']} | {r['seconds']:.2f} | {r['fetched_mib']:.1f} | "
                   f"{r['ratio']:.3f}x | {r['gets']} | {r['optimizer_objects']} |")
         print(f"\n| rank ({src} -> {dst}) | share MiB | ours fetched | ours vs share | "
-              "DCP FsspecReader fetched | DCP vs share | ours GETs | DCP GETs | ours s | DCP s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "DCP FsspecReader fetched | DCP vs share | ours GETs | DCP GETs | ours s | DCP s | "
+              "ours MB/s | DCP MB/s | plain GET MB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in reshard(args.size_mb, root, options, src, dst):
             print(f"| {r['rank']} | {r['share_mib']:.2f} | {r['ours_fetched_mib']:.2f} | "
                   f"{r['ours_ratio']:.3f}x | {r['dcp_fetched_mib']:.2f} | {r['dcp_ratio']:.3f}x | "
-                  f"{r['ours_gets']} | {r['dcp_gets']} | {r['ours_s']:.2f} | {r['dcp_s']:.2f} |")
+                  f"{r['ours_gets']} | {r['dcp_gets']} | {r['ours_s']:.2f} | {r['dcp_s']:.2f} | "
+                  f"{r['ours_mbs']:.0f} | {r['dcp_mbs']:.0f} | {r['plain_mbs']:.0f} |")
     return 0
 
 

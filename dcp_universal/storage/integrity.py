@@ -99,6 +99,27 @@ class BlockCheck:
         assert rec.block is not None  # has_blocks: FileRecord.from_json requires a block
         return start - start % rec.block, min(rec.size, -(-end // rec.block) * rec.block)
 
+    def unchecked(self, name: str, start: int, end: int) -> list[tuple[int, int]]:
+        """``[start, end)`` of ``name`` widened to whole blocks (:meth:`span`), less the
+        blocks checked already, as ranges (the whole widened range for a file without
+        block checksums)."""
+        a, b = self.span(name, start, end)
+        rec = self.record(name)
+        done = self._done.get(name)
+        if rec is None or not done or b <= a:
+            return [(a, b)] if b > a else []
+        assert rec.block is not None  # has_blocks
+        out: list[tuple[int, int]] = []
+        for i in range(a // rec.block, (b - 1) // rec.block + 1):
+            if i in done:
+                continue
+            lo, hi = i * rec.block, min(b, (i + 1) * rec.block)
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
+
     def check(self, name: str, buf, at: int, start: int, end: int, *,
               remember: bool = True) -> None:
         """Check the blocks of ``name`` holding ``[start, end)``; ``buf`` holds the

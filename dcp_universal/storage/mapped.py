@@ -38,12 +38,14 @@ from torch.futures import Future
 
 from dcp_universal import _torch_compat
 from dcp_universal.errors import CheckpointMismatchError, IntegrityError
+from dcp_universal.storage.read_ahead import ReadAhead
 from dcp_universal.format.torch_formats import (DcpRecord, Stored, check_torch_archive,
                                                 dcp_metadata, dcp_record, is_zip,
                                                 torch_save_layout)
 
 __all__ = ["Copies", "MappedFiles", "byte_view", "MappedReader", "pair", "parse_record",
            "check_record", "read_whole", "take_read"]
+
 
 
 class Copies:
@@ -207,7 +209,7 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
     md = metadata if metadata is not None else dcp_metadata(FileSystemReader(path))
     if any(dcp_record(md.storage_data, index).transformed for index in md.storage_data):
         return False
-    files, paths = MappedFiles(check), {}
+    wanted = []  # (key, destination, saved chunk, its record), in file order below
     for key, dst in state.items():
         tmd = md.state_dict_metadata.get(key)
         if not isinstance(tmd, TensorStorageMetadata) or tuple(tmd.size) != tuple(dst.shape):
@@ -216,20 +218,46 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
                                           f"wants a tensor of shape {tuple(dst.shape)}")
         covered = 0
         for i, chunk in enumerate(tmd.chunks):
-            rec = dcp_record(md.storage_data, MetadataIndex(key, chunk.offsets, i))
-            if rec.file not in paths:
-                paths[rec.file] = os.path.join(path, rec.file)
-            record = _record(files, paths[rec.file], rec, key)
-            whole_chunk = tuple(chunk.sizes) == tuple(dst.shape) and not any(chunk.offsets)
-            block = dst if whole_chunk else dst[
-                tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
-            copies.take(key, *pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
+            wanted.append((key, dst, chunk, dcp_record(md.storage_data,
+                                                       MetadataIndex(key, chunk.offsets, i))))
             covered += math.prod(chunk.sizes)
         if covered != dst.numel():
             raise IntegrityError(
                 f"{path}: the saved chunks of {key!r} cover {covered} of its {dst.numel()} "
                 "elements: the checkpoint's metadata is damaged -> load another checkpoint")
+    wanted.sort(key=lambda w: (w[3].file, w[3].offset))
+    files, paths = MappedFiles(check), {}
+    spans: dict[str, tuple[str, str, list[tuple[int, int]], object]] = {}
+    for *_, rec in wanted:
+        if rec.file not in paths:
+            paths[rec.file] = os.path.join(path, rec.file)
+        spans.setdefault(rec.file, (paths[rec.file], rec.file, [], check))[2].append(
+            (rec.offset, rec.offset + rec.length))
+    ahead = ReadAhead(spans, files)
+    try:
+        for key, dst, chunk, rec in wanted:
+            ahead.wait(rec.file, rec.offset + rec.length)
+            record = _record(files, paths[rec.file], rec, key)
+            whole_chunk = tuple(chunk.sizes) == tuple(dst.shape) and not any(chunk.offsets)
+            block = dst if whole_chunk else dst[
+                tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
+            copies.take(key, *pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
+    finally:
+        ahead.cancel()
+    ahead.finish()
     return True
+
+
+def _read_ahead_of(reader, items, maps: MappedFiles) -> ReadAhead:
+    """A :class:`ReadAhead` of the records ``items`` (a plan's) read, whole."""
+    files: dict[str, tuple[str, str, list[tuple[int, int]], object]] = {}
+    for req in items:
+        rec = dcp_record(reader.storage_data, req.storage_index)
+        if rec.file not in files:
+            files[rec.file] = (str(reader.fs.concat_path(reader.path, rec.file)), rec.file, [],
+                               reader.check)
+        files[rec.file][2].append((rec.offset, rec.offset + rec.length))
+    return ReadAhead(files, maps)
 
 
 class MappedReader(FileSystemReader):
@@ -267,10 +295,35 @@ class MappedReader(FileSystemReader):
         meta.load_id = self.load_id
         return md
 
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        # this rank's reads are known: their bytes are read ahead from now on, while
+        # the ranks agree on the global plan
+        self._maps = MappedFiles(self.check)
+        self._ahead: ReadAhead | None = _read_ahead_of(self, plan.items, self._maps)
+        return super().prepare_local_plan(plan)
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        files, paths = MappedFiles(self.check), {}
-        for req in plan.items:
-            rec = dcp_record(self.storage_data, req.storage_index)
+        ahead = getattr(self, "_ahead", None)
+        if ahead is None:
+            self._maps = MappedFiles(self.check)
+            ahead = _read_ahead_of(self, plan.items, self._maps)
+        self._ahead = None
+        try:
+            self._read_items(plan, planner, ahead)
+        finally:
+            ahead.cancel()
+        ahead.finish()
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read_items(self, plan: LoadPlan, planner: LoadPlanner, ahead: ReadAhead) -> None:
+        files, paths = self._maps, {}
+        place = {id(req): dcp_record(self.storage_data, req.storage_index) for req in plan.items}
+        # in file order, behind the read-ahead
+        for req in sorted(plan.items, key=lambda r: (place[id(r)].file, place[id(r)].offset)):
+            rec = place[id(req)]
+            ahead.wait(rec.file, rec.offset + rec.length)
             if rec.file not in paths:
                 paths[rec.file] = str(self.fs.concat_path(self.path, rec.file))
             if req.type == LoadItemType.BYTE_IO:
@@ -281,6 +334,3 @@ class MappedReader(FileSystemReader):
             record = _record(files, paths[rec.file], rec, req.storage_index.fqn,
                              functools.partial(_torch_compat.untransformed, self, req, rec.info))
             take_read(planner, req, record, self.copies)
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut

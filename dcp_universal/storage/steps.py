@@ -15,12 +15,13 @@ from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, OPTIMIZER_DIR, 
                                            Manifest, base_path, is_base_name,
                                            records_from_json, records_to_json,
                                            split_step_path, step_of_name)
-from dcp_universal.storage import Storage, join
+from dcp_universal.storage import LocalStorage, Storage, join, read_ahead
 from dcp_universal.storage.integrity import block_checks, check_files, unchecked
 
 __all__ = ["list_steps", "list_bases", "read_manifest", "write_manifest", "remove_step",
            "read_base_files", "write_base_files",
-           "verified_store", "check_recorded", "newest_readable", "verify_step"]
+           "verified_store", "check_recorded", "newest_readable", "verify_step",
+           "read_ahead_own"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +204,30 @@ def verify_step(store: Storage, step_dir: str, *,
                     checksums=True, progress=progress)
         checked += list((m.base_files or {}).values())
     return {"files": len(checked), "bytes": sum(r.size for r in checked)}
+
+
+def read_ahead_own(store: Storage, step_dir: str, m: Manifest, items: list[str], rank: int,
+                   world_size: int):
+    """Start reading, on a thread of its own, the data files rank ``rank`` wrote in the
+    step's ``items`` directories (``"model"``, ``"optimizer"``), when the job has the
+    world size that saved the step: the files it will read, almost whole, before its
+    load has planned a single read. Returns the
+    :class:`~dcp_universal.storage.read_ahead.ReadAhead` (``cancel()`` it when done), or
+    ``None`` (files not on a local disk, another world size: each read plans its own).
+
+    Blocks checked here (the store's block checks, a verifying store's) are not read or
+    checked again by the load; a damaged block stops this reading quietly and is
+    refused by the load's own read of it.
+    """
+    if (not read_ahead.READ_AHEAD or not isinstance(store, LocalStorage)
+            or m.world_size != world_size):
+        return None
+    own = f"__{rank}_"  # DCP's file names: one prefix per writing rank
+    files = {}
+    for rel, rec in sorted(m.files.items()):
+        folder, _, name = rel.rpartition("/")
+        if folder in items and name.startswith(own) and name.endswith(".distcp"):
+            directory = join(step_dir, folder)
+            files[rel] = (store.os_path(join(directory, name)), name, [(0, rec.size)],
+                          store.checks.get(directory))
+    return read_ahead.ReadAhead(files) if files else None

@@ -39,7 +39,7 @@ import torch.nn as nn
 from dcp_universal import _comm
 from dcp_universal.errors import NotACheckpointError
 from dcp_universal.format import manifest
-from dcp_universal.format.manifest import Manifest
+from dcp_universal.format.manifest import MODEL_DIR, OPTIMIZER_DIR, Manifest
 from dcp_universal.model.plan import LoadReport, Staged
 from dcp_universal.model.view import ModelView
 from dcp_universal.storage import Storage, normalize, steps, storage_for
@@ -439,8 +439,17 @@ class CheckpointManager:
 
         ctx = _comm.agreed(prepare)
         m = ctx.manifest
-        # Read everything first, install after: a failure halfway leaves the job untouched.
-        staged = Staged.combine([s for item in self._items if (s := item.stage(ctx)) is not None])
+        # this rank's own files (same world size) are read from now on, beside the planning
+        ahead = steps.read_ahead_own(ctx.store, path, m, [MODEL_DIR] + (
+            [OPTIMIZER_DIR] if ctx.training else []), _comm.rank(), _comm.world_size())
+        try:
+            # Read everything first, install after: a failure halfway leaves the job
+            # untouched.
+            staged = Staged.combine([s for item in self._items
+                                     if (s := item.stage(ctx)) is not None])
+        finally:
+            if ahead is not None:
+                ahead.cancel()
         staged.commit()
         unknown = sorted(k for k in m.items if k not in {i.name for i in self._items})
         if unknown:
