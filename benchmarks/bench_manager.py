@@ -19,7 +19,8 @@ dict of counters. Each round, in an order rotated from round to round:
   get_optimizer_state_dict(m, opt)})`` to a fresh directory (its cleanup untimed).
 
 Loads, each from its own save: ``mgr.load(model, opt, extra=...)`` (verified by default,
-and with ``verify=False``) against ``dcp.load`` of the same state dicts followed by
+with ``verify=False``, and verified through the memory maps alone, without the
+read-ahead: ``storage.read_ahead.READ_AHEAD = False``) against ``dcp.load`` of the same state dicts followed by
 ``set_model_state_dict`` / ``set_optimizer_state_dict``. Warm: the same load run once
 untimed just before, so its own files are in the page cache; cold: the page cache
 dropped first (``echo 3 > /proc/sys/vm/drop_caches``, needs root; skipped otherwise and
@@ -73,11 +74,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from dcp_universal import CheckpointManager, load_model, save_model
+from dcp_universal.storage import read_ahead
 
 from _common import MiB, Model, exit_rank, init_gloo, model_shape, remove_on_rank0, timed
 
 SEED = 0
 OPS = ("ours save", "DCP save", "raw write", "ours load (verified)", "ours load verify=False",
+       "ours load, maps alone",
        "DCP load + set_state_dict", "raw read", "save_model", "DCP save (model)",
        "raw write (model)", "load_model", "DCP load (model) + set_state_dict",
        "raw read (model)")
@@ -171,9 +174,14 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
     def dcp_save():
         dcp.save(_dcp_state(model, opt), checkpoint_id=os.path.join(out, f"dcp-{step}"))
 
-    def ours_load(verify):
+    def ours_load(verify, ahead=True):
         def run():
-            mgr.load(model, opt, extra=extra, step=step, **({} if verify else {"verify": False}))
+            read_ahead.READ_AHEAD = ahead
+            try:
+                mgr.load(model, opt, extra=extra, step=step,
+                         **({} if verify else {"verify": False}))
+            finally:
+                read_ahead.READ_AHEAD = True
         return run
 
     def dcp_load():
@@ -236,6 +244,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
         ({"ours save": ours_save, "DCP save": dcp_save,
           "raw write": lambda: _raw_write(raw_path(step), share)},
          {"ours load (verified)": ours_load(True), "ours load verify=False": ours_load(False),
+          "ours load, maps alone": ours_load(True, ahead=False),
           "DCP load + set_state_dict": dcp_load,
           "raw read": lambda: _raw_read(raw_path(step), landing)}),
         ({"save_model": model_save, "DCP save (model)": dcp_model_save,
