@@ -131,6 +131,8 @@ def _reshard_worker(rank, world, size_mb, url, options, init_file, result_file, 
             out["plain"] = {"fetched": got, "seconds": time.perf_counter() - start}
             for system, load in (
                     ("ours", lambda: load_model(model, f"{url}/ours", storage_options=options)),
+                    ("unverified", lambda: load_model(model, f"{url}/ours", verify=False,
+                                                      storage_options=options)),
                     ("dcp", lambda: _dcp_fsspec_load(get_model_state_dict(model), f"{url}/dcp",
                                                      options))):
                 dist.barrier()
@@ -167,6 +169,8 @@ def reshard(size_mb: float, root: str, options: dict, src: int, dst: int) -> lis
              "dcp_ratio": out["dcp"]["fetched"] / out["share"],
              "ours_s": out["ours"]["seconds"], "dcp_s": out["dcp"]["seconds"],
              "ours_mbs": out["share"] / 1e6 / out["ours"]["seconds"],
+             "unverified_ratio": out["unverified"]["fetched"] / out["share"],
+             "unverified_mbs": out["share"] / 1e6 / out["unverified"]["seconds"],
              "dcp_mbs": out["share"] / 1e6 / out["dcp"]["seconds"],
              "plain_mbs": out["plain"]["fetched"] / 1e6 / out["plain"]["seconds"],
              "ours_gets": out["ours"]["requests"], "dcp_gets": out["dcp"]["requests"]}
@@ -189,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ratio']:.3f}x | {r['gets']} | {r['optimizer_objects']} |")
         print(f"\n| rank ({src} -> {dst}) | share MiB | ours fetched | ours vs share | "
               "DCP FsspecReader fetched | DCP vs share | ours GETs | DCP GETs | ours s | DCP s | "
-              "ours MB/s | DCP MB/s | plain GET MB/s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "ours MB/s | DCP MB/s | plain GET MB/s | verify=False vs share | verify=False MB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in reshard(args.size_mb, root, options, src, dst):
             print(f"| {r['rank']} | {r['share_mib']:.2f} | {r['ours_fetched_mib']:.2f} | "
                   f"{r['ours_ratio']:.3f}x | {r['dcp_fetched_mib']:.2f} | {r['dcp_ratio']:.3f}x | "
                   f"{r['ours_gets']} | {r['dcp_gets']} | {r['ours_s']:.2f} | {r['dcp_s']:.2f} | "
-                  f"{r['ours_mbs']:.0f} | {r['dcp_mbs']:.0f} | {r['plain_mbs']:.0f} |")
+                  f"{r['ours_mbs']:.0f} | {r['dcp_mbs']:.0f} | {r['plain_mbs']:.0f} | "
+                  f"{r['unverified_ratio']:.3f}x | {r['unverified_mbs']:.0f} |")
     return 0
 
 
