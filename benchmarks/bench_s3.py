@@ -4,6 +4,7 @@ Run from the repository root (needs the dev extra: moto's server and s3fs)::
 
     .venv/bin/python benchmarks/bench_s3.py                 # 64 MiB model (~1 min)
     .venv/bin/python benchmarks/bench_s3.py --size-mb 16    # smoke
+    .venv/bin/python benchmarks/bench_s3.py --size-mb 256 --hidden 4096   # 64 MiB records
 
 It starts moto's S3 server on 127.0.0.1 (nothing else is contacted) and measures:
 
@@ -48,7 +49,7 @@ from dcp_universal import _torch_compat  # noqa: E402
 
 from _common import MiB, exit_rank, init_gloo  # noqa: E402
 
-HIDDEN = 1024
+HIDDEN = int(os.environ.get("BENCH_S3_HIDDEN", "1024"))
 
 
 def _layers(size_mb: float) -> nn.Sequential:
@@ -178,10 +179,15 @@ def reshard(size_mb: float, root: str, options: dict, src: int, dst: int) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    global HIDDEN
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=64, help="model MiB (default 64)")
     parser.add_argument("--reshard", default="2:3", help="FROM:TO ranks (default 2:3)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="Linear width (default "
+                        "1024: 4 MiB records; 4096: 64 MiB, a 7B model's size)")
     args = parser.parse_args(argv)
+    HIDDEN = args.hidden
+    os.environ["BENCH_S3_HIDDEN"] = str(args.hidden)  # spawned ranks read it too
     src, dst = (int(n) for n in args.reshard.split(":"))
     with moto_s3() as (root, options):
         rows = model_only(args.size_mb, root, options)
