@@ -214,12 +214,26 @@ class OptimizerItem(Item):
         # large optimizer's metadata costs about as much as its read from a warm cache)
         metadata = (_comm.agreed(dcp_io.read_metadata, ctx.store, opt_dir, trusted=ctx.trusted)
                     if with_state or with_training else None)
+        # the directory's byte items (the optimizer's param groups, the training state)
+        # in one read, before its tensors
+        blobs: dict | None = None
+        if metadata is not None:
+            blobs = {}
+            if with_state and optim_io.META_KEY in metadata.state_dict_metadata:
+                blobs[optim_io.META_KEY] = b""
+            if with_training:
+                blobs.update(training_state.requested(ctx.manifest, ctx.extra,
+                                                      ctx.skip_per_rank)[0])
+            if blobs:
+                dcp_io.load_state(ctx.store, blobs, opt_dir, trusted=ctx.trusted,
+                                  metadata=metadata)
         if ctx.optimizer is not None and not with_state:
             parts.append(_fresh_optimizer(ctx))
         elif ctx.optimizer is not None:
-            parts.append(optim_io.stage_optimizer(ctx.view, ctx.optimizer, opt_dir,
-                                                  hyperparams=ctx.hyperparams, store=ctx.store,
-                                                  trusted=ctx.trusted, metadata=metadata))
+            parts.append(optim_io.stage_optimizer(
+                ctx.view, ctx.optimizer, opt_dir, hyperparams=ctx.hyperparams, store=ctx.store,
+                trusted=ctx.trusted, metadata=metadata,
+                meta_blob=(blobs or {}).get(optim_io.META_KEY)))
         if ctx.training and not ctx.manifest.files_under(self.name):
             # a converted step has no optimizer/ at all (check() refused any extra asked)
             report = LoadReport(notes=[f"step {ctx.manifest.step} holds no training state "
@@ -229,7 +243,8 @@ class OptimizerItem(Item):
         elif ctx.training:
             parts.append(training_state.stage(ctx.manifest, opt_dir, ctx.extra,
                                               ctx.skip_per_rank, ctx.store,
-                                              trusted=ctx.trusted, metadata=metadata))
+                                              trusted=ctx.trusted, metadata=metadata,
+                                              blobs=blobs))
         return Staged.combine(parts) if parts else None
 
 

@@ -102,14 +102,15 @@ class SavedState:
 
 
 def _read_meta(opt_dir: str, store: Storage, trusted: bool,
-               metadata: Metadata | None = None) -> SavedState:
+               metadata: Metadata | None = None, meta_blob: bytes | None = None) -> SavedState:
     if metadata is None:
         metadata = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted)
     md = metadata.state_dict_metadata
     if META_KEY not in md:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
-    box = {META_KEY: b""}
-    dcp_io.load_state(store, box, opt_dir, trusted=trusted, metadata=metadata)
+    box = {META_KEY: b"" if meta_blob is None else meta_blob}
+    if meta_blob is None:
+        dcp_io.load_state(store, box, opt_dir, trusted=trusted, metadata=metadata)
     entries: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -134,7 +135,7 @@ def converted_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
                     hyperparams: str, store: Storage, trusted: bool = False,
-                    metadata: Metadata | None = None) -> Staged:
+                    metadata: Metadata | None = None, meta_blob: bytes | None = None) -> Staged:
     """Read the saved state into new tensors; the returned commit installs it, and its
     report says what was restored, fresh and dropped.
 
@@ -146,9 +147,11 @@ def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: 
             values the optimizer was built with.
         metadata: ``opt_dir``'s DCP metadata, when the caller has read it (agreed on)
             already: not read and parsed again.
+        meta_blob: the ``META_KEY`` item, when the caller has read it (with the
+            directory's other byte items, in one round).
     """
     check_hyperparams(hyperparams)
-    return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted, metadata),
+    return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted, metadata, meta_blob),
                        hyperparams=hyperparams)
 
 

@@ -128,14 +128,11 @@ def check_restorable(m: Manifest, extra: dict, skip: set[str]) -> None:
             "object a load_resharded_state_dicts(states) method. Nothing was loaded.")
 
 
-def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
-          store: Storage, *, trusted: bool = False, metadata: Metadata | None = None) -> Staged:
-    """Read and decode the training state (plain data only unless ``trusted``:
-    :mod:`dcp_universal.format.state`); the returned commit installs it.
-
-    Collective: one ``dcp.load`` of ``opt_dir`` (none when there is nothing to read: no
-    ``extra`` asked for and no RNG to restore) and one ``all_gather_object``, every rank.
-    """
+def requested(m: Manifest, extra: dict, skip: Iterable[str]) -> tuple[dict[str, Any],
+                                                                     LoadReport, bool]:
+    """``(wanted, report, rng)``: the byte items of the optimizer directory a load of
+    ``extra`` reads (key -> ``b""``, to be filled), the report's notes on what is kept or
+    resharded, and whether this rank's RNG state is among them."""
     skip = set(skip)
     per_rank = set(m.training_state.per_rank)
     saved_world = m.world_size
@@ -163,7 +160,29 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
     else:
         report.notes.append(f"RNG state kept as is (world size {saved_world} -> "
                             f"{_comm.world_size()})")
-    if wanted:
+    return wanted, report, rng
+
+
+def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
+          store: Storage, *, trusted: bool = False, metadata: Metadata | None = None,
+          blobs: dict[str, Any] | None = None) -> Staged:
+    """Read and decode the training state (plain data only unless ``trusted``:
+    :mod:`dcp_universal.format.state`); the returned commit installs it.
+
+    Collective: one ``dcp.load`` of ``opt_dir`` (none when there is nothing to read: no
+    ``extra`` asked for and no RNG to restore; none when ``blobs`` holds the
+    :func:`requested` items, read by the caller with others of the directory) and one
+    ``all_gather_object``, every rank.
+    """
+    skip = set(skip)
+    wanted, report, rng = requested(m, extra, skip)
+    per_rank = set(m.training_state.per_rank)
+    saved_world = m.world_size
+    same_world = saved_world == _comm.world_size()
+    rank = _comm.rank()
+    if blobs is not None:
+        wanted = {k: blobs[k] for k in wanted}
+    elif wanted:
         dcp_io.load_state(store, wanted, opt_dir, trusted=trusted, metadata=metadata)
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
     values = _comm.agreed(lambda: {
