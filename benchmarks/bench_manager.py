@@ -87,17 +87,16 @@ OPS = ("ours save", "DCP save", "raw write", "ours load (verified)", "ours load 
 RAW_CHUNK = 16 * 1024 * 1024
 
 
+def _local_bytes(tensors) -> int:
+    """Bytes of this rank's shards of ``tensors`` (DTensors' local parts; others whole)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
+               for t in tensors if isinstance(t, torch.Tensor))
+
+
 def _rank_bytes(model, opt) -> int:
     """Bytes of this rank's share of the state: its shards of the weights and moments."""
-    tensors = [*model.state_dict().values(),
-               *(v for state in opt.state.values() for v in state.values())]
-    total = 0
-    for t in tensors:
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
+    return _local_bytes([*model.state_dict().values(),
+                         *(v for state in opt.state.values() for v in state.values())])
 
 
 def _raw_write(path: str, data: bytearray) -> None:
@@ -153,11 +152,6 @@ def _dcp_state(model, opt) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
 
 
-def _model_bytes(model) -> int:
-    return sum(t.to_local().numel() * t.element_size() if isinstance(t, DTensor)
-               else t.numel() * t.element_size() for t in model.state_dict().values())
-
-
 def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) -> None:
     init_gloo(rank, world, init_file)
     model, opt, extra = _build(cfg["size_mb"], cfg["hidden"])
@@ -207,7 +201,7 @@ def _worker(rank: int, world: int, cfg: dict, init_file: str, result_file: str) 
 
     share = bytearray(os.urandom(1024)) * (_rank_bytes(model, opt) // 1024 + 1)
     landing = bytearray(len(share))
-    model_share = memoryview(share)[:_model_bytes(model)]
+    model_share = memoryview(share)[:_local_bytes(model.state_dict().values())]
     model_landing = memoryview(landing)[:len(model_share)]
 
     def raw_path(s: int, what: str = "raw") -> str:

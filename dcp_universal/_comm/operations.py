@@ -18,6 +18,7 @@ from typing import Iterator
 import torch.distributed as dist
 
 from dcp_universal import _torch_compat
+from dcp_universal._held import Held
 from dcp_universal.errors import CheckpointError, CheckpointTimeoutError
 
 __all__ = ["DEFAULT_TIMEOUT_S", "is_distributed", "rank", "world_size", "writes_only",
@@ -230,13 +231,10 @@ def operation(what: str, timeout: float | None = None, *, group=None) -> Iterato
         del _thread.op
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = True
+_GC = Held(gc.isenabled, lambda on: gc.enable() if on else gc.disable(), False)
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused() -> contextlib.AbstractContextManager[None]:
     """Python's cyclic garbage collector does not run while inside (nested and
     concurrent users share the pause; the last one out restores what the first found).
 
@@ -247,19 +245,7 @@ def gc_paused() -> Iterator[None]:
     collected by the next collection after the operation (torchtitan pauses the
     collector for the whole training loop, for the same reason).
     """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
+    return _GC.held()
 
 
 # what gloo says when a collective waited too long or its peer is gone

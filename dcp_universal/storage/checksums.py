@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import threading
 import zlib
 from types import ModuleType
 from typing import Callable
 
 import torch
 
+from dcp_universal._held import Held
 from dcp_universal.errors import IntegrityError
 from dcp_universal.format.manifest import FileRecord
 
@@ -58,13 +58,11 @@ def checksum(algo: str, data, prev: int = 0) -> int:
     return checksum_fn(algo)(data, prev)
 
 
-_zip_crc_lock = threading.Lock()
-_zip_crc_users = 0
-_zip_crc_was = True
+_ZIP_CRC = Held(torch.serialization.get_crc32_options, torch.serialization.set_crc32_options,
+                False)
 
 
-@contextlib.contextmanager
-def zip_crc_skipped():
+def zip_crc_skipped() -> contextlib.AbstractContextManager[None]:
     """``torch.save`` writes its archives without the zip format's CRC-32 while inside.
 
     A checksummed writer's files already carry a CRC-32C of every byte, computed while
@@ -78,19 +76,7 @@ def zip_crc_skipped():
     the last. A ``torch.save`` of the user's own running meanwhile on another thread is
     written without the zip CRC too, and loads the same.
     """
-    global _zip_crc_users, _zip_crc_was
-    with _zip_crc_lock:
-        if _zip_crc_users == 0:
-            _zip_crc_was = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(False)
-        _zip_crc_users += 1
-    try:
-        yield
-    finally:
-        with _zip_crc_lock:
-            _zip_crc_users -= 1
-            if _zip_crc_users == 0:
-                torch.serialization.set_crc32_options(_zip_crc_was)
+    return _ZIP_CRC.held()
 
 
 class _CrcStream:

@@ -47,7 +47,6 @@ __all__ = ["Copies", "MappedFiles", "byte_view", "MappedReader", "pair", "parse_
            "check_record", "read_whole", "take_read"]
 
 
-
 class Copies:
     """Copies into live tensors held back until :meth:`run` (the load's commit).
 
@@ -226,36 +225,26 @@ def read_whole(path: str, state: dict[str, torch.Tensor], copies: Copies,
                 f"{path}: the saved chunks of {key!r} cover {covered} of its {dst.numel()} "
                 "elements: the checkpoint's metadata is damaged -> load another checkpoint")
     wanted.sort(key=lambda w: (w[3].file, w[3].offset))
-    files, paths = MappedFiles(check), {}
-    spans: dict[str, tuple[str, str, list[tuple[int, int]], object]] = {}
-    for *_, rec in wanted:
-        if rec.file not in paths:
-            paths[rec.file] = os.path.join(path, rec.file)
-        spans.setdefault(rec.file, (paths[rec.file], rec.file, [], check))[2].append(
-            (rec.offset, rec.offset + rec.length))
-    ahead = ReadAhead(spans, files)
-    try:
+    files = MappedFiles(check)
+    with _read_ahead_of([rec for *_, rec in wanted], functools.partial(os.path.join, path),
+                        check, files) as ahead:
         for key, dst, chunk, rec in wanted:
             ahead.wait(rec.file, rec.offset + rec.length)
-            record = _record(files, paths[rec.file], rec, key)
+            record = _record(files, os.path.join(path, rec.file), rec, key)
             whole_chunk = tuple(chunk.sizes) == tuple(dst.shape) and not any(chunk.offsets)
             block = dst if whole_chunk else dst[
                 tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
             copies.take(key, *pair(record, block, (0,) * len(chunk.sizes), chunk.sizes))
-    finally:
-        ahead.cancel()
-    ahead.finish()
     return True
 
 
-def _read_ahead_of(reader, items, maps: MappedFiles) -> ReadAhead:
-    """A :class:`ReadAhead` of the records ``items`` (a plan's) read, whole."""
+def _read_ahead_of(records, path_of, check, maps: MappedFiles) -> ReadAhead:
+    """A :class:`ReadAhead` of the DCP records ``records``, whole (``path_of(file
+    name)``: the file's path; ``check``: the directory's block check)."""
     files: dict[str, tuple[str, str, list[tuple[int, int]], object]] = {}
-    for req in items:
-        rec = dcp_record(reader.storage_data, req.storage_index)
+    for rec in records:
         if rec.file not in files:
-            files[rec.file] = (str(reader.fs.concat_path(reader.path, rec.file)), rec.file, [],
-                               reader.check)
+            files[rec.file] = (path_of(rec.file), rec.file, [], check)
         files[rec.file][2].append((rec.offset, rec.offset + rec.length))
     return ReadAhead(files, maps)
 
@@ -278,6 +267,8 @@ class MappedReader(FileSystemReader):
         self.copies = copies if copies is not None else Copies()
         self._dir = path
         self._metadata = metadata  # read already while planning: not parsed again
+        self._ahead: ReadAhead | None = None  # started by prepare_local_plan
+        self._maps = MappedFiles(check)
 
     def read_whole(self, state: dict[str, torch.Tensor]) -> bool:
         """:func:`read_whole` of this directory (one process, whole plain tensors)."""
@@ -298,21 +289,21 @@ class MappedReader(FileSystemReader):
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         # this rank's reads are known: their bytes are read ahead from now on, while
         # the ranks agree on the global plan
-        self._maps = MappedFiles(self.check)
-        self._ahead: ReadAhead | None = _read_ahead_of(self, plan.items, self._maps)
+        self._ahead = self._read_ahead(plan)
         return super().prepare_local_plan(plan)
 
+    def _read_ahead(self, plan: LoadPlan) -> ReadAhead:
+        self._maps = MappedFiles(self.check)
+        return _read_ahead_of([dcp_record(self.storage_data, req.storage_index)
+                               for req in plan.items], self._path_of, self.check, self._maps)
+
+    def _path_of(self, name: str) -> str:
+        return str(self.fs.concat_path(self.path, name))
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        ahead = getattr(self, "_ahead", None)
-        if ahead is None:
-            self._maps = MappedFiles(self.check)
-            ahead = _read_ahead_of(self, plan.items, self._maps)
-        self._ahead = None
-        try:
+        ahead, self._ahead = self._ahead or self._read_ahead(plan), None
+        with ahead:
             self._read_items(plan, planner, ahead)
-        finally:
-            ahead.cancel()
-        ahead.finish()
         fut: Future = Future()
         fut.set_result(None)
         return fut
@@ -325,7 +316,7 @@ class MappedReader(FileSystemReader):
             rec = place[id(req)]
             ahead.wait(rec.file, rec.offset + rec.length)
             if rec.file not in paths:
-                paths[rec.file] = str(self.fs.concat_path(self.path, rec.file))
+                paths[rec.file] = self._path_of(rec.file)
             if req.type == LoadItemType.BYTE_IO:
                 mm, _ = _mapped(files, paths[rec.file], rec, req.storage_index.fqn)
                 check_record(mm, rec, rec.offset, paths[rec.file], req.storage_index.fqn)

@@ -116,7 +116,8 @@ class ReadAhead:
     own, so its page tables are filled once) or maps of its own; those in memory
     already (:func:`in_memory`) are left to the load (``wait`` returns at once). The
     thread reads at most what it was given and stops early at :meth:`cancel`;
-    :meth:`finish` joins it.
+    :meth:`finish` joins it. As a context manager: cancelled at the exit, and finished
+    (its error raised) unless the body raised.
     """
 
     def __init__(self, files: dict[str, tuple[str, str, list[tuple[int, int]], object]],
@@ -166,6 +167,14 @@ class ReadAhead:
 
     def cancel(self) -> None:
         self._stop = True
+
+    def __enter__(self) -> "ReadAhead":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.cancel()
+        if exc_type is None:
+            self.finish()
 
     def finish(self) -> None:
         self._thread.join()

@@ -15,6 +15,7 @@ from dcp_universal.format.manifest import (BASE_FILES, MANIFEST, OPTIMIZER_DIR, 
                                            Manifest, base_path, is_base_name,
                                            records_from_json, records_to_json,
                                            split_step_path, step_of_name)
+from dcp_universal._torch_compat import DATA_SUFFIX
 from dcp_universal.storage import LocalStorage, Storage, join, read_ahead
 from dcp_universal.storage.integrity import block_checks, check_files, unchecked
 
@@ -226,7 +227,7 @@ def read_ahead_own(store: Storage, step_dir: str, m: Manifest, items: list[str],
     files = {}
     for rel, rec in sorted(m.files.items()):
         folder, _, name = rel.rpartition("/")
-        if folder in items and name.startswith(own) and name.endswith(".distcp"):
+        if folder in items and name.startswith(own) and name.endswith(DATA_SUFFIX):
             directory = join(step_dir, folder)
             files[rel] = (store.os_path(join(directory, name)), name, [(0, rec.size)],
                           store.checks.get(directory))

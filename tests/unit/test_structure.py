@@ -18,7 +18,7 @@ PKG = "dcp_universal"
 # every folder, importing none) and facades (the public entry points, imported by none).
 LAYERS = ["format", "storage", "adapters", "model", "sources", "model_io", "interop",
           "training", "cli"]
-FOUNDATIONS = {"errors", "_version", "_torch_compat", "_comm", "_comm.operations",
+FOUNDATIONS = {"errors", "_version", "_torch_compat", "_comm", "_comm.operations", "_held",
                "_comm.transport", "_registry", "_paths"}
 FACADES = {"__init__", "lora"}
 
