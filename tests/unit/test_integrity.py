@@ -400,3 +400,23 @@ def test_the_zip_crc_switch_is_shared_and_restores_the_callers_setting():
             assert ser.get_crc32_options() is False
         assert ser.get_crc32_options() is False
     assert ser.get_crc32_options() is True
+
+
+def test_a_save_failing_inside_the_zip_crc_switch_restores_torchs_setting(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from dcp_universal import _torch_compat
+
+    def full_disk(*args, **kwargs):
+        assert torch.serialization.get_crc32_options() is False  # inside the switch
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_torch_compat, "write_files", full_disk)
+    writer = LocalStorage().dcp_writer(str(tmp_path / "d"))
+    with pytest.raises(CheckpointException) as info:  # DCP's: a BaseException
+        dcp.save({"w": torch.randn(4)}, storage_writer=writer, no_dist=True)
+    [(_, cause)] = _torch_compat.checkpoint_failures(info.value)
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC
+    assert torch.serialization.get_crc32_options() is True
