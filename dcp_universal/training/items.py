@@ -230,21 +230,21 @@ class OptimizerItem(Item):
         if ctx.optimizer is not None and not with_state:
             parts.append(_fresh_optimizer(ctx))
         elif ctx.optimizer is not None:
+            assert metadata is not None and blobs is not None  # read above (with_state)
             parts.append(optim_io.stage_optimizer(
                 ctx.view, ctx.optimizer, opt_dir, hyperparams=ctx.hyperparams, store=ctx.store,
-                trusted=ctx.trusted, metadata=metadata,
-                meta_blob=(blobs or {}).get(optim_io.META_KEY)))
-        if ctx.training and not ctx.manifest.files_under(self.name):
+                metadata=metadata, meta_blob=blobs.get(optim_io.META_KEY),
+                trusted=ctx.trusted))
+        if ctx.training and not with_training:
             # a converted step has no optimizer/ at all (check() refused any extra asked)
             report = LoadReport(notes=[f"step {ctx.manifest.step} holds no training state "
                                        "(converted from another format): the RNG is left "
                                        "as it is"])
             parts.append(Staged(report, lambda: None))
-        elif ctx.training:
+        elif with_training:
+            assert blobs is not None  # read above
             parts.append(training_state.stage(ctx.manifest, opt_dir, ctx.extra,
-                                              ctx.skip_per_rank, ctx.store,
-                                              trusted=ctx.trusted, metadata=metadata,
-                                              blobs=blobs))
+                                              ctx.skip_per_rank, blobs, trusted=ctx.trusted))
         return Staged.combine(parts) if parts else None
 
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, cast
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from dcp_universal import _comm
 from dcp_universal.format import state as state_blobs
 from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointError
@@ -101,16 +100,11 @@ class SavedState:
     read: Callable[[dict[str, torch.Tensor]], None]
 
 
-def _read_meta(opt_dir: str, store: Storage, trusted: bool,
-               metadata: Metadata | None = None, meta_blob: bytes | None = None) -> SavedState:
-    if metadata is None:
-        metadata = _comm.agreed(dcp_io.read_metadata, store, opt_dir, trusted=trusted)
+def _read_meta(opt_dir: str, store: Storage, trusted: bool, metadata: Metadata,
+               meta_blob: bytes | None) -> SavedState:
     md = metadata.state_dict_metadata
-    if META_KEY not in md:
+    if META_KEY not in md or meta_blob is None:
         raise CheckpointError(f"{opt_dir} holds no optimizer state ({META_KEY} missing)")
-    box = {META_KEY: b"" if meta_blob is None else meta_blob}
-    if meta_blob is None:
-        dcp_io.load_state(store, box, opt_dir, trusted=trusted, metadata=metadata)
     entries: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     for key, m in md.items():
         if key.startswith(_STATE):
@@ -118,7 +112,7 @@ def _read_meta(opt_dir: str, store: Storage, trusted: bool,
             t = cast(TensorStorageMetadata, m)  # optimizer state entries are tensors
             entries.setdefault(name, {})[state_key] = (
                 key, TensorInfo(tuple(t.size), t.properties.dtype))
-    meta = state_blobs.loads(box[META_KEY], f"optimizer metadata of {opt_dir}", trusted=trusted)
+    meta = state_blobs.loads(meta_blob, f"optimizer metadata of {opt_dir}", trusted=trusted)
     return SavedState(meta, entries, lambda state: dcp_io.load_state(
         store, state, opt_dir, trusted=trusted, metadata=metadata))
 
@@ -134,21 +128,20 @@ def converted_state(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]
 
 
 def stage_optimizer(view: ModelView, optimizer: torch.optim.Optimizer, opt_dir: str, *,
-                    hyperparams: str, store: Storage, trusted: bool = False,
-                    metadata: Metadata | None = None, meta_blob: bytes | None = None) -> Staged:
+                    hyperparams: str, store: Storage, metadata: Metadata,
+                    meta_blob: bytes | None, trusted: bool = False) -> Staged:
     """Read the saved state into new tensors; the returned commit installs it, and its
     report says what was restored, fresh and dropped.
 
-    Collective: two ``dcp.load`` calls of ``opt_dir`` (meta, then state), every rank.
+    Collective: one ``dcp.load`` of ``opt_dir`` (its state), every rank.
 
     Args:
         hyperparams: ``"checkpoint"`` restores lr, betas, weight decay, ... from the
             checkpoint when the param-group structure matches; ``"current"`` keeps the
             values the optimizer was built with.
-        metadata: ``opt_dir``'s DCP metadata, when the caller has read it (agreed on)
-            already: not read and parsed again.
-        meta_blob: the ``META_KEY`` item, when the caller has read it (with the
-            directory's other byte items, in one round).
+        metadata: ``opt_dir``'s DCP metadata, read (and agreed on) by the caller.
+        meta_blob: its ``META_KEY`` item, read by the caller with the directory's other
+            byte items in one round (``None``: the directory holds none).
     """
     check_hyperparams(hyperparams)
     return stage_saved(view, optimizer, _read_meta(opt_dir, store, trusted, metadata, meta_blob),

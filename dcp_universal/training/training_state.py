@@ -19,15 +19,12 @@ import random
 from typing import Any, Iterable
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_universal import _comm
-from dcp_universal.storage import dcp_io
 from dcp_universal.errors import CheckpointMismatchError, PerRankStateError
 from dcp_universal.format import state as state_blobs
 from dcp_universal.format.manifest import Manifest, TrainingState
 from dcp_universal.model.plan import LoadReport, Staged
-from dcp_universal.storage import Storage
 
 __all__ = ["check_extra", "collect", "check_restorable", "stage"]
 
@@ -164,15 +161,12 @@ def requested(m: Manifest, extra: dict, skip: Iterable[str]) -> tuple[dict[str, 
 
 
 def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
-          store: Storage, *, trusted: bool = False, metadata: Metadata | None = None,
-          blobs: dict[str, Any] | None = None) -> Staged:
-    """Read and decode the training state (plain data only unless ``trusted``:
-    :mod:`dcp_universal.format.state`); the returned commit installs it.
+          blobs: dict[str, Any], *, trusted: bool = False) -> Staged:
+    """Decode the training state of ``opt_dir`` (plain data only unless ``trusted``:
+    :mod:`dcp_universal.format.state`); the returned commit installs it. ``blobs``: the
+    :func:`requested` items, read by the caller with the directory's other byte items.
 
-    Collective: one ``dcp.load`` of ``opt_dir`` (none when there is nothing to read: no
-    ``extra`` asked for and no RNG to restore; none when ``blobs`` holds the
-    :func:`requested` items, read by the caller with others of the directory) and one
-    ``all_gather_object``, every rank.
+    Collective: one ``all_gather_object``, every rank.
     """
     skip = set(skip)
     wanted, report, rng = requested(m, extra, skip)
@@ -180,10 +174,7 @@ def stage(m: Manifest, opt_dir: str, extra: dict, skip: Iterable[str],
     saved_world = m.world_size
     same_world = saved_world == _comm.world_size()
     rank = _comm.rank()
-    if blobs is not None:
-        wanted = {k: blobs[k] for k in wanted}
-    elif wanted:
-        dcp_io.load_state(store, wanted, opt_dir, trusted=trusted, metadata=metadata)
+    wanted = {k: blobs[k] for k in wanted}
     # decoded before the commit, and agreed on: a blob refused on one rank fails all
     values = _comm.agreed(lambda: {
         k: state_blobs.loads(v, f"training state {k!r} of {opt_dir}", trusted=trusted)
